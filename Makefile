@@ -1,0 +1,35 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+# The venv is (re)installed only when the packaging files or the C core change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CORE   := $(wildcard sage_queue/_core/*.c sage_queue/_core/*.h)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck unit kit core-test bench soak clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(CORE)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[all,test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sage-queue demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint $(STAMP)
+	$(PY) -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/sage-queue bench --backend all
+
+clean:
+	rm -rf $(VENV) build *.egg-info sage_queue/*.so .pytest_cache .mypy_cache .hypothesis

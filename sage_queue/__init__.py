@@ -1,0 +1,66 @@
+"""sage-queue: one ``QueueLike`` contract, many transports, addressed by serialisable descriptors.
+
+    >>> from sage_queue import QueueDescriptor, resolve_descriptor
+    >>> q = resolve_descriptor(QueueDescriptor.create_local_queue(maxsize=10))
+    >>> q.put("hello"); q.get()
+    'hello'
+
+Importing this package is cheap: backends that need Ray, pyzmq or the C core
+import them only when a queue of their type is resolved.
+"""
+
+from __future__ import annotations
+
+from .descriptor import DESCRIPTOR_VERSION, QueueDescriptor
+from .errors import (
+    BackendUnavailable,
+    DescriptorError,
+    IncompatibleQueue,
+    InvalidMetadata,
+    MalformedDescriptor,
+    QueueClosed,
+    QueueExists,
+    QueueNotFound,
+    SageQueueError,
+    UnknownQueueType,
+    UnsupportedVersion,
+)
+from .protocol import KNOWN_CAPABILITIES, QueueLike, QueueStats
+from .registry import (
+    QUEUE_STUB_MAPPING,
+    create_descriptor_from_existing_queue,
+    get_local_queue,
+    register_queue_implementation,
+    resolve_descriptor,
+    unregister_queue_implementation,
+)
+from .stub import QueueStub
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DESCRIPTOR_VERSION",
+    "KNOWN_CAPABILITIES",
+    "QUEUE_STUB_MAPPING",
+    "BackendUnavailable",
+    "DescriptorError",
+    "IncompatibleQueue",
+    "InvalidMetadata",
+    "MalformedDescriptor",
+    "QueueClosed",
+    "QueueDescriptor",
+    "QueueExists",
+    "QueueLike",
+    "QueueNotFound",
+    "QueueStats",
+    "QueueStub",
+    "SageQueueError",
+    "UnknownQueueType",
+    "UnsupportedVersion",
+    "create_descriptor_from_existing_queue",
+    "get_local_queue",
+    "register_queue_implementation",
+    "resolve_descriptor",
+    "unregister_queue_implementation",
+    "__version__",
+]

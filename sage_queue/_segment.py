@@ -1,0 +1,177 @@
+"""Named POSIX shared-memory segments, shared by the ``shm`` and ``sage`` backends.
+
+One room for everything about the segment *file*: the name rules, exclusive
+create versus attach, mode 0600, mapping, unlinking and listing. What lives
+inside the segment (header, locks, ring) is each backend's own business.
+
+Why not ``multiprocessing.shared_memory``: on Python < 3.13 every process that
+attaches registers the segment with its ``resource_tracker``, which unlinks it
+when that process exits (bpo-38119), destroying the queue under everyone else's
+feet. We call ``_posixshmem`` (the same C functions, no tracker) directly, so a
+segment is unlinked only by ``destroy()`` or ``sage-queue gc``.
+
+Names: a user name matches ``[A-Za-z0-9_.-]{1,200}``; the segment is
+``/sageq-<kind>-<name>`` (``/dev/shm/sageq-<kind>-<name>`` on Linux), so the
+library's segments are recognisable and never collide across backends.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import sys
+import time
+from typing import Iterator, Optional
+
+from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound
+
+__all__ = ["SEGMENT_PREFIX", "SHM_DIR", "Segment", "check_name", "segment_path", "list_segments", "pid_alive"]
+
+SEGMENT_PREFIX = "sageq-"
+SHM_DIR = "/dev/shm"
+"""Where Linux shows POSIX shared memory as files; absent on macOS (listing unsupported there)."""
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_ATTACH_WAIT_S = 2.0
+"""How long an attacher waits for a concurrent creator to size the segment."""
+
+
+def check_name(name: object) -> Optional[str]:
+    """Error text for a bad user segment name, None if good (a MetadataField check)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return "must match [A-Za-z0-9_.-]{1,200}"
+    return None
+
+
+def posix_name(kind: str, name: str) -> str:
+    return f"/{SEGMENT_PREFIX}{kind}-{name}"
+
+
+def segment_path(kind: str, name: str) -> str:
+    """The file under /dev/shm that backs segment ``name`` of ``kind`` (Linux)."""
+    return os.path.join(SHM_DIR, posix_name(kind, name)[1:])
+
+
+def _posixshmem():  # type: ignore[no-untyped-def]
+    try:
+        import _posixshmem
+    except ImportError as exc:  # pragma: no cover - Windows
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable("shm", "POSIX shared memory (_posixshmem)", "use Linux or macOS") from exc
+    return _posixshmem
+
+
+class Segment:
+    """A mapped named segment. ``created`` tells whether this call made it."""
+
+    def __init__(self, kind: str, name: str, buf: mmap.mmap, size: int, created: bool) -> None:
+        self.kind = kind
+        self.name = name
+        self.buf = buf
+        self.size = size
+        self.created = created
+
+    @classmethod
+    def open(cls, kind: str, name: str, size: int, *, create: bool, exclusive: bool = False) -> Segment:
+        """Create (``create=True``) or attach to segment ``name``.
+
+        * ``create=True``: make a new zero-filled segment of ``size`` bytes, mode
+          0600, or attach to an existing one (``exclusive=True``: QueueExists instead).
+        * ``create=False``: attach only; QueueNotFound if there is none.
+
+        ``size`` is ignored when attaching: the existing segment's size is used.
+        """
+        problem = check_name(name)
+        if problem:
+            raise InvalidMetadata(f"segment name {name!r} {problem}")
+        shm = _posixshmem()
+        pname = posix_name(kind, name)
+        fd = -1
+        created = False
+        if create:
+            try:
+                fd = shm.shm_open(pname, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+                created = True
+            except FileExistsError:
+                if exclusive:
+                    raise QueueExists(f"{kind} queue {name!r} already exists") from None
+        if fd < 0:
+            try:
+                fd = shm.shm_open(pname, os.O_RDWR, mode=0o600)
+            except FileNotFoundError:
+                raise QueueNotFound(
+                    f"no {kind} queue named {name!r} on this host (segment {pname} does not exist)"
+                ) from None
+        try:
+            if created:
+                os.ftruncate(fd, size)
+            else:
+                size = _wait_for_size(fd, kind, name)
+            buf = mmap.mmap(fd, size)
+        except BaseException:
+            if created:
+                _unlink_quietly(pname)
+            raise
+        finally:
+            os.close(fd)
+        return cls(kind, name, buf, size, created)
+
+    def close(self) -> None:
+        """Unmap (idempotent). Raises BufferError while a memoryview of ``buf`` is alive."""
+        if not self.buf.closed:
+            self.buf.close()
+
+    def unlink(self) -> bool:
+        """Remove the name (the memory lives until every process unmaps it). True if it existed."""
+        return _unlink_quietly(posix_name(self.kind, self.name))
+
+
+def _wait_for_size(fd: int, kind: str, name: str) -> int:
+    # A creator opens then ftruncates: an attacher may see the file at size 0 for a moment.
+    deadline = time.monotonic() + _ATTACH_WAIT_S
+    while True:
+        size = os.fstat(fd).st_size
+        if size > 0:
+            return size
+        if time.monotonic() >= deadline:
+            raise IncompatibleQueue(f"{kind} queue {name!r} exists but was never initialised (size 0)")
+        time.sleep(0.001)
+
+
+def _unlink_quietly(pname: str) -> bool:
+    try:
+        _posixshmem().shm_unlink(pname)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unlink(kind: str, name: str) -> bool:
+    """Unlink segment ``name`` of ``kind`` if it exists."""
+    return _unlink_quietly(posix_name(kind, name))
+
+
+def list_segments(kind: Optional[str] = None) -> Iterator[tuple[str, str]]:
+    """``(kind, name)`` of every segment of this library on the host (Linux only)."""
+    if not os.path.isdir(SHM_DIR):
+        raise OSError(f"listing shared memory needs {SHM_DIR} (not available on {sys.platform})")
+    for entry in sorted(os.listdir(SHM_DIR)):
+        if not entry.startswith(SEGMENT_PREFIX):
+            continue
+        entry_kind, sep, name = entry[len(SEGMENT_PREFIX):].partition("-")
+        if sep and (kind is None or entry_kind == kind):
+            yield entry_kind, name
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (it may belong to another user)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,56 @@
+"""Timeout arguments, normalised once at the front door (spec Q5-Q8).
+
+All deadlines are taken from :func:`time.monotonic`, never the wall clock, so a
+clock step (NTP, suspend) can neither shorten nor stretch a wait.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+__all__ = ["normalize_timeout", "Deadline"]
+
+
+def normalize_timeout(block: bool, timeout: Optional[float]) -> Optional[float]:
+    """Turn ``(block, timeout)`` into seconds to wait: ``None`` forever, ``0.0`` not at all.
+
+    Mirrors :class:`queue.Queue`: ``block=False`` ignores ``timeout`` entirely;
+    with ``block=True`` a negative or NaN timeout is a ``ValueError``, a
+    non-number a ``TypeError``; an infinite timeout means forever.
+    """
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"'timeout' must be a number or None, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    if math.isinf(seconds):
+        return None
+    return seconds
+
+
+class Deadline:
+    """A point on the monotonic clock; ``remaining()`` is recomputed at every call."""
+
+    __slots__ = ("_end",)
+
+    def __init__(self, timeout: Optional[float]) -> None:
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def forever(self) -> bool:
+        return self._end is None
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left (never negative), or ``None`` for a wait without end."""
+        if self._end is None:
+            return None
+        return max(0.0, self._end - time.monotonic())
+
+    def expired(self) -> bool:
+        return self._end is not None and time.monotonic() >= self._end

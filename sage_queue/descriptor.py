@@ -1,0 +1,288 @@
+"""``QueueDescriptor``: the small, versioned, serialisable name of a queue (spec/descriptor.md).
+
+A descriptor is validated when it is built and when it is parsed; one that exists
+has passed validation, so resolving it can only fail for reasons of reachability
+(QueueNotFound, BackendUnavailable), never a KeyError from deep inside a backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Union
+
+from .errors import InvalidMetadata, MalformedDescriptor, UnsupportedVersion
+
+__all__ = ["DESCRIPTOR_VERSION", "QueueDescriptor", "MetadataField", "DescriptorLike"]
+
+DESCRIPTOR_VERSION = 1
+"""The descriptor format version this library writes and reads (spec D2)."""
+
+_FIELDS = ("version", "queue_id", "queue_type", "metadata", "created_timestamp")
+_QUEUE_ID_RE = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class MetadataField:
+    """One metadata key of a queue type: its JSON type, default and range check (spec D10)."""
+
+    name: str
+    kind: type
+    """``int``, ``float``, ``str`` or ``bool``; ``bool`` is never accepted for ``int``."""
+    required: bool = False
+    default: Any = None
+    """Filled in when the key is absent and not required; ``None`` leaves it absent."""
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    """Returns an error text for a bad value, ``None`` for a good one."""
+    doc: str = ""
+
+    def apply(self, queue_type: str, metadata: dict[str, Any]) -> None:
+        value = metadata.get(self.name, _MISSING)
+        if value is _MISSING or value is None:
+            if self.required:
+                raise InvalidMetadata(f"{queue_type} descriptor needs metadata[{self.name!r}] ({self.doc})")
+            if self.default is not None:
+                metadata[self.name] = self.default
+            else:
+                metadata.pop(self.name, None)
+            return
+        if not _is_kind(value, self.kind):
+            raise InvalidMetadata(
+                f"{queue_type} metadata[{self.name!r}] must be {self.kind.__name__}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        if self.kind is float:
+            value = float(value)
+            metadata[self.name] = value
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise InvalidMetadata(f"{queue_type} metadata[{self.name!r}]={value!r}: {problem}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def non_negative(value: Any) -> Optional[str]:
+    return None if value >= 0 else "must be >= 0"
+
+
+def positive(value: Any) -> Optional[str]:
+    return None if value > 0 else "must be > 0"
+
+
+def _json_normal(queue_type: str, metadata: Any) -> dict[str, Any]:
+    """A deep copy of ``metadata`` made only of JSON types (tuples become lists)."""
+    if not isinstance(metadata, Mapping):
+        raise MalformedDescriptor(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise MalformedDescriptor(f"metadata keys must be strings, got {key!r}")
+    try:
+        text = json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MalformedDescriptor(f"{queue_type} metadata is not JSON-serialisable: {exc}") from None
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+@dataclass(frozen=True)
+class QueueDescriptor:
+    """A serialisable description of a queue; ``resolve_descriptor`` turns it into a handle.
+
+    Equality is by value; descriptors hash by their canonical JSON. Build one with
+    a ``create_*`` factory, :meth:`from_dict` or :meth:`from_json`.
+    """
+
+    queue_id: str
+    queue_type: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_timestamp: Optional[float] = None
+    version: int = DESCRIPTOR_VERSION
+
+    def __post_init__(self) -> None:
+        from .registry import backend_class, canonical_type
+
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise MalformedDescriptor(f"version must be an int, got {self.version!r}")
+        if self.version != DESCRIPTOR_VERSION:
+            raise UnsupportedVersion(
+                f"descriptor format version {self.version} is not supported: this library reads "
+                f"version {DESCRIPTOR_VERSION} (upgrade sage-queue to read newer descriptors)"
+            )
+        if not isinstance(self.queue_id, str) or not _QUEUE_ID_RE.fullmatch(self.queue_id):
+            raise MalformedDescriptor(
+                f"queue_id must be a string of 1-255 printable characters, got {self.queue_id!r}"
+            )
+        if not isinstance(self.queue_type, str):
+            raise MalformedDescriptor(f"queue_type must be a string, got {self.queue_type!r}")
+        ts = self.created_timestamp
+        if ts is not None:
+            if not _is_kind(ts, float) or ts < 0:
+                raise MalformedDescriptor(f"created_timestamp must be a finite number >= 0 or null, got {ts!r}")
+            object.__setattr__(self, "created_timestamp", float(ts))
+        queue_type = canonical_type(self.queue_type)  # raises UnknownQueueType
+        object.__setattr__(self, "queue_type", queue_type)
+        metadata = _json_normal(queue_type, self.metadata)
+        validate = getattr(backend_class(queue_type), "validate_metadata", None)
+        if validate is not None:
+            metadata = validate(metadata)
+        object.__setattr__(self, "metadata", metadata)
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``from_dict(d.to_dict()) == d``."""
+        return {
+            "version": self.version,
+            "queue_id": self.queue_id,
+            "queue_type": self.queue_type,
+            "metadata": json.loads(json.dumps(self.metadata)),
+            "created_timestamp": self.created_timestamp,
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no whitespace); ``from_json(d.to_json()) == d``."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> QueueDescriptor:
+        """Build and validate a descriptor from its dict form; raises DescriptorError subclasses."""
+        if not isinstance(data, Mapping):
+            raise MalformedDescriptor(f"a descriptor must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in data if k not in _FIELDS)
+        if unknown:
+            raise MalformedDescriptor(f"unknown descriptor fields {unknown}; known: {list(_FIELDS)}")
+        for key in ("queue_id", "queue_type"):
+            if key not in data:
+                raise MalformedDescriptor(f"descriptor has no {key!r}")
+        metadata = data.get("metadata")
+        return cls(
+            queue_id=data["queue_id"],
+            queue_type=data["queue_type"],
+            metadata={} if metadata is None else metadata,
+            created_timestamp=data.get("created_timestamp"),
+            version=data.get("version", DESCRIPTOR_VERSION),
+        )
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes, bytearray]) -> QueueDescriptor:
+        """Parse :meth:`to_json` output (any JSON object of the same shape)."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise MalformedDescriptor(f"from_json takes str or bytes, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise MalformedDescriptor(f"descriptor is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def parse(cls, value: DescriptorLike) -> QueueDescriptor:
+        """Accept a descriptor, its dict form or its JSON text."""
+        if isinstance(value, QueueDescriptor):
+            return value
+        if isinstance(value, (str, bytes, bytearray)):
+            return cls.from_json(value)
+        return cls.from_dict(value)
+
+    def __reduce__(self) -> tuple[Callable[..., QueueDescriptor], tuple[dict[str, Any]]]:
+        # Unpickling re-validates (and version-checks) like from_dict does.
+        return (QueueDescriptor.from_dict, (self.to_dict(),))
+
+    # -- factories (spec D20) -------------------------------------------------------------
+
+    @classmethod
+    def create_local_queue(cls, maxsize: int = 0, queue_id: Optional[str] = None) -> QueueDescriptor:
+        """An in-process ``queue.Queue``, shared by queue_id inside this process only."""
+        import os
+
+        return cls(
+            queue_id=queue_id or _new_id("local"),
+            queue_type="local",
+            metadata={"maxsize": maxsize, "owner_pid": os.getpid()},
+            created_timestamp=time.time(),
+        )
+
+    @classmethod
+    def create_shm_queue(
+        cls,
+        name: str,
+        maxsize: int = 0,
+        capacity_bytes: Optional[int] = None,
+        create: bool = True,
+    ) -> QueueDescriptor:
+        """A pure-Python shared-memory queue named ``name``, attachable from any local process.
+
+        ``create=True`` creates the segment on first resolve or attaches to an
+        existing one; ``create=False`` only attaches (QueueNotFound if absent).
+        """
+        metadata: dict[str, Any] = {"shm_name": name, "maxsize": maxsize, "create": create}
+        if capacity_bytes is not None:
+            metadata["capacity_bytes"] = capacity_bytes
+        return cls(queue_id=name, queue_type="shm", metadata=metadata, created_timestamp=time.time())
+
+    @classmethod
+    def create_sage_queue(
+        cls,
+        maxsize: int = 0,
+        name: Optional[str] = None,
+        capacity_bytes: Optional[int] = None,
+        create: bool = True,
+    ) -> QueueDescriptor:
+        """The lock-free C11 shared-memory ring; same naming rules as ``create_shm_queue``."""
+        name = name or _new_id("sage")
+        metadata: dict[str, Any] = {"shm_name": name, "maxsize": maxsize, "create": create}
+        if capacity_bytes is not None:
+            metadata["capacity_bytes"] = capacity_bytes
+        return cls(queue_id=name, queue_type="sage", metadata=metadata, created_timestamp=time.time())
+
+    @classmethod
+    def create_ray_queue(cls, maxsize: int = 0, name: Optional[str] = None) -> QueueDescriptor:
+        """A ``ray.util.queue.Queue`` shared by name across a Ray cluster."""
+        name = name or _new_id("rayq")
+        return cls(
+            queue_id=name, queue_type="ray_queue", metadata={"maxsize": maxsize, "actor_name": name},
+            created_timestamp=time.time(),
+        )
+
+    @classmethod
+    def create_ray_actor_queue(cls, actor_name: str, maxsize: int = 0) -> QueueDescriptor:
+        """A queue held by this library's own named Ray actor."""
+        return cls(
+            queue_id=actor_name, queue_type="ray_actor",
+            metadata={"maxsize": maxsize, "actor_name": actor_name}, created_timestamp=time.time(),
+        )
+
+    @classmethod
+    def create_rpc_queue(
+        cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0
+    ) -> QueueDescriptor:
+        """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``."""
+        name = name or _new_id("rpc")
+        return cls(
+            queue_id=name, queue_type="rpc",
+            metadata={"host": host, "port": port, "name": name, "maxsize": maxsize},
+            created_timestamp=time.time(),
+        )
+
+
+DescriptorLike = Union[QueueDescriptor, Mapping[str, Any], str, bytes, bytearray]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"

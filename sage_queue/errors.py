@@ -1,0 +1,96 @@
+"""Every error sage-queue raises on purpose, in one place (see ``spec/errors.md``).
+
+Emptiness and fullness are *not* here: they are the standard library's
+:class:`queue.Empty` and :class:`queue.Full`, so code written against
+``queue.Queue`` keeps working unchanged.
+
+Hierarchy::
+
+    SageQueueError
+    ├── DescriptorError (ValueError)         bad descriptor, caught before any queue exists
+    │   ├── MalformedDescriptor             not JSON / not a mapping / wrong field types
+    │   ├── UnknownQueueType                queue_type not registered
+    │   ├── InvalidMetadata                 a metadata value missing or out of range
+    │   └── UnsupportedVersion              descriptor format newer than this library
+    ├── QueueNotFound (LookupError)          the descriptor is valid, the queue is not reachable
+    ├── QueueExists (FileExistsError)        exclusive create of a name already in use
+    ├── IncompatibleQueue                    the named queue has another layout/version
+    ├── QueueClosed                          the handle was closed (or the queue destroyed)
+    └── BackendUnavailable (ImportError)     an optional dependency of a backend is missing
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SageQueueError",
+    "DescriptorError",
+    "MalformedDescriptor",
+    "UnknownQueueType",
+    "InvalidMetadata",
+    "UnsupportedVersion",
+    "QueueNotFound",
+    "QueueExists",
+    "IncompatibleQueue",
+    "QueueClosed",
+    "BackendUnavailable",
+]
+
+
+class SageQueueError(Exception):
+    """Base class of every error this library defines."""
+
+
+class DescriptorError(SageQueueError, ValueError):
+    """A descriptor (or its JSON/dict form) is not acceptable.
+
+    Raised when a descriptor is built and when one is parsed, never later:
+    a descriptor that exists has passed validation.
+    """
+
+
+class MalformedDescriptor(DescriptorError):
+    """The input is not a descriptor at all: bad JSON, not a mapping, a field of the wrong type."""
+
+
+class UnknownQueueType(DescriptorError):
+    """``queue_type`` names no registered backend."""
+
+
+class InvalidMetadata(DescriptorError):
+    """A metadata key required by the queue type is missing, or a value is out of range."""
+
+
+class UnsupportedVersion(DescriptorError):
+    """The descriptor's format ``version`` is newer (or older) than this library understands."""
+
+
+class QueueNotFound(SageQueueError, LookupError):
+    """The descriptor is valid but the queue it names cannot be reached from this process."""
+
+
+class QueueExists(SageQueueError, FileExistsError):
+    """An exclusive create found a queue already living under that name."""
+
+
+class IncompatibleQueue(SageQueueError):
+    """A queue exists under that name but its layout, version or parameters differ."""
+
+
+class QueueClosed(SageQueueError):
+    """The handle was closed (or the queue destroyed); no further operation is possible on it."""
+
+
+class BackendUnavailable(SageQueueError, ImportError):
+    """A backend needs an optional dependency that is not installed or cannot load.
+
+    The message names the missing piece and how to install it.
+    """
+
+    def __init__(self, queue_type: str, missing: str, hint: str) -> None:
+        self.queue_type = queue_type
+        self.missing = missing
+        self.hint = hint
+        super().__init__(f"queue type {queue_type!r} is unavailable: {missing} ({hint})")
+
+    def __reduce__(self) -> tuple[type[BackendUnavailable], tuple[str, str, str]]:
+        return (type(self), (self.queue_type, self.missing, self.hint))
