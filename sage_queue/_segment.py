@@ -22,11 +22,15 @@ import os
 import re
 import sys
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound
 
-__all__ = ["SEGMENT_PREFIX", "SHM_DIR", "Segment", "check_name", "segment_path", "list_segments", "pid_alive"]
+__all__ = [
+    "SEGMENT_PREFIX", "SHM_DIR", "Segment", "SegmentInfo", "check_name", "list_segments", "pid_alive", "segment_path",
+]
 
 SEGMENT_PREFIX = "sageq-"
 SHM_DIR = "/dev/shm"
@@ -52,7 +56,7 @@ def segment_path(kind: str, name: str) -> str:
     return os.path.join(SHM_DIR, posix_name(kind, name)[1:])
 
 
-def _posixshmem():  # type: ignore[no-untyped-def]
+def _posixshmem() -> Any:
     try:
         import _posixshmem
     except ImportError as exc:  # pragma: no cover - Windows
@@ -175,3 +179,31 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What ``sage-queue ls`` shows of one segment; each segment backend's
+    ``describe_segment(name) -> SegmentInfo`` fills it from its own header."""
+
+    kind: str
+    """Backend that owns the segment (``shm``, ``sage``)."""
+    name: str
+    """The user-visible name (``metadata["shm_name"]``)."""
+    size: int
+    """Bytes mapped."""
+    depth: Optional[int]
+    """Items in the queue, or None if the header could not be read consistently."""
+    attached_pids: tuple[int, ...]
+    """Processes that have the queue open (as recorded in the header)."""
+    creator_pid: Optional[int] = None
+    """Process that created the segment."""
+    format_version: Optional[int] = None
+    """Layout version found in the header."""
+    note: str = ""
+    """Anything odd (bad magic, destroyed flag set...)."""
+
+    @property
+    def orphan(self) -> bool:
+        """True when no recorded process is alive: ``sage-queue gc`` may remove it."""
+        return not any(pid_alive(pid) for pid in self.attached_pids)

@@ -12,8 +12,9 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import InvalidMetadata, MalformedDescriptor, UnsupportedVersion
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import MutableMapping
-from typing import Any, Iterator, Optional, Union
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Optional, Union
 
 from .errors import BackendUnavailable, UnknownQueueType
 

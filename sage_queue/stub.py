@@ -30,7 +30,8 @@ handle is the backend's job, because only it knows which of its words are shared
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from ._timeout import normalize_timeout
 from .errors import QueueClosed

@@ -20,8 +20,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from ..descriptor import MetadataField, QueueDescriptor, non_negative, positive
 from ..errors import IncompatibleQueue, InvalidMetadata, QueueClosed, QueueNotFound
@@ -35,7 +36,7 @@ __all__ = ["LocalQueueStub", "live_queue_ids", "destroy_local_queue"]
 class _LocalState:
     """One local queue. Counters and ``destroyed`` are written only under ``queue.mutex``."""
 
-    queue: queue.Queue  # type: ignore[type-arg]
+    queue: queue.Queue[Any]
     puts: int = 0
     gets: int = 0
     waits: int = 0
@@ -73,7 +74,7 @@ def _check_plain_fifo(q: Any) -> None:
     if not isinstance(q, queue.Queue):
         raise TypeError(f"a local queue must be a queue.Queue, not {type(q).__name__}")
     cls = type(q)
-    if cls._get is not queue.Queue._get or cls._put is not queue.Queue._put:  # type: ignore[attr-defined]
+    if cls._get is not queue.Queue._get or cls._put is not queue.Queue._put:
         raise TypeError(f"{cls.__name__} reorders items; the local backend only adopts FIFO queue.Queue objects")
 
 
@@ -156,7 +157,7 @@ class LocalQueueStub(QueueStub):
     def _put(self, item: Any, timeout: Optional[float]) -> None:
         q = self._q
         with q.not_full:
-            self._wait_until(q.not_full, lambda: not 0 < q.maxsize <= q._qsize(), timeout, queue.Full)  # type: ignore[attr-defined]
+            self._wait_until(q.not_full, lambda: not 0 < q.maxsize <= q._qsize(), timeout, queue.Full)
             self._enqueue([item])
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
@@ -165,13 +166,13 @@ class LocalQueueStub(QueueStub):
         if 0 < q.maxsize < n:
             raise ValueError(f"a batch of {n} items can never fit in a queue of maxsize {q.maxsize}")
         with q.not_full:
-            self._wait_until(q.not_full, lambda: not 0 < q.maxsize < q._qsize() + n, timeout, queue.Full)  # type: ignore[attr-defined]
+            self._wait_until(q.not_full, lambda: not 0 < q.maxsize < q._qsize() + n, timeout, queue.Full)
             self._enqueue(items)
 
     def _enqueue(self, items: list[Any]) -> None:
         q = self._q
         for item in items:
-            q._put(item)  # type: ignore[attr-defined]
+            q._put(item)
         q.unfinished_tasks += len(items)
         self._state.puts += len(items)
         q.not_empty.notify(len(items))
@@ -185,9 +186,9 @@ class LocalQueueStub(QueueStub):
     def _dequeue(self, max_items: int, timeout: Optional[float]) -> list[Any]:
         q = self._q
         with q.not_empty:
-            self._wait_until(q.not_empty, lambda: q._qsize() > 0, timeout, queue.Empty)  # type: ignore[attr-defined]
-            count = min(max_items, q._qsize())  # type: ignore[attr-defined]
-            items = [q._get() for _ in range(count)]  # type: ignore[attr-defined]
+            self._wait_until(q.not_empty, lambda: q._qsize() > 0, timeout, queue.Empty)
+            count = min(max_items, q._qsize())
+            items = [q._get() for _ in range(count)]
             self._state.gets += count
             q.not_full.notify(count)
             return items
@@ -195,7 +196,7 @@ class LocalQueueStub(QueueStub):
     def _qsize(self) -> int:
         with self._q.mutex:
             self._raise_if_closed()
-            return self._q._qsize()  # type: ignore[attr-defined,no-any-return]
+            return self._q._qsize()
 
     def _close(self) -> None:
         with self._q.mutex:
@@ -212,7 +213,7 @@ class LocalQueueStub(QueueStub):
         with self._q.mutex:
             return QueueStats(
                 scope="queue", puts=self._state.puts, gets=self._state.gets,
-                depth=self._q._qsize(), waits=self._state.waits,  # type: ignore[attr-defined]
+                depth=self._q._qsize(), waits=self._state.waits,
             )
 
     # -- task tracking (capability "task_done") ----------------------------------------
