@@ -7,6 +7,7 @@ clock step (NTP, suspend) can neither shorten nor stretch a wait.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Optional
 
@@ -18,7 +19,8 @@ def normalize_timeout(block: bool, timeout: Optional[float]) -> Optional[float]:
 
     Mirrors :class:`queue.Queue`: ``block=False`` ignores ``timeout`` entirely;
     with ``block=True`` a negative or NaN timeout is a ``ValueError``, a
-    non-number a ``TypeError``; an infinite timeout means forever.
+    non-number a ``TypeError``; a timeout longer than the platform can wait
+    (``threading.TIMEOUT_MAX``, infinity included) means forever.
     """
     if not block:
         return 0.0
@@ -26,10 +28,15 @@ def normalize_timeout(block: bool, timeout: Optional[float]) -> Optional[float]:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"'timeout' must be a number or None, not {type(timeout).__name__}")
-    seconds = float(timeout)
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int beyond the range of a float
+        seconds = math.inf if timeout > 0 else -math.inf
     if math.isnan(seconds) or seconds < 0:
         raise ValueError("'timeout' must be a non-negative number")
-    if math.isinf(seconds):
+    if seconds > threading.TIMEOUT_MAX:
+        # Longer than the platform can wait (about 292 years; inf too): the same as forever. Passing
+        # it on would make Condition.wait raise OverflowError, which is no documented error (E12).
         return None
     return seconds
 

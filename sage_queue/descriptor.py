@@ -44,7 +44,8 @@ class MetadataField:
 
     def apply(self, queue_type: str, metadata: dict[str, Any]) -> None:
         value = metadata.get(self.name, _MISSING)
-        if value is _MISSING or value is None:
+        # null is a value of the wrong JSON type, not an absent key (D10; the schema agrees).
+        if value is _MISSING:
             if self.required:
                 raise InvalidMetadata(f"{queue_type} descriptor needs metadata[{self.name!r}] ({self.doc})")
             if self.default is not None:
@@ -72,7 +73,12 @@ def _is_kind(value: Any, kind: type) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an int too large for a float is not a finite float
+            return False
     return isinstance(value, kind)
 
 
@@ -93,10 +99,66 @@ def _json_normal(queue_type: str, metadata: Any) -> dict[str, Any]:
             raise MalformedDescriptor(f"metadata keys must be strings, got {key!r}")
     try:
         text = json.dumps(dict(metadata), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise MalformedDescriptor(f"{queue_type} metadata is not JSON-serialisable: {exc}") from None
     result: dict[str, Any] = json.loads(text)
     return result
+
+
+def _refuse(self: Any, *args: Any, **kwargs: Any) -> None:
+    raise TypeError("descriptor metadata is immutable; build a new descriptor instead")
+
+
+class FrozenMetadata(dict):  # type: ignore[type-arg]
+    """A descriptor's metadata: a real ``dict`` (JSON-serialisable as is) that refuses mutation (D9).
+
+    Nested objects are FrozenMetadata and nested arrays FrozenList, so no part of a
+    descriptor can change after validation. Copies are plain ``dict``/``list``.
+    """
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[str, Any]:
+        return _thaw(self)  # type: ignore[no-any-return]
+
+    def __deepcopy__(self, memo: Any) -> dict[str, Any]:
+        return _thaw(self)  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> Any:
+        return (dict, (_thaw(self),))
+
+
+class FrozenList(list):  # type: ignore[type-arg]
+    """An array inside descriptor metadata: a real ``list`` that refuses mutation."""
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return _thaw(self)  # type: ignore[no-any-return]
+
+    def __deepcopy__(self, memo: Any) -> list[Any]:
+        return _thaw(self)  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> Any:
+        return (list, (_thaw(self),))
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return FrozenMetadata({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -140,7 +202,15 @@ class QueueDescriptor:
         validate = getattr(backend_class(queue_type), "validate_metadata", None)
         if validate is not None:
             metadata = validate(metadata)
-        object.__setattr__(self, "metadata", metadata)
+        object.__setattr__(self, "metadata", _freeze(metadata))
+
+    def __eq__(self, other: object) -> bool:
+        # By canonical JSON, not by the dataclass's field-wise ==: 1 == 1.0 == True in Python
+        # but they are different JSON values, and equal descriptors must have equal JSON (D12)
+        # and equal hashes (D9).
+        if not isinstance(other, QueueDescriptor):
+            return NotImplemented
+        return self.to_json() == other.to_json()
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -213,7 +283,7 @@ class QueueDescriptor:
         import os
 
         return cls(
-            queue_id=queue_id or _new_id("local"),
+            queue_id=_new_id("local") if queue_id is None else queue_id,
             queue_type="local",
             metadata={"maxsize": maxsize, "owner_pid": os.getpid()},
             created_timestamp=time.time(),
@@ -246,7 +316,7 @@ class QueueDescriptor:
         create: bool = True,
     ) -> QueueDescriptor:
         """The lock-free C11 shared-memory ring; same naming rules as ``create_shm_queue``."""
-        name = name or _new_id("sage")
+        name = _new_id("sage") if name is None else name
         metadata: dict[str, Any] = {"shm_name": name, "maxsize": maxsize, "create": create}
         if capacity_bytes is not None:
             metadata["capacity_bytes"] = capacity_bytes
@@ -255,7 +325,7 @@ class QueueDescriptor:
     @classmethod
     def create_ray_queue(cls, maxsize: int = 0, name: Optional[str] = None) -> QueueDescriptor:
         """A ``ray.util.queue.Queue`` shared by name across a Ray cluster."""
-        name = name or _new_id("rayq")
+        name = _new_id("ray_queue") if name is None else name
         return cls(
             queue_id=name, queue_type="ray_queue", metadata={"maxsize": maxsize, "actor_name": name},
             created_timestamp=time.time(),
@@ -274,7 +344,7 @@ class QueueDescriptor:
         cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0
     ) -> QueueDescriptor:
         """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``."""
-        name = name or _new_id("rpc")
+        name = _new_id("rpc") if name is None else name
         return cls(
             queue_id=name, queue_type="rpc",
             metadata={"host": host, "port": port, "name": name, "maxsize": maxsize},

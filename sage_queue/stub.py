@@ -131,8 +131,8 @@ class QueueStub:
 
     def full(self) -> bool:
         """``0 < maxsize <= qsize()``."""
-        maxsize = self.maxsize
-        return 0 < maxsize <= self.qsize()
+        depth = self.qsize()  # first: it raises QueueClosed on a closed handle, even when maxsize is 0 (Q21)
+        return 0 < self.maxsize <= depth
 
     # -- batch (capability "batch") ---------------------------------------------------
 
@@ -175,7 +175,11 @@ class QueueStub:
     def destroy(self) -> None:
         """Remove the queue itself for every handle in every process, then close this handle."""
         self._check_open()
-        self._destroy()
+        try:
+            self._destroy()
+        except QueueClosed:  # destroyed already, through another handle: this one is done too
+            self.close()
+            raise
         self.close()
 
     def stats(self) -> QueueStats:

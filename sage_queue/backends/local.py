@@ -12,6 +12,10 @@ attributes ``queue.Queue`` documents in its source) so that code using the
 adopted ``queue.Queue`` directly and code using handles see one queue. Closing a
 handle ``notify_all``s both conditions: waiters of other handles wake, see that
 they are still open, and wait again.
+
+A forked child inherits a copy of the registry and of every handle, not the
+queues themselves (R8): its registry starts empty, and an inherited handle raises
+QueueNotFound instead of silently using the child's private copy.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from ..descriptor import MetadataField, QueueDescriptor, non_negative, positive
@@ -37,6 +41,8 @@ class _LocalState:
     """One local queue. Counters and ``destroyed`` are written only under ``queue.mutex``."""
 
     queue: queue.Queue[Any]
+    pid: int = field(default_factory=os.getpid)
+    """The process the queue lives in; a forked child inherits a copy it must not use (R8)."""
     puts: int = 0
     gets: int = 0
     waits: int = 0
@@ -45,6 +51,26 @@ class _LocalState:
 
 _registry: dict[str, _LocalState] = {}
 _registry_lock = threading.Lock()
+
+
+def _not_here(queue_id: str, owner: int) -> QueueNotFound:
+    return QueueNotFound(
+        f"local queue {queue_id!r} lives in process {owner}, not in this one "
+        f"({os.getpid()}): local queues are reachable only inside their own process; "
+        "use shm, sage, ray_queue, ray_actor or rpc to cross processes"
+    )
+
+
+def _after_fork_in_child() -> None:
+    # The parent's queues are not this process's (R8): forget them, and replace a lock that
+    # another thread of the parent may have held at fork time (it would stay held forever).
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _registry.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def live_queue_ids() -> list[str]:
@@ -68,6 +94,7 @@ def _mark_destroyed(state: _LocalState) -> None:
         state.destroyed = True
         state.queue.not_empty.notify_all()
         state.queue.not_full.notify_all()
+        state.queue.all_tasks_done.notify_all()
 
 
 def _check_plain_fifo(q: Any) -> None:
@@ -85,18 +112,16 @@ class LocalQueueStub(QueueStub):
     capabilities: ClassVar[frozenset[str]] = frozenset({PICKLABLE_HANDLE, BATCH, TASK_DONE, CLOSE, STATS})
     metadata_fields: ClassVar[tuple[MetadataField, ...]] = (
         MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = unbounded"),
-        MetadataField("owner_pid", int, check=positive, doc="pid of the only process that can resolve it"),
+        MetadataField(
+            "owner_pid", int, required=True, check=positive, doc="pid of the only process that can resolve it"
+        ),
     )
 
     def __init__(self, descriptor: QueueDescriptor) -> None:
         super().__init__(descriptor)
-        owner = descriptor.metadata.get("owner_pid")
-        if owner is not None and owner != os.getpid():
-            raise QueueNotFound(
-                f"local queue {descriptor.queue_id!r} lives in process {owner}, not in this one "
-                f"({os.getpid()}): local queues are reachable only inside their own process; "
-                "use shm, sage, ray_queue, ray_actor or rpc to cross processes"
-            )
+        owner = descriptor.metadata["owner_pid"]
+        if owner != os.getpid():
+            raise _not_here(descriptor.queue_id, owner)
         maxsize = descriptor.metadata["maxsize"]
         with _registry_lock:
             state = _registry.get(descriptor.queue_id)
@@ -113,6 +138,8 @@ class LocalQueueStub(QueueStub):
     def adopt(cls, q: Any, **metadata: Any) -> QueueDescriptor:
         """Register an existing ``queue.Queue`` under a new queue_id and return its descriptor."""
         _check_plain_fifo(q)
+        if "owner_pid" in metadata:
+            raise InvalidMetadata("owner_pid is set by adopt (this process), not by the caller")
         maxsize = metadata.pop("maxsize", q.maxsize)
         if maxsize != q.maxsize:
             raise InvalidMetadata(f"maxsize={maxsize!r} disagrees with the queue's maxsize {q.maxsize}")
@@ -126,6 +153,15 @@ class LocalQueueStub(QueueStub):
         return desc
 
     # -- waiting ------------------------------------------------------------------
+
+    def _check_here(self) -> None:
+        """QueueNotFound in a forked child: its inherited handle would reach a private copy.
+
+        Checked before any lock is taken, since a lock held by another thread at fork
+        time stays held in the child.
+        """
+        if self._state.pid != os.getpid():
+            raise _not_here(self._descriptor.queue_id, self._state.pid)
 
     def _raise_if_closed(self) -> None:
         if self._closed or self._state.destroyed:
@@ -155,12 +191,14 @@ class LocalQueueStub(QueueStub):
     # -- hooks --------------------------------------------------------------------
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
+        self._check_here()
         q = self._q
         with q.not_full:
             self._wait_until(q.not_full, lambda: not 0 < q.maxsize <= q._qsize(), timeout, queue.Full)
             self._enqueue([item])
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
+        self._check_here()
         q = self._q
         n = len(items)
         if 0 < q.maxsize < n:
@@ -184,6 +222,7 @@ class LocalQueueStub(QueueStub):
         return self._dequeue(max_items, timeout)
 
     def _dequeue(self, max_items: int, timeout: Optional[float]) -> list[Any]:
+        self._check_here()
         q = self._q
         with q.not_empty:
             self._wait_until(q.not_empty, lambda: q._qsize() > 0, timeout, queue.Empty)
@@ -194,23 +233,32 @@ class LocalQueueStub(QueueStub):
             return items
 
     def _qsize(self) -> int:
+        self._check_here()
         with self._q.mutex:
             self._raise_if_closed()
             return self._q._qsize()
 
     def _close(self) -> None:
+        if self._state.pid != os.getpid():
+            return  # a forked child's copy: nobody waits on it, and its mutex may be held for ever
         with self._q.mutex:
             self._q.not_empty.notify_all()
             self._q.not_full.notify_all()
+            self._q.all_tasks_done.notify_all()
 
     def _destroy(self) -> None:
+        self._check_here()
+        with self._q.mutex:
+            self._raise_if_closed()  # destroyed already, through another handle (Q24)
         with _registry_lock:
             if _registry.get(self._descriptor.queue_id) is self._state:
                 del _registry[self._descriptor.queue_id]
         _mark_destroyed(self._state)
 
     def _stats(self) -> QueueStats:
+        self._check_here()
         with self._q.mutex:
+            self._raise_if_closed()
             return QueueStats(
                 scope="queue", puts=self._state.puts, gets=self._state.gets,
                 depth=self._q._qsize(), waits=self._state.waits,
@@ -220,10 +268,23 @@ class LocalQueueStub(QueueStub):
 
     def task_done(self) -> None:
         """As :meth:`queue.Queue.task_done`; ValueError if called more times than items were put."""
-        self._check_open()
+        self._check_here()
+        with self._q.mutex:
+            self._raise_if_closed()
         self._q.task_done()
 
     def join(self) -> None:
-        """As :meth:`queue.Queue.join`: block until every item put has been marked done."""
+        """As :meth:`queue.Queue.join`: block until every item put has been marked done.
+
+        Raises QueueClosed if this handle is closed or the queue destroyed while it waits
+        (``_close`` and ``_mark_destroyed`` notify ``all_tasks_done``, which shares ``mutex``).
+        """
         self._check_open()
-        self._q.join()
+        self._check_here()
+        q = self._q
+        with q.all_tasks_done:
+            while True:
+                self._raise_if_closed()
+                if not q.unfinished_tasks:
+                    return
+                q.all_tasks_done.wait()

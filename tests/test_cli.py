@@ -1,0 +1,67 @@
+"""``sage-queue``: the command front (usage, unknown commands, lazy subcommands, exit codes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sage_queue import cli
+
+SCRIPT = Path(sys.executable).with_name("sage-queue")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sage_queue.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_installed_script_prints_usage() -> None:
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr
+    for name in cli.SUBCOMMANDS:
+        assert name in out.stdout
+    bare = _run()
+    assert bare.returncode == 2
+    assert "usage: sage-queue COMMAND" in bare.stdout
+
+
+@pytest.mark.timeout(60)
+def test_unknown_command() -> None:
+    out = _run("frobnicate")
+    assert out.returncode == 2
+    assert "unknown command 'frobnicate'" in out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_demo_subcommand_is_wired() -> None:
+    out = _run("demo", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--backends" in out.stdout and "--wait" in out.stdout
+
+
+def test_subcommand_that_is_not_installed(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(cli.SUBCOMMANDS, "missing", ("sage_queue_no_such_module:main", "not here"))
+    assert cli.main(["missing"]) == 2
+    assert "not available in this installation" in capsys.readouterr().err
+
+
+def test_subcommand_exit_status_passes_through(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--backends", "rpc"]) == 0  # only a skipped row: nothing failed
+    assert "skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--no-such-option"])
+    assert info.value.code == 2
+
+
+@pytest.mark.timeout(60)
+def test_cli_import_is_light() -> None:
+    script = (
+        "import sys, sage_queue.cli; "
+        "print(sorted(m for m in ('ray', 'zmq', 'numpy', 'sage_queue.demo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr

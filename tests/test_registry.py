@@ -1,0 +1,624 @@
+"""The registry and resolve_descriptor (spec/descriptor.md R1-R6, R9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from sage_queue import (
+    QUEUE_STUB_MAPPING,
+    BackendUnavailable,
+    DescriptorError,
+    IncompatibleQueue,
+    InvalidMetadata,
+    QueueDescriptor,
+    QueueExists,
+    QueueLike,
+    QueueNotFound,
+    QueueStub,
+    UnknownQueueType,
+    create_descriptor_from_existing_queue,
+    get_local_queue,
+    register_queue_implementation,
+    resolve_descriptor,
+    unregister_queue_implementation,
+)
+from sage_queue.backends.local import LocalQueueStub, live_queue_ids
+
+SHM_TYPES = [t for t in ("shm", "sage") if QUEUE_STUB_MAPPING.available(t)]
+REACHABILITY_ERRORS = (QueueNotFound, QueueExists, IncompatibleQueue, BackendUnavailable)
+
+
+def local_meta(**extra: Any) -> dict[str, Any]:
+    """Metadata of a valid local descriptor: the required owner_pid (this process) plus ``extra``."""
+    return {"owner_pid": os.getpid(), **extra}
+
+
+@pytest.fixture
+def local_handle() -> Iterator[Any]:
+    handle = get_local_queue(maxsize=10)
+    yield handle
+    if not handle.closed:
+        handle.destroy()
+
+
+# -- R1 resolve_descriptor accepts every form ------------------------------------------------------
+
+
+@pytest.mark.spec("R1")
+def test_resolve_accepts_descriptor_dict_str_and_bytes(local_handle: Any) -> None:
+    desc = local_handle.descriptor
+    forms = [desc, desc.to_dict(), desc.to_json(), desc.to_json().encode(), bytearray(desc.to_json().encode())]
+    handles = [resolve_descriptor(form) for form in forms]
+    for n, handle in enumerate(handles):
+        assert isinstance(handle, LocalQueueStub)
+        assert handle.descriptor == desc
+        handle.put(n)
+    assert [local_handle.get_nowait() for _ in forms] == list(range(len(forms)))
+    for handle in handles:
+        handle.close()
+
+
+@pytest.mark.spec("R1")
+def test_resolve_validates_before_building() -> None:
+    before = live_queue_ids()
+    with pytest.raises(InvalidMetadata):
+        resolve_descriptor(
+            {"queue_id": f"r1-{uuid.uuid4().hex}", "queue_type": "local", "metadata": local_meta(maxsize=-1)}
+        )
+    assert live_queue_ids() == before
+
+
+# -- R2 any input: a handle or a documented error, never a hang ------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=15,
+)
+_field_names = st.sampled_from(
+    ["version", "queue_id", "queue_type", "metadata", "created_timestamp", "queue-id", "extra"]
+)
+_types = st.sampled_from(["local", "shm", "sage", "sage_queue", "ray_queue", "ray_actor", "rpc", "nope", ""])
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid descriptor dict of some type, then zero to two random edits."""
+    queue_type = draw(_types)
+    name = f"r2-{uuid.uuid4().hex[:12]}"  # never a name another test uses
+    metadata: dict[str, Any] = {"maxsize": draw(st.integers(0, 8))}
+    if queue_type in ("shm", "sage", "sage_queue"):
+        metadata.update(shm_name=name, capacity_bytes=draw(st.sampled_from([4096, 65536])), create=draw(st.booleans()))
+    elif queue_type == "local":
+        # This process (a handle), another one (QueueNotFound, R8); the edits below may drop it (D10).
+        metadata["owner_pid"] = draw(st.sampled_from([os.getpid(), os.getpid() + 1]))
+    data: dict[str, Any] = {"queue_id": name, "queue_type": queue_type, "metadata": metadata}
+    if draw(st.booleans()):
+        data["version"] = 1
+    if draw(st.booleans()):
+        data["created_timestamp"] = draw(st.none() | st.floats(min_value=0, max_value=2e9))
+    for _ in range(draw(st.integers(0, 2))):
+        target = draw(st.sampled_from(["top", "metadata"]))
+        where = data if target == "top" or not isinstance(data.get("metadata"), dict) else data["metadata"]
+        key = draw(_field_names if where is data else st.sampled_from(
+            ["maxsize", "owner_pid", "shm_name", "capacity_bytes", "create", "other"]))
+        if draw(st.booleans()) and key in where:
+            del where[key]
+        else:
+            where[key] = draw(_json)
+    meta = data.get("metadata")
+    if isinstance(meta, dict):
+        # Keep generated segments small: a valid shm/sage descriptor does create its segment.
+        cap = meta.get("capacity_bytes")
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap > 1 << 20:
+            meta["capacity_bytes"] = 1 << 20
+    return data
+
+
+_garbage = (
+    _json
+    | st.text(max_size=40)
+    | st.binary(max_size=40)
+    | st.dictionaries(_field_names, _json, max_size=6)
+    | st.dictionaries(_field_names, _json, max_size=6).map(lambda d: json.dumps(d).encode())
+)
+# Half near-valid descriptors (so that handles, reachability errors and late checks all get exercised),
+# half garbage.
+_any_input = st.one_of(near_valid(), near_valid().map(json.dumps), _garbage, _garbage)
+
+
+def _parse_outcome(value: Any) -> BaseException | None:
+    try:
+        QueueDescriptor.parse(value)
+    except (DescriptorError, BackendUnavailable) as exc:
+        return exc
+    return None
+
+
+@pytest.mark.spec("R2", "D11", "E5", "E12")
+@pytest.mark.timeout(90)
+@given(_any_input)
+def test_resolve_any_input_gives_a_handle_or_a_documented_error(value: Any) -> None:
+    parse_error = _parse_outcome(value)
+    try:
+        handle = resolve_descriptor(value)
+    except DescriptorError as exc:
+        event(type(exc).__name__)
+        # Bad input is refused as bad input, by the same check that refuses it when parsed.
+        assert isinstance(parse_error, DescriptorError), f"a valid descriptor was refused late: {exc!r}"
+        assert type(exc) is type(parse_error)
+        return
+    except BackendUnavailable as exc:
+        event("BackendUnavailable")
+        assert not QUEUE_STUB_MAPPING.available(exc.queue_type)
+        return
+    except (QueueNotFound, QueueExists, IncompatibleQueue) as exc:
+        event(type(exc).__name__)
+        assert parse_error is None, f"{exc!r} for input that is not a valid descriptor"
+        return
+    event(f"handle {handle.descriptor.queue_type}")
+    try:
+        assert parse_error is None
+        assert isinstance(handle, QueueStub)  # every built-in backend's handle
+        assert handle.descriptor == QueueDescriptor.parse(value)
+    finally:
+        handle.destroy()  # a valid shm/sage descriptor created its segment: remove it
+
+
+@pytest.mark.spec("R1", "R2")
+@pytest.mark.parametrize("queue_type", ["local", "shm", "sage", "sage_queue", "ray_queue", "ray_actor", "rpc"])
+def test_valid_descriptor_of_every_type(queue_type: str) -> None:
+    name = f"r2-{uuid.uuid4().hex[:12]}"
+    metadata: dict[str, Any] = {"maxsize": 4}
+    if queue_type in ("shm", "sage", "sage_queue"):
+        metadata.update(shm_name=name, capacity_bytes=65536)
+    elif queue_type == "local":
+        metadata.update(owner_pid=os.getpid())
+    data = {"queue_id": name, "queue_type": queue_type, "metadata": metadata}
+    try:
+        handle = resolve_descriptor(json.dumps(data))
+    except BackendUnavailable as exc:
+        assert not QUEUE_STUB_MAPPING.available(exc.queue_type)
+        return
+    try:
+        handle.put({"type": queue_type})
+        with resolve_descriptor(handle.descriptor) as second:
+            assert second.get(timeout=5) == {"type": queue_type}
+    finally:
+        handle.destroy()
+    assert not [p for p in Path("/dev/shm").glob(f"sageq-*{name}*")], "destroy left the segment behind"
+
+
+@pytest.mark.spec("R2")
+@pytest.mark.parametrize("queue_type", SHM_TYPES or ["shm"])
+def test_valid_descriptor_of_a_missing_segment_is_not_found(queue_type: str) -> None:
+    if queue_type not in SHM_TYPES:
+        pytest.skip(f"the {queue_type} backend does not import here")
+    name = f"r2-{uuid.uuid4().hex}"
+    desc = QueueDescriptor(name, queue_type, {"shm_name": name, "create": False})
+    with pytest.raises(QueueNotFound):
+        resolve_descriptor(desc)
+
+
+@pytest.mark.spec("R2")
+def test_local_with_another_maxsize_is_incompatible(local_handle: Any) -> None:
+    desc = local_handle.descriptor
+    other = QueueDescriptor(desc.queue_id, "local", {**desc.metadata, "maxsize": 11}, desc.created_timestamp)
+    with pytest.raises(IncompatibleQueue, match="maxsize"):
+        resolve_descriptor(other)
+
+
+# -- R3 the mapping, imported lazily ---------------------------------------------------------------
+
+
+@pytest.mark.spec("R3")
+def test_mapping_maps_types_to_classes() -> None:
+    assert QUEUE_STUB_MAPPING["local"] is LocalQueueStub
+    assert "local" in QUEUE_STUB_MAPPING
+    assert {"local", "shm", "sage", "ray_queue", "ray_actor", "rpc"} <= set(QUEUE_STUB_MAPPING)
+    assert len(QUEUE_STUB_MAPPING) >= 6
+    assert QUEUE_STUB_MAPPING.available("local")
+    assert not QUEUE_STUB_MAPPING.available("rpc")
+    assert not QUEUE_STUB_MAPPING.available("no-such-type")
+    with pytest.raises(KeyError):
+        QUEUE_STUB_MAPPING["no-such-type"]
+    with pytest.raises(BackendUnavailable, match="ray_queue"):
+        QUEUE_STUB_MAPPING["ray_queue"]
+
+
+@pytest.mark.spec("R3")
+@pytest.mark.timeout(60)
+def test_backends_are_imported_on_first_use_only() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import sage_queue
+        backends = [m for m in sys.modules if m.startswith("sage_queue.backends.")]
+        assert backends == [], backends
+        for heavy in ("ray", "zmq", "sage_queue._sage_core", "numpy"):
+            assert heavy not in sys.modules, heavy
+        assert sage_queue.QUEUE_STUB_MAPPING["local"].__name__ == "LocalQueueStub"
+        assert "sage_queue.backends.local" in sys.modules
+        assert "sage_queue.backends.shm" not in sys.modules
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- R4 register_queue_implementation --------------------------------------------------------------
+
+
+class ColouredQueue:
+    """A minimal third-party backend: a queue.Queue per handle and one required metadata key."""
+
+    instances: ClassVar[list[ColouredQueue]] = []
+
+    def __init__(self, descriptor: QueueDescriptor) -> None:
+        self.descriptor = descriptor
+        self._q: queue.Queue[Any] = queue.Queue()
+        ColouredQueue.instances.append(self)
+
+    @classmethod
+    def validate_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(metadata.get("colour"), str):
+            raise InvalidMetadata("coloured metadata['colour'] must be a string")
+        return {**metadata, "checked": True}
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._q.put(item, block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._q.get(block, timeout)
+
+    def put_nowait(self, item: Any) -> None:
+        self._q.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        return self._q.get_nowait()
+
+    def empty(self) -> bool:
+        return self._q.empty()
+
+    def full(self) -> bool:
+        return self._q.full()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+
+@pytest.fixture
+def fresh_type() -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    yield name
+    if name in QUEUE_STUB_MAPPING:
+        unregister_queue_implementation(name)
+
+
+@pytest.mark.spec("R4")
+def test_register_a_class(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, ColouredQueue)
+    assert QUEUE_STUB_MAPPING[fresh_type] is ColouredQueue
+    desc = QueueDescriptor("q", fresh_type, {"colour": "red"})
+    assert desc.metadata == {"colour": "red", "checked": True}  # validate_metadata ran (D10)
+    with pytest.raises(InvalidMetadata, match="colour"):
+        QueueDescriptor("q", fresh_type, {})
+    handle = resolve_descriptor(desc.to_json())
+    assert isinstance(handle, ColouredQueue) and isinstance(handle, QueueLike)
+    handle.put("x")
+    assert handle.get_nowait() == "x"
+
+
+@pytest.mark.spec("R4")
+def test_register_twice_needs_replace(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, ColouredQueue)
+    with pytest.raises(ValueError, match="already registered"):
+        register_queue_implementation(fresh_type, LocalQueueStub)
+    assert QUEUE_STUB_MAPPING[fresh_type] is ColouredQueue
+    register_queue_implementation(fresh_type, LocalQueueStub, replace=True)
+    assert QUEUE_STUB_MAPPING[fresh_type] is LocalQueueStub
+    with pytest.raises(ValueError):
+        register_queue_implementation("local", ColouredQueue)
+    assert QUEUE_STUB_MAPPING["local"] is LocalQueueStub
+
+
+@pytest.mark.spec("R4")
+def test_register_a_dotted_path(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, "sage_queue.backends.local:LocalQueueStub")
+    assert QUEUE_STUB_MAPPING[fresh_type] is LocalQueueStub
+    handle = resolve_descriptor({"queue_id": f"r4-{uuid.uuid4().hex}", "queue_type": fresh_type,
+                                 "metadata": local_meta()})
+    try:
+        handle.put(1)
+        assert handle.get_nowait() == 1
+    finally:
+        handle.destroy()
+
+
+@pytest.mark.spec("R4")
+def test_register_a_path_that_does_not_import(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, "no_such_module_xyz:Thing")
+    assert not QUEUE_STUB_MAPPING.available(fresh_type)
+    with pytest.raises(BackendUnavailable, match="no_such_module_xyz"):
+        resolve_descriptor({"queue_id": "q", "queue_type": fresh_type})
+
+
+@pytest.mark.spec("R4")
+@pytest.mark.parametrize(("queue_type", "cls", "error"), [
+    ("", ColouredQueue, ValueError),
+    ("sage_queue", ColouredQueue, ValueError),
+    ("fine_name", 42, TypeError),
+    ("fine_name", ColouredQueue(QueueDescriptor("q", "local", local_meta())), TypeError),
+])
+def test_register_refuses_bad_arguments(queue_type: str, cls: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        register_queue_implementation(queue_type, cls)
+    assert "fine_name" not in QUEUE_STUB_MAPPING
+
+
+@pytest.mark.spec("R4", "D4")
+def test_unregistered_type_is_unknown_again(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, ColouredQueue)
+    unregister_queue_implementation(fresh_type)
+    with pytest.raises(UnknownQueueType):
+        QueueDescriptor("q", fresh_type, {"colour": "red"})
+    with pytest.raises(KeyError):
+        unregister_queue_implementation(fresh_type)
+
+
+# -- R5 entry points: a real installed distribution in a fresh interpreter -------------------------
+
+
+def _install_dummy_distribution(site: Path) -> None:
+    """A distribution on sys.path with a dist-info: what `pip install` leaves, read by importlib.metadata."""
+    pkg = site / "dummy_sage_backend"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(
+        """
+        import queue
+
+        from sage_queue import InvalidMetadata
+
+
+        class DummyQueue:
+            def __init__(self, descriptor):
+                self.descriptor = descriptor
+                self._q = queue.Queue()
+
+            @classmethod
+            def validate_metadata(cls, metadata):
+                if "flavour" not in metadata:
+                    raise InvalidMetadata("dummyq metadata['flavour'] is required")
+                return metadata
+
+            def put(self, item, block=True, timeout=None):
+                self._q.put(item, block, timeout)
+
+            def get(self, block=True, timeout=None):
+                return self._q.get(block, timeout)
+
+            def put_nowait(self, item):
+                self._q.put_nowait(item)
+
+            def get_nowait(self):
+                return self._q.get_nowait()
+
+            def empty(self):
+                return self._q.empty()
+
+            def full(self):
+                return self._q.full()
+
+            def qsize(self):
+                return self._q.qsize()
+        """
+    ))
+    info = site / "dummy_sage_backend-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dummy-sage-backend\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[sage_queue.backends]\n"
+        "dummyq = dummy_sage_backend:DummyQueue\n"
+        "brokenq = dummy_sage_backend:NoSuchClass\n"
+        "local = dummy_sage_backend:DummyQueue\n"
+    )
+
+
+@pytest.mark.spec("R5")
+@pytest.mark.timeout(60)
+def test_entry_point_backends(tmp_path: Path) -> None:
+    _install_dummy_distribution(tmp_path)
+    script = textwrap.dedent(
+        """
+        import sys
+        import sage_queue as sq
+        from sage_queue.backends.local import LocalQueueStub
+
+        local = sq.resolve_descriptor(sq.QueueDescriptor.create_local_queue())
+        assert "dummy_sage_backend" not in sys.modules, "entry point loaded before it was needed"
+        assert "importlib.metadata" not in sys.modules, "entry points read although every type was found"
+
+        handle = sq.resolve_descriptor('{"queue_id": "e1", "queue_type": "dummyq", "metadata": {"flavour": "x"}}')
+        assert type(handle).__module__ == "dummy_sage_backend", type(handle)
+        handle.put("through the entry point")
+        assert handle.get() == "through the entry point"
+        assert "dummyq" in sq.QUEUE_STUB_MAPPING and "dummyq" in list(sq.QUEUE_STUB_MAPPING)
+
+        try:
+            sq.QueueDescriptor("e2", "dummyq", {})
+        except sq.InvalidMetadata as exc:
+            assert "flavour" in str(exc)
+        else:
+            raise AssertionError("the entry point class's validate_metadata was not used")
+
+        try:
+            sq.QueueDescriptor("e3", "brokenq")
+        except sq.BackendUnavailable as exc:
+            assert "NoSuchClass" in str(exc), exc
+        else:
+            raise AssertionError("a broken entry point resolved")
+
+        # A built-in type is never taken over by an entry point of the same name.
+        assert sq.QUEUE_STUB_MAPPING["local"] is LocalQueueStub
+        local.destroy()
+        print("ok")
+        """
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- R6 create_descriptor_from_existing_queue ------------------------------------------------------
+
+
+@pytest.mark.spec("R6")
+def test_describe_a_handle(local_handle: Any) -> None:
+    desc = local_handle.descriptor
+    assert create_descriptor_from_existing_queue(local_handle, "local") == desc
+    assert create_descriptor_from_existing_queue(local_handle, "local", maxsize=10) == desc
+    with pytest.raises(InvalidMetadata, match="maxsize"):
+        create_descriptor_from_existing_queue(local_handle, "local", maxsize=11)
+    assert create_descriptor_from_existing_queue(local_handle, "local", owner_pid=os.getpid()) == desc
+    with pytest.raises(InvalidMetadata, match="owner_pid"):
+        create_descriptor_from_existing_queue(local_handle, "local", owner_pid=os.getpid() + 1)
+    if SHM_TYPES:
+        with pytest.raises(InvalidMetadata, match="local"):
+            create_descriptor_from_existing_queue(local_handle, SHM_TYPES[0])
+    with pytest.raises(UnknownQueueType):
+        create_descriptor_from_existing_queue(local_handle, "nope")
+
+
+@pytest.mark.spec("R6")
+def test_seed_scenario_one_in_process() -> None:
+    # The seed's own lines, verbatim in spirit: a handle, then its descriptor, then a second handle.
+    q = get_local_queue(maxsize=100)
+    try:
+        descriptor = create_descriptor_from_existing_queue(q, "local", maxsize=100)
+        received = QueueDescriptor.from_json(descriptor.to_json())
+        connection = resolve_descriptor(received)
+        q.put({"job": 1})
+        assert connection.get(timeout=1) == {"job": 1}
+    finally:
+        q.destroy()
+
+
+@pytest.mark.spec("R6")
+def test_adopt_a_plain_queue() -> None:
+    raw: queue.Queue[Any] = queue.Queue(maxsize=4)
+    raw.put("already there")
+    desc = create_descriptor_from_existing_queue(raw, "local", purpose="adopted")
+    assert desc.queue_type == "local" and desc.metadata["maxsize"] == 4
+    assert desc.metadata["purpose"] == "adopted"
+    handle = resolve_descriptor(desc.to_json())
+    try:
+        assert handle.get_nowait() == "already there"
+        handle.put("via handle")
+        assert raw.get_nowait() == "via handle"
+        raw.put("via raw")
+        assert handle.get(timeout=1) == "via raw"
+        assert create_descriptor_from_existing_queue(raw, "local") != desc  # a new queue_id each time
+    finally:
+        handle.destroy()
+
+
+@pytest.mark.spec("R6", "E4")
+@pytest.mark.parametrize(
+    "thing",
+    [queue.LifoQueue(), queue.PriorityQueue(), queue.SimpleQueue(), [], "a queue", None],
+    ids=["LifoQueue", "PriorityQueue", "SimpleQueue", "list", "str", "None"],
+)
+def test_adopt_refuses_what_is_not_a_fifo_queue(thing: Any) -> None:
+    before = live_queue_ids()
+    with pytest.raises(TypeError):
+        create_descriptor_from_existing_queue(thing, "local")
+    assert live_queue_ids() == before
+
+
+@pytest.mark.spec("R6", "E4")
+@pytest.mark.timeout(30)
+def test_adopt_refuses_a_multiprocessing_queue() -> None:
+    import multiprocessing
+
+    mp_queue = multiprocessing.get_context("spawn").Queue()
+    try:
+        with pytest.raises(TypeError):
+            create_descriptor_from_existing_queue(mp_queue, "local")
+    finally:
+        mp_queue.close()
+        mp_queue.join_thread()
+
+
+@pytest.mark.spec("R6", "R8")
+def test_adoption_sets_owner_pid_itself() -> None:
+    raw: queue.Queue[Any] = queue.Queue()
+    desc = create_descriptor_from_existing_queue(raw, "local", maxsize=0)
+    try:
+        assert desc.metadata["owner_pid"] == os.getpid()
+        assert QueueDescriptor.from_json(desc.to_json()).metadata["owner_pid"] == os.getpid()
+    finally:
+        resolve_descriptor(desc).destroy()
+
+
+@pytest.mark.spec("R6")
+@pytest.mark.parametrize("given", ["this process", "another process", 0, "me"])
+def test_adopt_refuses_a_given_owner_pid(given: Any) -> None:
+    # Adoption registers the queue in this process, so this process is its owner; a caller's
+    # owner_pid, even this process's own, is refused rather than trusted or silently replaced.
+    owner_pid = {"this process": os.getpid(), "another process": os.getpid() + 1}.get(given, given)
+    raw: queue.Queue[Any] = queue.Queue()
+    raw.put("untouched")
+    before = live_queue_ids()
+    with pytest.raises(InvalidMetadata, match="owner_pid"):
+        create_descriptor_from_existing_queue(raw, "local", owner_pid=owner_pid)
+    assert live_queue_ids() == before
+    assert raw.get_nowait() == "untouched" and raw.empty()
+
+
+@pytest.mark.spec("R6")
+def test_adopt_with_disagreeing_maxsize() -> None:
+    before = live_queue_ids()
+    with pytest.raises(InvalidMetadata, match="maxsize"):
+        create_descriptor_from_existing_queue(queue.Queue(maxsize=3), "local", maxsize=5)
+    assert live_queue_ids() == before
+
+
+# -- R9 get_local_queue ----------------------------------------------------------------------------
+
+
+@pytest.mark.spec("R9")
+def test_get_local_queue_gives_a_new_queue_each_time() -> None:
+    a, b = get_local_queue(maxsize=2), get_local_queue()
+    try:
+        assert isinstance(a, LocalQueueStub) and isinstance(a, QueueLike)
+        assert a.maxsize == 2 and b.maxsize == 0
+        assert a.descriptor.queue_id != b.descriptor.queue_id
+        a.put(1)
+        assert b.empty() and a.qsize() == 1
+        a.put(2)
+        assert a.full()
+        with pytest.raises(queue.Full):
+            a.put_nowait(3)
+    finally:
+        a.destroy()
+        b.destroy()
+    with pytest.raises(InvalidMetadata):
+        get_local_queue(maxsize=-1)
