@@ -369,7 +369,7 @@ def test_random_operations_raise_only_documented_errors(steps: list[tuple[str, A
         destroy_local_queue(handles[0].descriptor.queue_id)
 
 
-@pytest.mark.spec("E12", "E3")
+@pytest.mark.spec("E12", "E3", "Q19")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("queue_type", ["local", *CROSS_PROCESS_TYPES])
 @pytest.mark.parametrize("timeout", [1e300, 10**400, math.inf, float(2**62), threading.TIMEOUT_MAX])

@@ -1,0 +1,184 @@
+"""What the kit judges: a factory ``factory(maxsize) -> QueueLike`` and what it declares.
+
+Optional attributes on the factory (function or object):
+
+``capabilities``    set of capability names (``sage_queue.KNOWN_CAPABILITIES``); absent = core only
+``known_failures``  ``{test id: reason}``; those tests run as *strict* xfail, so a fixed bug
+                    makes the run fail until the declaration is removed
+``time_scale``      float >= 1 stretching every timing tolerance (slow transports)
+``cleanup()``       called after each test
+
+A registered queue type (``local``, ``shm``, ``sage``, entry-point backends) becomes a
+factory through :func:`registered_target`: each queue is a fresh descriptor from
+``QueueDescriptor.create_<type>_queue`` with a unique name, resolved; cleanup destroys
+every queue the test made.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["Target", "TargetError", "load_target", "registered_target", "builtin_types", "registered_types"]
+
+# Types shipped with sage-queue (the registry also knows planned ones, which are unavailable).
+_BUILTIN_ORDER = ("local", "shm", "sage", "ray_queue", "ray_actor", "rpc")
+
+
+class TargetError(Exception):
+    """The target cannot be judged: it does not import, or declares something invalid."""
+
+
+@dataclass
+class Target:
+    """A factory plus its declarations, validated."""
+
+    name: str
+    factory: Callable[[int], Any]
+    capabilities: frozenset[str] = frozenset()
+    known_failures: Mapping[str, str] = field(default_factory=dict)
+    time_scale: float = 1.0
+    cleanup: Optional[Callable[[], None]] = None
+
+    @classmethod
+    def from_factory(cls, factory: Callable[[int], Any], name: Optional[str] = None) -> Target:
+        from sage_queue import KNOWN_CAPABILITIES
+
+        if not callable(factory):
+            raise TargetError(f"the factory must be callable, got {type(factory).__name__}")
+        label = name or getattr(factory, "__qualname__", None) or repr(factory)
+        caps_raw = getattr(factory, "capabilities", None)
+        caps = frozenset() if caps_raw is None else frozenset(caps_raw)
+        if not all(isinstance(c, str) for c in caps):
+            raise TargetError(f"{label}: capabilities must be strings, got {sorted(map(repr, caps))}")
+        unknown = sorted(caps - KNOWN_CAPABILITIES)
+        if unknown:
+            raise TargetError(
+                f"{label}: unknown capabilities {unknown}; the kit knows {sorted(KNOWN_CAPABILITIES)}"
+            )
+        known = getattr(factory, "known_failures", None) or {}
+        if not isinstance(known, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in known.items()):
+            raise TargetError(f"{label}: known_failures must map test ids (str) to reasons (str)")
+        scale = getattr(factory, "time_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
+            raise TargetError(f"{label}: time_scale must be a finite number >= 1, got {scale!r}")
+        cleanup = getattr(factory, "cleanup", None)
+        if cleanup is not None and not callable(cleanup):
+            raise TargetError(f"{label}: cleanup must be callable")
+        return cls(label, factory, caps, dict(known), float(scale), cleanup)
+
+    def has(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+
+def load_target(spec: str) -> Target:
+    """``"package.module:attr"`` -> Target. The current directory is importable, as with ``python -m``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(f"expected MODULE:ATTR (e.g. mypkg.queues:make_queue), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name) or os.getcwd() in sys.path:
+            raise TargetError(f"cannot import {module_name}: {exc}") from exc
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc2:
+            raise TargetError(f"cannot import {module_name}: {exc2}") from exc2
+    except ImportError as exc:
+        raise TargetError(f"cannot import {module_name}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TargetError(f"{module_name} has no attribute {attr!r}") from None
+    return Target.from_factory(obj, name=spec)
+
+
+class _RegisteredFactory:
+    """``factory(maxsize)`` for a registered queue type; see the module docstring."""
+
+    def __init__(self, queue_type: str, cls: type) -> None:
+        from sage_queue import QueueDescriptor
+
+        self.queue_type = queue_type
+        self.capabilities = frozenset(getattr(cls, "capabilities", frozenset()))
+        self._made: list[Any] = []
+        create = getattr(QueueDescriptor, f"create_{queue_type}_queue", None)
+        self._create = create
+        self._name_param: Optional[str] = None
+        if create is not None:
+            params = inspect.signature(create).parameters
+            self._name_param = next((p for p in ("name", "queue_id", "actor_name") if p in params), None)
+
+    def describe(self, maxsize: int) -> Any:
+        from sage_queue import QueueDescriptor
+
+        unique = f"kit_{self.queue_type}_{uuid.uuid4().hex[:12]}"
+        if self._create is None:
+            return QueueDescriptor(queue_id=unique, queue_type=self.queue_type, metadata={"maxsize": maxsize})
+        kwargs: dict[str, Any] = {"maxsize": maxsize}
+        if self._name_param is not None:
+            kwargs[self._name_param] = unique
+        return self._create(**kwargs)
+
+    def __call__(self, maxsize: int) -> Any:
+        from sage_queue import resolve_descriptor
+
+        handle = resolve_descriptor(self.describe(maxsize))
+        self._made.append(handle)
+        return handle
+
+    def cleanup(self) -> None:
+        """Destroy every queue made (re-resolving it if the test closed its handle)."""
+        from sage_queue import QueueClosed, QueueNotFound, resolve_descriptor
+
+        made, self._made = self._made, []
+        for handle in made:
+            try:
+                if handle.closed:
+                    # Reattach only to a queue that still exists: never create one just to destroy it.
+                    desc = handle.descriptor.to_dict()
+                    if "create" in desc["metadata"]:
+                        desc["metadata"]["create"] = False
+                    handle = resolve_descriptor(desc)
+                handle.destroy()
+            except (QueueClosed, QueueNotFound):
+                pass
+
+
+def registered_types() -> list[str]:
+    """Every registered queue type (built-in first, then entry-point and runtime registrations)."""
+    from sage_queue import QUEUE_STUB_MAPPING
+
+    names = list(QUEUE_STUB_MAPPING)
+    return [t for t in _BUILTIN_ORDER if t in names] + sorted(t for t in names if t not in _BUILTIN_ORDER)
+
+
+def builtin_types() -> list[str]:
+    return [t for t in _BUILTIN_ORDER if t in registered_types()]
+
+
+def registered_target(queue_type: str) -> Target:
+    """A Target for a registered type; TargetError (with the reason) if its backend is unavailable."""
+    from sage_queue import QUEUE_STUB_MAPPING, BackendUnavailable
+
+    try:
+        cls = QUEUE_STUB_MAPPING[queue_type]
+    except KeyError:
+        raise TargetError(f"no queue type {queue_type!r} is registered; registered: {registered_types()}") from None
+    except (BackendUnavailable, ImportError) as exc:
+        raise TargetError(str(exc) if isinstance(exc, BackendUnavailable) else
+                          f"queue type {queue_type!r} is unavailable: {exc}") from exc
+    factory = _RegisteredFactory(queue_type, cls)
+    return Target.from_factory(factory, name=f"--backend {queue_type}")
