@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 CORE   := $(wildcard sage_queue/_core/*.c sage_queue/_core/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit kit core-test bench soak clean venv
+.PHONY: demo test lint kit bench soak clean venv
 
 venv: $(STAMP)
 
@@ -28,8 +28,14 @@ lint: $(STAMP)
 test: lint $(STAMP)
 	$(PY) -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
 
+kit: $(STAMP)
+	$(VENV)/bin/sage-queue conformance --backend all --report kit-report.json
+
 bench: $(STAMP)
 	$(VENV)/bin/sage-queue bench --backend all
 
 clean:
 	rm -rf $(VENV) build *.egg-info sage_queue/*.so .pytest_cache .mypy_cache .hypothesis
+
+soak: $(STAMP)
+	SAGE_SOAK=1 SAGE_SOAK_KILLS=$${SAGE_SOAK_KILLS:-1000} $(PY) -m pytest -s tests/test_sage.py -k soak

@@ -1,0 +1,781 @@
+/*
+ * _sage_core.c -- CPython binding of the sage ring (sagering.h).
+ *
+ * One type, `Ring`, wrapping one sr_handle on a segment that Python mapped
+ * (sage_queue/_segment.py owns naming, mode 0600 and unlinking).  The ring
+ * holds a buffer export of the mmap for its whole life, so the mapping cannot
+ * vanish under a C pointer.  Serialisation stays in Python except the byte
+ * copies; records carry a 4-bit format flag chosen by the caller.
+ *
+ * GIL: every operation first tries without waiting, holding the GIL; only if it
+ * would block does it release the GIL and wait (spin, then futex).  Copies of
+ * 64 KiB or more are done with the GIL released.  `close()` marks the handle
+ * closed, wakes its waiters, waits (GIL released) for this object's operations
+ * in flight, then gives the participant block back.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdatomic.h>
+#include <string.h>
+
+#include "sagering.h"
+
+#define BIG_COPY 65536u
+
+static PyObject *Full, *Empty, *QueueClosed, *pickle_loads, *pickle_dumps, *str_buffers;
+
+/* Record format flags: keep in step with sage_queue/backends/sage.py. */
+enum { FMT_PICKLE = 0, FMT_BYTES = 1, FMT_PARTS = 2, FMT_RAW = 3 };
+
+typedef struct {
+    PyObject_HEAD
+    sr_handle h;
+    Py_buffer view;
+    int has_view;
+    int opened;
+    int closed;
+    _Atomic long in_flight; /* operations between their closed-check and their end */
+} RingObject;
+
+static int check_open(RingObject *self) {
+    if (self->closed || !self->opened) {
+        PyErr_SetString(QueueClosed, "sage queue handle is closed");
+        return -1;
+    }
+    if (atomic_load_explicit(&self->h.hdr->config.destroyed, memory_order_acquire)) {
+        PyErr_SetString(QueueClosed, "sage queue was destroyed");
+        return -1;
+    }
+    return 0;
+}
+
+/* timeout: None -> -1 (forever), float seconds -> ns (>= 0). */
+static int parse_timeout(PyObject *obj, int64_t *ns) {
+    if (obj == Py_None) {
+        *ns = -1;
+        return 0;
+    }
+    double s = PyFloat_AsDouble(obj);
+    if (s == -1.0 && PyErr_Occurred()) return -1;
+    if (s < 0) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None");
+        return -1;
+    }
+    *ns = s > 9e9 ? -1 : (int64_t)(s * 1e9);
+    return 0;
+}
+
+/* Map a failed status to an exception; returns NULL. */
+static PyObject *raise_status(sr_status st, int put) {
+    switch (st) {
+    case SR_WOULD_BLOCK:
+    case SR_TIMEOUT:
+        PyErr_SetNone(put ? Full : Empty);
+        break;
+    case SR_CLOSED:
+        PyErr_SetString(QueueClosed, "sage queue handle is closed");
+        break;
+    case SR_DESTROYED:
+        PyErr_SetString(QueueClosed, "sage queue was destroyed");
+        break;
+    case SR_TOO_BIG:
+        PyErr_SetString(PyExc_ValueError, "the item (or batch) can never fit in this queue "
+                                          "(larger than capacity_bytes, or more items than maxsize)");
+        break;
+    default:
+        PyErr_Format(PyExc_RuntimeError, "sage ring error %d", (int)st);
+    }
+    return NULL;
+}
+
+static void copy_maybe_nogil(void *dst, const void *src, size_t n) {
+    if (n >= BIG_COPY) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(dst, src, n);
+    }
+}
+
+/* Claim room for `count` records, first without waiting (GIL held), then waiting. */
+static sr_status claim_put(RingObject *self, const uint64_t *sizes, uint32_t count, uint32_t flags,
+                           int64_t timeout, sr_claim *c) {
+    sr_status st = sr_put_begin(&self->h, sizes, count, flags, 0, c);
+    if (st == SR_WOULD_BLOCK && timeout != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        st = sr_put_begin(&self->h, sizes, count, flags, timeout, c);
+        Py_END_ALLOW_THREADS
+    }
+    return st;
+}
+
+static sr_status claim_get(RingObject *self, int64_t timeout, sr_claim *c) {
+    sr_status st = sr_get_begin(&self->h, 0, c);
+    if (st == SR_WOULD_BLOCK && timeout != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        st = sr_get_begin(&self->h, timeout, c);
+        Py_END_ALLOW_THREADS
+    }
+    return st;
+}
+
+/* ---- Ring(buffer, create, capacity, maxsize, pid) ------------------------------------ */
+
+static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"buffer", "create", "capacity", "maxsize", "pid", NULL};
+    PyObject *buf;
+    int create;
+    unsigned long long capacity, maxsize;
+    unsigned int pid;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKKI", kwlist, &buf, &create, &capacity, &maxsize, &pid))
+        return -1;
+    if (self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring already initialised");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    self->has_view = 1;
+    uint64_t size = (uint64_t)self->view.len;
+    if (create) {
+        if (sr_init(self->view.buf, size, capacity, maxsize, pid) != SR_OK) {
+            PyErr_Format(PyExc_ValueError, "cannot initialise a ring of capacity %llu in %llu bytes",
+                         capacity, (unsigned long long)size);
+            return -1;
+        }
+    }
+    char err[200];
+    if (sr_validate(self->view.buf, size, err, sizeof err) != SR_OK) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return -1;
+    }
+    sr_status st = sr_open(&self->h, self->view.buf, size, pid);
+    if (st == SR_NO_BLOCK) {
+        PyErr_Format(PyExc_RuntimeError, "all %u participant slots of this sage queue are held by live handles",
+                     SR_MAX_BLOCKS);
+        return -1;
+    }
+    if (st != SR_OK) {
+        PyErr_Format(PyExc_ValueError, "cannot attach to the sage ring (status %d)", (int)st);
+        return -1;
+    }
+    self->opened = 1;
+    return 0;
+}
+
+static void release_view(RingObject *self) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+}
+
+static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->opened && !self->closed) {
+        self->closed = 1;
+        sr_close(&self->h);
+        Py_BEGIN_ALLOW_THREADS
+        while (atomic_load_explicit(&self->in_flight, memory_order_acquire) != 0) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        sr_detach(&self->h);
+        Py_END_ALLOW_THREADS
+    }
+    release_view(self);
+    Py_RETURN_NONE;
+}
+
+static void Ring_dealloc(RingObject *self) {
+    if (self->opened && !self->closed) {
+        self->closed = 1;
+        sr_close(&self->h);
+        sr_detach(&self->h);
+    }
+    release_view(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Forget the handle without touching the shared block (a forked child's copy). */
+static PyObject *Ring_abandon(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    self->closed = 1;
+    release_view(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_destroy(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->opened && !self->closed) sr_destroy(&self->h);
+    Py_RETURN_NONE;
+}
+
+#define ENTER(self)                                                                 \
+    do {                                                                            \
+        if (check_open(self) < 0) return NULL;                                      \
+        atomic_fetch_add_explicit(&(self)->in_flight, 1, memory_order_acq_rel);     \
+    } while (0)
+#define LEAVE(self) atomic_fetch_sub_explicit(&(self)->in_flight, 1, memory_order_acq_rel)
+
+/* put(data, flags, timeout): one record holding the bytes of `data`. */
+static PyObject *Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put(data, flags, timeout)");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred()) return NULL;
+    int64_t timeout;
+    if (parse_timeout(args[2], &timeout) < 0) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
+    ENTER(self);
+    uint64_t size = (uint64_t)b.len;
+    sr_claim c;
+    sr_status st = claim_put(self, &size, 1, (uint32_t)flags, timeout, &c);
+    if (st == SR_OK) {
+        copy_maybe_nogil(sr_put_record(&self->h, &c, size), b.buf, (size_t)b.len);
+        sr_put_commit_one(&self->h, &c, size);
+    }
+    LEAVE(self);
+    PyBuffer_Release(&b);
+    if (st != SR_OK) return raise_status(st, 1);
+    Py_RETURN_NONE;
+}
+
+/* put_parts(parts, flags, timeout): one record [u32 n][u32 0][u64 len]*n + parts (pickle 5
+ * out-of-band: the main pickle then each buffer, each copied once into the ring). */
+static PyObject *Ring_put_parts(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put_parts(parts, flags, timeout)");
+        return NULL;
+    }
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred()) return NULL;
+    int64_t timeout;
+    if (parse_timeout(args[2], &timeout) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "parts must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer *bufs = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (!bufs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint64_t size = 8 + 8 * (uint64_t)n;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_ANY_CONTIGUOUS) < 0) goto out;
+        size += (uint64_t)bufs[got].len;
+    }
+    if (check_open(self) < 0) goto out;
+    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
+    sr_claim c;
+    sr_status st = claim_put(self, &size, 1, (uint32_t)flags, timeout, &c);
+    if (st == SR_OK) {
+        uint8_t *dst = sr_put_record(&self->h, &c, size);
+        uint32_t hdr[2] = {(uint32_t)n, 0};
+        memcpy(dst, hdr, 8);
+        uint64_t off = 8 + 8 * (uint64_t)n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t len = (uint64_t)bufs[i].len;
+            memcpy(dst + 8 + 8 * i, &len, 8);
+            copy_maybe_nogil(dst + off, bufs[i].buf, (size_t)len);
+            off += len;
+        }
+        sr_put_commit_one(&self->h, &c, size);
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        raise_status(st, 1);
+    }
+    LEAVE(self);
+out:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* put_many(datas, flags_bytes, timeout): len(datas) records in one contiguous claim. */
+static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "put_many(datas, flags, timeout)");
+        return NULL;
+    }
+    int64_t timeout;
+    if (parse_timeout(args[2], &timeout) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "datas must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *result = NULL;
+    Py_buffer fl = {0};
+    int has_fl = 0;
+    Py_buffer *bufs = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    uint64_t *sizes = PyMem_Calloc((size_t)n + 1, sizeof(uint64_t));
+    Py_ssize_t got = 0;
+    if (!bufs || !sizes) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (PyObject_GetBuffer(args[1], &fl, PyBUF_SIMPLE) < 0) goto out;
+    has_fl = 1;
+    if (fl.len != n) {
+        PyErr_SetString(PyExc_ValueError, "one flag byte per item");
+        goto out;
+    }
+    if (n == 0 || (uint64_t)n > SR_MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "a batch holds 1 to 16777215 items");
+        goto out;
+    }
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_SIMPLE) < 0) goto out;
+        sizes[got] = (uint64_t)bufs[got].len;
+    }
+    if (check_open(self) < 0) goto out;
+    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
+    sr_claim c;
+    /* the claim's flags are per record: commit them one by one below */
+    sr_status st = claim_put(self, sizes, (uint32_t)n, 0, timeout, &c);
+    if (st == SR_OK) {
+        const uint8_t *f = fl.buf;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            c.flags = f[i] & 0xf;
+            memcpy(sr_put_record(&self->h, &c, sizes[i]), bufs[i].buf, (size_t)sizes[i]);
+            sr_put_commit_one(&self->h, &c, sizes[i]);
+        }
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        raise_status(st, 1);
+    }
+    LEAVE(self);
+out:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    if (has_fl) PyBuffer_Release(&fl);
+    PyMem_Free(bufs);
+    PyMem_Free(sizes);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* put_items(items, timeout): pickle every item (bytes objects travel raw) and put them
+ * all in one contiguous claim (spec Q30: atomic, contiguous, in order).  A batch never
+ * uses out-of-band buffers: each record is one in-band pickle. */
+static PyObject *Ring_put_items(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "put_items(items, timeout)");
+        return NULL;
+    }
+    int64_t timeout;
+    if (parse_timeout(args[1], &timeout) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "items must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *result = NULL;
+    PyObject **datas = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    uint64_t *sizes = PyMem_Calloc((size_t)n + 1, sizeof(uint64_t));
+    uint8_t *flags = PyMem_Calloc((size_t)n + 1, 1);
+    Py_ssize_t got = 0;
+    if (!datas || !sizes || !flags) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (n == 0 || (uint64_t)n > SR_MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "a batch holds 1 to 16777215 items");
+        goto out;
+    }
+    PyObject *protocol = PyLong_FromLong(5);
+    if (!protocol) goto out;
+    for (; got < n; got++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, got);
+        if (PyBytes_CheckExact(item)) {
+            Py_INCREF(item);
+            datas[got] = item;
+            flags[got] = FMT_BYTES;
+        } else {
+            PyObject *a[2] = {item, protocol};
+            datas[got] = PyObject_Vectorcall(pickle_dumps, a, 2, NULL);
+            if (!datas[got]) break;
+            flags[got] = FMT_PICKLE;
+        }
+        sizes[got] = (uint64_t)PyBytes_GET_SIZE(datas[got]);
+    }
+    Py_DECREF(protocol);
+    if (got < n) goto out;
+    if (check_open(self) < 0) goto out;
+    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
+    sr_claim c;
+    sr_status st = claim_put(self, sizes, (uint32_t)n, 0, timeout, &c);
+    if (st == SR_OK) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            c.flags = flags[i];
+            memcpy(sr_put_record(&self->h, &c, sizes[i]), PyBytes_AS_STRING(datas[i]), (size_t)sizes[i]);
+            sr_put_commit_one(&self->h, &c, sizes[i]);
+        }
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        raise_status(st, 1);
+    }
+    LEAVE(self);
+out:
+    for (Py_ssize_t i = 0; i < got && datas; i++) Py_XDECREF(datas[i]);
+    PyMem_Free(datas);
+    PyMem_Free(sizes);
+    PyMem_Free(flags);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* Copy a claimed record out: (flags, bytes) or, for multi-part records, (flags, bytes,
+ * [bytearray, ...]).  Ends the claim in every case (a copy that fails loses the item). */
+static PyObject *take_record(RingObject *self, sr_claim *c, int parts_flag) {
+    PyObject *out = NULL;
+    const uint8_t *src = c->data;
+    uint64_t n = c->data_len;
+    if ((int)c->flags == parts_flag && n >= 8) {
+        uint32_t count;
+        memcpy(&count, src, 4);
+        uint64_t off = 8 + 8 * (uint64_t)count;
+        PyObject *main = NULL, *list = PyList_New(count ? count - 1 : 0);
+        if (!list || off > n) goto parts_fail;
+        for (uint32_t i = 0; i < count; i++) {
+            uint64_t len;
+            memcpy(&len, src + 8 + 8 * i, 8);
+            if (off + len > n) goto parts_fail;
+            PyObject *part;
+            if (i == 0) {
+                part = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+                if (!part) goto parts_fail;
+                copy_maybe_nogil(PyBytes_AS_STRING(part), src + off, (size_t)len);
+                main = part;
+            } else {
+                part = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
+                if (!part) goto parts_fail;
+                copy_maybe_nogil(PyByteArray_AS_STRING(part), src + off, (size_t)len);
+                PyList_SET_ITEM(list, i - 1, part);
+            }
+            off += len;
+        }
+        if (!main) main = PyBytes_FromStringAndSize("", 0);
+        out = Py_BuildValue("(kNN)", (unsigned long)c->flags, main, list);
+        goto done;
+    parts_fail:
+        Py_XDECREF(main);
+        Py_XDECREF(list);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "corrupt multi-part record");
+        goto done;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (data) {
+        if (n >= BIG_COPY) { /* copy and clear in one cached pass, without the GIL */
+            char *dst = PyBytes_AS_STRING(data);
+            Py_BEGIN_ALLOW_THREADS
+            sr_copy_out_clear(c, dst);
+            Py_END_ALLOW_THREADS
+        } else {
+            memcpy(PyBytes_AS_STRING(data), src, (size_t)n);
+        }
+        out = Py_BuildValue("(kN)", (unsigned long)c->flags, data);
+    }
+done:
+    sr_get_end(&self->h, c);
+    return out;
+}
+
+/* Decode a claimed record into the item itself, then end the claim.  Pickles are read
+ * straight from the ring through a memoryview (no intermediate bytes object): the view is
+ * released before the claim ends, and pickle copies whatever it keeps. */
+static PyObject *take_item(RingObject *self, sr_claim *c) {
+    if (c->flags == FMT_PICKLE) {
+        PyObject *view = PyMemoryView_FromMemory((char *)c->data, (Py_ssize_t)c->data_len, PyBUF_READ);
+        PyObject *out = NULL;
+        if (view) {
+            out = PyObject_CallOneArg(pickle_loads, view);
+            if (Py_REFCNT(view) != 1) {
+                /* something kept the view (or a buffer of it, which references it): the
+                 * ring memory would outlive the claim.  Never happens with the stdlib
+                 * unpickler; refuse rather than hand out memory about to be reused. */
+                Py_CLEAR(out);
+                PyErr_SetString(PyExc_RuntimeError, "the unpickler kept a reference to the ring");
+                PyObject *r = PyObject_CallMethod(view, "release", NULL);
+                Py_XDECREF(r);
+                PyErr_Clear();
+                PyErr_SetString(PyExc_RuntimeError, "the unpickler kept a reference to the ring");
+            }
+            Py_DECREF(view);
+        }
+        sr_get_end(&self->h, c);
+        return out;
+    }
+    PyObject *rec = take_record(self, c, FMT_PARTS);
+    if (!rec) return NULL;
+    PyObject *out;
+    if (c->flags == FMT_PARTS) {
+        PyObject *args[2] = {PyTuple_GET_ITEM(rec, 1), PyTuple_GET_ITEM(rec, 2)};
+        PyObject *kwnames = PyTuple_Pack(1, str_buffers);
+        out = kwnames ? PyObject_Vectorcall(pickle_loads, args, 1, kwnames) : NULL;
+        Py_XDECREF(kwnames);
+    } else {
+        out = PyTuple_GET_ITEM(rec, 1);
+        Py_INCREF(out);
+    }
+    Py_DECREF(rec);
+    return out;
+}
+
+/* get_item(timeout) -> the oldest item, decoded */
+static PyObject *Ring_get_item(RingObject *self, PyObject *arg) {
+    int64_t timeout;
+    if (parse_timeout(arg, &timeout) < 0) return NULL;
+    ENTER(self);
+    sr_claim c;
+    sr_status st = claim_get(self, timeout, &c);
+    PyObject *out = st == SR_OK ? take_item(self, &c) : raise_status(st, 0);
+    LEAVE(self);
+    return out;
+}
+
+/* get_items(max_items, timeout) -> [item, ...]: wait for one, then take what is there. */
+static PyObject *Ring_get_items(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_items(max_items, timeout)");
+        return NULL;
+    }
+    Py_ssize_t max_items = PyLong_AsSsize_t(args[0]);
+    if (max_items == -1 && PyErr_Occurred()) return NULL;
+    int64_t timeout;
+    if (parse_timeout(args[1], &timeout) < 0) return NULL;
+    if (max_items < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_items must be >= 1");
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *list = PyList_New(0);
+    sr_claim c;
+    sr_status st = list ? claim_get(self, timeout, &c) : SR_INVALID;
+    if (st != SR_OK) {
+        Py_XDECREF(list);
+        LEAVE(self);
+        return list ? raise_status(st, 0) : NULL;
+    }
+    for (Py_ssize_t i = 0;; i++) {
+        PyObject *item = take_item(self, &c);
+        if (!item || PyList_Append(list, item) < 0) {
+            /* the items already taken are lost with the list: report the error */
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            LEAVE(self);
+            return NULL;
+        }
+        Py_DECREF(item);
+        if (i + 1 >= max_items || sr_get_begin(&self->h, 0, &c) != SR_OK) break;
+    }
+    LEAVE(self);
+    return list;
+}
+
+/* get(timeout, parts_flag) -> (flags, bytes) | (flags, bytes, [bytearray]) */
+static PyObject *Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get(timeout, parts_flag)");
+        return NULL;
+    }
+    int64_t timeout;
+    if (parse_timeout(args[0], &timeout) < 0) return NULL;
+    long parts_flag = PyLong_AsLong(args[1]);
+    if (parts_flag == -1 && PyErr_Occurred()) return NULL;
+    ENTER(self);
+    sr_claim c;
+    sr_status st = claim_get(self, timeout, &c);
+    PyObject *out = st == SR_OK ? take_record(self, &c, (int)parts_flag) : raise_status(st, 0);
+    LEAVE(self);
+    return out;
+}
+
+/* get_many(max_items, timeout, parts_flag): wait for one record, then take what is there. */
+static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "get_many(max_items, timeout, parts_flag)");
+        return NULL;
+    }
+    Py_ssize_t max_items = PyLong_AsSsize_t(args[0]);
+    if (max_items == -1 && PyErr_Occurred()) return NULL;
+    int64_t timeout;
+    if (parse_timeout(args[1], &timeout) < 0) return NULL;
+    long parts_flag = PyLong_AsLong(args[2]);
+    if (parts_flag == -1 && PyErr_Occurred()) return NULL;
+    if (max_items < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_items must be >= 1");
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *list = PyList_New(0);
+    sr_claim c;
+    sr_status st = list ? claim_get(self, timeout, &c) : SR_INVALID;
+    if (st != SR_OK) {
+        Py_XDECREF(list);
+        LEAVE(self);
+        return list ? raise_status(st, 0) : NULL;
+    }
+    for (Py_ssize_t i = 0;; i++) {
+        PyObject *rec = take_record(self, &c, (int)parts_flag);
+        if (!rec || PyList_Append(list, rec) < 0) {
+            Py_XDECREF(rec);
+            Py_DECREF(list);
+            LEAVE(self);
+            return NULL;
+        }
+        Py_DECREF(rec);
+        if (i + 1 >= max_items || sr_get_begin(&self->h, 0, &c) != SR_OK) break;
+    }
+    LEAVE(self);
+    return list;
+}
+
+static PyObject *Ring_depth(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(sr_depth(&self->h));
+}
+
+static PyObject *Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_open(self) < 0) return NULL;
+    sr_stats s;
+    sr_read_stats(&self->h, &s);
+    return Py_BuildValue("(KKKKKKKK)", (unsigned long long)s.puts, (unsigned long long)s.gets,
+                         (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
+                         (unsigned long long)s.waits, (unsigned long long)s.abandoned,
+                         (unsigned long long)sr_depth(&self->h), (unsigned long long)self->h.capacity);
+}
+
+static PyObject *Ring_set_grace(RingObject *self, PyObject *arg) {
+    double s = PyFloat_AsDouble(arg);
+    if (s == -1.0 && PyErr_Occurred()) return NULL;
+    self->h.grace_ns = (uint64_t)(s * 1e9);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_is_destroyed(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!self->has_view) Py_RETURN_TRUE;
+    return PyBool_FromLong(atomic_load_explicit(&self->h.hdr->config.destroyed, memory_order_acquire) != 0);
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL, "put(data, flags, timeout)"},
+    {"put_parts", (PyCFunction)(void (*)(void))Ring_put_parts, METH_FASTCALL, "put_parts(parts, flags, timeout)"},
+    {"put_many", (PyCFunction)(void (*)(void))Ring_put_many, METH_FASTCALL, "put_many(datas, flags, timeout)"},
+    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_FASTCALL, "get(timeout, parts_flag)"},
+    {"get_many", (PyCFunction)(void (*)(void))Ring_get_many, METH_FASTCALL,
+     "get_many(max_items, timeout, parts_flag)"},
+    {"put_items", (PyCFunction)(void (*)(void))Ring_put_items, METH_FASTCALL, "put_items(items, timeout)"},
+    {"get_item", (PyCFunction)Ring_get_item, METH_O, "get_item(timeout) -> the oldest item, decoded"},
+    {"get_items", (PyCFunction)(void (*)(void))Ring_get_items, METH_FASTCALL,
+     "get_items(max_items, timeout) -> [items]"},
+    {"depth", (PyCFunction)Ring_depth, METH_NOARGS, "items in the queue"},
+    {"stats", (PyCFunction)Ring_stats, METH_NOARGS,
+     "(puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity)"},
+    {"close", (PyCFunction)Ring_close, METH_NOARGS, "close this handle (idempotent)"},
+    {"abandon", (PyCFunction)Ring_abandon, METH_NOARGS, "drop a forked copy without touching shared state"},
+    {"destroy", (PyCFunction)Ring_destroy, METH_NOARGS, "mark the queue destroyed for every handle"},
+    {"is_destroyed", (PyCFunction)Ring_is_destroyed, METH_NOARGS, "the destroyed flag"},
+    {"set_grace", (PyCFunction)Ring_set_grace, METH_O, "seconds a stalled claim waits before its owner is checked"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "sage_queue._sage_core.Ring",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_methods = Ring_methods,
+    .tp_doc = "A handle on a sage ring mapped by the caller (see sagering.h).",
+};
+
+/* ---- module-level helpers ---------------------------------------------------------------- */
+
+static PyObject *mod_segment_size(PyObject *m, PyObject *arg) {
+    (void)m;
+    unsigned long long cap = PyLong_AsUnsignedLongLong(arg);
+    if (cap == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(sr_segment_size(cap));
+}
+
+static PyObject *mod_round_capacity(PyObject *m, PyObject *arg) {
+    (void)m;
+    unsigned long long cap = PyLong_AsUnsignedLongLong(arg);
+    if (cap == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(sr_round_capacity(cap));
+}
+
+/* inspect(buffer) -> dict: what `sage-queue ls` shows, read without attaching. */
+static PyObject *mod_inspect(PyObject *m, PyObject *arg) {
+    (void)m;
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    char err[200] = "";
+    PyObject *out = NULL;
+    if (sr_validate(b.buf, (uint64_t)b.len, err, sizeof err) != SR_OK) {
+        out = Py_BuildValue("{s:s}", "error", err);
+    } else {
+        const sr_header *hdr = b.buf;
+        uint32_t pids[SR_MAX_BLOCKS];
+        uint32_t n = sr_attached_pids(b.buf, pids, SR_MAX_BLOCKS);
+        PyObject *plist = PyTuple_New(n);
+        for (uint32_t i = 0; plist && i < n; i++) PyTuple_SET_ITEM(plist, i, PyLong_FromUnsignedLong(pids[i]));
+        sr_handle tmp;
+        memset(&tmp, 0, sizeof tmp);
+        tmp.hdr = (sr_header *)b.buf;
+        uint64_t depth = sr_depth(&tmp);
+        out = Py_BuildValue("{s:K,s:K,s:K,s:I,s:I,s:i,s:N}", "capacity", (unsigned long long)hdr->config.capacity,
+                            "maxsize", (unsigned long long)hdr->config.maxsize, "depth", (unsigned long long)depth,
+                            "creator_pid", hdr->config.creator_pid, "version", hdr->config.version, "destroyed",
+                            (int)atomic_load(&((sr_header *)b.buf)->config.destroyed), "pids", plist);
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"segment_size", mod_segment_size, METH_O, "segment bytes for a ring of this capacity"},
+    {"round_capacity", mod_round_capacity, METH_O, "the capacity a ring will really use"},
+    {"inspect", mod_inspect, METH_O, "header summary of a mapped segment"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_sage_core", "C11 core of the sage backend (see sagering.h)", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__sage_core(void) {
+    PyObject *queue = PyImport_ImportModule("queue");
+    if (!queue) return NULL;
+    Full = PyObject_GetAttrString(queue, "Full");
+    Empty = PyObject_GetAttrString(queue, "Empty");
+    Py_DECREF(queue);
+    PyObject *errors = PyImport_ImportModule("sage_queue.errors");
+    if (!errors) return NULL;
+    QueueClosed = PyObject_GetAttrString(errors, "QueueClosed");
+    Py_DECREF(errors);
+    if (!Full || !Empty || !QueueClosed) return NULL;
+    PyObject *pickle = PyImport_ImportModule("pickle");
+    if (!pickle) return NULL;
+    pickle_loads = PyObject_GetAttrString(pickle, "loads");
+    pickle_dumps = PyObject_GetAttrString(pickle, "dumps");
+    Py_DECREF(pickle);
+    str_buffers = PyUnicode_InternFromString("buffers");
+    if (!pickle_loads || !pickle_dumps || !str_buffers) return NULL;
+    if (PyType_Ready(&RingType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) return NULL;
+    PyModule_AddIntConstant(m, "DATA_OFFSET", SR_DATA_OFFSET);
+    PyModule_AddIntConstant(m, "MIN_CAPACITY", SR_MIN_CAPACITY);
+    PyModule_AddIntConstant(m, "MAX_BLOCKS", SR_MAX_BLOCKS);
+    PyModule_AddObject(m, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SR_MAX_CAPACITY));
+    return m;
+}

@@ -1,0 +1,913 @@
+/*
+ * sagering.c -- the `sage` ring (layout and protocol summary in sagering.h,
+ * rationale in DESIGN.md).  Conventions used throughout:
+ *
+ *   - every atomic names its memory_order; release/acquire sites say what they
+ *     pair with;
+ *   - the 16-byte cursors change only through cas128(), a full barrier
+ *     (__sync builtin: lock cmpxchg16b on x86-64, LDAXP/STLXP or CASPAL on
+ *     aarch64), so every cursor CAS is seq_cst;
+ *   - only the owner of a claim writes into the ring; helpers change only
+ *     cursors and claim-entry states, whose values never repeat.
+ */
+#define _GNU_SOURCE
+#include "sagering.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SPIN_LIMIT 2000u            /* pause-polls before yielding (ping-pong latency) */
+#define YIELD_LIMIT 200u            /* then sched_yield-polls: lets a peer on our core run */
+#define WAIT_SLICE_NS 100000000ll   /* futex sleeps re-check close/destroy this often */
+#define DEFAULT_GRACE_NS 50000000ull /* a claim stalled this long gets its owner checked */
+#define NOT_READY_SLEEP_NS 200000ll  /* poll period while a live writer finishes a record */
+
+typedef unsigned __int128 u128;
+
+/* ---- small helpers ----------------------------------------------------------------- */
+
+static inline u128 mk128(uint64_t pos, uint64_t meta) { return ((u128)meta << 64) | pos; }
+static inline uint64_t lo64(u128 v) { return (uint64_t)v; }
+static inline uint64_t hi64(u128 v) { return (uint64_t)(v >> 64); }
+
+/* Full-barrier 16-byte CAS (seq_cst). */
+static inline int cas128(sr_cursor *c, u128 expected, u128 desired) {
+    return __sync_bool_compare_and_swap((u128 *)(void *)c, expected, desired);
+}
+
+/* A consistent {pos, meta} of T or H: every CAS on them moves pos forward, so two
+ * equal reads of pos around the read of meta bracket no CAS. */
+static inline u128 snap_cursor(sr_cursor *c) {
+    for (;;) {
+        /* acquire: pairs with the full-barrier CAS that wrote the value */
+        uint64_t p1 = atomic_load_explicit(&c->pos, memory_order_acquire);
+        uint64_t m = atomic_load_explicit(&c->meta, memory_order_acquire);
+        uint64_t p2 = atomic_load_explicit(&c->pos, memory_order_acquire);
+        if (p1 == p2) return mk128(p1, m);
+    }
+}
+
+/* The free cursor's meta changes without its pos (busy/not busy), so a snapshot may pair
+ * a pos with the meta of the same pos epoch but another moment; callers only use it as
+ * the expected value of a CAS (which then fails) or to see "busy", which is safe (see
+ * sweep()). */
+static inline u128 snap_free(sr_cursor *c) {
+    for (;;) {
+        /* acquire: pairs with the full-barrier CAS that wrote the value */
+        uint64_t p1 = atomic_load_explicit(&c->pos, memory_order_acquire);
+        uint64_t m = atomic_load_explicit(&c->meta, memory_order_acquire);
+        uint64_t p2 = atomic_load_explicit(&c->pos, memory_order_acquire);
+        if (p1 == p2) return mk128(p1, m);
+    }
+}
+
+static inline uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+static void sleep_ns(int64_t ns) {
+    struct timespec ts = {ns / 1000000000ll, ns % 1000000000ll};
+    nanosleep(&ts, NULL);
+}
+
+typedef struct rec_hdr {
+    _Atomic uint64_t state; /* pos | SR_REC_*: written last with release */
+    _Atomic uint64_t info;  /* len:32 | items:24 | flags:8 */
+} rec_hdr;
+_Static_assert(sizeof(rec_hdr) == SR_REC_HEADER, "record header size");
+
+static inline rec_hdr *rec_at(const sr_handle *h, uint64_t pos) {
+    return (rec_hdr *)(void *)(h->ring + pos % h->capacity);
+}
+static inline uint64_t mk_info(uint64_t len, uint64_t items, uint64_t flags) {
+    return (len & 0xffffffffull) | ((items & 0xffffffull) << 32) | ((flags & 0xffull) << 56);
+}
+static inline uint64_t info_len(uint64_t i) { return i & 0xffffffffull; }
+static inline uint64_t info_items(uint64_t i) { return (i >> 32) & 0xffffffull; }
+static inline uint32_t info_flags(uint64_t i) { return (uint32_t)(i >> 56); }
+
+static inline sr_block *block_at(sr_header *hdr, uint32_t b) {
+    return (sr_block *)(void *)((uint8_t *)hdr + SR_BLOCKS_OFFSET + (uint64_t)b * SR_BLOCK_SIZE);
+}
+/* Claim idx: 1-based over all blocks' entries; 0 = none. */
+static inline sr_entry *entry_at(sr_header *hdr, uint32_t idx) {
+    uint32_t i = idx - 1;
+    return &block_at(hdr, i / SR_BLOCK_ENTRIES)->entries[i % SR_BLOCK_ENTRIES];
+}
+static inline uint32_t idx_of(const sr_handle *h, uint32_t e) {
+    return h->block_index * SR_BLOCK_ENTRIES + e + 1;
+}
+
+static inline uint64_t st_seq(uint64_t s) { return s >> 8; }
+static inline uint32_t st_kind(uint64_t s) { return (uint32_t)(s >> 4) & 0xf; }
+static inline uint32_t st_phase(uint64_t s) { return (uint32_t)s & 0xf; }
+static inline uint64_t mk_state(uint64_t seq, uint32_t kind, uint32_t phase) {
+    return (seq << 8) | ((uint64_t)kind << 4) | phase;
+}
+
+/* ---- futex ------------------------------------------------------------------------ */
+
+static void futex_wait(_Atomic uint32_t *word, uint32_t seen, int64_t ns) {
+    struct timespec ts = {ns / 1000000000ll, ns % 1000000000ll};
+    /* Shared (not PRIVATE) futex: waiters live in other processes.  A relative
+     * timeout of FUTEX_WAIT is measured on CLOCK_MONOTONIC. */
+    syscall(SYS_futex, (uint32_t *)(void *)word, FUTEX_WAIT, seen, &ts, NULL, 0);
+}
+
+static void futex_wake_all(_Atomic uint32_t *word) {
+    syscall(SYS_futex, (uint32_t *)(void *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Wake sleepers of `w` if any armed it.  The caller published its change (commit,
+ * consume) before; the seq_cst fence orders that store before the load of `armed` and
+ * pairs with the fence in WAIT_LOOP: either the sleeper's re-check sees the change, or
+ * we see it armed.  Only the first waker after an arming pays the system call: the
+ * exchange disarms, so a stream of puts to a sleeping consumer costs one wake. */
+static void wake_if_waiting(sr_waitword *w) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&w->armed, memory_order_relaxed) != 0 &&
+        atomic_exchange_explicit(&w->armed, 0, memory_order_acq_rel) != 0) {
+        /* release: a woken sleeper's acquire load of seq sees our published change */
+        atomic_fetch_add_explicit(&w->seq, 1, memory_order_release);
+        futex_wake_all(&w->seq);
+    }
+}
+
+/* ---- process liveness ------------------------------------------------------------------ */
+
+/* Start time (field 22 of /proc/pid/stat) and state letter; 0 if unreadable. */
+static uint64_t read_proc_stat(uint32_t pid, char *state) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may contain spaces and ')' */
+    if (!p) return 0;
+    p += 2;
+    if (state) *state = *p;
+    /* fields after ')' start at field 3 (state); start time is field 22 */
+    for (int field = 3; field < 22 && *p; p++)
+        if (*p == ' ') field++;
+    return strtoull(p, NULL, 10);
+}
+
+uint64_t sr_process_start_time(uint32_t pid) { return read_proc_stat(pid, NULL); }
+
+int sr_pid_alive(uint32_t pid, uint64_t start_time) {
+    if (pid == 0) return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 0;
+    char state = '?';
+    uint64_t st = read_proc_stat(pid, &state);
+    if (st == 0) return kill((pid_t)pid, 0) == 0 || errno == EPERM; /* no /proc: trust kill */
+    if (state == 'Z' || state == 'X') return 0;    /* killed, not yet reaped by its parent */
+    if (start_time != 0 && st != start_time) return 0; /* the pid was reused */
+    return 1;
+}
+
+static int block_owner_alive(sr_header *hdr, uint32_t b) {
+    sr_block *blk = block_at(hdr, b);
+    /* acquire: pairs with the release store of pid in take_block() */
+    uint32_t pid = atomic_load_explicit(&blk->pid, memory_order_acquire);
+    uint64_t st = atomic_load_explicit(&blk->start_time, memory_order_relaxed);
+    return sr_pid_alive(pid, st);
+}
+
+/* ---- init, validate, open ------------------------------------------------------------ */
+
+uint64_t sr_round_capacity(uint64_t capacity) { return round_up(capacity, SR_LINE); }
+
+uint64_t sr_segment_size(uint64_t capacity) { return SR_DATA_OFFSET + sr_round_capacity(capacity); }
+
+uint64_t sr_record_size(uint64_t payload) { return round_up(SR_REC_HEADER + payload, SR_ALIGN); }
+
+sr_status sr_init(void *base, uint64_t size, uint64_t capacity, uint64_t maxsize, uint32_t pid) {
+    capacity = sr_round_capacity(capacity);
+    if (capacity < SR_MIN_CAPACITY || capacity > SR_MAX_CAPACITY || size < sr_segment_size(capacity))
+        return SR_INVALID;
+    sr_header *hdr = base;
+    hdr->config.version = SR_VERSION;
+    hdr->config.header_size = SR_DATA_OFFSET;
+    hdr->config.capacity = capacity;
+    hdr->config.maxsize = maxsize;
+    hdr->config.creator_pid = pid;
+    /* The segment is fresh (zero-filled by ftruncate): cursors, blocks and ring are
+     * already zero.  release: pairs with sr_validate()'s acquire of magic, so an
+     * attacher that sees the magic sees the configuration. */
+    atomic_store_explicit(&hdr->config.magic, SR_MAGIC, memory_order_release);
+    return SR_OK;
+}
+
+sr_status sr_validate(const void *base, uint64_t size, char *err, size_t errlen) {
+    const sr_header *hdr = base;
+    char dummy[8];
+    if (!err) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    if (size < SR_DATA_OFFSET) {
+        snprintf(err, errlen, "segment is %llu bytes, smaller than the %u-byte header",
+                 (unsigned long long)size, SR_DATA_OFFSET);
+        return SR_BAD_LAYOUT;
+    }
+    /* acquire: pairs with sr_init()'s release store of magic */
+    uint64_t magic = atomic_load_explicit(&((sr_header *)(void *)hdr)->config.magic, memory_order_acquire);
+    if (magic != SR_MAGIC) {
+        snprintf(err, errlen, "bad magic 0x%016llx (expected 0x%016llx): not a sage ring",
+                 (unsigned long long)magic, (unsigned long long)SR_MAGIC);
+        return SR_BAD_LAYOUT;
+    }
+    if (hdr->config.version != SR_VERSION) {
+        snprintf(err, errlen, "layout version %u, this library reads version %u", hdr->config.version,
+                 SR_VERSION);
+        return SR_BAD_LAYOUT;
+    }
+    if (hdr->config.header_size != SR_DATA_OFFSET) {
+        snprintf(err, errlen, "header size %u, expected %u", hdr->config.header_size, SR_DATA_OFFSET);
+        return SR_BAD_LAYOUT;
+    }
+    uint64_t cap = hdr->config.capacity;
+    if (cap < SR_MIN_CAPACITY || cap > SR_MAX_CAPACITY || cap % SR_LINE != 0) {
+        snprintf(err, errlen, "capacity %llu out of range", (unsigned long long)cap);
+        return SR_BAD_LAYOUT;
+    }
+    if (size < SR_DATA_OFFSET + cap) {
+        snprintf(err, errlen, "segment is %llu bytes, capacity %llu needs %llu", (unsigned long long)size,
+                 (unsigned long long)cap, (unsigned long long)(SR_DATA_OFFSET + cap));
+        return SR_BAD_LAYOUT;
+    }
+    return SR_OK;
+}
+
+/* A dead block may be reused once nothing in the queue can still refer to it. */
+static int block_reclaimable(sr_header *hdr, uint32_t b) {
+    u128 t = snap_cursor(&hdr->tail), hd = snap_cursor(&hdr->head), f = snap_free(&hdr->free);
+    uint64_t free_pos = lo64(f);
+    if (hi64(f) == (uint64_t)b + 1) return 0; /* it holds the sweeper's cursor */
+    for (uint32_t e = 0; e < SR_BLOCK_ENTRIES; e++) {
+        uint32_t idx = b * SR_BLOCK_ENTRIES + e + 1;
+        if ((hi64(t) & 0xffffffffull) == idx || (hi64(hd) & 0xffffffffull) == idx) return 0;
+        sr_entry *en = &block_at(hdr, b)->entries[e];
+        uint64_t s = atomic_load_explicit(&en->state, memory_order_acquire);
+        uint32_t ph = st_phase(s);
+        if (ph == SR_PH_CLAIMED) {
+            uint64_t end = atomic_load_explicit(&en->pos, memory_order_relaxed) +
+                           atomic_load_explicit(&en->len, memory_order_relaxed);
+            if (end > free_pos) return 0; /* its records are not all swept yet */
+        }
+        /* IDLE, ABANDONED (taken over), ANNOUNCED and unreferenced (its CAS failed) */
+    }
+    return 1;
+}
+
+static void retire_block_stats(sr_header *hdr, sr_block *blk) {
+    for (int i = 0; i < 5; i++) {
+        uint64_t v = atomic_exchange_explicit(&blk->stats[i], 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&hdr->shared.retired[i], v, memory_order_relaxed);
+    }
+}
+
+static sr_status take_block(sr_handle *h) {
+    sr_header *hdr = h->hdr;
+    uint64_t start = sr_process_start_time(h->pid);
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t b = 0; b < SR_MAX_BLOCKS; b++) {
+            sr_block *blk = block_at(hdr, b);
+            uint32_t owner = atomic_load_explicit(&blk->pid, memory_order_acquire);
+            if (owner != 0) {
+                if (pass == 0 || block_owner_alive(hdr, b) || !block_reclaimable(hdr, b)) continue;
+            }
+            /* acq_rel: acquire the previous owner's entries; the pid we install is
+             * read with acquire by block_owner_alive() */
+            if (!atomic_compare_exchange_strong_explicit(&blk->pid, &owner, h->pid, memory_order_acq_rel,
+                                                         memory_order_relaxed))
+                continue;
+            if (owner != 0) retire_block_stats(hdr, blk);
+            atomic_store_explicit(&blk->start_time, start, memory_order_relaxed);
+            h->block = blk;
+            h->block_index = b;
+            return SR_OK;
+        }
+    }
+    return SR_NO_BLOCK;
+}
+
+sr_status sr_open(sr_handle *h, void *base, uint64_t size, uint32_t pid) {
+    sr_status st = sr_validate(base, size, NULL, 0);
+    if (st != SR_OK) return st;
+    memset(h, 0, sizeof *h);
+    h->hdr = base;
+    h->ring = (uint8_t *)base + SR_DATA_OFFSET;
+    h->capacity = h->hdr->config.capacity;
+    h->maxsize = h->hdr->config.maxsize;
+    h->pid = pid;
+    h->grace_ns = DEFAULT_GRACE_NS;
+    atomic_store_explicit(&h->free_entries, (1u << SR_BLOCK_ENTRIES) - 1u, memory_order_relaxed);
+    return take_block(h);
+}
+
+void sr_close(sr_handle *h) {
+    atomic_store_explicit(&h->closed, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&h->hdr->data.seq, 1, memory_order_release);
+    atomic_fetch_add_explicit(&h->hdr->space.seq, 1, memory_order_release);
+    futex_wake_all(&h->hdr->data.seq);
+    futex_wake_all(&h->hdr->space.seq);
+}
+
+void sr_destroy(sr_handle *h) {
+    /* release: pairs with the acquire loads in destroyed() */
+    atomic_store_explicit(&h->hdr->config.destroyed, 1, memory_order_release);
+    sr_close(h);
+}
+
+void sr_detach(sr_handle *h) {
+    if (!h->block) return;
+    /* in-flight operations of other threads hold entries; wait for them (they give
+     * up promptly: sr_close() ran before and woke them) */
+    while (atomic_load_explicit(&h->free_entries, memory_order_acquire) != (1u << SR_BLOCK_ENTRIES) - 1u)
+        sleep_ns(1000000);
+    retire_block_stats(h->hdr, h->block);
+    /* 0 = unknown: the next owner's pid must not be judged by our start time in the
+     * moment between its CAS of pid and its store of start_time */
+    atomic_store_explicit(&h->block->start_time, 0, memory_order_relaxed);
+    /* release: our entries' final states are visible to the next owner's acquire CAS */
+    atomic_store_explicit(&h->block->pid, 0, memory_order_release);
+    h->block = NULL;
+}
+
+static inline int destroyed(const sr_handle *h) {
+    return atomic_load_explicit(&h->hdr->config.destroyed, memory_order_acquire) != 0;
+}
+static inline int closed(const sr_handle *h) { return atomic_load_explicit(&h->closed, memory_order_acquire); }
+
+/* ---- claim entries ------------------------------------------------------------------ */
+
+/* Take one of this handle's 16 entries for one operation (process-private bitmap). */
+static int acquire_entry(sr_handle *h) {
+    for (;;) {
+        uint32_t bits = atomic_load_explicit(&h->free_entries, memory_order_relaxed);
+        while (bits) {
+            uint32_t e = (uint32_t)__builtin_ctz(bits);
+            if (atomic_compare_exchange_weak_explicit(&h->free_entries, &bits, bits & ~(1u << e),
+                                                      memory_order_acquire, memory_order_relaxed))
+                return (int)e;
+        }
+        if (closed(h)) return -1;
+        sched_yield(); /* more than SR_BLOCK_ENTRIES threads in operations on one handle */
+    }
+}
+
+static void release_entry(sr_handle *h, uint32_t e) {
+    atomic_fetch_or_explicit(&h->free_entries, 1u << e, memory_order_release);
+}
+
+/* Announce a claim in our entry before the cursor CAS.  Seqlock-style write: a new
+ * sequence number with phase IDLE first, then the fields, then ANNOUNCED, so a
+ * helper that read fields of this announce sees a changed state word on re-check. */
+static void announce(sr_entry *en, uint32_t kind, uint64_t pos, uint64_t len, uint64_t items, uint64_t pad) {
+    uint64_t seq = st_seq(atomic_load_explicit(&en->state, memory_order_relaxed)) + 1; /* we own it */
+    atomic_store_explicit(&en->state, mk_state(seq, kind, SR_PH_IDLE), memory_order_relaxed);
+    atomic_thread_fence(memory_order_release); /* pairs with the acquire fence in read_entry() */
+    atomic_store_explicit(&en->pos, pos, memory_order_relaxed);
+    atomic_store_explicit(&en->len, len, memory_order_relaxed);
+    atomic_store_explicit(&en->items, items, memory_order_relaxed);
+    atomic_store_explicit(&en->progress, pad, memory_order_relaxed); /* record 0 at offset pad */
+    atomic_store_explicit(&en->next, pad, memory_order_relaxed);
+    /* release: pairs with read_entry()'s acquire load of state */
+    atomic_store_explicit(&en->state, mk_state(seq, kind, SR_PH_ANNOUNCED), memory_order_release);
+}
+
+/* A consistent read of another participant's entry; returns its state word, or 0
+ * (never a valid announced state) if it changed under us. */
+static uint64_t read_entry(sr_entry *en, uint64_t *pos, uint64_t *len, uint64_t *items, uint64_t *progress,
+                           uint64_t *next) {
+    uint64_t s = atomic_load_explicit(&en->state, memory_order_acquire); /* pairs with announce() */
+    *pos = atomic_load_explicit(&en->pos, memory_order_relaxed);
+    *len = atomic_load_explicit(&en->len, memory_order_relaxed);
+    *items = atomic_load_explicit(&en->items, memory_order_relaxed);
+    *progress = atomic_load_explicit(&en->progress, memory_order_relaxed);
+    *next = atomic_load_explicit(&en->next, memory_order_relaxed);
+    atomic_thread_fence(memory_order_acquire); /* pairs with announce()'s release fence */
+    return atomic_load_explicit(&en->state, memory_order_relaxed) == s ? s : 0;
+}
+
+/* Before moving cursor T or H away from {cursor_pos, idx}, record idx's claim as
+ * CLAIMED: the claim that produced cursor_pos is the entry's announce of `kind`
+ * ending exactly there (its owner announces nothing newer before confirming). */
+static void confirm(sr_header *hdr, uint32_t idx, uint64_t cursor_pos, uint32_t kind) {
+    if (idx == 0) return;
+    sr_entry *en = entry_at(hdr, idx);
+    uint64_t pos, len, items, progress, next;
+    uint64_t s = read_entry(en, &pos, &len, &items, &progress, &next);
+    if (s == 0 || st_phase(s) != SR_PH_ANNOUNCED || st_kind(s) != kind || pos + len != cursor_pos) return;
+    /* acq_rel CAS, tagged by seq: fails harmlessly if the owner confirmed first */
+    atomic_compare_exchange_strong_explicit(&en->state, &s, mk_state(st_seq(s), kind, SR_PH_CLAIMED),
+                                            memory_order_acq_rel, memory_order_relaxed);
+}
+
+/* Our own CAS succeeded: confirm our announce (a helper may have done it). */
+static void confirm_own(sr_entry *en) {
+    uint64_t s = atomic_load_explicit(&en->state, memory_order_relaxed);
+    if (st_phase(s) == SR_PH_ANNOUNCED)
+        atomic_compare_exchange_strong_explicit(&en->state, &s, mk_state(st_seq(s), st_kind(s), SR_PH_CLAIMED),
+                                                memory_order_acq_rel, memory_order_relaxed);
+}
+
+/* Operation over: back to IDLE (same seq).  release: pairs with the acquire loads of
+ * reapers, which then see every record write of the claim. */
+static void finish_entry(sr_entry *en) {
+    uint64_t s = atomic_load_explicit(&en->state, memory_order_relaxed);
+    atomic_store_explicit(&en->state, mk_state(st_seq(s), st_kind(s), SR_PH_IDLE), memory_order_release);
+}
+
+/* ---- producer ------------------------------------------------------------------------ */
+
+/* Write a non-item record (padding, abandoned) in space we own. */
+static void write_marker(sr_handle *h, uint64_t pos, uint64_t len, uint64_t items, uint32_t state) {
+    rec_hdr *r = rec_at(h, pos);
+    atomic_store_explicit(&r->info, mk_info(len, items, 0), memory_order_relaxed);
+    /* release: pairs with the consumer's acquire load of the state word */
+    atomic_store_explicit(&r->state, pos | state, memory_order_release);
+}
+
+/* One attempt to claim `total` bytes of records holding `items` items. */
+static sr_status try_put_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, uint64_t total, uint64_t items,
+                               sr_claim *c) {
+    sr_header *hdr = h->hdr;
+    for (;;) {
+        u128 t = snap_cursor(&hdr->tail);
+        uint64_t p = lo64(t), titems = hi64(t) >> 32;
+        uint32_t prev = (uint32_t)(hi64(t) & 0xffffffffull);
+        uint64_t off = p % h->capacity;
+        uint64_t pad = off + total > h->capacity ? h->capacity - off : 0;
+        uint64_t need = pad + total, claim_items = items;
+        if (need > h->capacity) { /* cannot fit from here in one piece: claim the padding alone */
+            need = pad;
+            claim_items = 0;
+        }
+        /* The other side's cursor is cached: F only moves forward, so a stale value only
+         * under-estimates the room; re-read it when the cached one says "full".  acquire:
+         * pairs with the release store below (another thread of this handle), which
+         * follows that thread's acquire of F: the sweeper's clearing happens-before us. */
+        uint64_t free_pos = atomic_load_explicit(&h->free_cache, memory_order_acquire);
+        if (p + need - free_pos > h->capacity) {
+            /* acquire: pairs with the sweeper's CAS that published F after clearing */
+            free_pos = atomic_load_explicit(&hdr->free.pos, memory_order_acquire);
+            atomic_store_explicit(&h->free_cache, free_pos, memory_order_release);
+            if (p + need - free_pos > h->capacity) {
+                if (snap_cursor(&hdr->tail) != t) continue; /* stale view */
+                return SR_WOULD_BLOCK;
+            }
+        }
+        if (h->maxsize && claim_items) {
+            uint64_t hitems = atomic_load_explicit(&hdr->head.meta, memory_order_acquire) >> 32;
+            uint32_t depth = (uint32_t)(titems - hitems);
+            if (depth > 0x7fffffffu) continue; /* H read after a newer T: stale snapshot */
+            if ((uint64_t)depth + claim_items > h->maxsize) {
+                if (snap_cursor(&hdr->tail) != t) continue;
+                return SR_WOULD_BLOCK;
+            }
+        }
+        announce(en, SR_KIND_PUT, p, need, claim_items, pad);
+        confirm(hdr, prev, p, SR_KIND_PUT);
+        u128 next = mk128(p + need, (((titems + claim_items) & 0xffffffffull) << 32) | my_idx);
+        if (!cas128(&hdr->tail, t, next)) continue;
+        confirm_own(en);
+        if (claim_items == 0 && items != 0) { /* padding-only claim: finish it, then retry */
+            write_marker(h, p, pad, 0, SR_REC_PADDING);
+            finish_entry(en);
+            continue;
+        }
+        if (pad) write_marker(h, p, pad, 0, SR_REC_PADDING);
+        c->pos = p;
+        c->len = need;
+        c->next = pad;
+        c->written = 0;
+        return SR_OK;
+    }
+}
+
+/* Bounded spin, then a futex sleep on `w`; returns SR_TIMEOUT/CLOSED/DESTROYED or SR_OK
+ * (meaning: try again).  `*spins` counts polls of this operation. */
+static sr_status pause_or_sleep(sr_handle *h, sr_waitword *w, int64_t deadline, uint32_t *spins, uint32_t seen) {
+    if (closed(h)) return SR_CLOSED;
+    if (destroyed(h)) return SR_DESTROYED;
+    int64_t now = now_ns();
+    if (deadline >= 0 && now >= deadline) return SR_TIMEOUT;
+    if (*spins < SPIN_LIMIT) {
+        (*spins)++;
+        cpu_relax();
+        return SR_OK;
+    }
+    if (*spins < SPIN_LIMIT + YIELD_LIMIT) {
+        /* on a busy machine the process we wait for may share our core: give it the core
+         * rather than burn our slice (each yield is a cheap system call, not a sleep) */
+        (*spins)++;
+        sched_yield();
+        return SR_OK;
+    }
+    int64_t slice = WAIT_SLICE_NS;
+    if (deadline >= 0 && deadline - now < slice) slice = deadline - now;
+    futex_wait(&w->seq, seen, slice);
+    return SR_OK;
+}
+
+static void count_wait(sr_handle *h) {
+    atomic_fetch_add_explicit(&h->block->stats[4], 1, memory_order_relaxed);
+}
+
+static void reap(sr_handle *h); /* below */
+
+/* Register as a sleeper on w, run `attempt` once more, sleep if it still would block. */
+#define WAIT_LOOP(h, w, attempt_expr, deadline, result)                                            \
+    do {                                                                                           \
+        uint32_t spins_ = 0, counted_ = 0;                                                         \
+        int64_t stuck_since_ = now_ns();                                                           \
+        for (;;) {                                                                                 \
+            (result) = (attempt_expr);                                                             \
+            if ((result) != SR_WOULD_BLOCK) break;                                                 \
+            if ((deadline) == 0) break;                                                            \
+            if (!counted_) { counted_ = 1; count_wait(h); } /* this operation blocks */           \
+            if (spins_ < SPIN_LIMIT + YIELD_LIMIT) {                                               \
+                sr_status p_ = pause_or_sleep(h, w, deadline, &spins_, 0);                         \
+                if (p_ != SR_OK) { (result) = p_; break; }                                         \
+                continue;                                                                          \
+            }                                                                                      \
+            if (now_ns() - stuck_since_ > (int64_t)(h)->grace_ns) { reap(h); stuck_since_ = now_ns(); } \
+            /* acquire: pairs with the release bump in wake_if_waiting() */                         \
+            uint32_t seen_ = atomic_load_explicit(&(w)->seq, memory_order_acquire);                \
+            atomic_store_explicit(&(w)->armed, 1, memory_order_seq_cst);                           \
+            atomic_thread_fence(memory_order_seq_cst); /* pairs with wake_if_waiting()'s fence */  \
+            (result) = (attempt_expr);                                                             \
+            if ((result) != SR_WOULD_BLOCK) break; /* a stale arming costs one spare wake */       \
+            sr_status p_ = pause_or_sleep(h, w, deadline, &spins_, seen_);                         \
+            if (p_ != SR_OK) { (result) = p_; break; }                                             \
+        }                                                                                          \
+    } while (0)
+
+static int64_t deadline_of(int64_t timeout_ns) {
+    if (timeout_ns < 0) return -1;
+    if (timeout_ns == 0) return 0;
+    return now_ns() + timeout_ns;
+}
+
+sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
+                       sr_claim *c) {
+    if (count == 0 || count > SR_MAX_BATCH || flags > 0xf) return SR_INVALID;
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        total += sr_record_size(sizes[i]);
+        if (total > h->capacity) return SR_TOO_BIG;
+    }
+    if (h->maxsize && count > h->maxsize) return SR_TOO_BIG;
+    if (closed(h)) return SR_CLOSED;
+    if (destroyed(h)) return SR_DESTROYED;
+    int e = acquire_entry(h);
+    if (e < 0) return SR_CLOSED;
+    sr_entry *en = &h->block->entries[e];
+    memset(c, 0, sizeof *c);
+    c->entry = (uint32_t)e;
+    c->items = count;
+    c->flags = flags;
+    int64_t deadline = deadline_of(timeout_ns);
+    sr_status st;
+    WAIT_LOOP(h, &h->hdr->space, try_put_claim(h, en, idx_of(h, (uint32_t)e), total, count, c), deadline, st);
+    if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
+    if (st != SR_OK) {
+        release_entry(h, (uint32_t)e);
+        c->done = 1;
+    }
+    return st;
+}
+
+uint8_t *sr_put_record(sr_handle *h, sr_claim *c, uint64_t size) {
+    (void)size;
+    return h->ring + (c->pos + c->next) % h->capacity + SR_REC_HEADER;
+}
+
+static void put_done(sr_handle *h, sr_claim *c) {
+    finish_entry(&h->block->entries[c->entry]);
+    release_entry(h, c->entry);
+    c->done = 1;
+    wake_if_waiting(&h->hdr->data);
+}
+
+sr_status sr_put_commit_one(sr_handle *h, sr_claim *c, uint64_t size) {
+    if (c->done || c->written >= c->items) return SR_ALREADY_DONE;
+    sr_entry *en = &h->block->entries[c->entry];
+    uint64_t rpos = c->pos + c->next, rsz = sr_record_size(size);
+    rec_hdr *r = rec_at(h, rpos);
+    /* progress before the commit: a reaper that finds the claim's owner dead learns
+     * which record may be the first uncommitted one (see abandon_put()). */
+    atomic_store_explicit(&en->progress, ((uint64_t)c->written << 40) | c->next, memory_order_relaxed);
+    atomic_store_explicit(&en->next, c->next + rsz, memory_order_relaxed);
+    uint64_t slack = rsz - SR_REC_HEADER - size; /* < SR_ALIGN: the exact size is recoverable */
+    atomic_store_explicit(&r->info, mk_info(rsz, 1, (slack << 4) | c->flags), memory_order_relaxed);
+    /* release: the payload and info happen-before a consumer's acquire of the state */
+    atomic_store_explicit(&r->state, rpos | SR_REC_COMMITTED, memory_order_release);
+    atomic_fetch_add_explicit(&h->block->stats[0], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[2], size, memory_order_relaxed);
+    c->written++;
+    c->next += rsz;
+    if (c->written == c->items) put_done(h, c);
+    return SR_OK;
+}
+
+sr_status sr_put_abort(sr_handle *h, sr_claim *c) {
+    if (c->done) return SR_ALREADY_DONE;
+    uint64_t rpos = c->pos + c->next, lost = c->items - c->written;
+    write_marker(h, rpos, c->len - c->next, lost, SR_REC_ABANDONED);
+    atomic_fetch_add_explicit(&h->hdr->shared.abandoned, lost, memory_order_relaxed);
+    put_done(h, c);
+    return SR_OK;
+}
+
+/* ---- consumer ------------------------------------------------------------------------- */
+
+/* Clear a record's payload, publish CONSUMED, then let the sweeper run. */
+static void sweep(sr_handle *h);
+
+static void consume_record(sr_handle *h, uint64_t pos, uint64_t len) {
+    rec_hdr *r = rec_at(h, pos);
+    if (len > SR_REC_HEADER) memset((uint8_t *)r + SR_REC_HEADER, 0, len - SR_REC_HEADER);
+    /* release: the cleared payload happens-before the sweeper's acquire of CONSUMED */
+    atomic_store_explicit(&r->state, pos | SR_REC_CONSUMED, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst); /* pairs with sweep()'s CAS: one of us sees the other */
+    sweep(h);
+}
+
+/* One attempt to claim the record at the head: SR_OK with an item, or WOULD_BLOCK. */
+static sr_status try_get_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, sr_claim *c) {
+    sr_header *hdr = h->hdr;
+    for (;;) {
+        u128 hd = snap_cursor(&hdr->head);
+        uint64_t r = lo64(hd), hitems = hi64(hd) >> 32;
+        uint32_t prev = (uint32_t)(hi64(hd) & 0xffffffffull);
+        rec_hdr *rec = rec_at(h, r);
+        /* acquire: pairs with the producer's release store of the state word */
+        uint64_t s = atomic_load_explicit(&rec->state, memory_order_acquire);
+        uint32_t rs = (uint32_t)(s & 0xf);
+        if ((s & ~0xfull) != r || (rs != SR_REC_COMMITTED && rs != SR_REC_PADDING && rs != SR_REC_ABANDONED)) {
+            if (snap_cursor(&hdr->head) != hd) continue;
+            return SR_WOULD_BLOCK; /* empty, or the head record is still being written */
+        }
+        uint64_t info = atomic_load_explicit(&rec->info, memory_order_relaxed);
+        uint64_t len = info_len(info), items = info_items(info);
+        announce(en, SR_KIND_GET, r, len, items, 0);
+        confirm(hdr, prev, r, SR_KIND_GET);
+        u128 next = mk128(r + len, (((hitems + items) & 0xffffffffull) << 32) | my_idx);
+        if (!cas128(&hdr->head, hd, next)) continue;
+        confirm_own(en);
+        if (rs != SR_REC_COMMITTED) { /* padding or abandoned: nothing to return */
+            consume_record(h, r, len);
+            finish_entry(en);
+            wake_if_waiting(&hdr->space);
+            continue;
+        }
+        c->rec_pos = r;
+        c->pos = r;
+        c->len = len;
+        c->items = 1;
+        c->flags = info_flags(info) & 0xf;
+        c->data = (uint8_t *)rec + SR_REC_HEADER;
+        c->data_len = len - SR_REC_HEADER - (info_flags(info) >> 4);
+        return SR_OK;
+    }
+}
+
+sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) {
+    if (closed(h)) return SR_CLOSED;
+    if (destroyed(h)) return SR_DESTROYED;
+    int e = acquire_entry(h);
+    if (e < 0) return SR_CLOSED;
+    sr_entry *en = &h->block->entries[e];
+    memset(c, 0, sizeof *c);
+    c->entry = (uint32_t)e;
+    int64_t deadline = deadline_of(timeout_ns);
+    sr_status st;
+    WAIT_LOOP(h, &h->hdr->data, try_get_claim(h, en, idx_of(h, (uint32_t)e), c), deadline, st);
+    if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
+    if (st != SR_OK) {
+        release_entry(h, (uint32_t)e);
+        c->done = 1;
+    }
+    return st;
+}
+
+#define CLEAR_CHUNK 16384u /* fits L1 with room: cleared while still cached */
+
+void sr_copy_out_clear(sr_claim *c, void *dst) {
+    uint8_t *src = c->data, *out = dst;
+    uint64_t n = c->data_len;
+    for (uint64_t off = 0; off < n; off += CLEAR_CHUNK) {
+        uint64_t k = n - off < CLEAR_CHUNK ? n - off : CLEAR_CHUNK;
+        memcpy(out + off, src + off, k);
+        memset(src + off, 0, k);
+    }
+    /* the record's slack bytes (< SR_ALIGN) after the payload are already zero: only
+     * a producer writes them, and it writes only the payload */
+    c->cleared = 1;
+}
+
+sr_status sr_get_end(sr_handle *h, sr_claim *c) {
+    if (c->done) return SR_ALREADY_DONE;
+    if (c->cleared) {
+        rec_hdr *r = rec_at(h, c->rec_pos);
+        /* release: pairs with the sweeper's acquire of CONSUMED (payload cleared above) */
+        atomic_store_explicit(&r->state, c->rec_pos | SR_REC_CONSUMED, memory_order_release);
+        atomic_thread_fence(memory_order_seq_cst); /* pairs with sweep()'s CAS */
+        sweep(h);
+    } else {
+        consume_record(h, c->rec_pos, c->len);
+    }
+    finish_entry(&h->block->entries[c->entry]);
+    release_entry(h, c->entry);
+    c->done = 1;
+    atomic_fetch_add_explicit(&h->block->stats[1], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[3], c->data_len, memory_order_relaxed);
+    wake_if_waiting(&h->hdr->space);
+    return SR_OK;
+}
+
+/* ---- the sweeper: give CONSUMED records back to producers, in order ---------------------- */
+
+static void sweep(sr_handle *h) {
+    sr_header *hdr = h->hdr;
+    uint64_t me = (uint64_t)h->block_index + 1;
+    for (;;) {
+        u128 f = snap_free(&hdr->free);
+        if (hi64(f) != 0) return; /* another sweeper is at work; it re-checks after moving F */
+        uint64_t fp = lo64(f);
+        rec_hdr *rec = rec_at(h, fp);
+        /* acquire: pairs with consume_record()'s release of CONSUMED */
+        if (atomic_load_explicit(&rec->state, memory_order_acquire) != (fp | SR_REC_CONSUMED)) return;
+        if (!cas128(&hdr->free, f, mk128(fp, me))) continue; /* F is ours while meta == me */
+        /* Only the state word needs clearing: the info word sits at a position that is
+         * never 16-aligned, so no later record can mistake it for a state word, and
+         * keeping it lets a survivor finish this sweep if we die here (reap()). */
+        uint64_t len = info_len(atomic_load_explicit(&rec->info, memory_order_relaxed));
+        atomic_store_explicit(&rec->state, 0, memory_order_relaxed);
+        /* full barrier: the cleared state happens-before a producer's acquire of F.pos */
+        cas128(&hdr->free, mk128(fp, me), mk128(fp + len, 0));
+    }
+}
+
+/* ---- recovery from dead participants ----------------------------------------------------- */
+
+/* Is the record at pos committed (or past that), as far as a dead writer is concerned? */
+static int record_published(sr_handle *h, uint64_t pos) {
+    uint64_t s = atomic_load_explicit(&rec_at(h, pos)->state, memory_order_acquire);
+    if ((s & ~0xfull) == pos && (s & 0xf) != SR_REC_EMPTY) return 1;
+    /* read after the state: if F had passed pos, the record was published and swept */
+    return atomic_load_explicit(&h->hdr->free.pos, memory_order_acquire) > pos;
+}
+
+/* We own a dead producer's claim (entry ABANDONED by our CAS): mark its unpublished rest
+ * as one ABANDONED record.  The writer stored, before committing record j, progress =
+ * (j, offset of j) and next = offset of record j+1; records before j are published. */
+static void abandon_put(sr_handle *h, uint64_t pos, uint64_t len, uint64_t items, uint64_t progress,
+                        uint64_t next) {
+    uint64_t j = progress >> 40, off_j = progress & ((1ull << 40) - 1);
+    uint64_t end = pos + len, start, lost;
+    if (off_j > 0 && j == 0 && !record_published(h, pos)) {
+        start = pos; /* not even the padding went out */
+        lost = items;
+    } else if (off_j + pos < end && record_published(h, pos + off_j)) {
+        start = pos + next; /* record j went out, j+1 (if any) did not */
+        lost = items > j ? items - j - 1 : 0;
+    } else {
+        start = pos + off_j;
+        lost = items - j;
+    }
+    if (start >= end) return; /* everything was published before the writer died */
+    write_marker(h, start, end - start, lost, SR_REC_ABANDONED);
+    atomic_fetch_add_explicit(&h->hdr->shared.abandoned, lost, memory_order_relaxed);
+}
+
+/* Take over claims of dead processes that block the head (an unpublished record) or the
+ * sweeper (a record read by a dead consumer, or F held by a dead sweeper). */
+static void reap(sr_handle *h) {
+    sr_header *hdr = h->hdr;
+    /* A reader may have died (or stalled) between publishing CONSUMED and sweeping it:
+     * nothing names it any more, so whoever waits sweeps (found by the interleaving
+     * model in tests/test_sage_interleavings.py). */
+    sweep(h);
+    u128 t = snap_cursor(&hdr->tail), hd = snap_cursor(&hdr->head);
+    /* make sure the last claims are recorded as CLAIMED before looking for them */
+    confirm(hdr, (uint32_t)(hi64(t) & 0xffffffffull), lo64(t), SR_KIND_PUT);
+    confirm(hdr, (uint32_t)(hi64(hd) & 0xffffffffull), lo64(hd), SR_KIND_GET);
+    uint64_t hp = lo64(hd);
+    u128 f = snap_free(&hdr->free);
+    uint64_t fp = lo64(f);
+    if (hi64(f) != 0 && hi64(f) - 1 < SR_MAX_BLOCKS && !block_owner_alive(hdr, (uint32_t)(hi64(f) - 1))) {
+        /* the sweeper died holding F: take it over; re-clearing the header is idempotent
+         * because F still names this record, so nobody can have reused its space */
+        uint64_t me = (uint64_t)h->block_index + 1;
+        if (cas128(&hdr->free, f, mk128(fp, me))) {
+            rec_hdr *rec = rec_at(h, fp);
+            uint64_t len = info_len(atomic_load_explicit(&rec->info, memory_order_relaxed));
+            atomic_store_explicit(&rec->state, 0, memory_order_relaxed);
+            cas128(&hdr->free, mk128(fp, me), mk128(fp + len, 0));
+            sweep(h);
+        }
+    }
+    for (uint32_t b = 0; b < SR_MAX_BLOCKS; b++) {
+        sr_block *blk = block_at(hdr, b);
+        if (atomic_load_explicit(&blk->pid, memory_order_acquire) == 0) continue;
+        int alive = -1; /* checked lazily: /proc reads are not free */
+        for (uint32_t e = 0; e < SR_BLOCK_ENTRIES; e++) {
+            sr_entry *en = &blk->entries[e];
+            uint64_t pos, len, items, progress, next;
+            uint64_t s = read_entry(en, &pos, &len, &items, &progress, &next);
+            if (s == 0 || st_phase(s) != SR_PH_CLAIMED) continue;
+            int blocks_head = st_kind(s) == SR_KIND_PUT && pos <= hp && hp < pos + len;
+            int blocks_free = st_kind(s) == SR_KIND_GET && pos == fp;
+            if (!blocks_head && !blocks_free) continue;
+            if (alive < 0) alive = block_owner_alive(hdr, b);
+            if (alive) continue;
+            /* one survivor wins the claim; the dead owner can write nothing more */
+            if (!atomic_compare_exchange_strong_explicit(&en->state, &s,
+                                                         mk_state(st_seq(s), st_kind(s), SR_PH_ABANDONED),
+                                                         memory_order_acq_rel, memory_order_relaxed))
+                continue;
+            if (blocks_head) {
+                abandon_put(h, pos, len, items, progress, next);
+            } else {
+                rec_hdr *rec = rec_at(h, pos);
+                uint64_t rs = atomic_load_explicit(&rec->state, memory_order_acquire);
+                if ((rs & 0xf) != SR_REC_CONSUMED) {
+                    if ((rs & 0xf) == SR_REC_COMMITTED)
+                        atomic_fetch_add_explicit(&hdr->shared.abandoned, 1, memory_order_relaxed);
+                    consume_record(h, pos, len);
+                } else {
+                    sweep(h);
+                }
+            }
+        }
+    }
+    wake_if_waiting(&hdr->data);
+    wake_if_waiting(&hdr->space);
+}
+
+/* ---- introspection ------------------------------------------------------------------------ */
+
+uint64_t sr_depth(const sr_handle *h) {
+    sr_header *hdr = h->hdr;
+    for (;;) {
+        u128 t = snap_cursor(&hdr->tail);
+        u128 hd = snap_cursor(&hdr->head);
+        uint32_t d = (uint32_t)((hi64(t) >> 32) - (hi64(hd) >> 32));
+        if (d <= 0x7fffffffu) return d;
+        /* H moved past our T snapshot: take a newer pair */
+    }
+}
+
+void sr_read_stats(const sr_handle *h, sr_stats *out) {
+    sr_header *hdr = h->hdr;
+    uint64_t v[5];
+    for (int i = 0; i < 5; i++) v[i] = atomic_load_explicit(&hdr->shared.retired[i], memory_order_relaxed);
+    for (uint32_t b = 0; b < SR_MAX_BLOCKS; b++) {
+        sr_block *blk = block_at(hdr, b);
+        if (atomic_load_explicit(&blk->pid, memory_order_relaxed) == 0) continue;
+        for (int i = 0; i < 5; i++) v[i] += atomic_load_explicit(&blk->stats[i], memory_order_relaxed);
+    }
+    out->puts = v[0];
+    out->gets = v[1];
+    out->bytes_in = v[2];
+    out->bytes_out = v[3];
+    out->waits = v[4];
+    out->abandoned = atomic_load_explicit(&hdr->shared.abandoned, memory_order_relaxed);
+}
+
+uint32_t sr_attached_pids(const void *base, uint32_t *pids, uint32_t max) {
+    sr_header *hdr = (sr_header *)(void *)base;
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < SR_MAX_BLOCKS && n < max; b++) {
+        uint32_t pid = atomic_load_explicit(&block_at(hdr, b)->pid, memory_order_relaxed);
+        if (pid) pids[n++] = pid;
+    }
+    return n;
+}

@@ -1,0 +1,532 @@
+/*
+ * C tests of the sage ring, run under AddressSanitizer + UBSan by tests/test_core_c.py:
+ *
+ *   gcc -std=c11 -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -mcx16 \
+ *       -I sage_queue/_core sage_queue/_core/tests/test_sagering.c -lpthread
+ *
+ * The ring source is included so that the tests can reach its static helpers (to
+ * stage a claimer that "died" at a chosen step).  A dead participant is simulated by
+ * a handle whose block carries the pid of a process that has exited and been reaped.
+ */
+#include "../sagering.c"
+
+#include <assert.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+static int failures = 0;
+#define CHECK(cond)                                                                 \
+    do {                                                                            \
+        if (!(cond)) {                                                              \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+            if (++failures > 20) abort();                                           \
+        }                                                                           \
+    } while (0)
+
+typedef struct {
+    void *base;
+    uint64_t size;
+} seg_t;
+
+static seg_t new_segment(uint64_t capacity, uint64_t maxsize) {
+    seg_t s;
+    s.size = sr_segment_size(capacity);
+    s.base = mmap(NULL, s.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert(s.base != MAP_FAILED);
+    assert(sr_init(s.base, s.size, capacity, maxsize, (uint32_t)getpid()) == SR_OK);
+    return s;
+}
+
+static void free_segment(seg_t s) { munmap(s.base, s.size); }
+
+static uint32_t dead_pid(void) {
+    pid_t p = fork();
+    if (p == 0) _exit(0);
+    waitpid(p, NULL, 0);
+    return (uint32_t)p;
+}
+
+static sr_status put1(sr_handle *h, const void *data, uint64_t n, int64_t timeout) {
+    sr_claim c;
+    sr_status st = sr_put_begin(h, &n, 1, 0, timeout, &c);
+    if (st != SR_OK) return st;
+    memcpy(sr_put_record(h, &c, n), data, n);
+    return sr_put_commit_one(h, &c, n);
+}
+
+static sr_status get1(sr_handle *h, void *out, uint64_t *n, int64_t timeout) {
+    sr_claim c;
+    sr_status st = sr_get_begin(h, timeout, &c);
+    if (st != SR_OK) return st;
+    memcpy(out, c.data, c.data_len);
+    *n = c.data_len;
+    return sr_get_end(h, &c);
+}
+
+/* ---- single-thread basics ----------------------------------------------------------- */
+
+static void test_basic_and_wrap(void) {
+    seg_t s = new_segment(8192, 0);
+    char err[200];
+    CHECK(sr_validate(s.base, s.size, err, sizeof err) == SR_OK);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    char buf[4096], out[4096];
+    uint64_t n;
+    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
+    /* many laps with sizes that do not divide the capacity: padding at every lap end */
+    for (int i = 0; i < 20000; i++) {
+        uint64_t len = (uint64_t)(i * 37 % 1500);
+        for (uint64_t k = 0; k < len; k++) buf[k] = (char)(i + (int)k);
+        CHECK(put1(&h, buf, len, 0) == SR_OK);
+        if (i % 3 == 2) { /* keep a few in flight so records straddle lap ends */
+            for (int j = 0; j < 3; j++) {
+                CHECK(get1(&h, out, &n, 0) == SR_OK);
+            }
+        }
+    }
+    while (get1(&h, out, &n, 0) == SR_OK) {
+    }
+    CHECK(sr_depth(&h) == 0);
+    /* a full ring refuses, an impossible record is TOO_BIG, a timeout is a timeout */
+    int count = 0;
+    while (put1(&h, buf, 200, 0) == SR_OK) count++;
+    CHECK(count > 30 && count < 8192 / 200);
+    int64_t t0 = now_ns();
+    CHECK(put1(&h, buf, 200, 50000000) == SR_TIMEOUT);
+    CHECK(now_ns() - t0 >= 50000000);
+    CHECK(put1(&h, buf, 9000, 0) == SR_TOO_BIG);
+    /* double commit / double end return their own error */
+    while (get1(&h, out, &n, 0) == SR_OK) {
+    }
+    sr_claim c;
+    uint64_t ten = 10;
+    CHECK(sr_put_begin(&h, &ten, 1, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_commit_one(&h, &c, 10) == SR_OK);
+    CHECK(sr_put_commit_one(&h, &c, 10) == SR_ALREADY_DONE);
+    CHECK(sr_put_abort(&h, &c) == SR_ALREADY_DONE);
+    CHECK(sr_get_begin(&h, 0, &c) == SR_OK);
+    CHECK(sr_get_end(&h, &c) == SR_OK);
+    CHECK(sr_get_end(&h, &c) == SR_ALREADY_DONE);
+    /* abort: the record is skipped and counted */
+    CHECK(sr_put_begin(&h, &ten, 1, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_abort(&h, &c) == SR_OK);
+    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
+    sr_stats st;
+    sr_read_stats(&h, &st);
+    CHECK(st.abandoned == 1);
+    CHECK(sr_depth(&h) == 0);
+    sr_close(&h);
+    sr_detach(&h);
+    free_segment(s);
+}
+
+static void test_copy_out_clear(void) {
+    seg_t s = new_segment(1 << 20, 0);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    uint64_t n = 300001; /* several clearing chunks and a partial one */
+    uint8_t *src = malloc(n), *dst = malloc(n);
+    for (uint64_t i = 0; i < n; i++) src[i] = (uint8_t)(i * 7 + 1);
+    CHECK(put1(&h, src, n, 0) == SR_OK);
+    sr_claim c;
+    CHECK(sr_get_begin(&h, 0, &c) == SR_OK);
+    uint8_t *payload = c.data;
+    uint64_t len = c.len;
+    sr_copy_out_clear(&c, dst);
+    CHECK(memcmp(src, dst, n) == 0);
+    CHECK(sr_get_end(&h, &c) == SR_OK);
+    int dirty = 0;
+    for (uint64_t i = 0; i < len - SR_REC_HEADER; i++) dirty |= payload[i];
+    CHECK(dirty == 0); /* consumed space is all zero */
+    CHECK(put1(&h, src, 10, 0) == SR_OK);
+    CHECK(get1(&h, dst, &n, 0) == SR_OK && n == 10 && memcmp(src, dst, 10) == 0);
+    free(src);
+    free(dst);
+    sr_close(&h);
+    sr_detach(&h);
+    free_segment(s);
+}
+
+static void test_validate_names_bad_value(void) {
+    seg_t s = new_segment(4096, 0);
+    char err[200];
+    ((sr_header *)s.base)->config.version = 99;
+    CHECK(sr_validate(s.base, s.size, err, sizeof err) == SR_BAD_LAYOUT);
+    CHECK(strstr(err, "99") != NULL);
+    ((sr_header *)s.base)->config.version = SR_VERSION;
+    atomic_store(&((sr_header *)s.base)->config.magic, 42);
+    CHECK(sr_validate(s.base, s.size, err, sizeof err) == SR_BAD_LAYOUT);
+    CHECK(strstr(err, "magic") != NULL);
+    free_segment(s);
+}
+
+static void test_maxsize_and_batch(void) {
+    seg_t s = new_segment(1 << 16, 5);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    char buf[64] = {0}, out[64];
+    uint64_t n, sizes[6] = {1, 2, 3, 4, 5, 6};
+    sr_claim c;
+    CHECK(sr_put_begin(&h, sizes, 6, 0, 0, &c) == SR_TOO_BIG); /* more than maxsize */
+    CHECK(sr_put_begin(&h, sizes, 3, 0, 0, &c) == SR_OK);
+    for (int i = 0; i < 3; i++) {
+        memset(sr_put_record(&h, &c, sizes[i]), 'a' + i, sizes[i]);
+        CHECK(sr_put_commit_one(&h, &c, sizes[i]) == SR_OK);
+    }
+    CHECK(sr_put_begin(&h, sizes, 3, 0, 0, &c) == SR_WOULD_BLOCK); /* 3 + 3 > 5 */
+    CHECK(put1(&h, buf, 8, 0) == SR_OK);
+    CHECK(put1(&h, buf, 8, 0) == SR_OK);
+    CHECK(put1(&h, buf, 8, 0) == SR_WOULD_BLOCK);
+    CHECK(sr_depth(&h) == 5);
+    for (int i = 0; i < 3; i++) {
+        CHECK(get1(&h, out, &n, 0) == SR_OK);
+        CHECK(n == sizes[i] && out[0] == 'a' + i);
+    }
+    CHECK(sr_depth(&h) == 2);
+    sr_close(&h);
+    sr_detach(&h);
+    free_segment(s);
+}
+
+/* ---- MPMC threads: nothing lost, duplicated or reordered per producer -------------------- */
+
+#define PRODUCERS 4
+#define CONSUMERS 4
+#define PER_PRODUCER 50000
+
+typedef struct {
+    seg_t seg;
+    int id;
+    _Atomic uint64_t *seen; /* per (producer, seq) counts */
+    _Atomic long *consumed;
+} worker_arg;
+
+static void *producer(void *p) {
+    worker_arg *a = p;
+    sr_handle h;
+    assert(sr_open(&h, a->seg.base, a->seg.size, (uint32_t)getpid()) == SR_OK);
+    for (uint32_t i = 0; i < PER_PRODUCER;) {
+        uint32_t msg[8] = {(uint32_t)a->id, i, i * 2654435761u};
+        if (i % 97 == 0 && i + 3 <= PER_PRODUCER) { /* a batch of 3 */
+            uint64_t sizes[3] = {12, 12, 12};
+            sr_claim c;
+            if (sr_put_begin(&h, sizes, 3, 0, -1, &c) != SR_OK) abort();
+            for (uint32_t k = 0; k < 3; k++) {
+                uint32_t m[3] = {(uint32_t)a->id, i + k, (i + k) * 2654435761u};
+                memcpy(sr_put_record(&h, &c, 12), m, 12);
+                sr_put_commit_one(&h, &c, 12);
+            }
+            i += 3;
+        } else {
+            if (put1(&h, msg, 12 + (i % 5) * 4, -1) != SR_OK) abort();
+            i++;
+        }
+    }
+    sr_close(&h);
+    sr_detach(&h);
+    return NULL;
+}
+
+static void *consumer(void *p) {
+    worker_arg *a = p;
+    sr_handle h;
+    assert(sr_open(&h, a->seg.base, a->seg.size, (uint32_t)getpid()) == SR_OK);
+    int64_t last[PRODUCERS];
+    for (int i = 0; i < PRODUCERS; i++) last[i] = -1;
+    for (;;) {
+        if (atomic_load(a->consumed) >= (long)PRODUCERS * PER_PRODUCER) break;
+        uint32_t m[16];
+        uint64_t n;
+        sr_status st = get1(&h, m, &n, 20000000);
+        if (st == SR_TIMEOUT) continue;
+        if (st != SR_OK) abort();
+        if (n < 12 || m[0] >= PRODUCERS || m[2] != m[1] * 2654435761u) {
+            fprintf(stderr, "corrupt item\n");
+            failures++;
+            continue;
+        }
+        if ((int64_t)m[1] <= last[m[0]]) {
+            fprintf(stderr, "order broken: producer %u item %u after %lld\n", m[0], m[1], (long long)last[m[0]]);
+            failures++;
+        }
+        last[m[0]] = m[1];
+        atomic_fetch_add(&a->seen[m[0] * PER_PRODUCER + m[1]], 1);
+        atomic_fetch_add(a->consumed, 1);
+    }
+    sr_close(&h);
+    sr_detach(&h);
+    return NULL;
+}
+
+static void test_mpmc_threads(uint64_t capacity, uint64_t maxsize) {
+    seg_t s = new_segment(capacity, maxsize);
+    _Atomic uint64_t *seen = calloc(PRODUCERS * PER_PRODUCER, sizeof *seen);
+    _Atomic long consumed = 0;
+    pthread_t th[PRODUCERS + CONSUMERS];
+    worker_arg args[PRODUCERS + CONSUMERS];
+    for (int i = 0; i < PRODUCERS + CONSUMERS; i++) {
+        args[i] = (worker_arg){s, i < PRODUCERS ? i : i - PRODUCERS, seen, &consumed};
+        pthread_create(&th[i], NULL, i < PRODUCERS ? producer : consumer, &args[i]);
+    }
+    for (int i = 0; i < PRODUCERS + CONSUMERS; i++) pthread_join(th[i], NULL);
+    long missing = 0, dup = 0;
+    for (long i = 0; i < PRODUCERS * PER_PRODUCER; i++) {
+        if (seen[i] == 0) missing++;
+        if (seen[i] > 1) dup++;
+    }
+    CHECK(missing == 0);
+    CHECK(dup == 0);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    CHECK(sr_depth(&h) == 0);
+    sr_stats st;
+    sr_read_stats(&h, &st);
+    CHECK(st.puts == PRODUCERS * PER_PRODUCER && st.gets == PRODUCERS * PER_PRODUCER && st.abandoned == 0);
+    sr_close(&h);
+    sr_detach(&h);
+    free(seen);
+    free_segment(s);
+}
+
+/* ---- dead participants ---------------------------------------------------------------- */
+
+/* A handle that looks like it belongs to a dead process. */
+static void open_as_dead(sr_handle *h, seg_t s) {
+    CHECK(sr_open(h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    atomic_store(&h->block->pid, dead_pid());
+    atomic_store(&h->block->start_time, 0);
+}
+
+static void test_dead_producer_after_claim(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char out[256];
+    uint64_t n, sz = 20;
+    CHECK(put1(&live, "before", 6, 0) == SR_OK);
+    sr_claim c;
+    CHECK(sr_put_begin(&dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
+    CHECK(put1(&live, "after", 5, 0) == SR_OK);
+    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 6);
+    /* the head is stuck on the dead claim until the grace passes and a waiter reaps it */
+    CHECK(get1(&live, out, &n, 0) == SR_WOULD_BLOCK);
+    CHECK(get1(&live, out, &n, 500000000) == SR_OK);
+    CHECK(n == 5 && memcmp(out, "after", 5) == 0);
+    sr_stats st;
+    sr_read_stats(&live, &st);
+    CHECK(st.abandoned == 1);
+    CHECK(sr_depth(&live) == 0);
+    /* the ring keeps working over many laps */
+    for (int i = 0; i < 1000; i++) {
+        CHECK(put1(&live, out, 100, 0) == SR_OK);
+        CHECK(get1(&live, out, &n, 0) == SR_OK);
+    }
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_dead_producer_unconfirmed_announce(void) {
+    /* killed between its cursor CAS and confirming its own entry, with nobody moving T */
+    seg_t s = new_segment(4096, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    sr_header *hdr = dead.hdr;
+    sr_entry *en = &dead.block->entries[0];
+    atomic_fetch_and(&dead.free_entries, ~1u);
+    u128 t = snap_cursor(&hdr->tail);
+    uint64_t len = sr_record_size(30);
+    announce(en, SR_KIND_PUT, lo64(t), len, 1, 0);
+    CHECK(cas128(&hdr->tail, t, mk128(lo64(t) + len, (1ull << 32) | idx_of(&dead, 0))));
+    CHECK(st_phase(atomic_load(&en->state)) == SR_PH_ANNOUNCED);
+    char out[64];
+    uint64_t n;
+    CHECK(get1(&live, out, &n, 300000000) == SR_TIMEOUT); /* reaped, then truly empty */
+    sr_stats st;
+    sr_read_stats(&live, &st);
+    CHECK(st.abandoned == 1);
+    CHECK(sr_depth(&live) == 0);
+    CHECK(put1(&live, "x", 1, 0) == SR_OK);
+    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 1);
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_dead_producer_mid_batch(void) {
+    seg_t s = new_segment(8192, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    uint64_t sizes[4] = {10, 20, 30, 40};
+    sr_claim c;
+    CHECK(sr_put_begin(&dead, sizes, 4, 0, 0, &c) == SR_OK);
+    for (int i = 0; i < 2; i++) { /* two of four published, then "killed" */
+        memset(sr_put_record(&dead, &c, sizes[i]), 'a' + i, sizes[i]);
+        sr_put_commit_one(&dead, &c, sizes[i]);
+    }
+    CHECK(put1(&live, "tail", 4, 0) == SR_OK);
+    char out[64];
+    uint64_t n;
+    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 10 && out[0] == 'a');
+    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 20 && out[0] == 'b');
+    CHECK(get1(&live, out, &n, 500000000) == SR_OK && n == 4 && memcmp(out, "tail", 4) == 0);
+    sr_stats st;
+    sr_read_stats(&live, &st);
+    CHECK(st.abandoned == 2);
+    CHECK(sr_depth(&live) == 0);
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_dead_consumer_mid_read(void) {
+    seg_t s = new_segment(2048, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char buf[256] = {0}, out[256];
+    uint64_t n;
+    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    sr_claim c;
+    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK); /* claimed the record, never ends */
+    /* fill the ring: producers then need the dead reader's space back */
+    int puts = 0;
+    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
+    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
+    CHECK(put1(&live, buf, 200, 0) == SR_WOULD_BLOCK || puts < 9);
+    for (int i = 0; i < 20; i++) { /* blocking puts reap the dead reader and go on */
+        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
+        CHECK(get1(&live, out, &n, 0) == SR_OK);
+    }
+    sr_stats st;
+    sr_read_stats(&live, &st);
+    CHECK(st.abandoned == 1);
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_dead_consumer_before_its_sweep(void) {
+    seg_t s = new_segment(2048, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char buf[256] = {0}, out[256];
+    uint64_t n;
+    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    /* the dead handle reads the record to the end, publishes CONSUMED, finishes its
+     * entry, and dies before sweeping: no claim names the record any more */
+    sr_claim c;
+    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK);
+    memset(c.data, 0, c.len - SR_REC_HEADER);
+    atomic_store(&rec_at(&dead, c.rec_pos)->state, c.rec_pos | SR_REC_CONSUMED);
+    finish_entry(&dead.block->entries[c.entry]);
+    int puts = 0;
+    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
+    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
+    /* every later record was swept by its reader, but F waits at the dead reader's record
+     * only until a blocked producer reaps */
+    for (int i = 0; i < 20; i++) {
+        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
+        CHECK(get1(&live, out, &n, 0) == SR_OK);
+    }
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_dead_sweeper_holding_free(void) {
+    seg_t s = new_segment(2048, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char buf[256] = {0}, out[256];
+    uint64_t n;
+    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    /* the dead handle reads the record and dies inside sweep(), holding F */
+    sr_claim c;
+    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK);
+    rec_hdr *r = rec_at(&dead, c.rec_pos);
+    memset(c.data, 0, c.len - SR_REC_HEADER);
+    atomic_store(&r->state, c.rec_pos | SR_REC_CONSUMED);
+    u128 f = snap_free(&dead.hdr->free);
+    CHECK(cas128(&dead.hdr->free, f, mk128(lo64(f), dead.block_index + 1)));
+    for (int i = 0; i < 40; i++) {
+        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
+        CHECK(get1(&live, out, &n, 0) == SR_OK);
+    }
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_blocks_reclaimed(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle hs[SR_MAX_BLOCKS], extra;
+    for (uint32_t i = 0; i < SR_MAX_BLOCKS; i++) CHECK(sr_open(&hs[i], s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    CHECK(sr_open(&extra, s.base, s.size, (uint32_t)getpid()) == SR_NO_BLOCK);
+    atomic_store(&hs[7].block->pid, dead_pid()); /* its owner "died" idle */
+    CHECK(sr_open(&extra, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    CHECK(extra.block_index == 7);
+    free_segment(s);
+}
+
+/* ---- close wakes a blocked waiter ----------------------------------------------------- */
+
+static void *blocked_get(void *p) {
+    sr_handle *h = p;
+    sr_claim c;
+    return (void *)(intptr_t)sr_get_begin(h, -1, &c);
+}
+
+static void test_close_wakes(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    pthread_t th;
+    pthread_create(&th, NULL, blocked_get, &h);
+    sleep_ns(50000000);
+    int64_t t0 = now_ns();
+    sr_close(&h);
+    void *res;
+    pthread_join(th, &res);
+    CHECK((sr_status)(intptr_t)res == SR_CLOSED);
+    CHECK(now_ns() - t0 < 200000000);
+    sr_detach(&h);
+    free_segment(s);
+}
+
+int main(void) {
+    test_basic_and_wrap();
+    test_copy_out_clear();
+    test_validate_names_bad_value();
+    test_maxsize_and_batch();
+    test_mpmc_threads(1 << 12, 0);  /* tiny ring: constant wrap-around and full waits */
+    test_mpmc_threads(1 << 20, 7);  /* item bound */
+    test_dead_producer_after_claim();
+    test_dead_producer_unconfirmed_announce();
+    test_dead_producer_mid_batch();
+    test_dead_consumer_mid_read();
+    test_dead_consumer_before_its_sweep();
+    test_dead_sweeper_holding_free();
+    test_blocks_reclaimed();
+    test_close_wakes();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("all sagering C tests passed\n");
+    return 0;
+}

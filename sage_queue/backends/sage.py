@@ -1,0 +1,333 @@
+"""``sage``: SAGE's high-performance queue, built as meant: a lock-free MPMC ring in C11.
+
+The ring lives in a named POSIX shared-memory segment (``/dev/shm/sageq-sage-<name>``,
+mode 0600, created and unlinked through :mod:`sage_queue._segment`), so any process on
+the host that holds the descriptor attaches to it. The C core
+(``sage_queue/_core/sagering.c``, exposed as ``sage_queue._sage_core``) does the claims,
+copies, blocking (bounded spin, then a futex on a shared word) and the recovery from
+processes killed mid-operation; this module only serialises items and maps the segment.
+The protocol is argued in ``sagering.h`` and ``sage_queue/_core/DESIGN.md``; the
+normative text is ``spec/backends/sage.md``.
+
+Item encoding (a 4-bit flag stored in each record, chosen here):
+
+* ``bytes`` objects travel as their bytes, unpickled (one copy in, one copy out);
+* everything else is pickled with protocol 5; out-of-band buffers (a large numpy array,
+  a ``PickleBuffer``) are gathered into the same record next to the pickle, so they are
+  copied once into the ring and once out (into a ``bytearray`` the unpickled object uses);
+* :meth:`SAGEQueueStub.put_bytes` / :meth:`~SAGEQueueStub.get_bytes` are the raw mode:
+  any bytes-like object in, ``bytes`` out, no pickling at all.
+
+The C core is imported on first use only, so validating a ``sage`` descriptor never
+loads it; a missing or unbuildable extension raises ``BackendUnavailable``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from .. import _segment
+from .._timeout import normalize_timeout
+from ..descriptor import MetadataField, QueueDescriptor, non_negative
+from ..errors import BackendUnavailable, IncompatibleQueue, QueueNotFound
+from ..protocol import APPROXIMATE_QSIZE, BATCH, CLOSE, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
+from ..stub import QueueStub
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["SAGEQueueStub", "describe_segment", "remove_segment", "DEFAULT_CAPACITY_BYTES", "SEGMENT_KIND"]
+
+SEGMENT_KIND = "sage"
+DEFAULT_CAPACITY_BYTES = 16 << 20
+"""Ring size when the descriptor does not say (16 MiB; tmpfs pages are only used once touched)."""
+MIN_CAPACITY_BYTES = 1024
+MAX_CAPACITY_BYTES = 1 << 31
+"""A record's length is a 32-bit field."""
+
+# Record format flags (4 bits, see the module docstring).
+FLAG_PICKLE = 0
+FLAG_BYTES = 1
+FLAG_PARTS = 2
+FLAG_RAW = 3
+
+_ATTACH_RETRIES = 50
+_PICKLE_PROTOCOL = 5
+
+_dumps = pickle.dumps
+_NO_BUFFERS = frozenset({str, int, float, bool, type(None), complex})
+_INBAND_FIRST = _NO_BUFFERS | {tuple, list, dict, set, frozenset}
+_OOB_MIN = 1 << 16
+"""A container pickled to at least this many bytes is pickled again with out-of-band buffers."""
+
+_core_module: Any = None
+_core_lock = threading.Lock()
+
+
+def _core() -> Any:
+    """The C extension, imported on first use (BackendUnavailable if it cannot load)."""
+    global _core_module
+    if _core_module is None:
+        with _core_lock:
+            if _core_module is None:
+                try:
+                    from .. import _sage_core  # type: ignore[attr-defined]
+                except ImportError as exc:
+                    raise BackendUnavailable(
+                        "sage", f"the C core sage_queue._sage_core ({exc})",
+                        "build it with 'pip install .' or 'python setup.py build_ext --inplace'; "
+                        "a C11 compiler is needed (apt-get install gcc python3-dev)",
+                    ) from exc
+                _core_module = _sage_core
+    return _core_module
+
+
+def _capacity_check(value: Any) -> Optional[str]:
+    if not MIN_CAPACITY_BYTES <= value <= MAX_CAPACITY_BYTES:
+        return f"must be between {MIN_CAPACITY_BYTES} and {MAX_CAPACITY_BYTES}"
+    return None
+
+
+_open_handles: weakref.WeakSet[SAGEQueueStub] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not act with its parent's participant block: drop the copies
+    # and attach anew under the child's pid.
+    global _core_lock
+    _core_lock = threading.Lock()
+    for handle in list(_open_handles):
+        handle._reattach_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class SAGEQueueStub(QueueStub):
+    """A handle on a ``sage`` ring (see the module docstring and ``spec/backends/sage.md``).
+
+    ``put``/``get`` follow ``queue.Queue`` exactly; a blocked call spins briefly, then
+    sleeps on a futex (no CPU while it sleeps), and raises ``QueueClosed`` within 0.1 s
+    when this handle is closed or the queue destroyed. ``qsize()`` counts items whose
+    put has claimed its room, including a put still copying (capability
+    ``approximate_qsize``); it reflects every completed put and get.
+    """
+
+    queue_type: ClassVar[str] = "sage"
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {CROSS_PROCESS, PICKLABLE_HANDLE, BATCH, STATS, CLOSE, APPROXIMATE_QSIZE}
+    )
+    metadata_fields: ClassVar[tuple[MetadataField, ...]] = (
+        MetadataField("shm_name", str, required=True, check=_segment.check_name, doc="segment name"),
+        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = bounded by bytes"),
+        MetadataField(
+            "capacity_bytes", int, default=DEFAULT_CAPACITY_BYTES, check=_capacity_check,
+            doc="bytes in the ring (rounded up to 64)",
+        ),
+        MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
+    )
+
+    def __init__(self, descriptor: QueueDescriptor) -> None:
+        super().__init__(descriptor)
+        core = _core()
+        meta = descriptor.metadata
+        self._name: str = meta["shm_name"]
+        self._want_maxsize: int = meta["maxsize"]
+        self._want_capacity: int = core.round_capacity(meta["capacity_bytes"])
+        self._segment: Optional[_segment.Segment] = None
+        self._ring: Any = None
+        self._attach(core, create=bool(meta["create"]))
+        _open_handles.add(self)
+
+    # -- attach -------------------------------------------------------------------------
+
+    def _attach(self, core: Any, create: bool) -> None:
+        size = core.segment_size(self._want_capacity)
+        for _ in range(_ATTACH_RETRIES):
+            seg = _segment.Segment.open(SEGMENT_KIND, self._name, size, create=create)
+            try:
+                ring = self._open_ring(core, seg)
+            except _Retry:
+                seg.close()
+                time.sleep(0.002)
+                continue
+            except BaseException:
+                seg.close()
+                if seg.created:
+                    seg.unlink()
+                raise
+            self._segment, self._ring = seg, ring
+            return
+        raise QueueNotFound(f"sage queue {self._name!r} kept being destroyed while attaching")
+
+    def _open_ring(self, core: Any, seg: _segment.Segment) -> Any:
+        if not seg.created:
+            self._wait_initialised(core, seg)
+            info = core.inspect(seg.buf)
+            if "error" in info:
+                raise IncompatibleQueue(f"sage queue {self._name!r}: {info['error']}")
+            if info["destroyed"]:
+                raise _Retry
+            if info["capacity"] != self._want_capacity or info["maxsize"] != self._want_maxsize:
+                raise IncompatibleQueue(
+                    f"sage queue {self._name!r} has capacity_bytes={info['capacity']}, maxsize={info['maxsize']}; "
+                    f"the descriptor says capacity_bytes={self._want_capacity}, maxsize={self._want_maxsize}"
+                )
+        try:
+            return core.Ring(seg.buf, seg.created, self._want_capacity, self._want_maxsize, os.getpid())
+        except ValueError as exc:
+            raise IncompatibleQueue(f"sage queue {self._name!r}: {exc}") from None
+        except RuntimeError as exc:
+            raise IncompatibleQueue(f"sage queue {self._name!r}: {exc}") from None
+
+    @staticmethod
+    def _wait_initialised(core: Any, seg: _segment.Segment) -> None:
+        # The creator ftruncates, then writes the header, the magic last.
+        deadline = time.monotonic() + 2.0
+        while "error" in core.inspect(seg.buf) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _reattach_after_fork(self) -> None:
+        if self._ring is None or self._closed:
+            return
+        self._ring.abandon()
+        assert self._segment is not None
+        self._ring = _core().Ring(self._segment.buf, False, self._want_capacity, self._want_maxsize, os.getpid())
+
+    # -- the hot path -------------------------------------------------------------------
+    # put/get are QueueStub's, inlined: same checks in the same order (timeout first, then
+    # closed), minus two Python call layers per item.
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put ``item`` exactly like :meth:`queue.Queue.put` (see :meth:`QueueStub.put`)."""
+        seconds = None if block and timeout is None else normalize_timeout(block, timeout)
+        if self._closed:
+            self._check_open()
+        kind = type(item)
+        if kind is bytes:
+            self._ring.put(item, FLAG_BYTES, seconds)
+            return
+        if kind in _INBAND_FIRST:
+            # Plain values and containers: pickling without a buffer callback is cheaper,
+            # and only a big result can hide an out-of-band buffer worth a second pass.
+            data = _dumps(item, _PICKLE_PROTOCOL)
+            if kind in _NO_BUFFERS or len(data) < _OOB_MIN:
+                self._ring.put(data, FLAG_PICKLE, seconds)
+                return
+        buffers: list[pickle.PickleBuffer] = []
+        data = _dumps(item, _PICKLE_PROTOCOL, buffer_callback=buffers.append)
+        if buffers:
+            self._ring.put_parts([data, *buffers], FLAG_PARTS, seconds)
+        else:
+            self._ring.put(data, FLAG_PICKLE, seconds)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        """Remove and return the oldest item exactly like :meth:`queue.Queue.get`."""
+        seconds = None if block and timeout is None else normalize_timeout(block, timeout)
+        if self._closed:
+            self._check_open()
+        return self._ring.get_item(seconds)
+
+    # -- the hooks ------------------------------------------------------------------------
+
+    def _put(self, item: Any, timeout: Optional[float]) -> None:
+        self.put(item, True, timeout)
+
+    def _get(self, timeout: Optional[float]) -> Any:
+        return self._ring.get_item(timeout)
+
+    def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
+        if 0 < self.maxsize < len(items):
+            raise ValueError(f"a batch of {len(items)} items can never fit in a queue of maxsize {self.maxsize}")
+        # one contiguous claim; each item pickled in-band (bytes objects raw) by the core
+        self._ring.put_items(items, timeout)
+
+    def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
+        items: list[Any] = self._ring.get_items(max_items, timeout)
+        return items
+
+    def _qsize(self) -> int:
+        return int(self._ring.depth())
+
+    def _stats(self) -> QueueStats:
+        puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity = self._ring.stats()
+        return QueueStats(
+            scope="queue", puts=puts, gets=gets, depth=depth, bytes_in=bytes_in, bytes_out=bytes_out,
+            waits=waits, abandoned=abandoned, capacity_bytes=capacity,
+        )
+
+    def _close(self) -> None:
+        ring, seg = self._ring, self._segment
+        if ring is not None:
+            ring.close()
+        if seg is not None:
+            seg.close()
+
+    def _destroy(self) -> None:
+        self._ring.destroy()
+        assert self._segment is not None
+        self._segment.unlink()
+
+    # -- raw mode -----------------------------------------------------------------------------
+
+    def put_bytes(self, data: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        """Put the bytes of ``data`` (any bytes-like object) without pickling; blocks like :meth:`put`.
+
+        Another handle's :meth:`get` returns them as ``bytes``.
+        """
+        seconds = normalize_timeout(block, timeout)
+        self._check_open()
+        self._ring.put(data, FLAG_RAW, seconds)
+
+    def get_bytes(self, block: bool = True, timeout: Optional[float] = None) -> bytes:
+        """Like :meth:`get`; the item must have been put as bytes (``put_bytes`` or a ``bytes`` item).
+
+        Raises ``TypeError`` (and the item is consumed) if the oldest item was pickled.
+        """
+        seconds = normalize_timeout(block, timeout)
+        self._check_open()
+        record = self._ring.get(seconds, FLAG_PARTS)
+        if record[0] not in (FLAG_BYTES, FLAG_RAW):
+            raise TypeError("get_bytes() found a pickled item; use get()")
+        data: bytes = record[1]
+        return data
+
+    def put_many_bytes(self, datas: Iterable[Any], block: bool = True, timeout: Optional[float] = None) -> None:
+        """``put_many`` in raw mode: every element is a bytes-like object, none is pickled."""
+        seconds = normalize_timeout(block, timeout)
+        batch = list(datas)
+        self._check_open()
+        if batch:
+            self._ring.put_many(batch, bytes([FLAG_RAW]) * len(batch), seconds)
+
+
+class _Retry(Exception):
+    """The segment was destroyed while attaching: open the name again."""
+
+
+def describe_segment(name: str) -> _segment.SegmentInfo:
+    """What ``sage-queue ls`` shows of segment ``name``; never attaches, never modifies it."""
+    core = _core()
+    seg = _segment.Segment.open(SEGMENT_KIND, name, 0, create=False)
+    try:
+        info = core.inspect(seg.buf)
+        if "error" in info:
+            return _segment.SegmentInfo(SEGMENT_KIND, name, seg.size, None, (), note=info["error"])
+        return _segment.SegmentInfo(
+            SEGMENT_KIND, name, seg.size, int(info["depth"]), tuple(info["pids"]),
+            creator_pid=int(info["creator_pid"]), format_version=int(info["version"]),
+            note="destroyed, still mapped by some process" if info["destroyed"] else "",
+        )
+    finally:
+        seg.close()
+
+
+def remove_segment(name: str) -> bool:
+    """Unlink segment ``name`` (``sage-queue gc``); True if it existed."""
+    return _segment.unlink(SEGMENT_KIND, name)
