@@ -38,4 +38,4 @@ clean:
 	rm -rf $(VENV) build *.egg-info sage_queue/*.so .pytest_cache .mypy_cache .hypothesis
 
 soak: $(STAMP)
-	SAGE_SOAK=1 SAGE_SOAK_KILLS=$${SAGE_SOAK_KILLS:-1000} $(PY) -m pytest -s tests/test_sage.py -k soak
+	SAGE_SOAK=1 SAGE_SOAK_KILLS=$${SAGE_SOAK_KILLS:-1000} $(PY) -m pytest -s --timeout=1800 tests/test_sage.py tests/test_shm_processes.py -k soak

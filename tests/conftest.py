@@ -1,14 +1,21 @@
-"""Suite-wide guards: Hypothesis profiles, and a leak check on shared-memory segments.
+"""Suite-wide guards: Hypothesis profiles, and leak checks on segments and processes.
 
-The leak check runs in the controlling process only (under xdist, workers share
+The leak checks run in the controlling process only (under xdist, workers share
 /dev/shm, so a worker cannot tell its own leftovers from a sibling's live queue):
-it records this library's segments before the run and fails the run if any new
-one is still there at the end.
+
+* segments: this library's segments are recorded before the run, and the run
+  fails if any new one is still there at the end;
+* processes: the controller puts a token in the environment before the workers
+  start, so every process the suite starts (workers, their children, orphans
+  re-parented to init) inherits it; at the end, any live process other than the
+  controller that carries the token is a leak and fails the run.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from typing import Any
 
 import pytest
@@ -33,6 +40,48 @@ def _is_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+_RUN_TOKEN_VAR = "SAGE_QUEUE_TEST_RUN"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before xdist starts its workers, so that they and all their descendants inherit it.
+    if _is_controller(config):
+        os.environ[_RUN_TOKEN_VAR] = uuid.uuid4().hex
+
+
+def _live_processes_of_this_run() -> list[str]:
+    """``pid cmdline`` of every live, non-zombie process (but us) carrying this run's token."""
+    token = f"{_RUN_TOKEN_VAR}={os.environ.get(_RUN_TOKEN_VAR, '')}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if token not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # a zombie holds nothing but its pid until its parent reaps it
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{entry} {cmdline[:160]}")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _leaked_processes() -> list[str]:
+    if not os.path.isdir("/proc") or _RUN_TOKEN_VAR not in os.environ:
+        return []
+    deadline = time.monotonic() + 10.0  # processes killed at the very end still need a moment to exit
+    while True:
+        left = _live_processes_of_this_run()
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if _is_controller(session.config):
         session.config.stash[_BEFORE] = _our_segments()
@@ -45,6 +94,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     if leaked:
         session.config.stash[_LEAKED] = leaked
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    processes = _leaked_processes()
+    if processes:
+        session.config.stash[_LEAKED_PROCESSES] = processes
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: pytest.Config) -> None:
@@ -52,7 +105,14 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: pyte
     if leaked:
         terminalreporter.section("shared-memory leak", sep="=", red=True)
         terminalreporter.write_line(f"the suite left {len(leaked)} segment(s) in /dev/shm: {', '.join(leaked)}")
+    processes = config.stash.get(_LEAKED_PROCESSES, [])
+    if processes:
+        terminalreporter.section("process leak", sep="=", red=True)
+        terminalreporter.write_line(f"the suite left {len(processes)} process(es) running:")
+        for line in processes:
+            terminalreporter.write_line(f"  {line}")
 
 
 _BEFORE = pytest.StashKey[set[str]]()
 _LEAKED = pytest.StashKey[list[str]]()
+_LEAKED_PROCESSES = pytest.StashKey[list[str]]()
