@@ -8,7 +8,8 @@
  * copies; records carry a 4-bit format flag chosen by the caller.
  *
  * GIL: every operation first tries without waiting, holding the GIL; only if it
- * would block does it release the GIL and wait (spin, then futex).  Copies of
+ * would block does it release the GIL and wait (spin, then futex), in slices of at most
+ * 100 ms between which it runs signal handlers (Ctrl-C ends a blocked get).  Copies of
  * 64 KiB or more are done with the GIL released.  `close()` marks the handle
  * closed, wakes its waiters, waits (GIL released) for this object's operations
  * in flight, then gives the participant block back.
@@ -18,10 +19,12 @@
 
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 #include "sagering.h"
 
 #define BIG_COPY 65536u
+#define SIGNAL_SLICE_NS 100000000ll /* a blocked call runs signal handlers at least this often */
 
 static PyObject *Full, *Empty, *QueueClosed, *pickle_loads, *pickle_dumps, *str_buffers;
 
@@ -79,6 +82,8 @@ static PyObject *raise_status(sr_status st, int put) {
     case SR_DESTROYED:
         PyErr_SetString(QueueClosed, "sage queue was destroyed");
         break;
+    case SR_INTERRUPTED:
+        break; /* a signal handler raised: its exception is the one to report */
     case SR_TOO_BIG:
         PyErr_SetString(PyExc_ValueError, "the item (or batch) can never fit in this queue "
                                           "(larger than capacity_bytes, or more items than maxsize)");
@@ -99,26 +104,54 @@ static void copy_maybe_nogil(void *dst, const void *src, size_t n) {
     }
 }
 
-/* Claim room for `count` records, first without waiting (GIL held), then waiting. */
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+/* The next slice of a wait that ends at `deadline` (< 0: never); 0 when it has ended. */
+static int64_t next_slice(int64_t deadline) {
+    if (deadline < 0) return SIGNAL_SLICE_NS;
+    int64_t left = deadline - mono_ns();
+    if (left <= 0) return 0;
+    return left < SIGNAL_SLICE_NS ? left : SIGNAL_SLICE_NS;
+}
+
+/* Claim room for `count` records, first without waiting (GIL held), then waiting with the
+ * GIL released in slices of at most SIGNAL_SLICE_NS, running signal handlers between them:
+ * a handler that raises (KeyboardInterrupt, a test timeout) ends the wait, as it ends a
+ * blocked queue.Queue.get.  One uninterrupted wait in C could not be ended by any signal. */
 static sr_status claim_put(RingObject *self, const uint64_t *sizes, uint32_t count, uint32_t flags,
                            int64_t timeout, sr_claim *c) {
     sr_status st = sr_put_begin(&self->h, sizes, count, flags, 0, c);
-    if (st == SR_WOULD_BLOCK && timeout != 0) {
+    if (st != SR_WOULD_BLOCK || timeout == 0) return st;
+    int64_t deadline = timeout < 0 ? -1 : mono_ns() + timeout;
+    for (int resume = 0;; resume = 1) {
+        int64_t slice = next_slice(deadline);
+        if (slice == 0) return SR_TIMEOUT;
         Py_BEGIN_ALLOW_THREADS
-        st = sr_put_begin(&self->h, sizes, count, flags, timeout, c);
+        st = resume ? sr_put_wait(&self->h, sizes, count, flags, slice, c)
+                    : sr_put_begin(&self->h, sizes, count, flags, slice, c);
         Py_END_ALLOW_THREADS
+        if (st != SR_TIMEOUT) return st;
+        if (PyErr_CheckSignals() < 0) return SR_INTERRUPTED;
     }
-    return st;
 }
 
 static sr_status claim_get(RingObject *self, int64_t timeout, sr_claim *c) {
     sr_status st = sr_get_begin(&self->h, 0, c);
-    if (st == SR_WOULD_BLOCK && timeout != 0) {
+    if (st != SR_WOULD_BLOCK || timeout == 0) return st;
+    int64_t deadline = timeout < 0 ? -1 : mono_ns() + timeout;
+    for (int resume = 0;; resume = 1) {
+        int64_t slice = next_slice(deadline);
+        if (slice == 0) return SR_TIMEOUT;
         Py_BEGIN_ALLOW_THREADS
-        st = sr_get_begin(&self->h, timeout, c);
+        st = resume ? sr_get_wait(&self->h, slice, c) : sr_get_begin(&self->h, slice, c);
         Py_END_ALLOW_THREADS
+        if (st != SR_TIMEOUT) return st;
+        if (PyErr_CheckSignals() < 0) return SR_INTERRUPTED;
     }
-    return st;
 }
 
 /* ---- Ring(buffer, create, capacity, maxsize, pid) ------------------------------------ */

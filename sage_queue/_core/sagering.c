@@ -325,6 +325,7 @@ sr_status sr_open(sr_handle *h, void *base, uint64_t size, uint32_t pid) {
     h->maxsize = h->hdr->config.maxsize;
     h->pid = pid;
     h->grace_ns = DEFAULT_GRACE_NS;
+    atomic_store_explicit(&h->stall_key, UINT64_MAX, memory_order_relaxed); /* no stall seen yet */
     atomic_store_explicit(&h->free_entries, (1u << SR_BLOCK_ENTRIES) - 1u, memory_order_relaxed);
     return take_block(h);
 }
@@ -541,14 +542,52 @@ static void count_wait(sr_handle *h) {
 
 static void reap(sr_handle *h); /* below */
 
-/* Register as a sleeper on w, run `attempt` once more, sleep if it still would block. */
-#define WAIT_LOOP(h, w, attempt_expr, deadline, result)                                            \
+/* Reap once this handle has found the queue blocked at the same place for the grace.
+ * The stall is timed per handle and across calls, not per call: callers that only poll
+ * (get_nowait, or timeouts shorter than the grace) must add up too, or a claim of a dead
+ * process at the head stalls for good a queue whose users all poll; a per-call clock
+ * never reached the grace for them (tests/test_sage_regressions.py).  The place is
+ * H.pos + F.pos: both only grow, so the sum moves whenever a record is got or given
+ * back, and stays put while a claim blocks consumers (H) or producers (F; a full
+ * maxsize also waits for H).  Threads of one handle race on the two fields harmlessly:
+ * the worst case is one spare reap. */
+static void note_blocked(sr_handle *h) {
+    sr_header *hdr = h->hdr;
+    /* acquire: pairs with the full-barrier CASes that move H and F */
+    uint64_t hp = atomic_load_explicit(&hdr->head.pos, memory_order_acquire);
+    uint64_t fp = atomic_load_explicit(&hdr->free.pos, memory_order_acquire);
+    uint64_t key = hp + fp;
+    int64_t now = now_ns();
+    if (atomic_load_explicit(&h->stall_key, memory_order_relaxed) != key) {
+        atomic_store_explicit(&h->stall_since, now, memory_order_relaxed);
+        atomic_store_explicit(&h->stall_key, key, memory_order_relaxed);
+        return;
+    }
+    if (now - atomic_load_explicit(&h->stall_since, memory_order_relaxed) <= (int64_t)h->grace_ns) return;
+    atomic_store_explicit(&h->stall_since, now, memory_order_relaxed); /* at most one reap per grace */
+    /* Nothing claimed, nothing left to sweep, nobody sweeping: nothing to reap (an idle
+     * queue polled by many handles stays cheap).  A torn read of the four words can
+     * only come from cursors that moved, i.e. from progress; the next grace looks again. */
+    if (atomic_load_explicit(&hdr->tail.pos, memory_order_acquire) == hp && fp == hp &&
+        atomic_load_explicit(&hdr->free.meta, memory_order_acquire) == 0)
+        return;
+    reap(h);
+}
+
+/* Register as a sleeper on w, run `attempt` once more, sleep if it still would block.
+ * Every blocked call notes the stall (note_blocked: a clock read and two loads) at its
+ * first failure, then at every sched_yield and every sleep slice; that is also what reaps
+ * claims of dead processes.  Not only per slice: on a loaded machine the 200 yields alone
+ * can take a second (each gives the core to every runnable peer), and a call whose
+ * timeout ran out among them never reaped. */
+#define WAIT_LOOP(h, w, attempt_expr, deadline, resume, result)                                    \
     do {                                                                                           \
-        uint32_t spins_ = 0, counted_ = 0;                                                         \
-        int64_t stuck_since_ = now_ns();                                                           \
+        /* a resumed wait (sr_*_wait) neither spins again nor counts another wait */               \
+        uint32_t spins_ = (resume) ? SPIN_LIMIT + YIELD_LIMIT : 0, counted_ = (resume), noted_ = 0; \
         for (;;) {                                                                                 \
             (result) = (attempt_expr);                                                             \
             if ((result) != SR_WOULD_BLOCK) break;                                                 \
+            if (!noted_ || spins_ >= SPIN_LIMIT) { noted_ = 1; note_blocked(h); }                 \
             if ((deadline) == 0) break;                                                            \
             if (!counted_) { counted_ = 1; count_wait(h); } /* this operation blocks */           \
             if (spins_ < SPIN_LIMIT + YIELD_LIMIT) {                                               \
@@ -556,7 +595,6 @@ static void reap(sr_handle *h); /* below */
                 if (p_ != SR_OK) { (result) = p_; break; }                                         \
                 continue;                                                                          \
             }                                                                                      \
-            if (now_ns() - stuck_since_ > (int64_t)(h)->grace_ns) { reap(h); stuck_since_ = now_ns(); } \
             /* acquire: pairs with the release bump in wake_if_waiting() */                         \
             uint32_t seen_ = atomic_load_explicit(&(w)->seq, memory_order_acquire);                \
             atomic_store_explicit(&(w)->armed, 1, memory_order_seq_cst);                           \
@@ -574,8 +612,8 @@ static int64_t deadline_of(int64_t timeout_ns) {
     return now_ns() + timeout_ns;
 }
 
-sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
-                       sr_claim *c) {
+static sr_status put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
+                           int resume, sr_claim *c) {
     if (count == 0 || count > SR_MAX_BATCH || flags > 0xf) return SR_INVALID;
     uint64_t total = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -594,13 +632,24 @@ sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint
     c->flags = flags;
     int64_t deadline = deadline_of(timeout_ns);
     sr_status st;
-    WAIT_LOOP(h, &h->hdr->space, try_put_claim(h, en, idx_of(h, (uint32_t)e), total, count, c), deadline, st);
+    WAIT_LOOP(h, &h->hdr->space, try_put_claim(h, en, idx_of(h, (uint32_t)e), total, count, c), deadline, resume,
+              st);
     if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
     if (st != SR_OK) {
         release_entry(h, (uint32_t)e);
         c->done = 1;
     }
     return st;
+}
+
+sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
+                       sr_claim *c) {
+    return put_begin(h, sizes, count, flags, timeout_ns, 0, c);
+}
+
+sr_status sr_put_wait(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
+                      sr_claim *c) {
+    return put_begin(h, sizes, count, flags, timeout_ns, 1, c);
 }
 
 uint8_t *sr_put_record(sr_handle *h, sr_claim *c, uint64_t size) {
@@ -698,7 +747,7 @@ static sr_status try_get_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, sr_c
     }
 }
 
-sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) {
+static sr_status get_begin(sr_handle *h, int64_t timeout_ns, int resume, sr_claim *c) {
     if (closed(h)) return SR_CLOSED;
     if (destroyed(h)) return SR_DESTROYED;
     int e = acquire_entry(h);
@@ -708,7 +757,7 @@ sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) {
     c->entry = (uint32_t)e;
     int64_t deadline = deadline_of(timeout_ns);
     sr_status st;
-    WAIT_LOOP(h, &h->hdr->data, try_get_claim(h, en, idx_of(h, (uint32_t)e), c), deadline, st);
+    WAIT_LOOP(h, &h->hdr->data, try_get_claim(h, en, idx_of(h, (uint32_t)e), c), deadline, resume, st);
     if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
     if (st != SR_OK) {
         release_entry(h, (uint32_t)e);
@@ -716,6 +765,10 @@ sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) {
     }
     return st;
 }
+
+sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 0, c); }
+
+sr_status sr_get_wait(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 1, c); }
 
 #define CLEAR_CHUNK 16384u /* fits L1 with room: cleared while still cached */
 

@@ -126,6 +126,7 @@ typedef enum sr_status {
     SR_NO_BLOCK = 7,      /* all participant blocks in use by live processes */
     SR_ALREADY_DONE = 8,  /* commit/abort/end called twice on one claim */
     SR_INVALID = 9,       /* bad argument */
+    SR_INTERRUPTED = 10,  /* not returned by the core: the Python binding's "a signal handler raised" */
 } sr_status;
 
 /* Segment header, line by line.  Cursors are 16-byte words {pos, meta}. */
@@ -222,6 +223,8 @@ typedef struct sr_handle {
     _Atomic int closed;       /* set by sr_close(): waiters give up */
     uint64_t grace_ns;        /* stall time before checking a claimer for death */
     _Atomic uint64_t free_cache; /* last F.pos seen by this handle's producers (never ahead of F) */
+    _Atomic uint64_t stall_key;  /* H.pos + F.pos where this handle last found the queue blocked */
+    _Atomic int64_t stall_since; /* since when (CLOCK_MONOTONIC ns) it has found it blocked there */
 } sr_handle;
 
 /* An in-progress claim: filled by *_begin, consumed by *_commit / *_end. */
@@ -279,6 +282,17 @@ sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint
 uint8_t *sr_put_record(sr_handle *h, sr_claim *c, uint64_t size);
 sr_status sr_put_commit_one(sr_handle *h, sr_claim *c, uint64_t size);
 sr_status sr_put_abort(sr_handle *h, sr_claim *c);
+
+/*
+ * Waiting in slices.  A caller that must run code in the middle of one long wait (the
+ * Python binding runs signal handlers at least every 100 ms, so that Ctrl-C or a test
+ * timeout can end a blocked call) waits with sr_put_begin/sr_get_begin for the first
+ * slice and continues with these for the next ones: same arguments and results, but a
+ * continued wait neither spins again nor counts as another wait (stats `waits`).
+ */
+sr_status sr_put_wait(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
+                      sr_claim *c);
+sr_status sr_get_wait(sr_handle *h, int64_t timeout_ns, sr_claim *c);
 
 /*
  * Consumer side.  sr_get_begin claims the oldest committed record (skipping

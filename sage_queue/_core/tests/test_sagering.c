@@ -446,6 +446,96 @@ static void test_dead_consumer_before_its_sweep(void) {
     free_segment(s);
 }
 
+/* Everyone only polls (timeout 0; the same holds for timeouts shorter than the grace):
+ * the stall is timed per handle across calls, so polling alone reaps a dead claim.  With
+ * a per-call clock, no call ever waited the grace and the head stayed stuck for good. */
+static void test_pollers_reap_a_dead_producer(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char out[64];
+    uint64_t n = 0, sz = 20;
+    sr_claim c;
+    CHECK(sr_put_begin(&dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
+    CHECK(put1(&live, "after", 5, 0) == SR_OK);
+    sr_status st = SR_WOULD_BLOCK;
+    int64_t t0 = now_ns();
+    while (st == SR_WOULD_BLOCK && now_ns() - t0 < 2000000000ll) {
+        st = get1(&live, out, &n, 0);
+        if (st == SR_WOULD_BLOCK) sleep_ns(100000);
+    }
+    CHECK(st == SR_OK && n == 5 && memcmp(out, "after", 5) == 0);
+    sr_stats stats;
+    sr_read_stats(&live, &stats);
+    CHECK(stats.abandoned == 1);
+    CHECK(sr_depth(&live) == 0);
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+static void test_polling_producers_reap_a_dead_reader(void) {
+    seg_t s = new_segment(2048, 0);
+    sr_handle live, dead;
+    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    live.grace_ns = 1000000;
+    open_as_dead(&dead, s);
+    char buf[256] = {0}, out[256];
+    uint64_t n;
+    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    sr_claim c;
+    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK); /* claimed the record at F, never ends */
+    int puts = 0;
+    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
+    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
+    /* full: only the dead reader's record holds the space; producers poll without waiting */
+    sr_status st = SR_WOULD_BLOCK;
+    int64_t t0 = now_ns();
+    while (st == SR_WOULD_BLOCK && now_ns() - t0 < 2000000000ll) {
+        st = put1(&live, buf, 200, 0);
+        if (st == SR_WOULD_BLOCK) sleep_ns(100000);
+    }
+    CHECK(st == SR_OK);
+    sr_stats stats;
+    sr_read_stats(&live, &stats);
+    CHECK(stats.abandoned == 1);
+    sr_close(&live);
+    sr_detach(&live);
+    free_segment(s);
+}
+
+/* A wait continued with sr_*_wait (the binding's slices between signal checks) is one
+ * wait: counted once, and it does not spin again. */
+static void test_resumed_wait_counts_once(void) {
+    seg_t s = new_segment(4096, 1);
+    sr_handle h;
+    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    sr_claim c;
+    sr_stats st;
+    CHECK(sr_get_begin(&h, 5000000, &c) == SR_TIMEOUT);
+    for (int i = 0; i < 3; i++) CHECK(sr_get_wait(&h, 5000000, &c) == SR_TIMEOUT);
+    sr_read_stats(&h, &st);
+    CHECK(st.waits == 1);
+    CHECK(put1(&h, "x", 1, 0) == SR_OK);
+    uint64_t one = 1;
+    CHECK(sr_put_begin(&h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT); /* maxsize 1: full */
+    int64_t t0 = now_ns();
+    CHECK(sr_put_wait(&h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT);
+    CHECK(now_ns() - t0 < 1000000000ll);
+    sr_read_stats(&h, &st);
+    CHECK(st.waits == 2);
+    char out[8];
+    uint64_t n;
+    CHECK(sr_get_wait(&h, 0, &c) == SR_OK); /* a resumed call still takes what is there */
+    CHECK(sr_get_end(&h, &c) == SR_OK);
+    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
+    sr_close(&h);
+    sr_detach(&h);
+    free_segment(s);
+}
+
 static void test_dead_sweeper_holding_free(void) {
     seg_t s = new_segment(2048, 0);
     sr_handle live, dead;
@@ -521,6 +611,9 @@ int main(void) {
     test_dead_consumer_mid_read();
     test_dead_consumer_before_its_sweep();
     test_dead_sweeper_holding_free();
+    test_resumed_wait_counts_once();
+    test_pollers_reap_a_dead_producer();
+    test_polling_producers_reap_a_dead_reader();
     test_blocks_reclaimed();
     test_close_wakes();
     if (failures) {
