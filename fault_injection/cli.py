@@ -21,7 +21,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--capacity", type=int, default=64 * 1024, help="capacity_bytes (small: wraps often)")
     parser.add_argument("--maxsize", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--drain-timeout", type=float, default=60.0)
+    parser.add_argument("--drain-timeout", type=float, default=60.0,
+                        help="seconds the end phase may take before the workers still running are reported")
+    parser.add_argument("--stall-timeout", type=float, default=30.0,
+                        help="seconds the kill phase may wait for a worker ready to kill")
     args = parser.parse_args(argv)
     status = 0
     for backend in backends_for(args.backend):
@@ -32,7 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run_faults(
             descriptor_factory(backend, maxsize=args.maxsize, capacity_bytes=args.capacity, prefix="faults"),
             producers=args.producers, consumers=args.consumers, kills=args.kills, batch=args.batch,
-            seed=args.seed, drain_timeout=args.drain_timeout,
+            seed=args.seed, drain_timeout=args.drain_timeout, stall_timeout=args.stall_timeout,
         )
         print(f"{backend}: {result.summary()}")
         status |= 0 if result.ok else 1

@@ -20,7 +20,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="put_many/get_many batch size (1 = put/get)")
     parser.add_argument("--maxsize", type=int, default=0)
     parser.add_argument("--capacity", type=int, default=None, help="capacity_bytes of the queue")
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds the whole run may take; a child that dies stops it at once")
     args = parser.parse_args(argv)
     status = 0
     for backend in backends_for(args.backend):

@@ -1,13 +1,25 @@
-"""The fault-injection harness's check can fail: hand-written logs with each fault are reported."""
+"""The fault-injection harness's check can fail: hand-written logs with each fault are reported.
+
+And the harness fails fast: its own SIGKILLs are expected, but a worker that dies on its
+own stops the run within seconds, naming the worker; a drain that cannot finish names the
+workers still running with their stacks. Real ``forkserver`` processes on a real ``shm``
+queue; the faults are played by worker hooks (module-level functions here).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from fault_injection.core import _ACK, _GOT, FaultResult, _check, _log_path, _Worker
+from fault_injection.core import _ACK, _GOT, FaultResult, _check, _log_path, _Worker, run_faults
+from stress.backends import descriptor_factory
+
+FAIL_FAST_SECONDS = 10.0
+"""A run that fails fast reports well within this; without fail-fast these runs take far longer."""
 
 
 def _write(path: str, records: list[bytes]) -> None:
@@ -66,3 +78,60 @@ def test_one_loss_per_consumer_kill_is_within_the_bound(tmp_path: Path) -> None:
     assert result.ok, result.problems
     assert result.lost == 1 and result.lost_bound == 1
     assert os.path.exists(_log_path(str(tmp_path), "p", 0, 0))
+
+
+# -- fail fast, with real processes ----------------------------------------------------------
+
+
+def _fail_in(role: str, slot: int, after: int, how: str, hook_role: str, hook_slot: int, done: int) -> None:
+    """Worker hook: every incarnation of ``role`` ``slot`` fails ``how`` once it handled ``after`` items."""
+    if (hook_role, hook_slot) != (role, slot) or done < after:
+        return
+    if how == "exit":
+        os._exit(3)
+    if how == "raise":
+        raise ValueError("injected by the test")
+    if how == "hang":
+        _hang()
+
+
+def _hang() -> None:
+    time.sleep(3600)
+
+
+def _run(hook: functools.partial[None], *, kills: int, drain_timeout: float = 60.0) -> tuple[FaultResult, float]:
+    start = time.monotonic()
+    result = run_faults(
+        descriptor_factory("shm", capacity_bytes=4096, prefix="tfaultfast"),
+        producers=2, consumers=2, kills=kills, drain_timeout=drain_timeout, worker_hook=hook,
+    )
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_exiting_on_its_own_fails_fast() -> None:
+    # 2000 kills would take about a minute: the run must stop at the first unexpected death.
+    result, seconds = _run(functools.partial(_fail_in, "consumer", 0, 20, "exit"), kills=2000)
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    assert result.kills < 2000
+    [problem] = result.problems
+    assert problem.startswith("consumer 0.") and "(pid " in problem and "died: exit code 3" in problem, problem
+
+
+@pytest.mark.timeout(30)
+def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "producer", 1, 5, "raise"), kills=2000)
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    [problem] = result.problems
+    assert problem.startswith("producer 1.") and "died: exit code 1" in problem, problem
+    assert "ValueError: injected by the test" in problem  # its stderr, captured
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_stuck_in_the_drain_is_named_with_its_stack() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 0, "hang"), kills=5, drain_timeout=2.0)
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    assert "not finished within 2.0 s" in result.problems[0], result.problems
+    stuck = [p for p in result.problems if p.startswith("consumer 1.")]
+    assert len(stuck) == 1 and "still running" in stuck[0] and "items logged" in stuck[0], result.problems
+    assert "in _hang" in stuck[0]  # faulthandler's dump says where it waits

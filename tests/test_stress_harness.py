@@ -1,12 +1,26 @@
-"""The stress harness's ledger check can fail: fed ledgers with each kind of fault, it says so."""
+"""The stress harness's ledger check can fail: fed ledgers with each kind of fault, it says so.
+
+And the harness fails fast: a child that dies (exit code, exception, signal) stops the run
+within seconds, naming the child; a stuck child is named with its stack. Real ``spawn``
+processes on a real ``shm`` queue; the faults are played by child hooks (module-level
+functions here, which the children import by name).
+"""
 
 from __future__ import annotations
 
 import array
+import functools
+import os
+import signal
+import time
 
 import pytest
 
-from stress.core import SEQ_BITS, StressResult, _check, make_payload
+from stress.backends import descriptor_factory
+from stress.core import SEQ_BITS, StressResult, _check, describe_exit, make_payload, run_stress
+
+FAIL_FAST_SECONDS = 10.0
+"""A run that fails fast reports well within this; the runs' own timeouts are far longer."""
 
 
 def _key(producer: int, seq: int) -> int:
@@ -48,3 +62,84 @@ def test_each_fault_is_reported(ledgers: list[tuple[int, array.array[int]]], pro
 def test_payloads_differ_per_item() -> None:
     assert make_payload(1, 2, 32) != make_payload(2, 1, 32)
     assert len(make_payload(3, 4, 100)) == 100
+
+
+def test_exit_codes_are_described() -> None:
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(None) == "still running"
+
+
+# -- fail fast, with real processes ----------------------------------------------------------
+
+
+def _fail_in(role: str, index: int, after: int, how: str, hook_role: str, hook_index: int, done: int) -> None:
+    """Child hook: the ``index``-th ``role`` fails ``how`` once it has handled ``after`` items."""
+    if (hook_role, hook_index) != (role, index) or done < after:
+        return
+    if how == "exit":
+        os._exit(3)
+    if how == "raise":
+        raise ValueError("injected by the test")
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "hang":
+        _hang()
+
+
+def _hang() -> None:
+    time.sleep(3600)
+
+
+def _run(hook: functools.partial[None], *, consumers: int = 2, timeout: float = 60.0) -> tuple[StressResult, float]:
+    start = time.monotonic()
+    result = run_stress(
+        # A small ring: with a consumer gone, producers block on a full queue (the old deadlock).
+        descriptor_factory("shm", capacity_bytes=4096, maxsize=16, prefix="tfailfast"),
+        producers=2, consumers=consumers, items_per_producer=3000, timeout=timeout, child_hook=hook,
+    )
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(30)
+def test_a_healthy_run_passes_the_ledger_check() -> None:
+    result = run_stress(descriptor_factory("shm", capacity_bytes=4096, prefix="tfailfast"),
+                        producers=2, consumers=2, items_per_producer=500, timeout=25)
+    assert result.ok, result.summary()
+    assert result.consumed == result.produced == 1000
+
+
+@pytest.mark.timeout(30)
+def test_the_only_consumer_exiting_fails_fast_with_its_exit_code() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "consumer", 0, 10, "exit"), consumers=1)
+    assert not result.ok
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    [problem] = result.problems
+    assert problem.startswith("consumer 0 (pid ") and "died: exit code 3" in problem, problem
+
+
+@pytest.mark.timeout(30)
+def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "producer", 1, 5, "raise"))
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    [problem] = result.problems
+    assert problem.startswith("producer 1 (pid ") and "died: exit code 1" in problem, problem
+    assert "ValueError: injected by the test" in problem  # its stderr, captured
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_killed_by_a_signal_is_named_with_the_signal() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 10, "sigkill"))
+    assert seconds < FAIL_FAST_SECONDS, result.summary()
+    [problem] = result.problems
+    assert problem.startswith("consumer 1 (pid ") and "killed by SIGKILL" in problem, problem
+
+
+@pytest.mark.timeout(30)
+def test_a_stuck_consumer_is_named_with_its_stack_at_the_deadline() -> None:
+    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 1, "hang"), timeout=2.0)
+    assert 2.0 <= seconds < FAIL_FAST_SECONDS, result.summary()
+    assert result.problems[0].startswith("not finished after 2.0 s"), result.problems
+    stuck = [p for p in result.problems if p.startswith("consumer 1 (pid ")]
+    assert len(stuck) == 1 and "still running" in stuck[0], result.problems
+    assert "in _hang" in stuck[0]  # faulthandler's dump says where it waits
