@@ -27,6 +27,7 @@
 
 #define SPIN_LIMIT 2000u            /* pause-polls before yielding (ping-pong latency) */
 #define YIELD_LIMIT 200u            /* then sched_yield-polls: lets a peer on our core run */
+#define SPIN_MIN 32u                /* the adaptive spin budget never drops below this */
 #define WAIT_SLICE_NS 100000000ll   /* futex sleeps re-check close/destroy this often */
 #define DEFAULT_GRACE_NS 50000000ull /* a claim stalled this long gets its owner checked */
 #define NOT_READY_SLEEP_NS 200000ll  /* poll period while a live writer finishes a record */
@@ -326,6 +327,7 @@ sr_status sr_open(sr_handle *h, void *base, uint64_t size, uint32_t pid) {
     h->pid = pid;
     h->grace_ns = DEFAULT_GRACE_NS;
     atomic_store_explicit(&h->stall_key, UINT64_MAX, memory_order_relaxed); /* no stall seen yet */
+    atomic_store_explicit(&h->spin_budget, SPIN_LIMIT, memory_order_relaxed);
     atomic_store_explicit(&h->free_entries, (1u << SR_BLOCK_ENTRIES) - 1u, memory_order_relaxed);
     return take_block(h);
 }
@@ -574,6 +576,25 @@ static void note_blocked(sr_handle *h) {
     reap(h);
 }
 
+/* Adaptive spinning (in the spirit of glibc's adaptive mutexes): spinning pays only when
+ * the peer we wait for runs on another core at the same time.  A blocked call that
+ * succeeded while spinning doubles this handle's budget (up to SPIN_LIMIT); one that
+ * succeeded only once it yielded its core halves it (down to SPIN_MIN): the peer needed
+ * our core, so the spin was a wasted slice.  A success after a futex sleep says nothing
+ * about the peer (the queue was idle) and leaves it.  Process-private word; threads of
+ * one handle race on it harmlessly (a lost update is one more or one less halving). */
+static void adapt_spin(sr_handle *h, uint32_t spins) {
+    uint32_t budget = atomic_load_explicit(&h->spin_budget, memory_order_relaxed);
+    if (spins < SPIN_LIMIT) {
+        budget = budget * 2 > SPIN_LIMIT ? SPIN_LIMIT : budget * 2;
+    } else if (spins < SPIN_LIMIT + YIELD_LIMIT) {
+        budget = budget / 2 < SPIN_MIN ? SPIN_MIN : budget / 2;
+    } else {
+        return;
+    }
+    atomic_store_explicit(&h->spin_budget, budget, memory_order_relaxed);
+}
+
 /* Register as a sleeper on w, run `attempt` once more, sleep if it still would block.
  * Every blocked call notes the stall (note_blocked: a clock read and two loads) at its
  * first failure, then at every sched_yield and every sleep slice; that is also what reaps
@@ -583,7 +604,10 @@ static void note_blocked(sr_handle *h) {
 #define WAIT_LOOP(h, w, attempt_expr, deadline, resume, result)                                    \
     do {                                                                                           \
         /* a resumed wait (sr_*_wait) neither spins again nor counts another wait */               \
-        uint32_t spins_ = (resume) ? SPIN_LIMIT + YIELD_LIMIT : 0, counted_ = (resume), noted_ = 0; \
+        /* the spin phase is the last spin_budget polls before SPIN_LIMIT (see adapt_spin) */     \
+        uint32_t spins_ = (resume) ? SPIN_LIMIT + YIELD_LIMIT                                      \
+                                   : SPIN_LIMIT - atomic_load_explicit(&(h)->spin_budget, memory_order_relaxed); \
+        uint32_t counted_ = (resume), noted_ = 0;                                                  \
         for (;;) {                                                                                 \
             (result) = (attempt_expr);                                                             \
             if ((result) != SR_WOULD_BLOCK) break;                                                 \
@@ -604,6 +628,7 @@ static void note_blocked(sr_handle *h) {
             sr_status p_ = pause_or_sleep(h, w, deadline, &spins_, seen_);                         \
             if (p_ != SR_OK) { (result) = p_; break; }                                             \
         }                                                                                          \
+        if ((result) == SR_OK && counted_ && !(resume)) adapt_spin(h, spins_);                     \
     } while (0)
 
 static int64_t deadline_of(int64_t timeout_ns) {

@@ -225,6 +225,7 @@ typedef struct sr_handle {
     _Atomic uint64_t free_cache; /* last F.pos seen by this handle's producers (never ahead of F) */
     _Atomic uint64_t stall_key;  /* H.pos + F.pos where this handle last found the queue blocked */
     _Atomic int64_t stall_since; /* since when (CLOCK_MONOTONIC ns) it has found it blocked there */
+    _Atomic uint32_t spin_budget; /* pause-polls a blocked call makes before yielding (adaptive) */
 } sr_handle;
 
 /* An in-progress claim: filled by *_begin, consumed by *_commit / *_end. */
