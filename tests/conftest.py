@@ -49,6 +49,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[_RUN_TOKEN_VAR] = uuid.uuid4().hex
 
 
+# multiprocessing's own helpers, started on first use by the process that runs the tests
+# (the controller itself without xdist): they live as long as that process and exit with it.
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def _read(pid: str, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
 def _live_processes_of_this_run() -> list[str]:
     """``pid cmdline`` of every live, non-zombie process (but us) carrying this run's token."""
     token = f"{_RUN_TOKEN_VAR}={os.environ.get(_RUN_TOKEN_VAR, '')}".encode()
@@ -57,14 +67,17 @@ def _live_processes_of_this_run() -> list[str]:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if token not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue  # a zombie holds nothing but its pid until its parent reaps it
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if token not in _read(entry, "environ").split(b"\0"):
+                continue
+            state, ppid = _read(entry, "stat").rsplit(b")", 1)[1].split()[:2]
+            if state == b"Z":
+                continue  # a zombie holds nothing but its pid until its parent reaps it
+            cmdline = _read(entry, "cmdline").replace(b"\0", b" ").decode(errors="replace")
+            helper = next((h for h in _INTERPRETER_HELPERS if h in cmdline), None)
+            # The helper itself is fine; a process forked *from* it (a forkserver child
+            # carries the server's cmdline) is a worker like any other.
+            if helper is not None and helper not in _read(ppid.decode(), "cmdline").decode(errors="replace"):
+                continue
             found.append(f"{entry} {cmdline[:160]}")
         except OSError:  # gone meanwhile, or not ours to read
             continue
