@@ -120,6 +120,14 @@ def advisory(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _started_threads(target: Callable[[int], None], count: int) -> list[threading.Thread]:
+    """``count`` started daemon threads running ``target(0)`` .. ``target(count - 1)``."""
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 class _SwitchInterval:
     """Make the interpreter switch threads often, so unsynchronised read-modify-write races show."""
 
@@ -439,10 +447,8 @@ class QueueConformance:
                 errors.append(f"consumer {index}: {type(exc).__name__}: {exc}")
 
         with _SwitchInterval():
-            consumers = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(n_cons)]
-            producers = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(n_prod)]
-            for t in consumers + producers:
-                t.start()
+            consumers = _started_threads(consume, n_cons)
+            producers = _started_threads(produce, n_prod)
             for t in producers:
                 t.join(limit * 2)
             assert not any(t.is_alive() for t in producers), f"producers still blocked after {limit * 2}s: {errors}"
@@ -494,10 +500,8 @@ class QueueConformance:
                 errors.append(f"consumer {index}: {exc!r}")
 
         with _SwitchInterval():
-            producers = [threading.Thread(target=produce, args=(i,), daemon=True) for i in range(n_prod)]
-            consumers = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(n_cons)]
-            for t in producers + consumers:
-                t.start()
+            producers = _started_threads(produce, n_prod)
+            consumers = _started_threads(consume, n_cons)
             go.set()
             for t in producers:
                 t.join(20.0 * self.ts)

@@ -53,6 +53,7 @@ from stress.core import (
     POLL_SECONDS,
     Child,
     ChildHook,
+    Verdict,
     abnormal_exits,
     child_main,
     death_report,
@@ -74,7 +75,7 @@ _SIGKILL_REAP_SECONDS = 10.0
 
 
 @dataclass
-class FaultResult:
+class FaultResult(Verdict):
     """Verdict of one fault-injection run; ``ok`` and ``problems`` say it, the counts show it."""
 
     kills: int = 0
@@ -92,18 +93,13 @@ class FaultResult:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        verdict = "OK" if self.ok else "FAILED: " + "; ".join(self.problems)
+    def counts(self) -> str:
         return (
             f"{self.kills} SIGKILLs ({self.producer_kills} producers, {self.consumer_kills} consumers) in "
             f"{self.seconds:.1f} s; {self.acked} items acked, {self.got} got, {self.lost} lost "
             f"(bound {self.lost_bound}), {self.in_flight_delivered} unacked in-flight items delivered, "
             f"{self.duplicated} duplicated, {self.invented} invented, {self.corrupt} corrupt, "
-            f"{self.out_of_order} out of order: {verdict}"
+            f"{self.out_of_order} out of order"
         )
 
 

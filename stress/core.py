@@ -45,7 +45,7 @@ from typing import Any, Optional
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue._timeout import Deadline
 
-__all__ = ["StressResult", "run_stress", "make_payload", "ChildHook"]
+__all__ = ["StressResult", "Verdict", "run_stress", "make_payload", "ChildHook"]
 
 ChildHook = Callable[[str, int, int], None]
 """``hook(role, index, done)``, called in a child after each put/get call with the count of
@@ -70,8 +70,29 @@ def make_payload(producer_id: int, seq: int, size: int) -> bytes:
     return (stem * (size // len(stem) + 1))[:size]
 
 
+class Verdict:
+    """What every harness result shares: ``problems`` says what went wrong, ``ok`` is the verdict.
+
+    A subclass (a dataclass) declares ``problems`` as a field and says in :meth:`counts` what
+    the run did; :meth:`summary` is the one line the CLIs print.
+    """
+
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> str:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else "FAILED: " + "; ".join(self.problems)
+        return f"{self.counts()}: {verdict}"
+
+
 @dataclass
-class StressResult:
+class StressResult(Verdict):
     """The ledger check of one stress run; ``ok`` is the verdict, ``problems`` says why not."""
 
     producers: int
@@ -86,16 +107,11 @@ class StressResult:
     out_of_order: int = 0
     problems: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        verdict = "OK" if self.ok else "FAILED: " + "; ".join(self.problems)
+    def counts(self) -> str:
         rate = self.consumed / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{self.producers}x{self.consumers} processes, {self.produced} items put, {self.consumed} got "
-            f"in {self.seconds:.2f} s ({rate:,.0f} items/s): {verdict}"
+            f"in {self.seconds:.2f} s ({rate:,.0f} items/s)"
         )
 
 

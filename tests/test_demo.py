@@ -10,14 +10,14 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from _helpers import registered_queue_type
 
-from sage_queue import QUEUE_STUB_MAPPING, register_queue_implementation, unregister_queue_implementation
+from sage_queue import QUEUE_STUB_MAPPING
 from sage_queue.backends.local import LocalQueueStub, live_queue_ids
 from sage_queue.demo import ALL_TYPES, choose_descriptor
 from sage_queue.demo import main as demo_main
@@ -89,10 +89,8 @@ class _DropsEveryOtherPut(LocalQueueStub):
 
 @pytest.fixture
 def broken_type() -> Iterator[str]:
-    name = f"broken_{uuid.uuid4().hex[:8]}"
-    register_queue_implementation(name, _DropsEveryOtherPut)
-    yield name
-    unregister_queue_implementation(name)
+    with registered_queue_type("broken", _DropsEveryOtherPut) as name:
+        yield name
 
 
 @pytest.mark.timeout(60)

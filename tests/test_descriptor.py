@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _helpers import local_meta, registered_queue_type
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,9 +27,7 @@ from sage_queue import (
     QueueDescriptor,
     UnknownQueueType,
     UnsupportedVersion,
-    register_queue_implementation,
     resolve_descriptor,
-    unregister_queue_implementation,
 )
 from sage_queue.backends.local import live_queue_ids
 from sage_queue.registry import canonical_type
@@ -90,11 +89,6 @@ def shm_descriptors(draw: st.DrawFn) -> QueueDescriptor:
 valid_descriptors = local_descriptors() | shm_descriptors() if SHM_TYPES else local_descriptors()
 
 
-def local_meta(**extra: Any) -> dict[str, Any]:
-    """Metadata of a valid local descriptor: the required owner_pid (this process) plus ``extra``."""
-    return {"owner_pid": os.getpid(), **extra}
-
-
 def local_dict(**overrides: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"version": 1, "queue_id": "q1", "queue_type": "local",
                             "metadata": local_meta(maxsize=3), "created_timestamp": 12.5}
@@ -133,10 +127,8 @@ class _NoMetadataRules:
 
 @pytest.fixture
 def rule_free_type() -> Iterator[str]:
-    name = f"test_{uuid.uuid4().hex[:8]}"
-    register_queue_implementation(name, _NoMetadataRules)
-    yield name
-    unregister_queue_implementation(name)
+    with registered_queue_type("test", _NoMetadataRules) as name:
+        yield name
 
 
 @pytest.mark.spec("D1")

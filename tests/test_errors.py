@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _helpers import local_meta
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,11 +40,6 @@ from sage_queue import (
 from sage_queue.backends.local import LocalQueueStub, destroy_local_queue
 
 CROSS_PROCESS_TYPES = [t for t in ("shm", "sage") if QUEUE_STUB_MAPPING.available(t)]
-
-
-def local_meta(**extra: Any) -> dict[str, Any]:
-    """Metadata of a valid local descriptor: the required owner_pid (this process) plus ``extra``."""
-    return {"owner_pid": os.getpid(), **extra}
 
 
 @pytest.fixture
@@ -206,14 +202,8 @@ def test_queue_not_found_is_a_lookup_error() -> None:
         resolve_descriptor(desc)
 
 
-@pytest.mark.spec("E6")
-@pytest.mark.parametrize("queue_type", CROSS_PROCESS_TYPES or ["shm"])
-def test_attach_only_to_a_missing_segment(queue_type: str) -> None:
-    if queue_type not in CROSS_PROCESS_TYPES:
-        pytest.skip(f"the {queue_type} backend does not import here")
-    name = f"e6-{uuid.uuid4().hex}"
-    with pytest.raises(QueueNotFound, match=name):
-        resolve_descriptor(QueueDescriptor(name, queue_type, {"shm_name": name, "create": False}))
+# Attaching (create: false) to a missing segment: test_registry.py::
+# test_valid_descriptor_of_a_missing_segment_is_not_found (tagged R2 and E6).
 
 
 @pytest.mark.spec("E7")

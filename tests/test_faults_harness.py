@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import fail_in
 
 from fault_injection.core import _ACK, _GOT, FaultResult, _check, _log_path, _Worker, run_faults
 from stress.backends import descriptor_factory
@@ -83,22 +84,6 @@ def test_one_loss_per_consumer_kill_is_within_the_bound(tmp_path: Path) -> None:
 # -- fail fast, with real processes ----------------------------------------------------------
 
 
-def _fail_in(role: str, slot: int, after: int, how: str, hook_role: str, hook_slot: int, done: int) -> None:
-    """Worker hook: every incarnation of ``role`` ``slot`` fails ``how`` once it handled ``after`` items."""
-    if (hook_role, hook_slot) != (role, slot) or done < after:
-        return
-    if how == "exit":
-        os._exit(3)
-    if how == "raise":
-        raise ValueError("injected by the test")
-    if how == "hang":
-        _hang()
-
-
-def _hang() -> None:
-    time.sleep(3600)
-
-
 def _run(hook: functools.partial[None], *, kills: int, drain_timeout: float = 60.0) -> tuple[FaultResult, float]:
     start = time.monotonic()
     result = run_faults(
@@ -111,7 +96,7 @@ def _run(hook: functools.partial[None], *, kills: int, drain_timeout: float = 60
 @pytest.mark.timeout(30)
 def test_a_consumer_exiting_on_its_own_fails_fast() -> None:
     # 2000 kills would take about a minute: the run must stop at the first unexpected death.
-    result, seconds = _run(functools.partial(_fail_in, "consumer", 0, 20, "exit"), kills=2000)
+    result, seconds = _run(functools.partial(fail_in, "consumer", 0, 20, "exit"), kills=2000)
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     assert result.kills < 2000
     [problem] = result.problems
@@ -120,7 +105,7 @@ def test_a_consumer_exiting_on_its_own_fails_fast() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "producer", 1, 5, "raise"), kills=2000)
+    result, seconds = _run(functools.partial(fail_in, "producer", 1, 5, "raise"), kills=2000)
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     [problem] = result.problems
     assert problem.startswith("producer 1.") and "died: exit code 1" in problem, problem
@@ -129,7 +114,7 @@ def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_consumer_stuck_in_the_drain_is_named_with_its_stack() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 0, "hang"), kills=5, drain_timeout=2.0)
+    result, seconds = _run(functools.partial(fail_in, "consumer", 1, 0, "hang"), kills=5, drain_timeout=2.0)
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     assert "not finished within 2.0 s" in result.problems[0], result.problems
     stuck = [p for p in result.problems if p.startswith("consumer 1.")]

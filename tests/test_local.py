@@ -81,6 +81,22 @@ def _wait_blocked(thread: threading.Thread) -> None:
     assert thread.is_alive(), "the call returned instead of blocking"
 
 
+def _assert_woken_with_queue_closed(waiter: Any, blocked_call: str, wake: Callable[[], None]) -> None:
+    """Block ``waiter`` (a handle on a maxsize=1 queue) in ``blocked_call``, then run ``wake``:
+    the blocked call must raise QueueClosed within WAKEUP_S (Q23/Q24)."""
+    if blocked_call != "get":
+        waiter.put("fills the queue")  # put now blocks; join waits for its task_done
+    call = {"get": waiter.get, "put": lambda: waiter.put("more"), "join": waiter.join}[blocked_call]
+    thread, box = _in_thread(call)
+    _wait_blocked(thread)
+    woken_at = time.monotonic()
+    wake()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert isinstance(box.get("error"), QueueClosed), box
+    assert box["at"] - woken_at < WAKEUP_S
+
+
 # -- basics ----------------------------------------------------------------------------------------
 
 
@@ -386,17 +402,7 @@ def test_with_block_closes_without_destroying(q: LocalQueueStub) -> None:
 def test_close_wakes_a_blocked_call(blocked_call: str) -> None:
     handle = get_local_queue(maxsize=1)
     try:
-        if blocked_call != "get":
-            handle.put("fills the queue")  # put now blocks; join waits for its task_done
-        call = {"get": handle.get, "put": lambda: handle.put("more"), "join": handle.join}[blocked_call]
-        thread, box = _in_thread(call)
-        _wait_blocked(thread)
-        closed_at = time.monotonic()
-        handle.close()
-        thread.join(5)
-        assert not thread.is_alive()
-        assert isinstance(box.get("error"), QueueClosed), box
-        assert box["at"] - closed_at < WAKEUP_S
+        _assert_woken_with_queue_closed(handle, blocked_call, handle.close)
     finally:
         destroy_local_queue(handle.descriptor.queue_id)
 
@@ -445,17 +451,7 @@ def test_destroy_removes_the_queue_for_every_handle() -> None:
 def test_destroy_wakes_waiters_of_other_handles(blocked_call: str) -> None:
     desc = QueueDescriptor.create_local_queue(maxsize=1)
     waiter, destroyer = resolve_descriptor(desc), resolve_descriptor(desc)
-    if blocked_call != "get":
-        waiter.put("fills the queue")
-    call = {"get": waiter.get, "put": lambda: waiter.put("more"), "join": waiter.join}[blocked_call]
-    thread, box = _in_thread(call)
-    _wait_blocked(thread)
-    destroyed_at = time.monotonic()
-    destroyer.destroy()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert isinstance(box.get("error"), QueueClosed), box
-    assert box["at"] - destroyed_at < WAKEUP_S
+    _assert_woken_with_queue_closed(waiter, blocked_call, destroyer.destroy)
 
 
 @pytest.mark.spec("R7")

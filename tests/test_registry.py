@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from _helpers import local_meta
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -39,11 +40,6 @@ from sage_queue.backends.local import LocalQueueStub, live_queue_ids
 
 SHM_TYPES = [t for t in ("shm", "sage") if QUEUE_STUB_MAPPING.available(t)]
 REACHABILITY_ERRORS = (QueueNotFound, QueueExists, IncompatibleQueue, BackendUnavailable)
-
-
-def local_meta(**extra: Any) -> dict[str, Any]:
-    """Metadata of a valid local descriptor: the required owner_pid (this process) plus ``extra``."""
-    return {"owner_pid": os.getpid(), **extra}
 
 
 @pytest.fixture
@@ -202,14 +198,14 @@ def test_valid_descriptor_of_every_type(queue_type: str) -> None:
     assert not [p for p in Path("/dev/shm").glob(f"sageq-*{name}*")], "destroy left the segment behind"
 
 
-@pytest.mark.spec("R2")
+@pytest.mark.spec("R2", "E6")
 @pytest.mark.parametrize("queue_type", SHM_TYPES or ["shm"])
 def test_valid_descriptor_of_a_missing_segment_is_not_found(queue_type: str) -> None:
     if queue_type not in SHM_TYPES:
         pytest.skip(f"the {queue_type} backend does not import here")
     name = f"r2-{uuid.uuid4().hex}"
     desc = QueueDescriptor(name, queue_type, {"shm_name": name, "create": False})
-    with pytest.raises(QueueNotFound):
+    with pytest.raises(QueueNotFound, match=name):  # and the message names the missing queue
         resolve_descriptor(desc)
 
 

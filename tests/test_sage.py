@@ -39,6 +39,8 @@ from sage_queue._segment import segment_path
 
 pytest.importorskip("sage_queue._sage_core", reason="the sage C core is not built")
 
+from _helpers import sage_queues
+
 from sage_queue.backends.sage import SAGEQueueStub, describe_segment
 
 FORK = multiprocessing.get_context("fork")
@@ -51,21 +53,8 @@ def _name() -> str:
 @pytest.fixture
 def make() -> Iterator[Any]:
     """make(**kw) -> a handle on a new sage queue; every queue is destroyed afterwards."""
-    made: list[Any] = []
-
-    def factory(**kw: Any) -> Any:
-        kw.setdefault("name", _name())
-        q = resolve_descriptor(QueueDescriptor.create_sage_queue(**kw))
-        made.append(q)
-        return q
-
-    yield factory
-    for q in made:
-        try:
-            resolve_descriptor(q.descriptor).destroy()
-        except (QueueClosed, QueueNotFound):
-            pass
-        q.close()
+    with sage_queues() as factory:
+        yield factory
 
 
 # -- segment and lifecycle ---------------------------------------------------------------

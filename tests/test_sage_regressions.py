@@ -39,8 +39,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _helpers import sage_queues
 
-from sage_queue import QueueClosed, QueueDescriptor, QueueNotFound, resolve_descriptor
+from sage_queue import QueueDescriptor, resolve_descriptor
 
 pytest.importorskip("sage_queue._sage_core", reason="the sage C core is not built")
 
@@ -92,21 +93,8 @@ STOP_TRIES = 120
 @pytest.fixture
 def make() -> Iterator[Callable[[], Any]]:
     """make() -> a handle on a new sage ring of RING bytes; destroyed afterwards."""
-    made: list[Any] = []
-
-    def factory() -> Any:
-        name = f"t-reg-{uuid.uuid4().hex[:12]}"
-        q = resolve_descriptor(QueueDescriptor.create_sage_queue(name=name, capacity_bytes=RING))
-        made.append(q)
-        return q
-
-    yield factory
-    for q in made:
-        try:
-            resolve_descriptor(q.descriptor).destroy()
-        except (QueueClosed, QueueNotFound):
-            pass
-        q.close()
+    with sage_queues(prefix="t-reg", capacity_bytes=RING) as factory:
+        yield factory
 
 
 def _spawn(code: str, q: Any, *args: str) -> subprocess.Popen[str]:

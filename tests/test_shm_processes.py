@@ -13,7 +13,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -167,6 +168,21 @@ def test_killed_lock_holder_leaves_the_queue_unlocked_and_intact(
         q.destroy()
 
 
+@contextmanager
+def _spawned(target: Callable[..., None], *args: Any) -> Iterator[tuple[Any, Any]]:
+    """A ``spawn`` child running ``target(*args, out)``; yields ``(child, out)``, kills the child on exit if alive."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, out))
+    child.start()
+    try:
+        yield child, out
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+
+
 def _blocked_get_cpu(text: str, seconds: float, out: Any) -> None:
     q = resolve_descriptor(text)
     cpu0, wall0 = time.process_time(), time.monotonic()
@@ -195,17 +211,11 @@ def _blocked_put_cpu(text: str, seconds: float, out: Any) -> None:
 def test_blocked_waiter_uses_under_5_percent_of_a_core(waiter: Any) -> None:
     d = QueueDescriptor.create_shm_queue(f"tcpu-{uuid.uuid4().hex[:12]}", maxsize=1)
     q = resolve_descriptor(d)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=waiter, args=(d.to_json(), 1.5, out))
-    child.start()
     try:
-        cpu, wall = out.get(timeout=30)
-        child.join(10)
+        with _spawned(waiter, d.to_json(), 1.5) as (child, out):
+            cpu, wall = out.get(timeout=30)
+            child.join(10)
     finally:
-        if child.is_alive():
-            child.kill()
-            child.join(5)
         q.destroy()
     assert wall >= 1.5
     assert cpu / wall < 0.05, f"blocked waiter used {100 * cpu / wall:.1f}% of a core"
@@ -227,21 +237,15 @@ def test_blocked_getter_is_woken_by_the_put_not_by_its_sleep_cap(desc: QueueDesc
     # A missed wake-up is not a hang (sleeps are capped at WAIT_SLICE_S) but a latency of up
     # to the cap; the child raises its cap to 5 s so that any missed wake-up shows.
     q = resolve_descriptor(desc)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=_timed_gets, args=(desc.to_json(), 7, out))
-    child.start()
     try:
-        time.sleep(1.0)  # the child is asleep in get by now
-        for _ in range(7):
-            q.put(time.monotonic())  # monotonic time is system-wide on Linux
-            time.sleep(0.05)
-        latencies = sorted(out.get(timeout=30))
-        child.join(10)
+        with _spawned(_timed_gets, desc.to_json(), 7) as (child, out):
+            time.sleep(1.0)  # the child is asleep in get by now
+            for _ in range(7):
+                q.put(time.monotonic())  # monotonic time is system-wide on Linux
+                time.sleep(0.05)
+            latencies = sorted(out.get(timeout=30))
+            child.join(10)
     finally:
-        if child.is_alive():
-            child.kill()
-            child.join(5)
         q.destroy()
     assert latencies[-1] < 1.0, f"wake-up latencies (s): {latencies}"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import array
 import functools
-import os
 import signal
 import time
 
 import pytest
+from _helpers import fail_in
 
 from stress.backends import descriptor_factory
 from stress.core import SEQ_BITS, StressResult, _check, describe_exit, make_payload, run_stress
@@ -73,24 +73,6 @@ def test_exit_codes_are_described() -> None:
 # -- fail fast, with real processes ----------------------------------------------------------
 
 
-def _fail_in(role: str, index: int, after: int, how: str, hook_role: str, hook_index: int, done: int) -> None:
-    """Child hook: the ``index``-th ``role`` fails ``how`` once it has handled ``after`` items."""
-    if (hook_role, hook_index) != (role, index) or done < after:
-        return
-    if how == "exit":
-        os._exit(3)
-    if how == "raise":
-        raise ValueError("injected by the test")
-    if how == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if how == "hang":
-        _hang()
-
-
-def _hang() -> None:
-    time.sleep(3600)
-
-
 def _run(hook: functools.partial[None], *, consumers: int = 2, timeout: float = 60.0) -> tuple[StressResult, float]:
     start = time.monotonic()
     result = run_stress(
@@ -111,7 +93,7 @@ def test_a_healthy_run_passes_the_ledger_check() -> None:
 
 @pytest.mark.timeout(30)
 def test_the_only_consumer_exiting_fails_fast_with_its_exit_code() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "consumer", 0, 10, "exit"), consumers=1)
+    result, seconds = _run(functools.partial(fail_in, "consumer", 0, 10, "exit"), consumers=1)
     assert not result.ok
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     [problem] = result.problems
@@ -120,7 +102,7 @@ def test_the_only_consumer_exiting_fails_fast_with_its_exit_code() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "producer", 1, 5, "raise"))
+    result, seconds = _run(functools.partial(fail_in, "producer", 1, 5, "raise"))
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     [problem] = result.problems
     assert problem.startswith("producer 1 (pid ") and "died: exit code 1" in problem, problem
@@ -129,7 +111,7 @@ def test_a_producer_raising_fails_fast_with_its_traceback() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_consumer_killed_by_a_signal_is_named_with_the_signal() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 10, "sigkill"))
+    result, seconds = _run(functools.partial(fail_in, "consumer", 1, 10, "sigkill"))
     assert seconds < FAIL_FAST_SECONDS, result.summary()
     [problem] = result.problems
     assert problem.startswith("consumer 1 (pid ") and "killed by SIGKILL" in problem, problem
@@ -137,7 +119,7 @@ def test_a_consumer_killed_by_a_signal_is_named_with_the_signal() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_stuck_consumer_is_named_with_its_stack_at_the_deadline() -> None:
-    result, seconds = _run(functools.partial(_fail_in, "consumer", 1, 1, "hang"), timeout=2.0)
+    result, seconds = _run(functools.partial(fail_in, "consumer", 1, 1, "hang"), timeout=2.0)
     assert 2.0 <= seconds < FAIL_FAST_SECONDS, result.summary()
     assert result.problems[0].startswith("not finished after 2.0 s"), result.problems
     stuck = [p for p in result.problems if p.startswith("consumer 1 (pid ")]
