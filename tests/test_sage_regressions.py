@@ -265,3 +265,21 @@ def test_a_blocked_call_runs_signal_handlers(call: str) -> None:
         assert q.qsize() == (1 if call == "put" else 0)  # nothing half-done
     finally:
         q.destroy()
+
+
+@pytest.mark.spec("SAGE5")
+@pytest.mark.timeout(30)
+def test_put_on_a_closed_ring_releases_the_callers_buffer(make: Callable[[], Any]) -> None:
+    # The binding once took the caller's buffer before checking that the handle was open,
+    # and never gave it back: the bytearray could not be resized afterwards (BufferError).
+    from sage_queue.backends.sage import FLAG_RAW
+    from sage_queue.errors import QueueClosed
+
+    q = make()
+    ring = q._ring
+    data = bytearray(b"payload")
+    q.close()
+    with pytest.raises(QueueClosed):
+        ring.put(data, FLAG_RAW, 0.0)
+    data.extend(b"-still resizable")
+    assert data == bytearray(b"payload-still resizable")

@@ -118,36 +118,35 @@ static int64_t next_slice(int64_t deadline) {
     return left < SIGNAL_SLICE_NS ? left : SIGNAL_SLICE_NS;
 }
 
-/* Claim room for `count` records, first without waiting (GIL held), then waiting with the
- * GIL released in slices of at most SIGNAL_SLICE_NS, running signal handlers between them:
- * a handler that raises (KeyboardInterrupt, a test timeout) ends the wait, as it ends a
- * blocked queue.Queue.get.  One uninterrupted wait in C could not be ended by any signal. */
-static sr_status claim_put(RingObject *self, const uint64_t *sizes, uint32_t count, uint32_t flags,
-                           int64_t timeout, sr_claim *c) {
-    sr_status st = sr_put_begin(&self->h, sizes, count, flags, 0, c);
-    if (st != SR_WOULD_BLOCK || timeout == 0) return st;
-    int64_t deadline = timeout < 0 ? -1 : mono_ns() + timeout;
-    for (int resume = 0;; resume = 1) {
-        int64_t slice = next_slice(deadline);
-        if (slice == 0) return SR_TIMEOUT;
-        Py_BEGIN_ALLOW_THREADS
-        st = resume ? sr_put_wait(&self->h, sizes, count, flags, slice, c)
-                    : sr_put_begin(&self->h, sizes, count, flags, slice, c);
-        Py_END_ALLOW_THREADS
-        if (st != SR_TIMEOUT) return st;
-        if (PyErr_CheckSignals() < 0) return SR_INTERRUPTED;
-    }
+/* What a put asks room for; a get passes none.  `flags` is the claim's format flag
+ * (batches set each record's own flag before committing it). */
+typedef struct {
+    const uint64_t *sizes;
+    uint32_t count, flags;
+} put_request;
+
+/* One claim attempt waiting at most `wait_ns`.  `resume` continues the wait an earlier
+ * attempt began (sr_*_wait: counted as one wait, no second spin). */
+static sr_status try_claim(RingObject *self, const put_request *put, int resume, int64_t wait_ns, sr_claim *c) {
+    if (!put) return resume ? sr_get_wait(&self->h, wait_ns, c) : sr_get_begin(&self->h, wait_ns, c);
+    return resume ? sr_put_wait(&self->h, put->sizes, put->count, put->flags, wait_ns, c)
+                  : sr_put_begin(&self->h, put->sizes, put->count, put->flags, wait_ns, c);
 }
 
-static sr_status claim_get(RingObject *self, int64_t timeout, sr_claim *c) {
-    sr_status st = sr_get_begin(&self->h, 0, c);
+/* Claim room for a put (or a record to get when `put` is NULL), first without waiting
+ * (GIL held), then waiting with the GIL released in slices of at most SIGNAL_SLICE_NS,
+ * running signal handlers between them: a handler that raises (KeyboardInterrupt, a test
+ * timeout) ends the wait, as it ends a blocked queue.Queue.get.  One uninterrupted wait
+ * in C could not be ended by any signal. */
+static sr_status claim(RingObject *self, const put_request *put, int64_t timeout, sr_claim *c) {
+    sr_status st = try_claim(self, put, 0, 0, c);
     if (st != SR_WOULD_BLOCK || timeout == 0) return st;
     int64_t deadline = timeout < 0 ? -1 : mono_ns() + timeout;
     for (int resume = 0;; resume = 1) {
         int64_t slice = next_slice(deadline);
         if (slice == 0) return SR_TIMEOUT;
         Py_BEGIN_ALLOW_THREADS
-        st = resume ? sr_get_wait(&self->h, slice, c) : sr_get_begin(&self->h, slice, c);
+        st = try_claim(self, put, resume, slice, c);
         Py_END_ALLOW_THREADS
         if (st != SR_TIMEOUT) return st;
         if (PyErr_CheckSignals() < 0) return SR_INTERRUPTED;
@@ -249,105 +248,186 @@ static PyObject *Ring_destroy(RingObject *self, PyObject *Py_UNUSED(ignored)) {
     } while (0)
 #define LEAVE(self) atomic_fetch_sub_explicit(&(self)->in_flight, 1, memory_order_acq_rel)
 
-/* put(data, flags, timeout): one record holding the bytes of `data`. */
-static PyObject *Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "put(data, flags, timeout)");
-        return NULL;
-    }
-    long flags = PyLong_AsLong(args[1]);
-    if (flags == -1 && PyErr_Occurred()) return NULL;
-    int64_t timeout;
-    if (parse_timeout(args[2], &timeout) < 0) return NULL;
-    Py_buffer b;
-    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
+/* The METH_FASTCALL methods take a fixed number of positional arguments. */
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *usage) {
+    if (nargs == want) return 0;
+    PyErr_SetString(PyExc_TypeError, usage);
+    return -1;
+}
+
+/* A format-flag argument (put's flags, get's parts_flag). */
+static int parse_flag(PyObject *obj, long *flag) {
+    *flag = PyLong_AsLong(obj);
+    return *flag == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int parse_max_items(PyObject *obj, Py_ssize_t *max_items) {
+    *max_items = PyLong_AsSsize_t(obj);
+    return *max_items == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* ---- puts ---------------------------------------------------------------------------- */
+
+/* Copies the records of a held claim into the ring and commits each one. */
+typedef void (*record_writer)(RingObject *self, sr_claim *c, const void *ctx);
+
+/* Claim room for `put` and let `write` fill and commit it.  The handle counts as in flight
+ * meanwhile, so close() waits for the copy before giving the participant block back.
+ * Returns None, or NULL with the exception set; the caller owns (and releases) the data. */
+static PyObject *put_claimed(RingObject *self, const put_request *put, int64_t timeout, record_writer write,
+                             const void *ctx) {
     ENTER(self);
-    uint64_t size = (uint64_t)b.len;
     sr_claim c;
-    sr_status st = claim_put(self, &size, 1, (uint32_t)flags, timeout, &c);
-    if (st == SR_OK) {
-        copy_maybe_nogil(sr_put_record(&self->h, &c, size), b.buf, (size_t)b.len);
-        sr_put_commit_one(&self->h, &c, size);
-    }
+    sr_status st = claim(self, put, timeout, &c);
+    if (st == SR_OK) write(self, &c, ctx);
     LEAVE(self);
-    PyBuffer_Release(&b);
     if (st != SR_OK) return raise_status(st, 1);
     Py_RETURN_NONE;
+}
+
+/* Export a buffer of each item of `seq` (from *got on); *got counts the exports to release. */
+static int get_buffers(PyObject *seq, Py_ssize_t n, Py_buffer *bufs, int buf_flags, Py_ssize_t *got) {
+    for (; *got < n; ++*got) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, *got), &bufs[*got], buf_flags) < 0) return -1;
+    }
+    return 0;
+}
+
+/* Release the first `got` exports and the array (NULL allowed). */
+static void release_buffers(Py_buffer *bufs, Py_ssize_t got) {
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+}
+
+static void write_one(RingObject *self, sr_claim *c, const void *ctx) {
+    const Py_buffer *b = ctx;
+    uint64_t size = (uint64_t)b->len;
+    copy_maybe_nogil(sr_put_record(&self->h, c, size), b->buf, (size_t)size);
+    sr_put_commit_one(&self->h, c, size);
+}
+
+/* put(data, flags, timeout): one record holding the bytes of `data`. */
+static PyObject *Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long flags;
+    int64_t timeout;
+    if (check_nargs(nargs, 3, "put(data, flags, timeout)") < 0 || parse_flag(args[1], &flags) < 0 ||
+        parse_timeout(args[2], &timeout) < 0)
+        return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t size = (uint64_t)b.len;
+    put_request put = {&size, 1, (uint32_t)flags};
+    PyObject *out = put_claimed(self, &put, timeout, write_one, &b);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* The n parts of one multi-part record, `size` bytes with its table. */
+typedef struct {
+    Py_ssize_t n;
+    Py_buffer *bufs;
+    uint64_t size;
+} parts_record;
+
+static void write_parts(RingObject *self, sr_claim *c, const void *ctx) {
+    const parts_record *p = ctx;
+    uint8_t *dst = sr_put_record(&self->h, c, p->size);
+    uint32_t hdr[2] = {(uint32_t)p->n, 0};
+    memcpy(dst, hdr, 8);
+    uint64_t off = 8 + 8 * (uint64_t)p->n;
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        uint64_t len = (uint64_t)p->bufs[i].len;
+        memcpy(dst + 8 + 8 * i, &len, 8);
+        copy_maybe_nogil(dst + off, p->bufs[i].buf, (size_t)len);
+        off += len;
+    }
+    sr_put_commit_one(&self->h, c, p->size);
 }
 
 /* put_parts(parts, flags, timeout): one record [u32 n][u32 0][u64 len]*n + parts (pickle 5
  * out-of-band: the main pickle then each buffer, each copied once into the ring). */
 static PyObject *Ring_put_parts(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "put_parts(parts, flags, timeout)");
-        return NULL;
-    }
-    long flags = PyLong_AsLong(args[1]);
-    if (flags == -1 && PyErr_Occurred()) return NULL;
+    long flags;
     int64_t timeout;
-    if (parse_timeout(args[2], &timeout) < 0) return NULL;
+    if (check_nargs(nargs, 3, "put_parts(parts, flags, timeout)") < 0 || parse_flag(args[1], &flags) < 0 ||
+        parse_timeout(args[2], &timeout) < 0)
+        return NULL;
     PyObject *seq = PySequence_Fast(args[0], "parts must be a sequence");
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    Py_buffer *bufs = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
+    parts_record rec = {PySequence_Fast_GET_SIZE(seq), NULL, 0};
+    put_request put = {&rec.size, 1, (uint32_t)flags}; /* reads rec.size once it is summed */
+    rec.bufs = PyMem_Calloc((size_t)rec.n + 1, sizeof(Py_buffer));
     Py_ssize_t got = 0;
     PyObject *result = NULL;
-    if (!bufs) {
+    if (!rec.bufs) {
         PyErr_NoMemory();
         goto out;
     }
-    uint64_t size = 8 + 8 * (uint64_t)n;
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_ANY_CONTIGUOUS) < 0) goto out;
-        size += (uint64_t)bufs[got].len;
-    }
-    if (check_open(self) < 0) goto out;
-    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
-    sr_claim c;
-    sr_status st = claim_put(self, &size, 1, (uint32_t)flags, timeout, &c);
-    if (st == SR_OK) {
-        uint8_t *dst = sr_put_record(&self->h, &c, size);
-        uint32_t hdr[2] = {(uint32_t)n, 0};
-        memcpy(dst, hdr, 8);
-        uint64_t off = 8 + 8 * (uint64_t)n;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint64_t len = (uint64_t)bufs[i].len;
-            memcpy(dst + 8 + 8 * i, &len, 8);
-            copy_maybe_nogil(dst + off, bufs[i].buf, (size_t)len);
-            off += len;
-        }
-        sr_put_commit_one(&self->h, &c, size);
-        result = Py_None;
-        Py_INCREF(result);
-    } else {
-        raise_status(st, 1);
-    }
-    LEAVE(self);
+    if (get_buffers(seq, rec.n, rec.bufs, PyBUF_ANY_CONTIGUOUS, &got) < 0) goto out;
+    rec.size = 8 + 8 * (uint64_t)rec.n;
+    for (Py_ssize_t i = 0; i < rec.n; i++) rec.size += (uint64_t)rec.bufs[i].len;
+    result = put_claimed(self, &put, timeout, write_parts, &rec);
 out:
-    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
-    PyMem_Free(bufs);
+    release_buffers(rec.bufs, got);
     Py_DECREF(seq);
     return result;
 }
 
+/* Records put in one contiguous claim (spec Q30); one allocation holds the three arrays,
+ * freed with PyMem_Free(sizes). */
+typedef struct {
+    Py_ssize_t n;
+    uint64_t *sizes;
+    const void **srcs;
+    uint8_t *flags; /* each record's own format flag (0..15) */
+} put_batch;
+
+static int batch_alloc(put_batch *b, Py_ssize_t n) {
+    size_t count = (size_t)n + 1;
+    uint8_t *mem = PyMem_Calloc(count, sizeof(uint64_t) + sizeof(void *) + 1);
+    if (!mem) return -1;
+    b->n = n;
+    b->sizes = (uint64_t *)(void *)mem;
+    b->srcs = (const void **)(void *)(mem + count * sizeof(uint64_t));
+    b->flags = mem + count * (sizeof(uint64_t) + sizeof(void *));
+    return 0;
+}
+
+static int check_batch_len(Py_ssize_t n) {
+    if (n > 0 && (uint64_t)n <= SR_MAX_BATCH) return 0;
+    PyErr_SetString(PyExc_ValueError, "a batch holds 1 to 16777215 items");
+    return -1;
+}
+
+/* The claim's flag is per record: set it before each commit. */
+static void write_batch(RingObject *self, sr_claim *c, const void *ctx) {
+    const put_batch *b = ctx;
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        c->flags = b->flags[i];
+        memcpy(sr_put_record(&self->h, c, b->sizes[i]), b->srcs[i], (size_t)b->sizes[i]);
+        sr_put_commit_one(&self->h, c, b->sizes[i]);
+    }
+}
+
+static PyObject *put_batch_claimed(RingObject *self, const put_batch *b, int64_t timeout) {
+    put_request put = {b->sizes, (uint32_t)b->n, 0};
+    return put_claimed(self, &put, timeout, write_batch, b);
+}
+
 /* put_many(datas, flags_bytes, timeout): len(datas) records in one contiguous claim. */
 static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "put_many(datas, flags, timeout)");
-        return NULL;
-    }
     int64_t timeout;
-    if (parse_timeout(args[2], &timeout) < 0) return NULL;
+    if (check_nargs(nargs, 3, "put_many(datas, flags, timeout)") < 0 || parse_timeout(args[2], &timeout) < 0)
+        return NULL;
     PyObject *seq = PySequence_Fast(args[0], "datas must be a sequence");
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
     PyObject *result = NULL;
     Py_buffer fl = {0};
     int has_fl = 0;
     Py_buffer *bufs = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
-    uint64_t *sizes = PyMem_Calloc((size_t)n + 1, sizeof(uint64_t));
-    Py_ssize_t got = 0;
-    if (!bufs || !sizes) {
+    put_batch b = {0};
+    if (!bufs || batch_alloc(&b, n) < 0) {
         PyErr_NoMemory();
         goto out;
     }
@@ -357,148 +437,124 @@ static PyObject *Ring_put_many(RingObject *self, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_ValueError, "one flag byte per item");
         goto out;
     }
-    if (n == 0 || (uint64_t)n > SR_MAX_BATCH) {
-        PyErr_SetString(PyExc_ValueError, "a batch holds 1 to 16777215 items");
-        goto out;
+    if (check_batch_len(n) < 0 || get_buffers(seq, n, bufs, PyBUF_SIMPLE, &got) < 0) goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        b.sizes[i] = (uint64_t)bufs[i].len;
+        b.srcs[i] = bufs[i].buf;
+        b.flags[i] = ((const uint8_t *)fl.buf)[i] & 0xf;
     }
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &bufs[got], PyBUF_SIMPLE) < 0) goto out;
-        sizes[got] = (uint64_t)bufs[got].len;
-    }
-    if (check_open(self) < 0) goto out;
-    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
-    sr_claim c;
-    /* the claim's flags are per record: commit them one by one below */
-    sr_status st = claim_put(self, sizes, (uint32_t)n, 0, timeout, &c);
-    if (st == SR_OK) {
-        const uint8_t *f = fl.buf;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            c.flags = f[i] & 0xf;
-            memcpy(sr_put_record(&self->h, &c, sizes[i]), bufs[i].buf, (size_t)sizes[i]);
-            sr_put_commit_one(&self->h, &c, sizes[i]);
-        }
-        result = Py_None;
-        Py_INCREF(result);
-    } else {
-        raise_status(st, 1);
-    }
-    LEAVE(self);
+    result = put_batch_claimed(self, &b, timeout);
 out:
-    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    release_buffers(bufs, got);
     if (has_fl) PyBuffer_Release(&fl);
-    PyMem_Free(bufs);
-    PyMem_Free(sizes);
+    PyMem_Free(b.sizes);
     Py_DECREF(seq);
     return result;
+}
+
+/* Pickle every item of `seq` (protocol 5, in band) into datas[*got...]; bytes objects
+ * travel raw.  *got counts the references datas holds. */
+static int pickle_items(PyObject *seq, put_batch *b, PyObject **datas, Py_ssize_t *got) {
+    PyObject *protocol = PyLong_FromLong(5);
+    if (!protocol) return -1;
+    for (; *got < b->n; ++*got) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, *got), *data;
+        if (PyBytes_CheckExact(item)) {
+            Py_INCREF(item);
+            data = item;
+            b->flags[*got] = FMT_BYTES;
+        } else {
+            PyObject *a[2] = {item, protocol};
+            data = PyObject_Vectorcall(pickle_dumps, a, 2, NULL);
+            if (!data) break;
+            b->flags[*got] = FMT_PICKLE;
+        }
+        datas[*got] = data; /* keeps srcs[*got] alive */
+        b->sizes[*got] = (uint64_t)PyBytes_GET_SIZE(data);
+        b->srcs[*got] = PyBytes_AS_STRING(data);
+    }
+    Py_DECREF(protocol);
+    return *got < b->n ? -1 : 0;
 }
 
 /* put_items(items, timeout): pickle every item (bytes objects travel raw) and put them
  * all in one contiguous claim (spec Q30: atomic, contiguous, in order).  A batch never
  * uses out-of-band buffers: each record is one in-band pickle. */
 static PyObject *Ring_put_items(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "put_items(items, timeout)");
-        return NULL;
-    }
     int64_t timeout;
-    if (parse_timeout(args[1], &timeout) < 0) return NULL;
+    if (check_nargs(nargs, 2, "put_items(items, timeout)") < 0 || parse_timeout(args[1], &timeout) < 0)
+        return NULL;
     PyObject *seq = PySequence_Fast(args[0], "items must be a sequence");
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
     PyObject *result = NULL;
     PyObject **datas = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
-    uint64_t *sizes = PyMem_Calloc((size_t)n + 1, sizeof(uint64_t));
-    uint8_t *flags = PyMem_Calloc((size_t)n + 1, 1);
-    Py_ssize_t got = 0;
-    if (!datas || !sizes || !flags) {
+    put_batch b = {0};
+    if (!datas || batch_alloc(&b, n) < 0) {
         PyErr_NoMemory();
         goto out;
     }
-    if (n == 0 || (uint64_t)n > SR_MAX_BATCH) {
-        PyErr_SetString(PyExc_ValueError, "a batch holds 1 to 16777215 items");
-        goto out;
-    }
-    PyObject *protocol = PyLong_FromLong(5);
-    if (!protocol) goto out;
-    for (; got < n; got++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, got);
-        if (PyBytes_CheckExact(item)) {
-            Py_INCREF(item);
-            datas[got] = item;
-            flags[got] = FMT_BYTES;
-        } else {
-            PyObject *a[2] = {item, protocol};
-            datas[got] = PyObject_Vectorcall(pickle_dumps, a, 2, NULL);
-            if (!datas[got]) break;
-            flags[got] = FMT_PICKLE;
-        }
-        sizes[got] = (uint64_t)PyBytes_GET_SIZE(datas[got]);
-    }
-    Py_DECREF(protocol);
-    if (got < n) goto out;
-    if (check_open(self) < 0) goto out;
-    atomic_fetch_add_explicit(&self->in_flight, 1, memory_order_acq_rel);
-    sr_claim c;
-    sr_status st = claim_put(self, sizes, (uint32_t)n, 0, timeout, &c);
-    if (st == SR_OK) {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            c.flags = flags[i];
-            memcpy(sr_put_record(&self->h, &c, sizes[i]), PyBytes_AS_STRING(datas[i]), (size_t)sizes[i]);
-            sr_put_commit_one(&self->h, &c, sizes[i]);
-        }
-        result = Py_None;
-        Py_INCREF(result);
-    } else {
-        raise_status(st, 1);
-    }
-    LEAVE(self);
+    if (check_batch_len(n) < 0 || pickle_items(seq, &b, datas, &got) < 0) goto out;
+    result = put_batch_claimed(self, &b, timeout);
 out:
-    for (Py_ssize_t i = 0; i < got && datas; i++) Py_XDECREF(datas[i]);
+    for (Py_ssize_t i = 0; i < got; i++) Py_DECREF(datas[i]);
     PyMem_Free(datas);
-    PyMem_Free(sizes);
-    PyMem_Free(flags);
+    PyMem_Free(b.sizes);
     Py_DECREF(seq);
     return result;
+}
+
+/* ---- gets ---------------------------------------------------------------------------- */
+
+/* A new bytes (the main pickle) or bytearray (an out-of-band buffer: the unpickler may
+ * hand it out writable) holding a copy of `len` ring bytes. */
+static PyObject *copy_part(int as_bytearray, const uint8_t *src, uint64_t len) {
+    PyObject *part = as_bytearray ? PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len)
+                                  : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (part) copy_maybe_nogil(as_bytearray ? PyByteArray_AS_STRING(part) : PyBytes_AS_STRING(part), src, (size_t)len);
+    return part;
+}
+
+/* (flags, bytes, [bytearray, ...]) from a multi-part record; its table is checked
+ * against the record's length (a lying table raises, it is never read past). */
+static PyObject *take_parts(const sr_claim *c) {
+    const uint8_t *src = c->data;
+    uint64_t n = c->data_len;
+    uint32_t count;
+    memcpy(&count, src, 4);
+    uint64_t off = 8 + 8 * (uint64_t)count;
+    PyObject *main = NULL, *list = PyList_New(count ? count - 1 : 0);
+    if (!list || off > n) goto fail;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t len;
+        memcpy(&len, src + 8 + 8 * i, 8);
+        if (off + len > n) goto fail;
+        PyObject *part = copy_part(i > 0, src + off, len);
+        if (!part) goto fail;
+        if (i == 0)
+            main = part;
+        else
+            PyList_SET_ITEM(list, i - 1, part);
+        off += len;
+    }
+    if (!main) main = PyBytes_FromStringAndSize("", 0);
+    return Py_BuildValue("(kNN)", (unsigned long)c->flags, main, list);
+fail:
+    Py_XDECREF(main);
+    Py_XDECREF(list);
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "corrupt multi-part record");
+    return NULL;
 }
 
 /* Copy a claimed record out: (flags, bytes) or, for multi-part records, (flags, bytes,
  * [bytearray, ...]).  Ends the claim in every case (a copy that fails loses the item). */
 static PyObject *take_record(RingObject *self, sr_claim *c, int parts_flag) {
     PyObject *out = NULL;
-    const uint8_t *src = c->data;
     uint64_t n = c->data_len;
     if ((int)c->flags == parts_flag && n >= 8) {
-        uint32_t count;
-        memcpy(&count, src, 4);
-        uint64_t off = 8 + 8 * (uint64_t)count;
-        PyObject *main = NULL, *list = PyList_New(count ? count - 1 : 0);
-        if (!list || off > n) goto parts_fail;
-        for (uint32_t i = 0; i < count; i++) {
-            uint64_t len;
-            memcpy(&len, src + 8 + 8 * i, 8);
-            if (off + len > n) goto parts_fail;
-            PyObject *part;
-            if (i == 0) {
-                part = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
-                if (!part) goto parts_fail;
-                copy_maybe_nogil(PyBytes_AS_STRING(part), src + off, (size_t)len);
-                main = part;
-            } else {
-                part = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)len);
-                if (!part) goto parts_fail;
-                copy_maybe_nogil(PyByteArray_AS_STRING(part), src + off, (size_t)len);
-                PyList_SET_ITEM(list, i - 1, part);
-            }
-            off += len;
-        }
-        if (!main) main = PyBytes_FromStringAndSize("", 0);
-        out = Py_BuildValue("(kNN)", (unsigned long)c->flags, main, list);
-        goto done;
-    parts_fail:
-        Py_XDECREF(main);
-        Py_XDECREF(list);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "corrupt multi-part record");
-        goto done;
+        out = take_parts(c);
+        sr_get_end(&self->h, c);
+        return out;
     }
     PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     if (data) {
@@ -508,37 +564,42 @@ static PyObject *take_record(RingObject *self, sr_claim *c, int parts_flag) {
             sr_copy_out_clear(c, dst);
             Py_END_ALLOW_THREADS
         } else {
-            memcpy(PyBytes_AS_STRING(data), src, (size_t)n);
+            memcpy(PyBytes_AS_STRING(data), c->data, (size_t)n);
         }
         out = Py_BuildValue("(kN)", (unsigned long)c->flags, data);
     }
-done:
     sr_get_end(&self->h, c);
     return out;
 }
 
-/* Decode a claimed record into the item itself, then end the claim.  Pickles are read
- * straight from the ring through a memoryview (no intermediate bytes object): the view is
- * released before the claim ends, and pickle copies whatever it keeps. */
-static PyObject *take_item(RingObject *self, sr_claim *c) {
+/* Unpickle a FMT_PICKLE record straight from the ring through a memoryview (no
+ * intermediate bytes object): the view is released before the claim ends, and pickle
+ * copies whatever it keeps. */
+static PyObject *loads_in_place(const sr_claim *c) {
+    PyObject *view = PyMemoryView_FromMemory((char *)c->data, (Py_ssize_t)c->data_len, PyBUF_READ);
+    if (!view) return NULL;
+    PyObject *out = PyObject_CallOneArg(pickle_loads, view);
+    if (Py_REFCNT(view) != 1) {
+        /* something kept the view (or a buffer of it, which references it): the ring
+         * memory would outlive the claim.  Never happens with the stdlib unpickler;
+         * refuse rather than hand out memory about to be reused. */
+        Py_CLEAR(out);
+        PyObject *r = PyObject_CallMethod(view, "release", NULL);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyErr_SetString(PyExc_RuntimeError, "the unpickler kept a reference to the ring");
+    }
+    Py_DECREF(view);
+    return out;
+}
+
+/* Decode a claimed record into the item itself, then end the claim.  `parts_flag` is
+ * unused (items always mark multi-part records FMT_PARTS): it gives take_item the
+ * signature of take_record so that both serve get_one/get_batch. */
+static PyObject *take_item(RingObject *self, sr_claim *c, int parts_flag) {
+    (void)parts_flag;
     if (c->flags == FMT_PICKLE) {
-        PyObject *view = PyMemoryView_FromMemory((char *)c->data, (Py_ssize_t)c->data_len, PyBUF_READ);
-        PyObject *out = NULL;
-        if (view) {
-            out = PyObject_CallOneArg(pickle_loads, view);
-            if (Py_REFCNT(view) != 1) {
-                /* something kept the view (or a buffer of it, which references it): the
-                 * ring memory would outlive the claim.  Never happens with the stdlib
-                 * unpickler; refuse rather than hand out memory about to be reused. */
-                Py_CLEAR(out);
-                PyErr_SetString(PyExc_RuntimeError, "the unpickler kept a reference to the ring");
-                PyObject *r = PyObject_CallMethod(view, "release", NULL);
-                Py_XDECREF(r);
-                PyErr_Clear();
-                PyErr_SetString(PyExc_RuntimeError, "the unpickler kept a reference to the ring");
-            }
-            Py_DECREF(view);
-        }
+        PyObject *out = loads_in_place(c);
         sr_get_end(&self->h, c);
         return out;
     }
@@ -558,28 +619,21 @@ static PyObject *take_item(RingObject *self, sr_claim *c) {
     return out;
 }
 
-/* get_item(timeout) -> the oldest item, decoded */
-static PyObject *Ring_get_item(RingObject *self, PyObject *arg) {
-    int64_t timeout;
-    if (parse_timeout(arg, &timeout) < 0) return NULL;
+/* take_item or take_record: takes a claimed record out and ends the claim. */
+typedef PyObject *(*record_taker)(RingObject *self, sr_claim *c, int parts_flag);
+
+static PyObject *get_one(RingObject *self, int64_t timeout, record_taker take, int parts_flag) {
     ENTER(self);
     sr_claim c;
-    sr_status st = claim_get(self, timeout, &c);
-    PyObject *out = st == SR_OK ? take_item(self, &c) : raise_status(st, 0);
+    sr_status st = claim(self, NULL, timeout, &c);
+    PyObject *out = st == SR_OK ? take(self, &c, parts_flag) : raise_status(st, 0);
     LEAVE(self);
     return out;
 }
 
-/* get_items(max_items, timeout) -> [item, ...]: wait for one, then take what is there. */
-static PyObject *Ring_get_items(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "get_items(max_items, timeout)");
-        return NULL;
-    }
-    Py_ssize_t max_items = PyLong_AsSsize_t(args[0]);
-    if (max_items == -1 && PyErr_Occurred()) return NULL;
-    int64_t timeout;
-    if (parse_timeout(args[1], &timeout) < 0) return NULL;
+/* Wait for one record, then take what is there without waiting, up to max_items. */
+static PyObject *get_batch(RingObject *self, Py_ssize_t max_items, int64_t timeout, record_taker take,
+                           int parts_flag) {
     if (max_items < 1) {
         PyErr_SetString(PyExc_ValueError, "max_items must be >= 1");
         return NULL;
@@ -587,74 +641,16 @@ static PyObject *Ring_get_items(RingObject *self, PyObject *const *args, Py_ssiz
     ENTER(self);
     PyObject *list = PyList_New(0);
     sr_claim c;
-    sr_status st = list ? claim_get(self, timeout, &c) : SR_INVALID;
+    sr_status st = list ? claim(self, NULL, timeout, &c) : SR_INVALID;
     if (st != SR_OK) {
         Py_XDECREF(list);
         LEAVE(self);
         return list ? raise_status(st, 0) : NULL;
     }
     for (Py_ssize_t i = 0;; i++) {
-        PyObject *item = take_item(self, &c);
-        if (!item || PyList_Append(list, item) < 0) {
-            /* the items already taken are lost with the list: report the error */
-            Py_XDECREF(item);
-            Py_DECREF(list);
-            LEAVE(self);
-            return NULL;
-        }
-        Py_DECREF(item);
-        if (i + 1 >= max_items || sr_get_begin(&self->h, 0, &c) != SR_OK) break;
-    }
-    LEAVE(self);
-    return list;
-}
-
-/* get(timeout, parts_flag) -> (flags, bytes) | (flags, bytes, [bytearray]) */
-static PyObject *Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "get(timeout, parts_flag)");
-        return NULL;
-    }
-    int64_t timeout;
-    if (parse_timeout(args[0], &timeout) < 0) return NULL;
-    long parts_flag = PyLong_AsLong(args[1]);
-    if (parts_flag == -1 && PyErr_Occurred()) return NULL;
-    ENTER(self);
-    sr_claim c;
-    sr_status st = claim_get(self, timeout, &c);
-    PyObject *out = st == SR_OK ? take_record(self, &c, (int)parts_flag) : raise_status(st, 0);
-    LEAVE(self);
-    return out;
-}
-
-/* get_many(max_items, timeout, parts_flag): wait for one record, then take what is there. */
-static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "get_many(max_items, timeout, parts_flag)");
-        return NULL;
-    }
-    Py_ssize_t max_items = PyLong_AsSsize_t(args[0]);
-    if (max_items == -1 && PyErr_Occurred()) return NULL;
-    int64_t timeout;
-    if (parse_timeout(args[1], &timeout) < 0) return NULL;
-    long parts_flag = PyLong_AsLong(args[2]);
-    if (parts_flag == -1 && PyErr_Occurred()) return NULL;
-    if (max_items < 1) {
-        PyErr_SetString(PyExc_ValueError, "max_items must be >= 1");
-        return NULL;
-    }
-    ENTER(self);
-    PyObject *list = PyList_New(0);
-    sr_claim c;
-    sr_status st = list ? claim_get(self, timeout, &c) : SR_INVALID;
-    if (st != SR_OK) {
-        Py_XDECREF(list);
-        LEAVE(self);
-        return list ? raise_status(st, 0) : NULL;
-    }
-    for (Py_ssize_t i = 0;; i++) {
-        PyObject *rec = take_record(self, &c, (int)parts_flag);
+        PyObject *rec = take(self, &c, parts_flag);
         if (!rec || PyList_Append(list, rec) < 0) {
+            /* the records already taken are lost with the list: report the error */
             Py_XDECREF(rec);
             Py_DECREF(list);
             LEAVE(self);
@@ -665,6 +661,45 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     }
     LEAVE(self);
     return list;
+}
+
+/* get_item(timeout) -> the oldest item, decoded */
+static PyObject *Ring_get_item(RingObject *self, PyObject *arg) {
+    int64_t timeout;
+    if (parse_timeout(arg, &timeout) < 0) return NULL;
+    return get_one(self, timeout, take_item, FMT_PARTS);
+}
+
+/* get_items(max_items, timeout) -> [item, ...]: wait for one, then take what is there. */
+static PyObject *Ring_get_items(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t max_items;
+    int64_t timeout;
+    if (check_nargs(nargs, 2, "get_items(max_items, timeout)") < 0 || parse_max_items(args[0], &max_items) < 0 ||
+        parse_timeout(args[1], &timeout) < 0)
+        return NULL;
+    return get_batch(self, max_items, timeout, take_item, FMT_PARTS);
+}
+
+/* get(timeout, parts_flag) -> (flags, bytes) | (flags, bytes, [bytearray]) */
+static PyObject *Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t timeout;
+    long parts_flag;
+    if (check_nargs(nargs, 2, "get(timeout, parts_flag)") < 0 || parse_timeout(args[0], &timeout) < 0 ||
+        parse_flag(args[1], &parts_flag) < 0)
+        return NULL;
+    return get_one(self, timeout, take_record, (int)parts_flag);
+}
+
+/* get_many(max_items, timeout, parts_flag): wait for one record, then take what is there. */
+static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t max_items;
+    int64_t timeout;
+    long parts_flag;
+    if (check_nargs(nargs, 3, "get_many(max_items, timeout, parts_flag)") < 0 ||
+        parse_max_items(args[0], &max_items) < 0 || parse_timeout(args[1], &timeout) < 0 ||
+        parse_flag(args[2], &parts_flag) < 0)
+        return NULL;
+    return get_batch(self, max_items, timeout, take_record, (int)parts_flag);
 }
 
 static PyObject *Ring_depth(RingObject *self, PyObject *Py_UNUSED(ignored)) {

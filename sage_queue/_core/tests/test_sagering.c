@@ -65,89 +65,180 @@ static sr_status get1(sr_handle *h, void *out, uint64_t *n, int64_t timeout) {
     return sr_get_end(h, &c);
 }
 
+/* ---- fixtures ------------------------------------------------------------------------ */
+
+/* A handle of this process on the segment. */
+static void open_here(sr_handle *h, seg_t s) { CHECK(sr_open(h, s.base, s.size, (uint32_t)getpid()) == SR_OK); }
+
+static void close_handle(sr_handle *h) {
+    sr_close(h);
+    sr_detach(h);
+}
+
+/* A fresh ring and one handle on it. */
+typedef struct {
+    seg_t s;
+    sr_handle h;
+} ring_fixture;
+
+static void ring_setup(ring_fixture *r, uint64_t capacity, uint64_t maxsize) {
+    r->s = new_segment(capacity, maxsize);
+    open_here(&r->h, r->s);
+}
+
+static void ring_teardown(ring_fixture *r) {
+    close_handle(&r->h);
+    free_segment(r->s);
+}
+
+/* A fresh ring, a live handle whose stalls are checked after 1 ms (not the default grace)
+ * and a handle whose owner "died" (see open_as_dead). */
+typedef struct {
+    seg_t s;
+    sr_handle live, dead;
+} dead_fixture;
+
+static void open_as_dead(sr_handle *h, seg_t s);
+
+static void dead_setup(dead_fixture *f, uint64_t capacity) {
+    f->s = new_segment(capacity, 0);
+    open_here(&f->live, f->s);
+    f->live.grace_ns = 1000000;
+    open_as_dead(&f->dead, f->s);
+}
+
+/* The live handle puts one 200-byte record and the dead one claims it for reading (and,
+ * being dead, never ends that claim unless the test stages more of its steps). */
+static void dead_reader_claims_one(dead_fixture *f, sr_claim *c) {
+    char buf[200] = {0};
+    CHECK(put1(&f->live, buf, 200, 0) == SR_OK);
+    CHECK(sr_get_begin(&f->dead, 0, c) == SR_OK);
+}
+
+/* The dead handle is left as a dead process leaves it: never closed. */
+static void dead_teardown(dead_fixture *f) {
+    close_handle(&f->live);
+    free_segment(f->s);
+}
+
+static uint64_t abandoned_count(sr_handle *h) {
+    sr_stats st;
+    sr_read_stats(h, &st);
+    return st.abandoned;
+}
+
+/* Put 200-byte records until the ring refuses, then take as many back; returns how many. */
+static int fill_then_drain(sr_handle *h) {
+    char buf[200] = {0}, out[256];
+    uint64_t n;
+    int puts = 0;
+    while (put1(h, buf, 200, 0) == SR_OK) puts++;
+    for (int i = 0; i < puts; i++) CHECK(get1(h, out, &n, 0) == SR_OK);
+    return puts;
+}
+
+/* `rounds` times: put `len` bytes (waiting up to `put_timeout`), then take one record. */
+static void put_get_rounds(sr_handle *h, uint64_t len, int rounds, int64_t put_timeout) {
+    char buf[256] = {0}, out[256];
+    uint64_t n;
+    for (int i = 0; i < rounds; i++) {
+        CHECK(put1(h, buf, len, put_timeout) == SR_OK);
+        CHECK(get1(h, out, &n, 0) == SR_OK);
+    }
+}
+
+/* Only poll (timeout 0) a put of 200 bytes or a get into `out`, until it stops reporting
+ * WOULD_BLOCK or 2 s pass. */
+static sr_status poll_until_not_blocked(sr_handle *h, int put, char *out, uint64_t *n) {
+    char buf[200] = {0};
+    sr_status st = SR_WOULD_BLOCK;
+    int64_t t0 = now_ns();
+    while (st == SR_WOULD_BLOCK && now_ns() - t0 < 2000000000ll) {
+        st = put ? put1(h, buf, 200, 0) : get1(h, out, n, 0);
+        if (st == SR_WOULD_BLOCK) sleep_ns(100000);
+    }
+    return st;
+}
+
 /* ---- single-thread basics ----------------------------------------------------------- */
 
 static void test_basic_and_wrap(void) {
-    seg_t s = new_segment(8192, 0);
+    ring_fixture r;
+    ring_setup(&r, 8192, 0);
+    sr_handle *h = &r.h;
     char err[200];
-    CHECK(sr_validate(s.base, s.size, err, sizeof err) == SR_OK);
-    sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    CHECK(sr_validate(r.s.base, r.s.size, err, sizeof err) == SR_OK);
     char buf[4096], out[4096];
     uint64_t n;
-    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
+    CHECK(get1(h, out, &n, 0) == SR_WOULD_BLOCK);
     /* many laps with sizes that do not divide the capacity: padding at every lap end */
     for (int i = 0; i < 20000; i++) {
         uint64_t len = (uint64_t)(i * 37 % 1500);
         for (uint64_t k = 0; k < len; k++) buf[k] = (char)(i + (int)k);
-        CHECK(put1(&h, buf, len, 0) == SR_OK);
+        CHECK(put1(h, buf, len, 0) == SR_OK);
         if (i % 3 == 2) { /* keep a few in flight so records straddle lap ends */
             for (int j = 0; j < 3; j++) {
-                CHECK(get1(&h, out, &n, 0) == SR_OK);
+                CHECK(get1(h, out, &n, 0) == SR_OK);
             }
         }
     }
-    while (get1(&h, out, &n, 0) == SR_OK) {
+    while (get1(h, out, &n, 0) == SR_OK) {
     }
-    CHECK(sr_depth(&h) == 0);
+    CHECK(sr_depth(h) == 0);
     /* a full ring refuses, an impossible record is TOO_BIG, a timeout is a timeout */
     int count = 0;
-    while (put1(&h, buf, 200, 0) == SR_OK) count++;
+    while (put1(h, buf, 200, 0) == SR_OK) count++;
     CHECK(count > 30 && count < 8192 / 200);
     int64_t t0 = now_ns();
-    CHECK(put1(&h, buf, 200, 50000000) == SR_TIMEOUT);
+    CHECK(put1(h, buf, 200, 50000000) == SR_TIMEOUT);
     CHECK(now_ns() - t0 >= 50000000);
-    CHECK(put1(&h, buf, 9000, 0) == SR_TOO_BIG);
+    CHECK(put1(h, buf, 9000, 0) == SR_TOO_BIG);
     /* double commit / double end return their own error */
-    while (get1(&h, out, &n, 0) == SR_OK) {
+    while (get1(h, out, &n, 0) == SR_OK) {
     }
     sr_claim c;
     uint64_t ten = 10;
-    CHECK(sr_put_begin(&h, &ten, 1, 0, 0, &c) == SR_OK);
-    CHECK(sr_put_commit_one(&h, &c, 10) == SR_OK);
-    CHECK(sr_put_commit_one(&h, &c, 10) == SR_ALREADY_DONE);
-    CHECK(sr_put_abort(&h, &c) == SR_ALREADY_DONE);
-    CHECK(sr_get_begin(&h, 0, &c) == SR_OK);
-    CHECK(sr_get_end(&h, &c) == SR_OK);
-    CHECK(sr_get_end(&h, &c) == SR_ALREADY_DONE);
+    CHECK(sr_put_begin(h, &ten, 1, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_commit_one(h, &c, 10) == SR_OK);
+    CHECK(sr_put_commit_one(h, &c, 10) == SR_ALREADY_DONE);
+    CHECK(sr_put_abort(h, &c) == SR_ALREADY_DONE);
+    CHECK(sr_get_begin(h, 0, &c) == SR_OK);
+    CHECK(sr_get_end(h, &c) == SR_OK);
+    CHECK(sr_get_end(h, &c) == SR_ALREADY_DONE);
     /* abort: the record is skipped and counted */
-    CHECK(sr_put_begin(&h, &ten, 1, 0, 0, &c) == SR_OK);
-    CHECK(sr_put_abort(&h, &c) == SR_OK);
-    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
+    CHECK(sr_put_begin(h, &ten, 1, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_abort(h, &c) == SR_OK);
+    CHECK(get1(h, out, &n, 0) == SR_WOULD_BLOCK);
     sr_stats st;
-    sr_read_stats(&h, &st);
+    sr_read_stats(h, &st);
     CHECK(st.abandoned == 1);
-    CHECK(sr_depth(&h) == 0);
-    sr_close(&h);
-    sr_detach(&h);
-    free_segment(s);
+    CHECK(sr_depth(h) == 0);
+    ring_teardown(&r);
 }
 
 static void test_copy_out_clear(void) {
-    seg_t s = new_segment(1 << 20, 0);
-    sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    ring_fixture r;
+    ring_setup(&r, 1 << 20, 0);
+    sr_handle *h = &r.h;
     uint64_t n = 300001; /* several clearing chunks and a partial one */
     uint8_t *src = malloc(n), *dst = malloc(n);
     for (uint64_t i = 0; i < n; i++) src[i] = (uint8_t)(i * 7 + 1);
-    CHECK(put1(&h, src, n, 0) == SR_OK);
+    CHECK(put1(h, src, n, 0) == SR_OK);
     sr_claim c;
-    CHECK(sr_get_begin(&h, 0, &c) == SR_OK);
+    CHECK(sr_get_begin(h, 0, &c) == SR_OK);
     uint8_t *payload = c.data;
     uint64_t len = c.len;
     sr_copy_out_clear(&c, dst);
     CHECK(memcmp(src, dst, n) == 0);
-    CHECK(sr_get_end(&h, &c) == SR_OK);
+    CHECK(sr_get_end(h, &c) == SR_OK);
     int dirty = 0;
     for (uint64_t i = 0; i < len - SR_REC_HEADER; i++) dirty |= payload[i];
     CHECK(dirty == 0); /* consumed space is all zero */
-    CHECK(put1(&h, src, 10, 0) == SR_OK);
-    CHECK(get1(&h, dst, &n, 0) == SR_OK && n == 10 && memcmp(src, dst, 10) == 0);
+    CHECK(put1(h, src, 10, 0) == SR_OK);
+    CHECK(get1(h, dst, &n, 0) == SR_OK && n == 10 && memcmp(src, dst, 10) == 0);
     free(src);
     free(dst);
-    sr_close(&h);
-    sr_detach(&h);
-    free_segment(s);
+    ring_teardown(&r);
 }
 
 static void test_validate_names_bad_value(void) {
@@ -164,31 +255,29 @@ static void test_validate_names_bad_value(void) {
 }
 
 static void test_maxsize_and_batch(void) {
-    seg_t s = new_segment(1 << 16, 5);
-    sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    ring_fixture r;
+    ring_setup(&r, 1 << 16, 5);
+    sr_handle *h = &r.h;
     char buf[64] = {0}, out[64];
     uint64_t n, sizes[6] = {1, 2, 3, 4, 5, 6};
     sr_claim c;
-    CHECK(sr_put_begin(&h, sizes, 6, 0, 0, &c) == SR_TOO_BIG); /* more than maxsize */
-    CHECK(sr_put_begin(&h, sizes, 3, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_begin(h, sizes, 6, 0, 0, &c) == SR_TOO_BIG); /* more than maxsize */
+    CHECK(sr_put_begin(h, sizes, 3, 0, 0, &c) == SR_OK);
     for (int i = 0; i < 3; i++) {
-        memset(sr_put_record(&h, &c, sizes[i]), 'a' + i, sizes[i]);
-        CHECK(sr_put_commit_one(&h, &c, sizes[i]) == SR_OK);
+        memset(sr_put_record(h, &c, sizes[i]), 'a' + i, sizes[i]);
+        CHECK(sr_put_commit_one(h, &c, sizes[i]) == SR_OK);
     }
-    CHECK(sr_put_begin(&h, sizes, 3, 0, 0, &c) == SR_WOULD_BLOCK); /* 3 + 3 > 5 */
-    CHECK(put1(&h, buf, 8, 0) == SR_OK);
-    CHECK(put1(&h, buf, 8, 0) == SR_OK);
-    CHECK(put1(&h, buf, 8, 0) == SR_WOULD_BLOCK);
-    CHECK(sr_depth(&h) == 5);
+    CHECK(sr_put_begin(h, sizes, 3, 0, 0, &c) == SR_WOULD_BLOCK); /* 3 + 3 > 5 */
+    CHECK(put1(h, buf, 8, 0) == SR_OK);
+    CHECK(put1(h, buf, 8, 0) == SR_OK);
+    CHECK(put1(h, buf, 8, 0) == SR_WOULD_BLOCK);
+    CHECK(sr_depth(h) == 5);
     for (int i = 0; i < 3; i++) {
-        CHECK(get1(&h, out, &n, 0) == SR_OK);
+        CHECK(get1(h, out, &n, 0) == SR_OK);
         CHECK(n == sizes[i] && out[0] == 'a' + i);
     }
-    CHECK(sr_depth(&h) == 2);
-    sr_close(&h);
-    sr_detach(&h);
-    free_segment(s);
+    CHECK(sr_depth(h) == 2);
+    ring_teardown(&r);
 }
 
 /* ---- MPMC threads: nothing lost, duplicated or reordered per producer -------------------- */
@@ -225,8 +314,7 @@ static void *producer(void *p) {
             i++;
         }
     }
-    sr_close(&h);
-    sr_detach(&h);
+    close_handle(&h);
     return NULL;
 }
 
@@ -256,8 +344,7 @@ static void *consumer(void *p) {
         atomic_fetch_add(&a->seen[m[0] * PER_PRODUCER + m[1]], 1);
         atomic_fetch_add(a->consumed, 1);
     }
-    sr_close(&h);
-    sr_detach(&h);
+    close_handle(&h);
     return NULL;
 }
 
@@ -280,13 +367,12 @@ static void test_mpmc_threads(uint64_t capacity, uint64_t maxsize) {
     CHECK(missing == 0);
     CHECK(dup == 0);
     sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    open_here(&h, s);
     CHECK(sr_depth(&h) == 0);
     sr_stats st;
     sr_read_stats(&h, &st);
     CHECK(st.puts == PRODUCERS * PER_PRODUCER && st.gets == PRODUCERS * PER_PRODUCER && st.abandoned == 0);
-    sr_close(&h);
-    sr_detach(&h);
+    close_handle(&h);
     free(seen);
     free_segment(s);
 }
@@ -295,271 +381,184 @@ static void test_mpmc_threads(uint64_t capacity, uint64_t maxsize) {
 
 /* A handle that looks like it belongs to a dead process. */
 static void open_as_dead(sr_handle *h, seg_t s) {
-    CHECK(sr_open(h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    open_here(h, s);
     atomic_store(&h->block->pid, dead_pid());
     atomic_store(&h->block->start_time, 0);
 }
 
 static void test_dead_producer_after_claim(void) {
-    seg_t s = new_segment(4096, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
+    dead_fixture f;
+    dead_setup(&f, 4096);
+    sr_handle *live = &f.live, *dead = &f.dead;
     char out[256];
     uint64_t n, sz = 20;
-    CHECK(put1(&live, "before", 6, 0) == SR_OK);
+    CHECK(put1(live, "before", 6, 0) == SR_OK);
     sr_claim c;
-    CHECK(sr_put_begin(&dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
-    CHECK(put1(&live, "after", 5, 0) == SR_OK);
-    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 6);
+    CHECK(sr_put_begin(dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
+    CHECK(put1(live, "after", 5, 0) == SR_OK);
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 6);
     /* the head is stuck on the dead claim until the grace passes and a waiter reaps it */
-    CHECK(get1(&live, out, &n, 0) == SR_WOULD_BLOCK);
-    CHECK(get1(&live, out, &n, 500000000) == SR_OK);
+    CHECK(get1(live, out, &n, 0) == SR_WOULD_BLOCK);
+    CHECK(get1(live, out, &n, 500000000) == SR_OK);
     CHECK(n == 5 && memcmp(out, "after", 5) == 0);
-    sr_stats st;
-    sr_read_stats(&live, &st);
-    CHECK(st.abandoned == 1);
-    CHECK(sr_depth(&live) == 0);
-    /* the ring keeps working over many laps */
-    for (int i = 0; i < 1000; i++) {
-        CHECK(put1(&live, out, 100, 0) == SR_OK);
-        CHECK(get1(&live, out, &n, 0) == SR_OK);
-    }
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    CHECK(abandoned_count(live) == 1);
+    CHECK(sr_depth(live) == 0);
+    put_get_rounds(live, 100, 1000, 0); /* the ring keeps working over many laps */
+    dead_teardown(&f);
 }
 
 static void test_dead_producer_unconfirmed_announce(void) {
     /* killed between its cursor CAS and confirming its own entry, with nobody moving T */
-    seg_t s = new_segment(4096, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
-    sr_header *hdr = dead.hdr;
-    sr_entry *en = &dead.block->entries[0];
-    atomic_fetch_and(&dead.free_entries, ~1u);
+    dead_fixture f;
+    dead_setup(&f, 4096);
+    sr_handle *live = &f.live, *dead = &f.dead;
+    sr_header *hdr = dead->hdr;
+    sr_entry *en = &dead->block->entries[0];
+    atomic_fetch_and(&dead->free_entries, ~1u);
     u128 t = snap_cursor(&hdr->tail);
     uint64_t len = sr_record_size(30);
     announce(en, SR_KIND_PUT, lo64(t), len, 1, 0);
-    CHECK(cas128(&hdr->tail, t, mk128(lo64(t) + len, (1ull << 32) | idx_of(&dead, 0))));
+    CHECK(cas128(&hdr->tail, t, mk128(lo64(t) + len, (1ull << 32) | idx_of(dead, 0))));
     CHECK(st_phase(atomic_load(&en->state)) == SR_PH_ANNOUNCED);
     char out[64];
     uint64_t n;
-    CHECK(get1(&live, out, &n, 300000000) == SR_TIMEOUT); /* reaped, then truly empty */
-    sr_stats st;
-    sr_read_stats(&live, &st);
-    CHECK(st.abandoned == 1);
-    CHECK(sr_depth(&live) == 0);
-    CHECK(put1(&live, "x", 1, 0) == SR_OK);
-    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 1);
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    CHECK(get1(live, out, &n, 300000000) == SR_TIMEOUT); /* reaped, then truly empty */
+    CHECK(abandoned_count(live) == 1);
+    CHECK(sr_depth(live) == 0);
+    CHECK(put1(live, "x", 1, 0) == SR_OK);
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 1);
+    dead_teardown(&f);
 }
 
 static void test_dead_producer_mid_batch(void) {
-    seg_t s = new_segment(8192, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
+    dead_fixture f;
+    dead_setup(&f, 8192);
+    sr_handle *live = &f.live, *dead = &f.dead;
     uint64_t sizes[4] = {10, 20, 30, 40};
     sr_claim c;
-    CHECK(sr_put_begin(&dead, sizes, 4, 0, 0, &c) == SR_OK);
+    CHECK(sr_put_begin(dead, sizes, 4, 0, 0, &c) == SR_OK);
     for (int i = 0; i < 2; i++) { /* two of four published, then "killed" */
-        memset(sr_put_record(&dead, &c, sizes[i]), 'a' + i, sizes[i]);
-        sr_put_commit_one(&dead, &c, sizes[i]);
+        memset(sr_put_record(dead, &c, sizes[i]), 'a' + i, sizes[i]);
+        sr_put_commit_one(dead, &c, sizes[i]);
     }
-    CHECK(put1(&live, "tail", 4, 0) == SR_OK);
+    CHECK(put1(live, "tail", 4, 0) == SR_OK);
     char out[64];
     uint64_t n;
-    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 10 && out[0] == 'a');
-    CHECK(get1(&live, out, &n, 0) == SR_OK && n == 20 && out[0] == 'b');
-    CHECK(get1(&live, out, &n, 500000000) == SR_OK && n == 4 && memcmp(out, "tail", 4) == 0);
-    sr_stats st;
-    sr_read_stats(&live, &st);
-    CHECK(st.abandoned == 2);
-    CHECK(sr_depth(&live) == 0);
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 10 && out[0] == 'a');
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 20 && out[0] == 'b');
+    CHECK(get1(live, out, &n, 500000000) == SR_OK && n == 4 && memcmp(out, "tail", 4) == 0);
+    CHECK(abandoned_count(live) == 2);
+    CHECK(sr_depth(live) == 0);
+    dead_teardown(&f);
 }
 
 static void test_dead_consumer_mid_read(void) {
-    seg_t s = new_segment(2048, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
-    char buf[256] = {0}, out[256];
-    uint64_t n;
-    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    dead_fixture f;
+    dead_setup(&f, 2048);
+    sr_handle *live = &f.live;
+    char buf[256] = {0};
     sr_claim c;
-    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK); /* claimed the record, never ends */
+    dead_reader_claims_one(&f, &c); /* claimed the record, never ends */
     /* fill the ring: producers then need the dead reader's space back */
-    int puts = 0;
-    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
-    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
-    CHECK(put1(&live, buf, 200, 0) == SR_WOULD_BLOCK || puts < 9);
-    for (int i = 0; i < 20; i++) { /* blocking puts reap the dead reader and go on */
-        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
-        CHECK(get1(&live, out, &n, 0) == SR_OK);
-    }
-    sr_stats st;
-    sr_read_stats(&live, &st);
-    CHECK(st.abandoned == 1);
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    int puts = fill_then_drain(live);
+    CHECK(put1(live, buf, 200, 0) == SR_WOULD_BLOCK || puts < 9);
+    put_get_rounds(live, 200, 20, 500000000); /* blocking puts reap the dead reader and go on */
+    CHECK(abandoned_count(live) == 1);
+    dead_teardown(&f);
 }
 
 static void test_dead_consumer_before_its_sweep(void) {
-    seg_t s = new_segment(2048, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
-    char buf[256] = {0}, out[256];
-    uint64_t n;
-    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    dead_fixture f;
+    dead_setup(&f, 2048);
+    sr_handle *live = &f.live, *dead = &f.dead;
     /* the dead handle reads the record to the end, publishes CONSUMED, finishes its
      * entry, and dies before sweeping: no claim names the record any more */
     sr_claim c;
-    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK);
+    dead_reader_claims_one(&f, &c);
     memset(c.data, 0, c.len - SR_REC_HEADER);
-    atomic_store(&rec_at(&dead, c.rec_pos)->state, c.rec_pos | SR_REC_CONSUMED);
-    finish_entry(&dead.block->entries[c.entry]);
-    int puts = 0;
-    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
-    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
+    atomic_store(&rec_at(dead, c.rec_pos)->state, c.rec_pos | SR_REC_CONSUMED);
+    finish_entry(&dead->block->entries[c.entry]);
+    fill_then_drain(live);
     /* every later record was swept by its reader, but F waits at the dead reader's record
      * only until a blocked producer reaps */
-    for (int i = 0; i < 20; i++) {
-        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
-        CHECK(get1(&live, out, &n, 0) == SR_OK);
-    }
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    put_get_rounds(live, 200, 20, 500000000);
+    dead_teardown(&f);
 }
 
 /* Everyone only polls (timeout 0; the same holds for timeouts shorter than the grace):
  * the stall is timed per handle across calls, so polling alone reaps a dead claim.  With
  * a per-call clock, no call ever waited the grace and the head stayed stuck for good. */
 static void test_pollers_reap_a_dead_producer(void) {
-    seg_t s = new_segment(4096, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
+    dead_fixture f;
+    dead_setup(&f, 4096);
+    sr_handle *live = &f.live, *dead = &f.dead;
     char out[64];
     uint64_t n = 0, sz = 20;
     sr_claim c;
-    CHECK(sr_put_begin(&dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
-    CHECK(put1(&live, "after", 5, 0) == SR_OK);
-    sr_status st = SR_WOULD_BLOCK;
-    int64_t t0 = now_ns();
-    while (st == SR_WOULD_BLOCK && now_ns() - t0 < 2000000000ll) {
-        st = get1(&live, out, &n, 0);
-        if (st == SR_WOULD_BLOCK) sleep_ns(100000);
-    }
+    CHECK(sr_put_begin(dead, &sz, 1, 0, 0, &c) == SR_OK); /* claimed, never committed */
+    CHECK(put1(live, "after", 5, 0) == SR_OK);
+    sr_status st = poll_until_not_blocked(live, 0, out, &n);
     CHECK(st == SR_OK && n == 5 && memcmp(out, "after", 5) == 0);
-    sr_stats stats;
-    sr_read_stats(&live, &stats);
-    CHECK(stats.abandoned == 1);
-    CHECK(sr_depth(&live) == 0);
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    CHECK(abandoned_count(live) == 1);
+    CHECK(sr_depth(live) == 0);
+    dead_teardown(&f);
 }
 
 static void test_polling_producers_reap_a_dead_reader(void) {
-    seg_t s = new_segment(2048, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
-    char buf[256] = {0}, out[256];
-    uint64_t n;
-    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    dead_fixture f;
+    dead_setup(&f, 2048);
+    sr_handle *live = &f.live;
     sr_claim c;
-    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK); /* claimed the record at F, never ends */
-    int puts = 0;
-    while (put1(&live, buf, 200, 0) == SR_OK) puts++;
-    for (int i = 0; i < puts; i++) CHECK(get1(&live, out, &n, 0) == SR_OK);
+    dead_reader_claims_one(&f, &c); /* claimed the record at F, never ends */
+    fill_then_drain(live);
     /* full: only the dead reader's record holds the space; producers poll without waiting */
-    sr_status st = SR_WOULD_BLOCK;
-    int64_t t0 = now_ns();
-    while (st == SR_WOULD_BLOCK && now_ns() - t0 < 2000000000ll) {
-        st = put1(&live, buf, 200, 0);
-        if (st == SR_WOULD_BLOCK) sleep_ns(100000);
-    }
-    CHECK(st == SR_OK);
-    sr_stats stats;
-    sr_read_stats(&live, &stats);
-    CHECK(stats.abandoned == 1);
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    CHECK(poll_until_not_blocked(live, 1, NULL, NULL) == SR_OK);
+    CHECK(abandoned_count(live) == 1);
+    dead_teardown(&f);
 }
 
 /* A wait continued with sr_*_wait (the binding's slices between signal checks) is one
  * wait: counted once, and it does not spin again. */
 static void test_resumed_wait_counts_once(void) {
-    seg_t s = new_segment(4096, 1);
-    sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    ring_fixture r;
+    ring_setup(&r, 4096, 1);
+    sr_handle *h = &r.h;
     sr_claim c;
     sr_stats st;
-    CHECK(sr_get_begin(&h, 5000000, &c) == SR_TIMEOUT);
-    for (int i = 0; i < 3; i++) CHECK(sr_get_wait(&h, 5000000, &c) == SR_TIMEOUT);
-    sr_read_stats(&h, &st);
+    CHECK(sr_get_begin(h, 5000000, &c) == SR_TIMEOUT);
+    for (int i = 0; i < 3; i++) CHECK(sr_get_wait(h, 5000000, &c) == SR_TIMEOUT);
+    sr_read_stats(h, &st);
     CHECK(st.waits == 1);
-    CHECK(put1(&h, "x", 1, 0) == SR_OK);
+    CHECK(put1(h, "x", 1, 0) == SR_OK);
     uint64_t one = 1;
-    CHECK(sr_put_begin(&h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT); /* maxsize 1: full */
+    CHECK(sr_put_begin(h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT); /* maxsize 1: full */
     int64_t t0 = now_ns();
-    CHECK(sr_put_wait(&h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT);
+    CHECK(sr_put_wait(h, &one, 1, 0, 5000000, &c) == SR_TIMEOUT);
     CHECK(now_ns() - t0 < 1000000000ll);
-    sr_read_stats(&h, &st);
+    sr_read_stats(h, &st);
     CHECK(st.waits == 2);
     char out[8];
     uint64_t n;
-    CHECK(sr_get_wait(&h, 0, &c) == SR_OK); /* a resumed call still takes what is there */
-    CHECK(sr_get_end(&h, &c) == SR_OK);
-    CHECK(get1(&h, out, &n, 0) == SR_WOULD_BLOCK);
-    sr_close(&h);
-    sr_detach(&h);
-    free_segment(s);
+    CHECK(sr_get_wait(h, 0, &c) == SR_OK); /* a resumed call still takes what is there */
+    CHECK(sr_get_end(h, &c) == SR_OK);
+    CHECK(get1(h, out, &n, 0) == SR_WOULD_BLOCK);
+    ring_teardown(&r);
 }
 
 static void test_dead_sweeper_holding_free(void) {
-    seg_t s = new_segment(2048, 0);
-    sr_handle live, dead;
-    CHECK(sr_open(&live, s.base, s.size, (uint32_t)getpid()) == SR_OK);
-    live.grace_ns = 1000000;
-    open_as_dead(&dead, s);
-    char buf[256] = {0}, out[256];
-    uint64_t n;
-    CHECK(put1(&live, buf, 200, 0) == SR_OK);
+    dead_fixture f;
+    dead_setup(&f, 2048);
+    sr_handle *live = &f.live, *dead = &f.dead;
     /* the dead handle reads the record and dies inside sweep(), holding F */
     sr_claim c;
-    CHECK(sr_get_begin(&dead, 0, &c) == SR_OK);
-    rec_hdr *r = rec_at(&dead, c.rec_pos);
+    dead_reader_claims_one(&f, &c);
+    rec_hdr *r = rec_at(dead, c.rec_pos);
     memset(c.data, 0, c.len - SR_REC_HEADER);
     atomic_store(&r->state, c.rec_pos | SR_REC_CONSUMED);
-    u128 f = snap_free(&dead.hdr->free);
-    CHECK(cas128(&dead.hdr->free, f, mk128(lo64(f), dead.block_index + 1)));
-    for (int i = 0; i < 40; i++) {
-        CHECK(put1(&live, buf, 200, 500000000) == SR_OK);
-        CHECK(get1(&live, out, &n, 0) == SR_OK);
-    }
-    sr_close(&live);
-    sr_detach(&live);
-    free_segment(s);
+    u128 free_cursor = snap_free(&dead->hdr->free);
+    CHECK(cas128(&dead->hdr->free, free_cursor, mk128(lo64(free_cursor), dead->block_index + 1)));
+    put_get_rounds(live, 200, 40, 500000000);
+    dead_teardown(&f);
 }
 
 static void test_blocks_reclaimed(void) {
@@ -582,20 +581,20 @@ static void *blocked_get(void *p) {
 }
 
 static void test_close_wakes(void) {
-    seg_t s = new_segment(4096, 0);
-    sr_handle h;
-    CHECK(sr_open(&h, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    ring_fixture r;
+    ring_setup(&r, 4096, 0);
+    sr_handle *h = &r.h;
     pthread_t th;
-    pthread_create(&th, NULL, blocked_get, &h);
+    pthread_create(&th, NULL, blocked_get, h);
     sleep_ns(50000000);
     int64_t t0 = now_ns();
-    sr_close(&h);
+    sr_close(h);
     void *res;
     pthread_join(th, &res);
     CHECK((sr_status)(intptr_t)res == SR_CLOSED);
     CHECK(now_ns() - t0 < 200000000);
-    sr_detach(&h);
-    free_segment(s);
+    sr_detach(h); /* closed above */
+    free_segment(r.s);
 }
 
 int main(void) {
