@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .descriptor import MetadataField, non_negative
 from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound
 
 __all__ = [
@@ -45,6 +46,29 @@ def check_name(name: object) -> Optional[str]:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         return "must match [A-Za-z0-9_.-]{1,200}"
     return None
+
+
+def segment_metadata_fields(
+    *, default_capacity: int, min_capacity: int, max_capacity: int, capacity_doc: str
+) -> tuple[MetadataField, ...]:
+    """The metadata table every named-segment queue type shares (spec/descriptor.md, shm and sage).
+
+    Only the ``capacity_bytes`` default and range differ between backends.
+    """
+
+    def capacity_in_range(value: int) -> Optional[str]:
+        if not min_capacity <= value <= max_capacity:
+            return f"must be between {min_capacity} and {max_capacity}"
+        return None
+
+    return (
+        MetadataField("shm_name", str, required=True, check=check_name, doc="segment name"),
+        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = bounded by bytes"),
+        MetadataField(
+            "capacity_bytes", int, default=default_capacity, check=capacity_in_range, doc=capacity_doc
+        ),
+        MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
+    )
 
 
 def posix_name(kind: str, name: str) -> str:

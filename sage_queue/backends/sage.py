@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from .. import _segment
 from .._timeout import normalize_timeout
-from ..descriptor import MetadataField, QueueDescriptor, non_negative
+from ..descriptor import MetadataField, QueueDescriptor
 from ..errors import BackendUnavailable, IncompatibleQueue, QueueNotFound
 from ..protocol import APPROXIMATE_QSIZE, BATCH, CLOSE, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ..stub import QueueStub
@@ -87,11 +87,6 @@ def _core() -> Any:
     return _core_module
 
 
-def _capacity_check(value: Any) -> Optional[str]:
-    if not MIN_CAPACITY_BYTES <= value <= MAX_CAPACITY_BYTES:
-        return f"must be between {MIN_CAPACITY_BYTES} and {MAX_CAPACITY_BYTES}"
-    return None
-
 
 _open_handles: weakref.WeakSet[SAGEQueueStub] = weakref.WeakSet()
 
@@ -123,14 +118,9 @@ class SAGEQueueStub(QueueStub):
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {CROSS_PROCESS, PICKLABLE_HANDLE, BATCH, STATS, CLOSE, APPROXIMATE_QSIZE}
     )
-    metadata_fields: ClassVar[tuple[MetadataField, ...]] = (
-        MetadataField("shm_name", str, required=True, check=_segment.check_name, doc="segment name"),
-        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = bounded by bytes"),
-        MetadataField(
-            "capacity_bytes", int, default=DEFAULT_CAPACITY_BYTES, check=_capacity_check,
-            doc="bytes in the ring (rounded up to 64)",
-        ),
-        MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
+    metadata_fields: ClassVar[tuple[MetadataField, ...]] = _segment.segment_metadata_fields(
+        default_capacity=DEFAULT_CAPACITY_BYTES, min_capacity=MIN_CAPACITY_BYTES,
+        max_capacity=MAX_CAPACITY_BYTES, capacity_doc="bytes in the ring (rounded up to 64)",
     )
 
     def __init__(self, descriptor: QueueDescriptor) -> None:

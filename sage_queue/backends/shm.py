@@ -104,7 +104,7 @@ from typing import Any, ClassVar, Optional
 from .. import _segment
 from .._segment import Segment, SegmentInfo, pid_alive
 from .._timeout import Deadline, normalize_timeout
-from ..descriptor import MetadataField, QueueDescriptor, non_negative
+from ..descriptor import MetadataField, QueueDescriptor
 from ..errors import BackendUnavailable, IncompatibleQueue, QueueClosed, QueueNotFound
 from ..protocol import BATCH, CLOSE, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ..stub import QueueStub
@@ -326,11 +326,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _capacity_check(value: Any) -> Optional[str]:
-    if not MIN_CAPACITY_BYTES <= value <= MAX_CAPACITY_BYTES:
-        return f"must be between {MIN_CAPACITY_BYTES} and {MAX_CAPACITY_BYTES}"
-    return None
-
 
 def _record_size(payload_len: int) -> int:
     return RECORD_HEADER + ((payload_len + 7) & ~7)
@@ -345,14 +340,9 @@ class SharedMemoryQueueStub(QueueStub):
 
     queue_type: ClassVar[str] = "shm"
     capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS, PICKLABLE_HANDLE, CLOSE, BATCH, STATS})
-    metadata_fields: ClassVar[tuple[MetadataField, ...]] = (
-        MetadataField("shm_name", str, required=True, check=_segment.check_name, doc="segment name"),
-        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = bounded by bytes"),
-        MetadataField(
-            "capacity_bytes", int, default=DEFAULT_CAPACITY_BYTES, check=_capacity_check,
-            doc="bytes in the data ring",
-        ),
-        MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
+    metadata_fields: ClassVar[tuple[MetadataField, ...]] = _segment.segment_metadata_fields(
+        default_capacity=DEFAULT_CAPACITY_BYTES, min_capacity=MIN_CAPACITY_BYTES,
+        max_capacity=MAX_CAPACITY_BYTES, capacity_doc="bytes in the data ring",
     )
 
     def __init__(self, descriptor: QueueDescriptor) -> None:
