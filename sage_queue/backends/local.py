@@ -154,12 +154,14 @@ class LocalQueueStub(QueueStub):
 
     # -- waiting ------------------------------------------------------------------
 
-    def _check_here(self) -> None:
-        """QueueNotFound in a forked child: its inherited handle would reach a private copy.
+    def _check_open(self) -> None:
+        """The front's check before every operation, plus: QueueNotFound in a forked child.
 
-        Checked before any lock is taken, since a lock held by another thread at fork
-        time stays held in the child.
+        A forked child's inherited handle would reach a private copy of the queue. Checked
+        here, before any lock is taken, since a lock held by another thread at fork time
+        stays held in the child.
         """
+        super()._check_open()
         if self._state.pid != os.getpid():
             raise _not_here(self._descriptor.queue_id, self._state.pid)
 
@@ -191,14 +193,12 @@ class LocalQueueStub(QueueStub):
     # -- hooks --------------------------------------------------------------------
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
-        self._check_here()
         q = self._q
         with q.not_full:
             self._wait_until(q.not_full, lambda: not 0 < q.maxsize <= q._qsize(), timeout, queue.Full)
             self._enqueue([item])
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
-        self._check_here()
         q = self._q
         n = len(items)
         if 0 < q.maxsize < n:
@@ -222,7 +222,6 @@ class LocalQueueStub(QueueStub):
         return self._dequeue(max_items, timeout)
 
     def _dequeue(self, max_items: int, timeout: Optional[float]) -> list[Any]:
-        self._check_here()
         q = self._q
         with q.not_empty:
             self._wait_until(q.not_empty, lambda: q._qsize() > 0, timeout, queue.Empty)
@@ -233,7 +232,6 @@ class LocalQueueStub(QueueStub):
             return items
 
     def _qsize(self) -> int:
-        self._check_here()
         with self._q.mutex:
             self._raise_if_closed()
             return self._q._qsize()
@@ -247,7 +245,6 @@ class LocalQueueStub(QueueStub):
             self._q.all_tasks_done.notify_all()
 
     def _destroy(self) -> None:
-        self._check_here()
         with self._q.mutex:
             self._raise_if_closed()  # destroyed already, through another handle (Q24)
         with _registry_lock:
@@ -256,7 +253,6 @@ class LocalQueueStub(QueueStub):
         _mark_destroyed(self._state)
 
     def _stats(self) -> QueueStats:
-        self._check_here()
         with self._q.mutex:
             self._raise_if_closed()
             return QueueStats(
@@ -268,7 +264,7 @@ class LocalQueueStub(QueueStub):
 
     def task_done(self) -> None:
         """As :meth:`queue.Queue.task_done`; ValueError if called more times than items were put."""
-        self._check_here()
+        self._check_open()
         with self._q.mutex:
             self._raise_if_closed()
         self._q.task_done()
@@ -280,7 +276,6 @@ class LocalQueueStub(QueueStub):
         (``_close`` and ``_mark_destroyed`` notify ``all_tasks_done``, which shares ``mutex``).
         """
         self._check_open()
-        self._check_here()
         q = self._q
         with q.all_tasks_done:
             while True:
