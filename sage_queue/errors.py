@@ -15,7 +15,10 @@ Hierarchy::
     ├── QueueNotFound (LookupError)          the descriptor is valid, the queue is not reachable
     ├── QueueExists (FileExistsError)        exclusive create of a name already in use
     ├── IncompatibleQueue                    the named queue has another layout/version
-    ├── QueueClosed                          the handle was closed (or the queue destroyed)
+    ├── QueuePermissionError (PermissionError) the named queue belongs to another user, or others may write it
+    ├── QueueBroken                          the queue's shared state failed a consistency check
+    ├── QueueClosed                          this handle was closed
+    │   └── QueueDestroyed                  the queue itself was destroyed (through any handle)
     └── BackendUnavailable (ImportError)     an optional dependency of a backend is missing
 """
 
@@ -31,7 +34,10 @@ __all__ = [
     "QueueNotFound",
     "QueueExists",
     "IncompatibleQueue",
+    "QueuePermissionError",
+    "QueueBroken",
     "QueueClosed",
+    "QueueDestroyed",
     "BackendUnavailable",
 ]
 
@@ -76,8 +82,35 @@ class IncompatibleQueue(SageQueueError):
     """A queue exists under that name but its layout, version or parameters differ."""
 
 
+class QueuePermissionError(SageQueueError, PermissionError):
+    """The named queue exists but may not be attached by this process.
+
+    Raised when a shared-memory segment is owned by another user, is readable or
+    writable by group/others, or cannot be opened for lack of permission: its
+    contents could have been written by someone else, and items are unpickled
+    from it (spec SEG1-SEG3).
+    """
+
+
+class QueueBroken(SageQueueError):
+    """The queue's shared state failed a consistency check (corrupt or hostile memory).
+
+    A bound, index or length read from shared memory was out of range. The queue
+    is marked broken: every later operation on it, from any handle, raises this
+    too. Nothing more can be taken from it safely; destroy it and create a new one.
+    """
+
+
 class QueueClosed(SageQueueError):
-    """The handle was closed (or the queue destroyed); no further operation is possible on it."""
+    """This handle was closed; no further operation is possible on it.
+
+    Subclass :class:`QueueDestroyed` says the queue itself was destroyed
+    (through this or any other handle); ``except QueueClosed`` catches both.
+    """
+
+
+class QueueDestroyed(QueueClosed):
+    """The queue was destroyed (through any handle, in any process); it is gone for everyone."""
 
 
 class BackendUnavailable(SageQueueError, ImportError):
