@@ -10,6 +10,14 @@ when that process exits (bpo-38119), destroying the queue under everyone else's
 feet. We call ``_posixshmem`` (the same C functions, no tracker) directly, so a
 segment is unlinked only by ``destroy()`` or ``sage-queue gc``.
 
+Trust (spec/segments.md SEG1-SEG3): /dev/shm is world-writable, and items are
+unpickled from the segment, so whoever can write it can run code in our consumers.
+A segment is created with ``O_CREAT | O_EXCL`` and mode 0600, and an existing one is
+opened with ``O_NOFOLLOW`` and then checked with ``fstat`` *on the opened descriptor*
+(what we check is what we map): it must be a regular file owned by our effective uid
+with no group/other permission bit, else ``QueuePermissionError``. Then only processes
+of our own uid (or root) can have written it, and they can run code as us anyway.
+
 Names: a user name matches ``[A-Za-z0-9_.-]{1,200}``; the segment is
 ``/sageq-<kind>-<name>`` (``/dev/shm/sageq-<kind>-<name>`` on Linux), so the
 library's segments are recognisable and never collide across backends.
@@ -17,9 +25,11 @@ library's segments are recognisable and never collide across backends.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -27,16 +37,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .descriptor import MetadataField, non_negative
-from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound
+from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound, QueuePermissionError
 
 __all__ = [
-    "SEGMENT_PREFIX", "SHM_DIR", "Segment", "SegmentInfo", "check_name", "list_segments", "pid_alive", "segment_path",
+    "SEGMENT_PREFIX", "SHM_DIR", "Segment", "SegmentInfo", "check_name", "check_trusted", "list_segments",
+    "open_trusted", "pid_alive", "segment_path",
 ]
 
 SEGMENT_PREFIX = "sageq-"
 SHM_DIR = "/dev/shm"
 """Where Linux shows POSIX shared memory as files; absent on macOS (listing unsupported there)."""
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _ATTACH_WAIT_S = 2.0
 """How long an attacher waits for a concurrent creator to size the segment."""
 
@@ -93,12 +105,16 @@ def _posixshmem() -> Any:
 class Segment:
     """A mapped named segment. ``created`` tells whether this call made it."""
 
-    def __init__(self, kind: str, name: str, buf: mmap.mmap, size: int, created: bool) -> None:
+    def __init__(
+        self, kind: str, name: str, buf: mmap.mmap, size: int, created: bool, file_id: tuple[int, int] = (0, 0)
+    ) -> None:
         self.kind = kind
         self.name = name
         self.buf = buf
         self.size = size
         self.created = created
+        self.file_id = file_id
+        """``(st_dev, st_ino)`` of the file mapped: a later open by path is the same file iff it matches."""
 
     @classmethod
     def open(cls, kind: str, name: str, size: int, *, create: bool, exclusive: bool = False) -> Segment:
@@ -119,31 +135,30 @@ class Segment:
         created = False
         if create:
             try:
-                fd = shm.shm_open(pname, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+                # O_EXCL: never adopt a file somebody else placed under our name (SEG2).
+                fd = shm.shm_open(pname, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_NOFOLLOW, mode=0o600)
                 created = True
             except FileExistsError:
                 if exclusive:
                     raise QueueExists(f"{kind} queue {name!r} already exists") from None
+            except PermissionError as exc:
+                raise _refused(kind, name, f"cannot create it ({exc.strerror})") from None
         if fd < 0:
-            try:
-                fd = shm.shm_open(pname, os.O_RDWR, mode=0o600)
-            except FileNotFoundError:
-                raise QueueNotFound(
-                    f"no {kind} queue named {name!r} on this host (segment {pname} does not exist)"
-                ) from None
+            fd = _open_existing(shm, kind, name)
         try:
             if created:
                 os.ftruncate(fd, size)
             else:
                 size = _wait_for_size(fd, kind, name)
             buf = mmap.mmap(fd, size)
+            st = os.fstat(fd)
         except BaseException:
             if created:
                 _unlink_quietly(pname)
             raise
         finally:
             os.close(fd)
-        return cls(kind, name, buf, size, created)
+        return cls(kind, name, buf, size, created, (st.st_dev, st.st_ino))
 
     def close(self) -> None:
         """Unmap (idempotent). Raises BufferError while a memoryview of ``buf`` is alive."""
@@ -153,6 +168,73 @@ class Segment:
     def unlink(self) -> bool:
         """Remove the name (the memory lives until every process unmaps it). True if it existed."""
         return _unlink_quietly(posix_name(self.kind, self.name))
+
+
+def _refused(kind: str, name: str, why: str) -> QueuePermissionError:
+    return QueuePermissionError(
+        f"{kind} queue {name!r} (segment {segment_path(kind, name)}) may not be attached: {why}; "
+        "only a segment owned by this user with mode 0600 is trusted (spec/segments.md SEG1-SEG3)"
+    )
+
+
+def check_trusted(fd: int, kind: str, name: str) -> os.stat_result:
+    """fstat the opened ``fd`` and refuse it unless SEG1 holds; return the stat.
+
+    On the descriptor, not the path: what we check is what we map (no TOCTOU).
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise _refused(kind, name, f"not a regular file (mode {stat.filemode(st.st_mode)})")
+    if st.st_uid != os.geteuid():
+        raise _refused(kind, name, f"owned by uid {st.st_uid}, not by this process's effective uid {os.geteuid()}")
+    if st.st_mode & 0o077:
+        raise _refused(kind, name, f"mode {st.st_mode & 0o777:04o} lets group/others in (must be 0600)")
+    return st
+
+
+def _open_existing(shm: Any, kind: str, name: str) -> int:
+    """Open an existing segment read-write (O_NOFOLLOW) and check who may have written it (SEG1-SEG3)."""
+    pname = posix_name(kind, name)
+    try:
+        fd: int = shm.shm_open(pname, os.O_RDWR | _O_NOFOLLOW, mode=0o600)
+    except FileNotFoundError:
+        raise QueueNotFound(
+            f"no {kind} queue named {name!r} on this host (segment {pname} does not exist)"
+        ) from None
+    except PermissionError as exc:  # another user's segment we may not open
+        raise _refused(kind, name, f"cannot open it ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: never follow one out of /dev/shm
+            raise _refused(kind, name, "it is a symbolic link") from None
+        raise
+    try:
+        check_trusted(fd, kind, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_trusted(path: str, kind: str, name: str) -> int:
+    """``os.open(path, O_RDWR)`` of a file of segment ``name`` (the segment itself, or a lock
+    file), refused like the segment unless it is ours with mode 0600 (SEG1-SEG3).
+
+    FileNotFoundError propagates (the caller knows what a missing file means).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | _O_NOFOLLOW)
+    except PermissionError as exc:
+        raise _refused(kind, name, f"cannot open {path} ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refused(kind, name, f"{path} is a symbolic link") from None
+        raise
+    try:
+        check_trusted(fd, kind, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _wait_for_size(fd: int, kind: str, name: str) -> int:
@@ -192,9 +274,13 @@ def list_segments(kind: Optional[str] = None) -> Iterator[tuple[str, str]]:
             yield entry_kind, name
 
 
+_PID_MAX = 0x3FFFFFFF
+"""Linux caps pids at 2**22 (PID_MAX_LIMIT); anything above is not a pid (and overflows kill())."""
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists (it may belong to another user)."""
-    if pid <= 0:
+    if not 0 < pid <= _PID_MAX:  # a pid read from a corrupt header: no such process
         return False
     try:
         os.kill(pid, 0)

@@ -379,7 +379,7 @@ class SharedMemoryQueueStub(QueueStub):
             if _U32.unpack_from(seg.buf, DESTROYED_OFFSET)[0]:
                 raise _Retry
             instance = _U64.unpack_from(seg.buf, INSTANCE_OFFSET)[0]
-            lock_fd = self._open_lock_fd(instance)
+            lock_fd = self._open_lock_fd(seg.file_id)
         except BaseException:
             # A segment we created but never marked usable is ours alone: do not leave it behind.
             abandoned = seg.created and seg.buf[MAGIC_OFFSET:MAGIC_OFFSET + 8] != MAGIC
@@ -390,6 +390,7 @@ class SharedMemoryQueueStub(QueueStub):
         self._segment = seg
         self._buf = seg.buf
         self._lock_fd = lock_fd
+        self._file_id = seg.file_id
         self._instance = instance
         self._capacity: int = _U64.unpack_from(seg.buf, CAPACITY_OFFSET)[0]
         self._maxsize_bound: int = _U64.unpack_from(seg.buf, MAXSIZE_OFFSET)[0]
@@ -406,7 +407,7 @@ class SharedMemoryQueueStub(QueueStub):
             secrets.randbits(64), os.getpid(), 0,
         )
         if not _OFD:
-            os.close(os.open(_lock_path(self._name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            os.close(os.open(_lock_path(self._name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         seg.buf[MAGIC_OFFSET:MAGIC_OFFSET + 8] = MAGIC
 
     def _wait_initialised(self, seg: Segment) -> None:
@@ -441,19 +442,17 @@ class SharedMemoryQueueStub(QueueStub):
                 f"shm queue {self._name!r} has maxsize {maxsize}, descriptor says {self._want_maxsize}"
             )
 
-    def _open_lock_fd(self, instance: int) -> int:
+    def _open_lock_fd(self, file_id: tuple[int, int]) -> int:
+        """Open this handle's own descriptor for the locks (refused like the segment: SEG1)."""
         try:
-            fd = os.open(_lock_path(self._name), os.O_RDWR | os.O_CLOEXEC)
+            fd = _segment.open_trusted(_lock_path(self._name), SEGMENT_KIND, self._name)
         except FileNotFoundError:
             raise _Retry from None
         if _OFD:
             # The name may have been destroyed and re-created between mapping and opening:
             # make sure the file we lock is the segment we mapped.
-            try:
-                same = os.pread(fd, 8, INSTANCE_OFFSET) == _U64.pack(instance)
-            except OSError:
-                same = False
-            if not same:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != file_id:
                 os.close(fd)
                 raise _Retry
         return fd
@@ -465,9 +464,9 @@ class SharedMemoryQueueStub(QueueStub):
         old, self._lock_fd = self._lock_fd, -1
         os.close(old)
         try:
-            self._lock_fd = os.open(_lock_path(self._name), os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            self._closed = True  # destroyed meanwhile: this handle is unusable in the child
+            self._lock_fd = self._open_lock_fd(self._file_id)
+        except (OSError, _Retry):  # destroyed (or replaced) meanwhile: unusable in the child
+            self._closed = True
             return
         self._register_pid()
 
