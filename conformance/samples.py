@@ -12,7 +12,15 @@ import fractions
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["UserRecord", "sample_items", "large_items", "same_item", "describe_difference"]
+__all__ = [
+    "UserRecord",
+    "Undecodable",
+    "UndecodableItemError",
+    "sample_items",
+    "large_items",
+    "same_item",
+    "describe_difference",
+]
 
 LARGE_SIZE = 200 * 1024
 """Large items: well above 64 KiB (a common pipe/ring chunk) but within any sane capacity."""
@@ -33,6 +41,28 @@ class UserRecord:
 
     def __repr__(self) -> str:
         return f"UserRecord({self.name!r}, {self.values!r})"
+
+
+class UndecodableItemError(Exception):
+    """Raised by unpickling an :class:`Undecodable`: the error a consumer must see (Q5 with Q18)."""
+
+
+def _refuse_to_load(tag: str) -> Any:
+    raise UndecodableItemError(f"kit item {tag!r} refuses to be unpickled (a deliberately undecodable item)")
+
+
+class Undecodable:
+    """Pickles fine, but unpickling it raises :class:`UndecodableItemError`: ``__reduce__`` names a
+    loader that raises. A backend that serialises accepts it on ``put``; its consumer meets the error."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_refuse_to_load, (self.tag,))
+
+    def __repr__(self) -> str:
+        return f"Undecodable({self.tag!r})"
 
 
 def sample_items() -> list[Any]:

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 import time
@@ -36,7 +37,15 @@ import pytest
 
 from . import _children
 from ._clauses import clause, clauses_of, required_capabilities, requires
-from .samples import describe_difference, large_items, sample_items
+from ._isolation import CAN_ISOLATE, describe_threads, run_isolated
+from .samples import (
+    Undecodable,
+    UndecodableItemError,
+    UserRecord,
+    describe_difference,
+    large_items,
+    sample_items,
+)
 from .target import Target
 
 __all__ = ["QueueConformance", "kit_clause_map"]
@@ -47,6 +56,10 @@ NO_WAIT_S = 0.1
 """Q10: a non-blocking call returns within this (x time_scale): far below any timeout the kit passes it."""
 CLOCK_EPS_S = 0.001
 """Float rounding allowed on the lower bound of a timeout; a wait is never shorter than timeout."""
+CLOSE_WAKEUP_S = 1.0
+"""Q23/Q24: a blocked call on a closed handle or destroyed queue raises within this (x time_scale)."""
+MANY_PRODUCERS, MANY_CONSUMERS, MANY_PER_PRODUCER = 40, 32, 60
+"""test_many_threads_one_handle: 72 threads on one handle (a backend was seen to deadlock past 16)."""
 
 
 @dataclass
@@ -309,6 +322,25 @@ class QueueConformance:
             pytest.fail("the target declares a capability that needs handles with a `descriptor` attribute")
         return desc
 
+    def isolated_handles(self, maxsizes: list[int]) -> Callable[[], list[Any]]:
+        """For a body run by :func:`~conformance._isolation.run_isolated`: what the child calls to get one
+        handle per entry of ``maxsizes``.
+
+        A ``cross_process`` target's queues are made here, in the test process, and resolved from their
+        descriptors in the child, so that the target's cleanup destroys them even when the child had to
+        be killed. Other targets' queues are made in the child and die with it.
+        """
+        if self.target.has("cross_process"):
+            descs = [self.need_descriptor(self.make(m)).to_json() for m in maxsizes]
+
+            def attach() -> list[Any]:
+                from sage_queue import resolve_descriptor
+
+                return [resolve_descriptor(d) for d in descs]
+
+            return attach
+        return lambda: [self.make(m) for m in maxsizes]
+
     # ======================================================================================
     # 1. Operations
     # ======================================================================================
@@ -519,6 +551,110 @@ class QueueConformance:
         q = self.make(16)
         handles = [q] + [self.open_handle(q) for _ in range(3)]
         self._producers_consumers(handles[:2] + handles[2:3], handles[1:], per_producer=300)
+
+    @clause("Q3", "Q5", "Q6")
+    def test_many_threads_one_handle(self) -> None:
+        """72 threads (40 producers, 32 consumers) on ONE handle of a queue of 8, mixing blocking, timed and
+        non-blocking calls: nothing lost or duplicated, per-producer order, and no deadlock.
+
+        Runs in a forked child with a hard deadline (conformance/_isolation.py): a handle that deadlocks
+        while holding the GIL cannot hang the run; the failure names the stuck threads and their stacks.
+        """
+        attach = self.isolated_handles([8])
+        limit = 20.0 * self.ts
+        total = MANY_PRODUCERS + MANY_CONSUMERS
+        run_isolated(lambda: self._many_threads(attach()[0], budget=0.8 * limit), limit,
+                     f"{total} threads sharing one handle")
+
+    def _many_threads(self, q: Any, budget: float) -> None:
+        deadline = time.monotonic() + budget
+        stop = (_children.STOP_TAG, "many")
+        modes = ("blocking", "timed", "nowait")  # thread i uses modes[i % 3], producers and consumers alike
+        consumed: dict[str, list[Any]] = {f"consumer-{i}": [] for i in range(MANY_CONSUMERS)}
+        errors: list[str] = []
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        def put_one(mode: str, item: Any) -> None:
+            while True:
+                try:
+                    if mode == "blocking":
+                        q.put(item)
+                    elif mode == "timed":
+                        q.put(item, timeout=0.2)
+                    else:
+                        q.put_nowait(item)
+                    return
+                except queue.Full:  # Q12: not enqueued, so putting the same item again keeps Q3
+                    if not left():
+                        raise AssertionError("no room for an item until the deadline") from None
+                    if mode == "nowait":
+                        time.sleep(0.001)
+
+        def produce(index: int) -> None:
+            try:
+                for seq in range(MANY_PER_PRODUCER):
+                    put_one(modes[index % 3], (f"p{index}", seq))
+            except BaseException as exc:
+                errors.append(f"producer-{index}: {type(exc).__name__}: {exc}")
+
+        def consume(index: int) -> None:
+            out, mode = consumed[f"consumer-{index}"], modes[index % 3]
+            try:
+                while True:
+                    try:
+                        item = q.get() if mode == "blocking" else (
+                            q.get(timeout=0.2) if mode == "timed" else q.get_nowait())
+                    except queue.Empty:
+                        if not left():
+                            raise AssertionError("no item (nor the stop item) until the deadline") from None
+                        if mode == "nowait":
+                            time.sleep(0.001)
+                        continue
+                    if item == stop:
+                        return
+                    out.append(item)
+            except BaseException as exc:
+                errors.append(f"consumer-{index}: {type(exc).__name__}: {exc}")
+
+        def started(role: str, fn: Callable[[int], None], count: int) -> list[threading.Thread]:
+            threads = [threading.Thread(target=fn, args=(i,), daemon=True, name=f"{role}-{i}-{modes[i % 3]}")
+                       for i in range(count)]
+            for t in threads:
+                t.start()
+            return threads
+
+        def stuck(threads: list[threading.Thread], phase: str) -> None:
+            alive = [t for t in threads if t.is_alive()]
+            if alive:
+                raise AssertionError(
+                    f"{len(alive)} thread(s) still blocked {phase}, {budget:.0f}s after the start: the handle "
+                    f"deadlocked with {MANY_PRODUCERS + MANY_CONSUMERS} threads (Q6): "
+                    f"{', '.join(t.name for t in alive[:20])}\nerrors so far: {errors[:5]}\n"
+                    f"{describe_threads()}"
+                )
+
+        # No close() at the end: the handle belongs to a child that exits (a stuck handle's close could
+        # hang and hide this message); a cross_process target's queue is destroyed by the parent's cleanup.
+        consumers = started("consumer", consume, MANY_CONSUMERS)
+        producers = started("producer", produce, MANY_PRODUCERS)
+        for t in producers:
+            t.join(left())
+        stuck(producers, "putting")
+        for _ in consumers:  # after every item: FIFO hands each consumer its stop item last
+            try:
+                q.put(stop, timeout=left())
+            except queue.Full:
+                stuck(consumers, "(the stop items found no room)")
+                raise AssertionError("the stop items found no room until the deadline") from None
+        for t in consumers:
+            t.join(left())
+        stuck(consumers, "getting")
+        assert not errors, f"threads failed: {errors[:10]}"
+        expected = [(f"p{i}", s) for i in range(MANY_PRODUCERS) for s in range(MANY_PER_PRODUCER)]
+        _check_multiset(expected, [x for items in consumed.values() for x in items])
+        _check_producer_order(consumed)
 
     # ======================================================================================
     # 2. Blocking and timeouts
@@ -776,6 +912,63 @@ class QueueConformance:
             _raises(outcome, (pickle.PicklingError, TypeError, AttributeError), f"put({bad!r})")
         assert _drain(q) == ["before"], "a put of an unpicklable item changed the queue"
 
+    @clause("Q5", "Q18")
+    def test_undecodable_item_loses_only_itself(self) -> None:
+        """An item that pickles but whose unpickling raises: the get (or get_many) that meets it raises that
+        error, every good item around it still arrives once and in order, and the queue stays usable.
+
+        Proposed as its own clause (Q5 with Q18's failure on the consumer side); skipped for a backend that
+        passes items by reference (the very object put comes back), since nothing is decoded there.
+        """
+        q = self.make()
+        probe = UserRecord("identity-probe", [])
+        q.put(probe)
+        if q.get(timeout=1.0 * self.ts) is probe:
+            pytest.skip("the target passes items by reference (get returned the very object put): nothing to decode")
+        wait = 1.0 * self.ts
+        self._through_undecodable(q, "get", lambda: [q.get(timeout=wait)], [("good", 0), Undecodable("alone"),
+                                                                          ("good", 1)])
+        if self.target.has("batch"):
+            # The bad item last in, first in and inside a batch of get_many(4).
+            for bad_at in (3, 4, 5):
+                items: list[Any] = [("good", i) for i in range(10)]
+                items.insert(bad_at, Undecodable(f"at {bad_at}"))
+                self._through_undecodable(q, f"get_many(4), bad item at {bad_at}",
+                                          lambda: q.get_many(4, timeout=wait), items)
+        q.put("after")
+        assert _drain(q) == ["after"], "the queue is not usable after an undecodable item"
+
+    def _through_undecodable(self, q: Any, how: str, take: Callable[[], list[Any]], items: list[Any]) -> None:
+        for item in items:
+            q.put(item, timeout=1.0 * self.ts)
+        good = [x for x in items if not isinstance(x, Undecodable)]
+        got: list[Any] = []
+        errors: list[BaseException] = []
+        for _ in range(len(items) + 2):  # bounded: one call per item is enough, plus one to see it empty
+            try:
+                got += take()
+            except queue.Empty:
+                break
+            except Exception as exc:  # judged below
+                errors.append(exc)
+        lost = [x for x in good if x not in got]
+        assert got == good, (
+            f"{how}: put {items!r}, got {got!r} (lost {lost!r}): only the undecodable item may be lost (Q5)"
+        )
+        assert errors, f"{how}: the undecodable item vanished without an error: its decode error must surface"
+        for exc in errors:
+            chain: list[BaseException] = []
+            link: Optional[BaseException] = exc
+            while link is not None and len(chain) < 10:
+                chain.append(link)
+                link = link.__cause__ or link.__context__
+            assert any(isinstance(e, UndecodableItemError) for e in chain), (
+                f"{how} raised {type(exc).__name__}: {exc}, which is not (nor is caused by) the item's own "
+                f"decode error UndecodableItemError"
+            )
+        assert len(errors) == 1, f"{how}: one undecodable item raised {len(errors)} errors: {errors!r}"
+        assert q.qsize() == 0, f"{how}: qsize() is {q.qsize()} after everything was got"
+
     # ======================================================================================
     # 4. Handles, close and destroy
     # ======================================================================================
@@ -850,6 +1043,78 @@ class QueueConformance:
         _raises(putter.wait(1.0 * self.ts + 0.5), QueueClosed, "put() blocked on a handle closed by another thread")
 
     @requires("close")
+    @clause("Q23")
+    def test_close_from_signal_handler(self) -> None:
+        """A signal handler (in the main thread) closes the handle while the main thread is blocked in get()
+        on an empty queue, then in put() on a full one: close() returns, the blocked call raises QueueClosed
+        within the Q23 bound. The handler runs only once the blocked call lets the interpreter run signal
+        handlers, and re-enters the handle from the thread that is blocked in it.
+
+        Runs in a forked child (its forking thread is its main thread, where Python runs handlers), so that
+        a close() that never returns, or a wait that never runs handlers, fails the test instead of hanging it.
+        """
+        if not (CAN_ISOLATE and hasattr(signal, "pthread_kill")):
+            pytest.skip("needs os.fork and signal.pthread_kill (POSIX) to run a main thread that may hang")
+        attach = self.isolated_handles([1, 1])
+        bound = CLOSE_WAKEUP_S * self.ts + 0.5
+        steps: list[str] = []
+        run_isolated(lambda: self._close_from_signal(attach(), bound, steps), 2 * (bound + 1.0) + 4.0 * self.ts,
+                     "close() from a signal handler", progress=lambda: "; ".join(steps))
+
+    def _close_from_signal(self, handles: list[Any], bound: float, steps: list[str]) -> None:
+        from sage_queue import QueueClosed
+
+        get_q, put_q = handles
+        put_q.put("full", timeout=1.0 * self.ts)
+        cases: list[tuple[str, Any, Callable[[], Any]]] = [
+            ("get() on an empty queue", get_q, get_q.get),
+            ("put() on a full queue", put_q, lambda: put_q.put("blocked")),
+        ]
+        assert threading.current_thread() is threading.main_thread(), "the body must run in the main thread"
+        main = threading.get_ident()
+        for what, q, blocked in cases:
+            t0 = time.monotonic()
+            times: dict[str, float] = {}
+
+            def handler(signum: int, frame: Any, q: Any = q, times: dict[str, float] = times) -> None:
+                times["handler"] = time.monotonic()
+                q.close()
+                times["closed"] = time.monotonic()
+
+            def send(times: dict[str, float] = times) -> None:
+                times["sent"] = time.monotonic()
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+            steps.append(f"{what}: blocking")
+            previous = signal.signal(signal.SIGUSR1, handler)
+            sender = threading.Timer(0.2 * self.ts, send)
+            sender.start()
+            outcome: Optional[BaseException] = None
+            try:
+                blocked()
+            except BaseException as exc:  # judged below, once the handler is uninstalled
+                outcome = exc
+            finally:
+                sender.cancel()
+                sender.join()  # a signal still to come would meet the default action: death
+                signal.signal(signal.SIGUSR1, previous)
+            ended = time.monotonic()
+            steps.append(f"{what}: ended after {ended - t0:.2f}s with {outcome!r}, {sorted(times)}")
+            assert "sent" in times, f"{what} returned before the signal was sent ({outcome!r}): it did not block"
+            assert "closed" in times, (
+                f"{what}: the call ended ({outcome!r}) but the handler "
+                f"{'never ran' if 'handler' not in times else 'did not finish close()'}"
+            )
+            assert isinstance(outcome, QueueClosed), (
+                f"{what}, on a handle closed by a signal handler, ended with {outcome!r} instead of QueueClosed (Q23)"
+            )
+            late = ended - times["sent"]
+            assert late <= bound, (
+                f"{what} raised QueueClosed {late:.2f}s after the signal that closed its handle, more than "
+                f"{bound:.2f}s (Q23); the handler ran after {times['handler'] - times['sent']:.2f}s"
+            )
+
+    @requires("close")
     @clause("Q24")
     def test_destroy(self) -> None:
         from sage_queue import QueueClosed, QueueNotFound, resolve_descriptor
@@ -875,6 +1140,36 @@ class QueueConformance:
         else:
             with pytest.raises(QueueNotFound):
                 resolve_descriptor(desc)
+
+    @requires("close")
+    @clause("E13", "E9", "Q24")
+    def test_destroyed_is_not_closed(self) -> None:
+        """destroy() through one handle: another handle's next operation, a call blocked on a third, and a
+        second destroy() raise QueueDestroyed (a QueueClosed); a handle closed by its own close() raises plain
+        QueueClosed."""
+        from sage_queue import QueueClosed, QueueDestroyed
+
+        q = self.make(1)
+        self.need_descriptor(q)
+        other, blocked_handle, again, mine = (self.open_handle(q) for _ in range(4))
+        assert issubclass(QueueDestroyed, QueueClosed), "E9: QueueDestroyed must be a QueueClosed"
+        mine.close()
+        closed = _call(mine.get_nowait, 2.0 * self.ts)
+        _raises(closed, QueueClosed, "get_nowait() on a handle closed by its own close()")
+        assert not isinstance(closed.error, QueueDestroyed), (
+            f"a handle closed by its own close() raised {type(closed.error).__name__}, not plain QueueClosed (E13)"
+        )
+        q.put("doomed")
+        waiter = _Call(lambda: blocked_handle.put("blocked"))  # the queue is full: this put waits
+        time.sleep(0.1 * self.ts)
+        assert waiter.alive(), "a put on a full queue returned at once"
+        q.destroy()
+        _raises(waiter.wait(CLOSE_WAKEUP_S * self.ts + 0.5), QueueDestroyed,
+                "a put blocked when another handle destroyed the queue (E13)")
+        for name, op in (("qsize", other.qsize), ("get_nowait", other.get_nowait),
+                         ("put", lambda: other.put("late", timeout=0.1))):
+            _raises(_call(op, 2.0 * self.ts), QueueDestroyed, f"{name}() on another handle after destroy() (E13)")
+        _raises(_call(again.destroy, 2.0 * self.ts), QueueDestroyed, "a second destroy(), through another handle (E13)")
 
     @requires("close")
     @clause("Q25")
