@@ -10,6 +10,9 @@ for bools, for nested tuples, for items above 64 KiB.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import pickle
 import queue
 import random
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sage_queue import QueueDescriptor
+from sage_queue import QueueClosed, QueueDescriptor, QueueDestroyed
 from sage_queue.backends.local import LocalQueueStub
 
 LOCAL_CAPS = set(LocalQueueStub.capabilities)
@@ -98,6 +101,38 @@ class NotThreadSafe(queue.Queue):  # type: ignore[type-arg]
                 with self.not_full:
                     self.not_full.notify()
             return item
+        return super().get(block, timeout)
+
+
+def _hold_the_gil_for_ever() -> None:
+    # A call through ctypes.PyDLL keeps the GIL (as a C extension that blocks without
+    # Py_BEGIN_ALLOW_THREADS does): no other thread of the process runs Python again.
+    libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.sleep(3600)
+
+
+class HoldsTheGilPast16Threads(queue.Queue):  # type: ignore[type-arg]
+    """Correct for up to 16 threads; the 17th thread to use the queue deadlocks holding the GIL
+    (a fixed per-thread table in a C extension, full, waited on without releasing the GIL)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._threads: set[int] = set()
+        self._threads_lock = threading.Lock()
+
+    def _enter(self) -> None:
+        with self._threads_lock:
+            self._threads.add(threading.get_ident())
+            crowded = len(self._threads) > 16
+        if crowded:
+            _hold_the_gil_for_ever()
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        self._enter()
+        super().put(item, block, timeout)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        self._enter()
         return super().get(block, timeout)
 
 
@@ -320,6 +355,53 @@ class CloseLeavesWaitersAsleep(LocalQueueStub):
         pass
 
 
+class CloseWaitsForCallers(LocalQueueStub):
+    """close() wakes the blocked calls, then waits until no put/get is in progress on the handle.
+
+    From another thread that works (Q23 passes). From a signal handler that interrupted a
+    blocked get in the same thread, the call in progress is the handler's own: close() waits
+    for ever, and the blocked call never raises.
+    """
+
+    def __init__(self, descriptor: QueueDescriptor) -> None:
+        super().__init__(descriptor)
+        self._idle = threading.Condition()
+        self._in_progress = 0
+
+    def _tracked(self, call: Callable[[], Any]) -> Any:
+        with self._idle:
+            self._in_progress += 1
+        try:
+            return call()
+        finally:
+            with self._idle:
+                self._in_progress -= 1
+                self._idle.notify_all()
+
+    def _put(self, item: Any, timeout: Optional[float]) -> None:
+        self._tracked(lambda: super(CloseWaitsForCallers, self)._put(item, timeout))
+
+    def _get(self, timeout: Optional[float]) -> Any:
+        return self._tracked(lambda: super(CloseWaitsForCallers, self)._get(timeout))
+
+    def _close(self) -> None:
+        super()._close()
+        with self._idle:
+            while self._in_progress:
+                self._idle.wait()
+
+
+class PickledGetManyLosesBatch(LocalQueueStub):
+    """Items travel pickled (as across processes); get_many unpickles its batch in one comprehension,
+    so an undecodable item loses every good item taken with it. get() loses only the bad item."""
+
+    def _enqueue(self, items: list[Any]) -> None:
+        super()._enqueue([pickle.dumps(item) for item in items])
+
+    def _dequeue(self, max_items: int, timeout: Optional[float]) -> list[Any]:
+        return [pickle.loads(blob) for blob in super()._dequeue(max_items, timeout)]
+
+
 class DestroyOnlyCloses(LocalQueueStub):
     """destroy() closes this handle but leaves the queue alive for every other handle."""
 
@@ -388,6 +470,44 @@ def _local_factory(cls: type, capabilities: set[str]) -> Callable[[int], Any]:
     return make
 
 
+_PUBLIC_OPS = ("put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full", "put_many", "get_many",
+               "destroy", "stats", "task_done", "join")
+
+
+def _destroyed_as_plain_closed(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except QueueDestroyed as exc:
+            raise QueueClosed(str(exc)) from None
+
+    call.kit_plain_closed = True  # type: ignore[attr-defined]
+    return call
+
+
+def _destroyed_reports_plain_closed_factory() -> Callable[[int], Any]:
+    """The local backend as before E13: a destroyed queue is reported as plain QueueClosed.
+
+    The kit's other handles come from ``resolve_descriptor``, i.e. plain ``LocalQueueStub``s, so
+    the bug has to be in that class: the first call of this factory patches it, in this process
+    only (the meta-tests run each broken backend in its own ``python -m conformance`` process).
+    """
+    plain = _local_factory(LocalQueueStub, LOCAL_CAPS)
+
+    def make(maxsize: int) -> Any:
+        for name in _PUBLIC_OPS:
+            method = getattr(LocalQueueStub, name)
+            if not getattr(method, "kit_plain_closed", False):
+                setattr(LocalQueueStub, name, _destroyed_as_plain_closed(method))
+        return plain(maxsize)
+
+    make.capabilities = plain.capabilities  # type: ignore[attr-defined]
+    make.cleanup = plain.cleanup  # type: ignore[attr-defined]
+    make.__qualname__ = make.__name__ = "make_destroyed_reports_plain_closed"
+    return make
+
+
 @dataclass(frozen=True)
 class Broken:
     """A broken backend, the kit tests that must catch it, and a -k expression selecting them."""
@@ -399,6 +519,8 @@ class Broken:
     select: str
     """``-k`` expression: which kit tests the meta-test runs (keeps it fast)."""
     rule: str
+    shows: str = ""
+    """Text the run's output must contain: the failure explains itself (e.g. names the stuck frame)."""
 
 
 BROKEN: list[Broken] = [
@@ -457,6 +579,18 @@ BROKEN: list[Broken] = [
            "Q26 nothing left behind"),
     Broken("stats_count_calls", _local_factory(StatsCountCalls, LOCAL_CAPS), ("test_stats",), "Q36",
            "Q36 stats count items"),
+    Broken("holds_the_gil_past_16_threads", _stdlib_factory(HoldsTheGilPast16Threads),
+           ("test_many_threads_one_handle",), "test_many_threads_one_handle or test_threads_share_one_handle",
+           "Q6 any number of threads on one handle, without hanging the kit", shows="in _hold_the_gil_for_ever"),
+    Broken("close_waits_for_callers", _local_factory(CloseWaitsForCallers, LOCAL_CAPS),
+           ("test_close_from_signal_handler",), "Q23", "Q23 close() from a signal handler releases the call",
+           shows="in _close"),
+    Broken("pickled_get_many_loses_batch", _local_factory(PickledGetManyLosesBatch, LOCAL_CAPS),
+           ("test_undecodable_item_loses_only_itself",), "test_undecodable or test_get_many",
+           "Q5 an undecodable item loses only itself", shows="only the undecodable item may be lost"),
+    Broken("destroyed_reports_plain_closed", _destroyed_reports_plain_closed_factory(),
+           ("test_destroyed_is_not_closed",), "Q24 or E13", "E13 QueueDestroyed after destroy through another handle",
+           shows="instead of <class 'sage_queue.errors.QueueDestroyed'>"),
 ]
 
 # Module-level names, so that the kit can be pointed at each: tests.kit.broken:make_<name>.

@@ -69,6 +69,10 @@ def test_kit_fails_broken_backend(broken: Broken, tmp_path: Path) -> None:
         f"{broken.name} ({broken.rule}) failed {sorted(failed)}, none of the tests meant to catch it "
         f"{list(broken.expected)}\n{done.stdout[-3000:]}"
     )
+    assert broken.shows in done.stdout, (
+        f"{broken.name}: the failure does not explain itself (no {broken.shows!r} in the output)\n"
+        f"{done.stdout[-3000:]}"
+    )
     failed_rows = [r for t in report["targets"] for r in t["results"] if r["outcome"] == "fail"]
     _, n_failed, _ = _summary(done.stdout)
     assert n_failed == len(failed_rows) >= 1
