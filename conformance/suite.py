@@ -956,14 +956,14 @@ class QueueConformance:
             f"{how}: put {items!r}, got {got!r} (lost {lost!r}): only the undecodable item may be lost (Q5)"
         )
         assert errors, f"{how}: the undecodable item vanished without an error: its decode error must surface"
-        for exc in errors:
+        for error in errors:
             chain: list[BaseException] = []
-            link: Optional[BaseException] = exc
+            link: Optional[BaseException] = error
             while link is not None and len(chain) < 10:
                 chain.append(link)
                 link = link.__cause__ or link.__context__
             assert any(isinstance(e, UndecodableItemError) for e in chain), (
-                f"{how} raised {type(exc).__name__}: {exc}, which is not (nor is caused by) the item's own "
+                f"{how} raised {type(error).__name__}: {error}, which is not (nor is caused by) the item's own "
                 f"decode error UndecodableItemError"
             )
         assert len(errors) == 1, f"{how}: one undecodable item raised {len(errors)} errors: {errors!r}"
