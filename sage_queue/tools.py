@@ -1,7 +1,8 @@
 """``sage-queue ls``, ``gc`` and ``inspect``: this library's shared-memory segments, seen from outside.
 
-Each segment backend module (``sage_queue.backends.shm``, ``sage_queue.backends.sage``)
-provides ``describe_segment(name) -> SegmentInfo``, which reads the segment's header
+Each segment backend module (``sage_queue.backends.shm``, whose functions live in
+``sage_queue/backends/shm/segments.py``, and ``sage_queue.backends.sage``) provides
+``describe_segment(name) -> SegmentInfo``, which reads the segment's header
 without attaching to the queue (no pid recorded, nothing modified). These commands list
 ``/dev/shm/sageq-<kind>-<name>`` (Linux), ask the owning backend to describe each, and
 print or act on the result.

@@ -25,7 +25,15 @@ from typing import Any
 
 import pytest
 
-from sage_queue import IncompatibleQueue, QueueClosed, QueueDescriptor, QueueNotFound, _segment, resolve_descriptor
+from sage_queue import (
+    IncompatibleQueue,
+    QueueClosed,
+    QueueDescriptor,
+    QueueDestroyed,
+    QueueNotFound,
+    _segment,
+    resolve_descriptor,
+)
 from sage_queue.backends import shm
 
 pytestmark = pytest.mark.timeout(60)
@@ -184,7 +192,7 @@ def test_spawn_child_exit_does_not_unlink_the_segment(make_desc: MakeDesc) -> No
         q.destroy()
 
 
-@pytest.mark.spec("SHM3")
+@pytest.mark.spec("SHM3", "E13")
 def test_destroy_unlinks_and_closes_every_other_handle(make_desc: MakeDesc) -> None:
     desc = make_desc()
     a, b = resolve_descriptor(desc), resolve_descriptor(desc)
@@ -206,12 +214,15 @@ def test_destroy_unlinks_and_closes_every_other_handle(make_desc: MakeDesc) -> N
     waiter.join(2)
     assert not waiter.is_alive()
     assert time.monotonic() - start < 1.0
-    assert len(errors) == 1 and isinstance(errors[0], QueueClosed)
+    assert len(errors) == 1 and type(errors[0]) is QueueDestroyed  # the woken call (E13)
     assert not os.path.exists(_segment.segment_path("shm", desc.metadata["shm_name"]))
-    with pytest.raises(QueueClosed):
+    with pytest.raises(QueueDestroyed):
         b.put(2)
-    b.destroy()  # already destroyed by a: just closes
-    assert b.closed
+    assert b.closed  # it found the queue gone: closed itself
+    with pytest.raises(QueueDestroyed):
+        b.destroy()  # already destroyed by a
+    with pytest.raises(QueueDestroyed):
+        a.qsize()  # destroyed through this very handle: still QueueDestroyed, not plain QueueClosed
     again = resolve_descriptor(desc)  # create=true: a new, empty queue under the same name
     assert again.qsize() == 0
     again.destroy()

@@ -22,6 +22,8 @@ import pytest
 from fault_injection import run_faults
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.backends import shm
+from sage_queue.backends.shm import handle as shm_handle
+from sage_queue.backends.shm import layout
 from stress import run_stress
 from stress.backends import descriptor_factory
 
@@ -116,7 +118,7 @@ def _hold_lock_then_wait(text: str, side: int, half_put: bool, ready: Any) -> No
     if half_put:
         # A producer killed between writing its record and its commit store.
         buf = q._buf
-        tail = (shm._U64.unpack_from(buf, shm.P_WORD_OFFSET)[0] & shm._MASK32) << 3
+        tail = (layout.U64.unpack_from(buf, layout.P_WORD_OFFSET)[0] & layout.MASK32) << 3
         buf[shm.DATA_OFFSET + tail:shm.DATA_OFFSET + tail + 16] = b"\xff" * 16
     ready.set()
     time.sleep(60)
@@ -222,7 +224,7 @@ def test_blocked_waiter_uses_under_5_percent_of_a_core(waiter: Any) -> None:
 
 
 def _timed_gets(text: str, count: int, out: Any) -> None:
-    shm.WAIT_SLICE_S = 5.0  # a missed wake-up now costs seconds, not a fraction of the 0.25 s cap
+    shm_handle.WAIT_SLICE_S = 5.0  # a missed wake-up now costs seconds, not a fraction of the 0.25 s cap
     q = resolve_descriptor(text)
     latencies = []
     for _ in range(count):

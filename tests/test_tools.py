@@ -15,6 +15,7 @@ import pytest
 
 from sage_queue import QueueDescriptor, _segment, resolve_descriptor
 from sage_queue.backends import shm
+from sage_queue.backends.shm import layout
 from sage_queue.tools import gc_main, inspect_main, ls_main
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")]
@@ -107,7 +108,7 @@ def test_gc_keeps_young_orphans_and_incomplete_pid_lists(names: list[str], capsy
     # A pid table that overflowed may miss live processes: never an orphan.
     seg = _segment.Segment.open("shm", young, 0, create=False)
     try:
-        shm._store32(seg.buf, shm.PID_OVERFLOW_OFFSET, 1)
+        layout.store32(seg.buf, layout.PID_OVERFLOW_OFFSET, 1)
     finally:
         seg.close()
     _, out = _run(gc_main, ["--kind", "shm", "--min-age", "0", "-v"], capsys)
