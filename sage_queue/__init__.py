@@ -28,15 +28,10 @@ from .errors import (
     UnknownQueueType,
     UnsupportedVersion,
 )
+from .metadata import MAXSIZE_MAX, MetadataField, QueueTypeSchema
 from .protocol import KNOWN_CAPABILITIES, QueueLike, QueueStats
-from .registry import (
-    QUEUE_STUB_MAPPING,
-    create_descriptor_from_existing_queue,
-    get_local_queue,
-    register_queue_implementation,
-    resolve_descriptor,
-    unregister_queue_implementation,
-)
+from .registry import QUEUE_STUB_MAPPING, register_queue_implementation, unregister_queue_implementation
+from .resolve import create_descriptor_from_existing_queue, get_local_queue, resolve_descriptor
 from .stub import QueueStub
 
 __version__ = "0.1.0"
@@ -44,12 +39,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DESCRIPTOR_VERSION",
     "KNOWN_CAPABILITIES",
+    "MAXSIZE_MAX",
     "QUEUE_STUB_MAPPING",
     "BackendUnavailable",
     "DescriptorError",
     "IncompatibleQueue",
     "InvalidMetadata",
     "MalformedDescriptor",
+    "MetadataField",
     "QueueBroken",
     "QueueClosed",
     "QueueDestroyed",
@@ -60,6 +57,7 @@ __all__ = [
     "QueuePermissionError",
     "QueueStats",
     "QueueStub",
+    "QueueTypeSchema",
     "SageQueueError",
     "UnknownQueueType",
     "UnsupportedVersion",

@@ -38,11 +38,11 @@ from typing import Any, Optional
 from .descriptor import QueueDescriptor
 from .errors import BackendUnavailable, QueueNotFound
 from .protocol import CROSS_PROCESS
-from .registry import QUEUE_STUB_MAPPING, create_descriptor_from_existing_queue, get_local_queue, resolve_descriptor
+from .registry import QUEUE_STUB_MAPPING, unavailable_reason
+from .resolve import create_descriptor_from_existing_queue, get_local_queue, resolve_descriptor
 
 __all__ = ["main", "choose_descriptor", "JobManager"]
 
-ALL_TYPES = ("local", "shm", "sage", "ray_queue", "ray_actor", "rpc")
 WAIT_S = 10.0
 """Longest any single get/put/child of the demo may wait: a broken backend fails, never hangs."""
 ECHO_ITEMS = 200
@@ -67,22 +67,13 @@ def _name(role: str) -> str:
 
 
 def make_descriptor(queue_type: str, role: str, maxsize: int = SMALL_MAXSIZE) -> QueueDescriptor:
-    """A descriptor of a new queue of ``queue_type`` through the type's own factory."""
-    name = _name(role)
-    if queue_type == "local":
-        return QueueDescriptor.create_local_queue(maxsize=maxsize, queue_id=name)
-    if queue_type == "shm":
-        return QueueDescriptor.create_shm_queue(name, maxsize=maxsize)
-    if queue_type == "sage":
-        return QueueDescriptor.create_sage_queue(maxsize=maxsize, name=name)
-    if queue_type == "ray_queue":
-        return QueueDescriptor.create_ray_queue(maxsize=maxsize, name=name)
-    if queue_type == "ray_actor":
-        return QueueDescriptor.create_ray_actor_queue(name, maxsize=maxsize)
-    if queue_type == "rpc":
-        return QueueDescriptor.create_rpc_queue("127.0.0.1", 0, name=name, maxsize=maxsize)
-    # A third-party type registered by call or entry point: its metadata table is its own.
-    return QueueDescriptor(name, queue_type, {"maxsize": maxsize})
+    """A descriptor of a new queue of ``queue_type`` (any registered type) through the generic factory."""
+    return QueueDescriptor.create(queue_type, _name(role), maxsize)
+
+
+def all_types() -> list[str]:
+    """Every registered queue type, built-in ones first (the registry's order)."""
+    return list(QUEUE_STUB_MAPPING)
 
 
 def crosses_processes(queue_type: str) -> bool:
@@ -255,7 +246,7 @@ def scenario_cross_process(queue_type: str, tracker: _Tracker, children: _Childr
             raise AssertionError(f"a {queue_type} queue resolved in another process: {report}")
         # Same JSON, a thread of this process: that is where a local queue lives.
         echoer = threading.Thread(
-            target=echo_loop, args=(resolve_descriptor(payload["inbox"]), resolve_descriptor(payload["outbox"]),
+            target=echo_loop, args=(resolve_descriptor(inbox.to_json()), resolve_descriptor(outbox.to_json()),
                                     ECHO_ITEMS), daemon=True,
         )
         echoer.start()
@@ -397,23 +388,11 @@ def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outc
     return Row(backend, scenario, "ok", str(outcome.items), f"{time.perf_counter() - started:.2f}s", outcome.detail)
 
 
-def _unavailable_reason(queue_type: str) -> Optional[str]:
-    try:
-        QUEUE_STUB_MAPPING[queue_type]
-    except KeyError:
-        return "not registered"
-    except BackendUnavailable as exc:
-        if exc.missing == f"the {queue_type} backend":  # planned, not shipped yet
-            return exc.hint.split(";")[0]
-        return f"{exc.missing} ({exc.hint})"
-    return None
-
-
 def run_all(types: list[str]) -> list[Row]:
     rows: list[Row] = []
     cross: list[str] = []
     for queue_type in types:
-        reason = _unavailable_reason(queue_type)
+        reason = unavailable_reason(queue_type)
         if reason is not None:
             rows.append(Row(queue_type, "all", f"skipped: {reason}"[:120]))
             continue
@@ -445,8 +424,8 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="sage-queue demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default=",".join(ALL_TYPES),
-                        help="comma-separated queue types to run (default: all built-in types)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated queue types to run (default: every registered type)")
     parser.add_argument("--wait", type=float, default=WAIT_S,
                         help=f"longest single wait in seconds before a scenario fails (default {WAIT_S:g})")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -454,7 +433,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _set_wait(args.wait)
     if args.child:
         return _child_main(args.child)
-    types = [t.strip() for t in args.backends.split(",") if t.strip()]
+    types = all_types() if args.backends is None else [t.strip() for t in args.backends.split(",") if t.strip()]
     picked = choose_descriptor(maxsize=1)  # a descriptor only: nothing exists until it is resolved
     print(f"sage-queue demo: scenario 2 in this environment picks {picked.queue_type!r}; running {', '.join(types)}\n")
     started = time.perf_counter()

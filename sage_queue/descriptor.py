@@ -8,7 +8,6 @@ has passed validation, so resolving it can only fail for reasons of reachability
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
@@ -16,78 +15,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .errors import InvalidMetadata, MalformedDescriptor, UnsupportedVersion
+from . import registry
+from .errors import MalformedDescriptor, UnsupportedVersion
+from .metadata import MAXSIZE_MAX, MetadataField, QueueTypeSchema, is_kind, non_negative, positive
 
-__all__ = ["DESCRIPTOR_VERSION", "QueueDescriptor", "MetadataField", "DescriptorLike"]
+# MetadataField, non_negative and positive live in .metadata; they are re-exported here for
+# code written before the schema left this module.
+__all__ = [
+    "DESCRIPTOR_VERSION", "MAXSIZE_MAX", "QueueDescriptor", "MetadataField", "QueueTypeSchema", "DescriptorLike",
+    "non_negative", "positive",
+]
 
 DESCRIPTOR_VERSION = 1
 """The descriptor format version this library writes and reads (spec D2)."""
 
 _FIELDS = ("version", "queue_id", "queue_type", "metadata", "created_timestamp")
 _QUEUE_ID_RE = re.compile(r"[^\x00-\x1f\x7f]{1,255}")
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class MetadataField:
-    """One metadata key of a queue type: its JSON type, default and range check (spec D10)."""
-
-    name: str
-    kind: type
-    """``int``, ``float``, ``str`` or ``bool``; ``bool`` is never accepted for ``int``."""
-    required: bool = False
-    default: Any = None
-    """Filled in when the key is absent and not required; ``None`` leaves it absent."""
-    check: Optional[Callable[[Any], Optional[str]]] = None
-    """Returns an error text for a bad value, ``None`` for a good one."""
-    doc: str = ""
-
-    def apply(self, queue_type: str, metadata: dict[str, Any]) -> None:
-        value = metadata.get(self.name, _MISSING)
-        # null is a value of the wrong JSON type, not an absent key (D10; the schema agrees).
-        if value is _MISSING:
-            if self.required:
-                raise InvalidMetadata(f"{queue_type} descriptor needs metadata[{self.name!r}] ({self.doc})")
-            if self.default is not None:
-                metadata[self.name] = self.default
-            else:
-                metadata.pop(self.name, None)
-            return
-        if not _is_kind(value, self.kind):
-            raise InvalidMetadata(
-                f"{queue_type} metadata[{self.name!r}] must be {self.kind.__name__}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-        if self.kind is float:
-            value = float(value)
-            metadata[self.name] = value
-        if self.check is not None:
-            problem = self.check(value)
-            if problem:
-                raise InvalidMetadata(f"{queue_type} metadata[{self.name!r}]={value!r}: {problem}")
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        try:
-            return math.isfinite(value)
-        except OverflowError:  # an int too large for a float is not a finite float
-            return False
-    return isinstance(value, kind)
-
-
-def non_negative(value: Any) -> Optional[str]:
-    return None if value >= 0 else "must be >= 0"
-
-
-def positive(value: Any) -> Optional[str]:
-    return None if value > 0 else "must be > 0"
 
 
 def _json_normal(queue_type: str, metadata: Any) -> dict[str, Any]:
@@ -176,8 +119,6 @@ class QueueDescriptor:
     version: int = DESCRIPTOR_VERSION
 
     def __post_init__(self) -> None:
-        from .registry import backend_class, canonical_type
-
         if isinstance(self.version, bool) or not isinstance(self.version, int):
             raise MalformedDescriptor(f"version must be an int, got {self.version!r}")
         if self.version != DESCRIPTOR_VERSION:
@@ -193,15 +134,14 @@ class QueueDescriptor:
             raise MalformedDescriptor(f"queue_type must be a string, got {self.queue_type!r}")
         ts = self.created_timestamp
         if ts is not None:
-            if not _is_kind(ts, float) or ts < 0:
+            if not is_kind(ts, float) or ts < 0:
                 raise MalformedDescriptor(f"created_timestamp must be a finite number >= 0 or null, got {ts!r}")
             object.__setattr__(self, "created_timestamp", float(ts))
-        queue_type = canonical_type(self.queue_type)  # raises UnknownQueueType
+        queue_type = registry.canonical_type(self.queue_type)  # raises UnknownQueueType
         object.__setattr__(self, "queue_type", queue_type)
         metadata = _json_normal(queue_type, self.metadata)
-        validate = getattr(backend_class(queue_type), "validate_metadata", None)
-        if validate is not None:
-            metadata = validate(metadata)
+        # The type's schema, never its backend: parsing works with no transport installed (D13).
+        metadata = registry.validate_metadata(queue_type, metadata)
         object.__setattr__(self, "metadata", _freeze(metadata))
 
     def __eq__(self, other: object) -> bool:
@@ -275,19 +215,39 @@ class QueueDescriptor:
         # Unpickling re-validates (and version-checks) like from_dict does.
         return (QueueDescriptor.from_dict, (self.to_dict(),))
 
-    # -- factories (spec D20) -------------------------------------------------------------
+    # -- factories (spec D20-D22) ---------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, queue_type: str, name: Optional[str] = None, maxsize: int = 0, **metadata: Any
+    ) -> QueueDescriptor:
+        """A descriptor of a new queue of any registered type (spec D22).
+
+        ``name`` becomes the queue_id (and the type's name key, e.g. ``shm_name``); None
+        generates ``<type>_<16 hex digits>``. ``maxsize`` and ``metadata`` are validated
+        against the type's schema (InvalidMetadata). Nothing is created until the
+        descriptor is resolved, and no backend is imported.
+        """
+        queue_type = registry.canonical_type(queue_type)
+        if name is None:
+            schema = registry.type_schema(queue_type)
+            name_key = None if schema is None else schema.name_key
+            # A name given only as the type's own key (create("shm", shm_name="jobs")) is the name.
+            given = metadata.get(name_key) if name_key is not None else None
+            name = given if isinstance(given, str) else _new_id(queue_type)
+        return cls(
+            queue_id=name,
+            queue_type=queue_type,
+            metadata=registry.new_metadata(queue_type, name, maxsize, metadata),
+            created_timestamp=time.time(),
+        )
+
+    # The seed's named factories: thin wrappers of create(), keyword-compatible with the seed.
 
     @classmethod
     def create_local_queue(cls, maxsize: int = 0, queue_id: Optional[str] = None) -> QueueDescriptor:
         """An in-process ``queue.Queue``, shared by queue_id inside this process only."""
-        import os
-
-        return cls(
-            queue_id=_new_id("local") if queue_id is None else queue_id,
-            queue_type="local",
-            metadata={"maxsize": maxsize, "owner_pid": os.getpid()},
-            created_timestamp=time.time(),
-        )
+        return cls.create("local", queue_id, maxsize)
 
     @classmethod
     def create_shm_queue(
@@ -302,10 +262,7 @@ class QueueDescriptor:
         ``create=True`` creates the segment on first resolve or attaches to an
         existing one; ``create=False`` only attaches (QueueNotFound if absent).
         """
-        metadata: dict[str, Any] = {"shm_name": name, "maxsize": maxsize, "create": create}
-        if capacity_bytes is not None:
-            metadata["capacity_bytes"] = capacity_bytes
-        return cls(queue_id=name, queue_type="shm", metadata=metadata, created_timestamp=time.time())
+        return cls.create("shm", name, maxsize, create=create, **_given(capacity_bytes=capacity_bytes))
 
     @classmethod
     def create_sage_queue(
@@ -316,43 +273,32 @@ class QueueDescriptor:
         create: bool = True,
     ) -> QueueDescriptor:
         """The lock-free C11 shared-memory ring; same naming rules as ``create_shm_queue``."""
-        name = _new_id("sage") if name is None else name
-        metadata: dict[str, Any] = {"shm_name": name, "maxsize": maxsize, "create": create}
-        if capacity_bytes is not None:
-            metadata["capacity_bytes"] = capacity_bytes
-        return cls(queue_id=name, queue_type="sage", metadata=metadata, created_timestamp=time.time())
+        return cls.create("sage", name, maxsize, create=create, **_given(capacity_bytes=capacity_bytes))
 
     @classmethod
     def create_ray_queue(cls, maxsize: int = 0, name: Optional[str] = None) -> QueueDescriptor:
         """A ``ray.util.queue.Queue`` shared by name across a Ray cluster."""
-        name = _new_id("ray_queue") if name is None else name
-        return cls(
-            queue_id=name, queue_type="ray_queue", metadata={"maxsize": maxsize, "actor_name": name},
-            created_timestamp=time.time(),
-        )
+        return cls.create("ray_queue", name, maxsize)
 
     @classmethod
     def create_ray_actor_queue(cls, actor_name: str, maxsize: int = 0) -> QueueDescriptor:
         """A queue held by this library's own named Ray actor."""
-        return cls(
-            queue_id=actor_name, queue_type="ray_actor",
-            metadata={"maxsize": maxsize, "actor_name": actor_name}, created_timestamp=time.time(),
-        )
+        return cls.create("ray_actor", actor_name, maxsize)
 
     @classmethod
     def create_rpc_queue(
         cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0
     ) -> QueueDescriptor:
         """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``."""
-        name = _new_id("rpc") if name is None else name
-        return cls(
-            queue_id=name, queue_type="rpc",
-            metadata={"host": host, "port": port, "name": name, "maxsize": maxsize},
-            created_timestamp=time.time(),
-        )
+        return cls.create("rpc", name, maxsize, host=host, port=port)
 
 
 DescriptorLike = Union[QueueDescriptor, Mapping[str, Any], str, bytes, bytearray]
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None (a seed factory's "use the default")."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _new_id(prefix: str) -> str:

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from ._timeout import normalize_timeout
-from .errors import QueueClosed
+from .descriptor import QueueDescriptor
+from .errors import QueueClosed, QueueDestroyed
+from .metadata import BUILTIN_SCHEMAS, MetadataField
 from .protocol import QueueStats
-
-if TYPE_CHECKING:
-    from .descriptor import MetadataField, QueueDescriptor
+from .resolve import resolve_descriptor
 
 __all__ = ["QueueStub", "CLOSE_WAKEUP_S"]
 
@@ -56,20 +56,38 @@ class QueueStub:
     def __init__(self, descriptor: QueueDescriptor) -> None:
         self._descriptor = descriptor
         self._closed = False
+        self._destroyed = False
+        """Set (before ``_closed``) when this handle saw its queue destroyed: by its own destroy(),
+        or by a destroy() that found the queue gone. Later calls then raise QueueDestroyed (E13)."""
         self._close_lock = threading.Lock()
 
     # -- metadata -----------------------------------------------------------------
 
     @classmethod
     def validate_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Check ``metadata`` against :attr:`metadata_fields`; return it with defaults filled.
+        """Check ``metadata``; return it with defaults filled. Unknown keys are kept (D7).
 
-        Unknown keys are kept untouched (spec D7). Raises InvalidMetadata.
+        Used only when a class is registered without a schema (R4): the built-in types are
+        validated by their schema in ``sage_queue.metadata`` without importing any backend.
+        A subclass's own :attr:`metadata_fields` win; otherwise the schema of its
+        ``queue_type``, so that a subclass of a built-in handle registered under a new
+        name validates like its base. Raises InvalidMetadata.
         """
         out = dict(metadata)
-        for field in cls.metadata_fields:
-            field.apply(cls.queue_type, out)
+        schema = BUILTIN_SCHEMAS.get(cls.queue_type)
+        fields = cls.metadata_fields or (() if schema is None else schema.fields)
+        for f in fields:
+            f.apply(cls.queue_type, out)
         return out
+
+    @classmethod
+    def new_metadata(cls, queue_id: str, maxsize: int, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The metadata ``QueueDescriptor.create`` gives a new queue of a type registered with this
+        class and no schema (D22): that of the built-in type this class implements, if any."""
+        schema = BUILTIN_SCHEMAS.get(cls.queue_type)
+        if schema is None:
+            return {"maxsize": maxsize, **metadata}
+        return schema.new_metadata(queue_id, maxsize, metadata)
 
     # -- identity -------------------------------------------------------------------
 
@@ -177,9 +195,14 @@ class QueueStub:
         self._check_open()
         try:
             self._destroy()
-        except QueueClosed:  # destroyed already, through another handle: this one is done too
+        except QueueDestroyed:  # destroyed already, through another handle: this one is done too
+            self._destroyed = True
             self.close()
             raise
+        except QueueClosed:  # this handle was closed by another thread meanwhile
+            self.close()
+            raise
+        self._destroyed = True
         self.close()
 
     def stats(self) -> QueueStats:
@@ -196,14 +219,16 @@ class QueueStub:
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         # A handle travels as its descriptor: the receiver resolves it again (spec Q27).
-        from .registry import resolve_descriptor
-
         return (resolve_descriptor, (self._descriptor.to_dict(),))
 
     # -- helpers and hooks -----------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._destroyed:  # a second destroy(), or any call after one (E13)
+                raise QueueDestroyed(
+                    f"{self._descriptor.queue_type} queue {self._descriptor.queue_id!r} was destroyed"
+                )
             raise QueueClosed(f"{self._descriptor.queue_type} queue handle {self._descriptor.queue_id!r} is closed")
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:

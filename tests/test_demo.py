@@ -19,7 +19,7 @@ from _helpers import registered_queue_type
 
 from sage_queue import QUEUE_STUB_MAPPING
 from sage_queue.backends.local import LocalQueueStub, live_queue_ids
-from sage_queue.demo import ALL_TYPES, choose_descriptor
+from sage_queue.demo import all_types, choose_descriptor
 from sage_queue.demo import main as demo_main
 
 SCENARIOS = ("1 cross-process", "2 adaptive", "3 job pipeline")
@@ -51,9 +51,9 @@ def test_demo_runs_every_available_backend_with_real_processes() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = _rows(out.stdout)
-    available = [t for t in ALL_TYPES if QUEUE_STUB_MAPPING.available(t)]
+    available = [t for t in all_types() if QUEUE_STUB_MAPPING.available(t)]
     assert "local" in available
-    for queue_type in ALL_TYPES:
+    for queue_type in all_types():
         if queue_type in available:
             for scenario in SCENARIOS:
                 result, items, seconds, *_detail = rows[(queue_type, scenario)]

@@ -692,7 +692,7 @@ def test_local_factory() -> None:
     assert QueueDescriptor.create_local_queue(queue_id="mine").queue_id == "mine"
 
 
-@pytest.mark.spec("D20")
+@pytest.mark.spec("D20", "D13")
 @pytest.mark.parametrize(
     ("factory", "args", "queue_type"),
     [
@@ -705,17 +705,16 @@ def test_local_factory() -> None:
         ("create_sage_queue", {"maxsize": 10000}, "sage"),
     ],
 )
-def test_every_factory_exists_and_fails_only_with_backend_unavailable(
+def test_every_factory_builds_and_only_resolving_fails_with_backend_unavailable(
     factory: str, args: dict[str, Any], queue_type: str
 ) -> None:
-    make = getattr(QueueDescriptor, factory)
+    desc = getattr(QueueDescriptor, factory)(**args)  # whether or not the backend is here (D13)
+    assert desc.queue_type == queue_type
+    assert QueueDescriptor.from_json(desc.to_json()) == desc
     if QUEUE_STUB_MAPPING.available(queue_type):
-        desc = make(**args)
-        assert desc.queue_type == queue_type
-        assert QueueDescriptor.from_json(desc.to_json()) == desc
         return
     with pytest.raises(BackendUnavailable) as info:
-        make(**args)
+        resolve_descriptor(desc)
     assert isinstance(info.value, ImportError)
     assert info.value.queue_type == queue_type
     assert queue_type in str(info.value)

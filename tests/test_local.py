@@ -33,6 +33,7 @@ from sage_queue import (
     InvalidMetadata,
     QueueClosed,
     QueueDescriptor,
+    QueueDestroyed,
     QueueLike,
     QueueNotFound,
     QueueStats,
@@ -81,9 +82,11 @@ def _wait_blocked(thread: threading.Thread) -> None:
     assert thread.is_alive(), "the call returned instead of blocking"
 
 
-def _assert_woken_with_queue_closed(waiter: Any, blocked_call: str, wake: Callable[[], None]) -> None:
+def _assert_woken_with_queue_closed(
+    waiter: Any, blocked_call: str, wake: Callable[[], None], expected: type[QueueClosed] = QueueClosed
+) -> None:
     """Block ``waiter`` (a handle on a maxsize=1 queue) in ``blocked_call``, then run ``wake``:
-    the blocked call must raise QueueClosed within WAKEUP_S (Q23/Q24)."""
+    the blocked call must raise exactly ``expected`` within WAKEUP_S (Q23/Q24, E13)."""
     if blocked_call != "get":
         waiter.put("fills the queue")  # put now blocks; join waits for its task_done
     call = {"get": waiter.get, "put": lambda: waiter.put("more"), "join": waiter.join}[blocked_call]
@@ -93,7 +96,7 @@ def _assert_woken_with_queue_closed(waiter: Any, blocked_call: str, wake: Callab
     wake()
     thread.join(5)
     assert not thread.is_alive()
-    assert isinstance(box.get("error"), QueueClosed), box
+    assert type(box.get("error")) is expected, box
     assert box["at"] - woken_at < WAKEUP_S
 
 
@@ -384,8 +387,9 @@ def test_close_is_idempotent_and_per_handle(q: LocalQueueStub) -> None:
         other.full, lambda: other.put_many([1]), lambda: other.get_many(1), other.stats, other.task_done,
         other.join, other.destroy, other.__enter__,
     ):
-        with pytest.raises(QueueClosed):
+        with pytest.raises(QueueClosed) as info:
             operation()
+        assert type(info.value) is QueueClosed  # closed by its own close(): not QueueDestroyed (E13)
     assert q.get_nowait() == 1  # the queue and its items are untouched
 
 
@@ -424,7 +428,7 @@ def test_close_of_one_handle_does_not_wake_another_handles_waiter(q: LocalQueueS
 # -- destroy ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.spec("R7")
+@pytest.mark.spec("R7", "E13")
 def test_destroy_removes_the_queue_for_every_handle() -> None:
     desc = QueueDescriptor.create_local_queue(maxsize=3)
     first, second = resolve_descriptor(desc), resolve_descriptor(desc)
@@ -432,26 +436,49 @@ def test_destroy_removes_the_queue_for_every_handle() -> None:
     first.destroy()
     assert first.closed
     assert desc.queue_id not in live_queue_ids()
-    for operation in (second.get_nowait, lambda: second.put(1), second.qsize, second.stats, second.task_done,
-                      second.join, lambda: second.get_many(2), lambda: second.put_many([1])):
-        with pytest.raises(QueueClosed):
+    # Destroyed through another handle: QueueDestroyed (a QueueClosed), on every operation (E13).
+    for operation in (second.get_nowait, lambda: second.put(1), second.qsize, second.empty, second.full,
+                      second.stats, second.task_done, second.join, lambda: second.get_many(2),
+                      lambda: second.put_many([1])):
+        with pytest.raises(QueueDestroyed):
             operation()
+    with pytest.raises(QueueDestroyed):
+        second.destroy()  # a second destroy(), through another handle
+    assert second.closed
+    with pytest.raises(QueueDestroyed):
+        second.get_nowait()  # and the handle it closed keeps saying why
+    with pytest.raises(QueueDestroyed):
+        first.destroy()  # a second destroy() through the destroying handle
+    with pytest.raises(QueueDestroyed):
+        first.put(1)
     fresh = resolve_descriptor(desc)  # the descriptor allows creation: a new, empty queue
     try:
         assert fresh.empty()
         fresh.put("new")
-        with pytest.raises(QueueClosed):
+        with pytest.raises(QueueDestroyed):
             second.get_nowait()  # the old handle stays on the destroyed queue
     finally:
         fresh.destroy()
 
 
+@pytest.mark.spec("E13")
+def test_own_close_wins_over_a_later_destroy() -> None:
+    desc = QueueDescriptor.create_local_queue()
+    closed, destroyer = resolve_descriptor(desc), resolve_descriptor(desc)
+    closed.close()
+    destroyer.destroy()
+    with pytest.raises(QueueClosed) as info:
+        closed.put(1)
+    assert type(info.value) is QueueClosed  # this handle's own close() is the reason it cannot be used
+
+
+@pytest.mark.spec("E13")
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("blocked_call", ["get", "put", "join"])
 def test_destroy_wakes_waiters_of_other_handles(blocked_call: str) -> None:
     desc = QueueDescriptor.create_local_queue(maxsize=1)
     waiter, destroyer = resolve_descriptor(desc), resolve_descriptor(desc)
-    _assert_woken_with_queue_closed(waiter, blocked_call, destroyer.destroy)
+    _assert_woken_with_queue_closed(waiter, blocked_call, destroyer.destroy, QueueDestroyed)
 
 
 @pytest.mark.spec("R7")

@@ -183,7 +183,12 @@ def test_valid_descriptor_of_every_type(queue_type: str) -> None:
         metadata.update(shm_name=name, capacity_bytes=65536)
     elif queue_type == "local":
         metadata.update(owner_pid=os.getpid())
+    elif queue_type == "rpc":
+        metadata.update(host="127.0.0.1", port=5555, name=name)
+    else:
+        metadata.update(actor_name=name)
     data = {"queue_id": name, "queue_type": queue_type, "metadata": metadata}
+    assert QueueDescriptor.from_json(json.dumps(data)).queue_id == name  # parses whether or not available (D13)
     try:
         handle = resolve_descriptor(json.dumps(data))
     except BackendUnavailable as exc:
@@ -424,6 +429,21 @@ def _install_dummy_distribution(site: Path) -> None:
                 return self._q.qsize()
         """
     ))
+    # A schema in a module of its own: the type's descriptors parse without importing the backend (R5, D13).
+    (site / "dummy_sage_meta.py").write_text(textwrap.dedent(
+        """
+        from sage_queue import MetadataField, QueueTypeSchema
+
+        SCHEMA = QueueTypeSchema(
+            fields=(MetadataField("flavour", str, required=True, doc="taste"),
+                    MetadataField("maxsize", int, default=0)),
+            name_key="flavour",
+            target="dummy_sage_backend:DummyQueue",
+        )
+        NOWHERE = QueueTypeSchema(fields=(MetadataField("flavour", str, required=True),),
+                                  target="dummy_sage_missing_xyz:Q")
+        """
+    ))
     info = site / "dummy_sage_backend-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dummy-sage-backend\nVersion: 0.1\n")
@@ -432,10 +452,12 @@ def _install_dummy_distribution(site: Path) -> None:
         "dummyq = dummy_sage_backend:DummyQueue\n"
         "brokenq = dummy_sage_backend:NoSuchClass\n"
         "local = dummy_sage_backend:DummyQueue\n"
+        "schemaq = dummy_sage_meta:SCHEMA\n"
+        "nowhereq = dummy_sage_meta:NOWHERE\n"
     )
 
 
-@pytest.mark.spec("R5")
+@pytest.mark.spec("R5", "D4", "D13", "D22")
 @pytest.mark.timeout(60)
 def test_entry_point_backends(tmp_path: Path) -> None:
     _install_dummy_distribution(tmp_path)
@@ -462,12 +484,42 @@ def test_entry_point_backends(tmp_path: Path) -> None:
         else:
             raise AssertionError("the entry point class's validate_metadata was not used")
 
+        # An entry point that does not load gives no schema: parsing refuses the type (D4, D13),
+        # resolving names the missing piece.
         try:
             sq.QueueDescriptor("e3", "brokenq")
+        except sq.UnknownQueueType as exc:
+            assert "NoSuchClass" in str(exc), exc
+            assert isinstance(exc.__cause__, sq.BackendUnavailable)
+        else:
+            raise AssertionError("a broken entry point parsed")
+        try:
+            sq.resolve_descriptor({"queue_id": "e3", "queue_type": "brokenq"})
         except sq.BackendUnavailable as exc:
             assert "NoSuchClass" in str(exc), exc
         else:
             raise AssertionError("a broken entry point resolved")
+
+        # An entry point naming a schema: parse, validate and create without importing the backend.
+        del sys.modules["dummy_sage_backend"]
+        desc = sq.QueueDescriptor.create("schemaq", "vanilla", maxsize=3)
+        assert desc.metadata == {"flavour": "vanilla", "maxsize": 3}, desc.metadata
+        try:
+            sq.QueueDescriptor.from_dict({"queue_id": "e4", "queue_type": "schemaq"})
+        except sq.InvalidMetadata as exc:
+            assert "flavour" in str(exc)
+        else:
+            raise AssertionError("the entry point's schema was not used")
+        assert "dummy_sage_backend" not in sys.modules, "parsing imported the backend"
+        handle = sq.resolve_descriptor(desc)
+        assert type(handle).__module__ == "dummy_sage_backend", type(handle)
+        nowhere = sq.QueueDescriptor.create("nowhereq", flavour="x")  # parses: its schema is here
+        try:
+            sq.resolve_descriptor(nowhere)
+        except sq.BackendUnavailable as exc:
+            assert "dummy_sage_missing_xyz" in str(exc), exc
+        else:
+            raise AssertionError("a missing implementation resolved")
 
         # A built-in type is never taken over by an entry point of the same name.
         assert sq.QUEUE_STUB_MAPPING["local"] is LocalQueueStub

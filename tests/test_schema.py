@@ -1,7 +1,7 @@
 """spec/descriptor.schema.json and the Python validation agree (D1-D6, D10).
 
-For dicts near the descriptor's shape, of the types the schema describes (local, shm, sage), the
-schema accepts exactly what ``QueueDescriptor.from_dict`` accepts. Two things the schema cannot
+For dicts near the descriptor's shape, of every built-in type (all parse without their backend,
+D13), the schema accepts exactly what ``QueueDescriptor.from_dict`` accepts. Two things the schema cannot
 say are kept out of the comparison and pinned by their own tests below: JSON Schema calls 1.0 an
 integer, and JSON has no infinities (Python's ``json`` reads ``Infinity``).
 """
@@ -18,16 +18,16 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sage_queue import QUEUE_STUB_MAPPING, DescriptorError, QueueDescriptor
+from sage_queue import MAXSIZE_MAX, QUEUE_STUB_MAPPING, DescriptorError, InvalidMetadata, QueueDescriptor
+from sage_queue.metadata import BUILTIN_SCHEMAS
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "spec" / "descriptor.schema.json"
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
-TYPES = ["local"] + [t for t in ("shm", "sage") if QUEUE_STUB_MAPPING.available(t)]
-if "sage" in TYPES:
-    TYPES.append("sage_queue")
-SHM_LIKE = [t for t in TYPES if t != "local"]
+BUILTIN_TYPES = ["local", "shm", "sage", "ray_queue", "ray_actor", "rpc"]
+TYPES = [*BUILTIN_TYPES, "sage_queue"]  # parsing needs no backend (D13): every type, available or not
+SHM_LIKE = ["shm", "sage", "sage_queue"]
 
 
 def schema_accepts(data: Any) -> bool:
@@ -49,7 +49,9 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 # -- strategies: each field valid or invalid in the ways that matter -------------------------------
 
 _non_integral_floats = st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer())
-_ints = st.sampled_from([-1, 0, 1, 63, 64, 4096, 2**31, 2**40]) | st.integers(-5, 2**41)
+_ints = st.sampled_from([-1, 0, 1, 63, 64, 4096, 65535, 65536, 2**31, 2**40, 2**63 - 1, 2**63, 2**64]) | st.integers(
+    -5, 2**41
+)
 _names = st.sampled_from(["q1", "a.b-c_d", "x" * 200, "x" * 201, "", "a/b", "a b", "ok\n", "ü"]) | st.text(
     "ab1_.-/ \n", min_size=0, max_size=6
 )
@@ -72,19 +74,20 @@ _versions = st.sampled_from([1, 0, 2, -1, "1", None, True, False, 1.5, [1]])
 def _metadata(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(st.one_of(st.none(), st.lists(_scalars, max_size=2), _scalars))
-    keys = draw(st.sets(st.sampled_from(["maxsize", "shm_name", "capacity_bytes", "create", "other"])))
+    keys = draw(st.sets(st.sampled_from(["maxsize", "shm_name", "capacity_bytes", "create", "other",
+                                         "actor_name", "namespace", "host", "port", "name"])))
     if draw(st.booleans()):  # required for local: present about half the time
         keys.add("owner_pid")
     metadata: dict[str, Any] = {}
     for key in keys:
-        if key == "shm_name" and draw(st.booleans()):
+        if key in ("shm_name", "actor_name", "namespace", "host", "name") and draw(st.booleans()):
             metadata[key] = draw(_names)
         elif key == "create" and draw(st.booleans()):
             metadata[key] = draw(st.booleans())
         elif key == "owner_pid" and draw(st.integers(0, 2)):
             # Mostly a plausible pid (so that local descriptors get accepted), at times 0 or 1.
             metadata[key] = draw(st.integers(0, 2**31) | st.sampled_from([0, 1]))
-        elif key in ("maxsize", "capacity_bytes") and draw(st.booleans()):
+        elif key in ("maxsize", "capacity_bytes", "port") and draw(st.booleans()):
             metadata[key] = draw(_ints)  # an integer, in range or just out of it
         else:
             metadata[key] = draw(_json)
@@ -129,17 +132,14 @@ def test_schema_and_code_agree(data: dict[str, Any]) -> None:
     assert schema_says == code_says, f"schema says {schema_says}, code says {code_says} for {data!r}"
 
 
-@pytest.mark.spec("D1", "D10")
+@pytest.mark.spec("D1", "D10", "D22")
 @pytest.mark.parametrize("queue_type", TYPES)
 def test_every_factory_output_is_schema_valid(queue_type: str) -> None:
-    if queue_type == "local":
-        desc = QueueDescriptor.create_local_queue(maxsize=3)
-    elif queue_type == "shm":
-        desc = QueueDescriptor.create_shm_queue("schema_check", maxsize=3, capacity_bytes=4096)
-    else:
-        desc = QueueDescriptor.create_sage_queue(maxsize=3, name="schema_check")
-    VALIDATOR.validate(desc.to_dict())
-    VALIDATOR.validate(json.loads(desc.to_json()))
+    extra = {"host": "localhost", "port": 5555} if queue_type == "rpc" else {}
+    for desc in (QueueDescriptor.create(queue_type, maxsize=3, **extra),
+                 QueueDescriptor.create(queue_type, "schema_check", MAXSIZE_MAX, **extra)):
+        VALIDATOR.validate(desc.to_dict())
+        VALIDATOR.validate(json.loads(desc.to_json()))
 
 
 # -- boundaries named explicitly -------------------------------------------------------------------
@@ -194,6 +194,28 @@ for _t in SHM_LIKE:
     ]
 
 
+for _t in TYPES:
+    # D14: every type's maxsize is an int in [0, 2**63 - 1], in the schema and in the code.
+    _meta = {"local": {"owner_pid": 1}, "ray_queue": {"actor_name": "a"}, "ray_actor": {"actor_name": "a"},
+             "rpc": {"host": "h", "port": 1, "name": "n"}}.get(_t, {"shm_name": "ok"})
+    for _maxsize in (0, MAXSIZE_MAX, MAXSIZE_MAX + 1, 2**64, -1):
+        BOUNDARIES.append({"queue_id": "q", "queue_type": _t, "metadata": {**_meta, "maxsize": _maxsize}})
+for _t in ("ray_queue", "ray_actor"):
+    BOUNDARIES += [
+        {"queue_id": "q", "queue_type": _t, "metadata": {}},
+        {"queue_id": "q", "queue_type": _t, "metadata": {"actor_name": ""}},
+        {"queue_id": "q", "queue_type": _t, "metadata": {"actor_name": "a", "namespace": "ns"}},
+        {"queue_id": "q", "queue_type": _t, "metadata": {"actor_name": "a", "namespace": 1}},
+    ]
+for _port in (-1, 0, 65535, 65536, "80", True):
+    BOUNDARIES.append({"queue_id": "q", "queue_type": "rpc", "metadata": {"host": "h", "port": _port, "name": "n"}})
+BOUNDARIES += [
+    {"queue_id": "q", "queue_type": "rpc", "metadata": {"port": 1, "name": "n"}},
+    {"queue_id": "q", "queue_type": "rpc", "metadata": {"host": "h", "port": 1}},
+    {"queue_id": "q", "queue_type": "rpc", "metadata": {"host": "", "port": 1, "name": "n"}},
+]
+
+
 @pytest.mark.spec("D1", "D2", "D3", "D6", "D10")
 @pytest.mark.parametrize("data", BOUNDARIES, ids=lambda d: json.dumps(d)[:60])
 def test_schema_and_code_agree_at_the_boundaries(data: dict[str, Any]) -> None:
@@ -223,10 +245,40 @@ for _t in SHM_LIKE or ["shm"]:
 @pytest.mark.spec("D10")
 @pytest.mark.parametrize(("queue_type", "capacity"), _shm_capacity_cases)
 def test_capacity_bytes_range_agrees(queue_type: str, capacity: int) -> None:
-    if queue_type not in SHM_LIKE:
+    if not QUEUE_STUB_MAPPING.available(queue_type):
         pytest.skip(f"the {queue_type} backend does not import here")
     data = {"queue_id": "q", "queue_type": queue_type, "metadata": {"shm_name": "q", "capacity_bytes": capacity}}
     assert schema_accepts(data) == code_accepts(data)
+
+
+@pytest.mark.spec("D10")
+@pytest.mark.parametrize("queue_type", ["shm", "sage"])
+def test_capacity_default_agrees_with_the_backend(queue_type: str) -> None:
+    # The leaf table restates each backend's default so that parsing never imports the backend.
+    if not QUEUE_STUB_MAPPING.available(queue_type):
+        pytest.skip(f"the {queue_type} backend does not import here")
+    import importlib
+
+    module = importlib.import_module(f"sage_queue.backends.{queue_type}")
+    capacity = next(f for f in BUILTIN_SCHEMAS[queue_type].fields if f.name == "capacity_bytes")
+    assert capacity.default == module.DEFAULT_CAPACITY_BYTES
+    assert QueueDescriptor.create(queue_type).metadata["capacity_bytes"] == module.DEFAULT_CAPACITY_BYTES
+
+
+@pytest.mark.spec("D14")
+@pytest.mark.parametrize("queue_type", BUILTIN_TYPES)
+def test_maxsize_has_a_documented_bound(queue_type: str) -> None:
+    # Regression (issue 9 item 9): 2**64 used to be accepted; sage packed it with "K" and wrapped
+    # to 0 (unbounded), shm failed with struct.error at resolve. Now refused when built or parsed.
+    extra = {"host": "h", "port": 1} if queue_type == "rpc" else {}
+    assert QueueDescriptor.create(queue_type, maxsize=MAXSIZE_MAX, **extra).metadata["maxsize"] == MAXSIZE_MAX
+    for bad in (MAXSIZE_MAX + 1, 2**64, 2**64 + 5, -1):
+        with pytest.raises(InvalidMetadata, match=r"maxsize.*between 0 and 9223372036854775807|maxsize.*>= 0"):
+            QueueDescriptor.create(queue_type, maxsize=bad, **extra)
+        good = QueueDescriptor.create(queue_type, maxsize=0, **extra).to_dict()
+        good["metadata"]["maxsize"] = bad
+        with pytest.raises(InvalidMetadata, match="maxsize"):
+            QueueDescriptor.from_dict(good)
 
 
 # -- what the schema cannot express ----------------------------------------------------------------

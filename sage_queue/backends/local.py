@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from ..descriptor import MetadataField, QueueDescriptor, non_negative, positive
-from ..errors import IncompatibleQueue, InvalidMetadata, QueueClosed, QueueNotFound
+from ..descriptor import QueueDescriptor
+from ..errors import IncompatibleQueue, InvalidMetadata, QueueClosed, QueueDestroyed, QueueNotFound
 from ..protocol import BATCH, CLOSE, PICKLABLE_HANDLE, STATS, TASK_DONE, QueueStats
 from ..stub import QueueStub
 
@@ -110,12 +110,7 @@ class LocalQueueStub(QueueStub):
 
     queue_type: ClassVar[str] = "local"
     capabilities: ClassVar[frozenset[str]] = frozenset({PICKLABLE_HANDLE, BATCH, TASK_DONE, CLOSE, STATS})
-    metadata_fields: ClassVar[tuple[MetadataField, ...]] = (
-        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = unbounded"),
-        MetadataField(
-            "owner_pid", int, required=True, check=positive, doc="pid of the only process that can resolve it"
-        ),
-    )
+    # The metadata schema is sage_queue.metadata.BUILTIN_SCHEMAS["local"]: parsing never imports this module.
 
     def __init__(self, descriptor: QueueDescriptor) -> None:
         super().__init__(descriptor)
@@ -166,8 +161,14 @@ class LocalQueueStub(QueueStub):
             raise _not_here(self._descriptor.queue_id, self._state.pid)
 
     def _raise_if_closed(self) -> None:
+        """QueueClosed after this handle's own close(), QueueDestroyed once the queue is gone (E13).
+
+        Called with ``queue.mutex`` held, under which ``_state.destroyed`` is written.
+        """
+        if self._closed and not self._destroyed:
+            raise QueueClosed(f"local queue handle {self._descriptor.queue_id!r} is closed")
         if self._closed or self._state.destroyed:
-            raise QueueClosed(f"local queue handle {self._descriptor.queue_id!r} is closed or destroyed")
+            raise QueueDestroyed(f"local queue {self._descriptor.queue_id!r} was destroyed")
 
     def _wait_until(
         self, cond: threading.Condition, ready: Callable[[], bool], timeout: Optional[float], exc: type[Exception]
