@@ -9,15 +9,15 @@ Optional attributes on the factory (function or object):
 ``cleanup()``       called after each test
 
 A registered queue type (``local``, ``shm``, ``sage``, entry-point backends) becomes a
-factory through :func:`registered_target`: each queue is a fresh descriptor from
-``QueueDescriptor.create_<type>_queue`` with a unique name, resolved; cleanup destroys
-every queue the test made.
+factory through :func:`registered_target`: each queue is a fresh descriptor from the generic
+``QueueDescriptor.create(queue_type, name, maxsize, **metadata)`` with a unique name, resolved;
+cleanup destroys every queue the test made. A type whose schema requires more metadata than its
+creation hook fills in is given it through ``registered_target(queue_type, metadata)``.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 import os
 import sys
@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["Target", "TargetError", "load_target", "registered_target", "builtin_types", "registered_types"]
-
-# Types shipped with sage-queue (the registry also knows planned ones, which are unavailable).
-_BUILTIN_ORDER = ("local", "shm", "sage", "ray_queue", "ray_actor", "rpc")
 
 
 class TargetError(Exception):
@@ -108,29 +105,17 @@ def load_target(spec: str) -> Target:
 class _RegisteredFactory:
     """``factory(maxsize)`` for a registered queue type; see the module docstring."""
 
-    def __init__(self, queue_type: str, cls: type) -> None:
-        from sage_queue import QueueDescriptor
-
+    def __init__(self, queue_type: str, cls: type, metadata: Optional[Mapping[str, Any]] = None) -> None:
         self.queue_type = queue_type
         self.capabilities = frozenset(getattr(cls, "capabilities", frozenset()))
+        self._metadata = dict(metadata or {})
         self._made: list[Any] = []
-        create = getattr(QueueDescriptor, f"create_{queue_type}_queue", None)
-        self._create = create
-        self._name_param: Optional[str] = None
-        if create is not None:
-            params = inspect.signature(create).parameters
-            self._name_param = next((p for p in ("name", "queue_id", "actor_name") if p in params), None)
 
     def describe(self, maxsize: int) -> Any:
         from sage_queue import QueueDescriptor
 
         unique = f"kit_{self.queue_type}_{uuid.uuid4().hex[:12]}"
-        if self._create is None:
-            return QueueDescriptor(queue_id=unique, queue_type=self.queue_type, metadata={"maxsize": maxsize})
-        kwargs: dict[str, Any] = {"maxsize": maxsize}
-        if self._name_param is not None:
-            kwargs[self._name_param] = unique
-        return self._create(**kwargs)
+        return QueueDescriptor.create(self.queue_type, unique, maxsize, **self._metadata)
 
     def __call__(self, maxsize: int) -> Any:
         from sage_queue import resolve_descriptor
@@ -158,27 +143,36 @@ class _RegisteredFactory:
 
 
 def registered_types() -> list[str]:
-    """Every registered queue type (built-in first, then entry-point and runtime registrations)."""
+    """Every registered queue type, in the registry's order (built-in first, then entry-point and
+    runtime registrations), available here or not."""
     from sage_queue import QUEUE_STUB_MAPPING
 
-    names = list(QUEUE_STUB_MAPPING)
-    return [t for t in _BUILTIN_ORDER if t in names] + sorted(t for t in names if t not in _BUILTIN_ORDER)
+    return list(QUEUE_STUB_MAPPING)
 
 
 def builtin_types() -> list[str]:
-    return [t for t in _BUILTIN_ORDER if t in registered_types()]
+    """The registered types that ship with sage-queue (available here or not)."""
+    from sage_queue.metadata import BUILTIN_SCHEMAS
+
+    return [t for t in registered_types() if t in BUILTIN_SCHEMAS]
 
 
-def registered_target(queue_type: str) -> Target:
-    """A Target for a registered type; TargetError (with the reason) if its backend is unavailable."""
-    from sage_queue import QUEUE_STUB_MAPPING, BackendUnavailable
+def registered_target(queue_type: str, metadata: Optional[Mapping[str, Any]] = None) -> Target:
+    """A Target for a registered type; TargetError (with the reason) if its backend is unavailable.
 
+    ``metadata`` is passed to every ``QueueDescriptor.create`` (for types that require keys their
+    schema cannot fill in); it is checked once here, so a bad value fails before any test runs.
+    """
+    from sage_queue import QueueDescriptor, registry
+
+    if queue_type not in registry.QUEUE_STUB_MAPPING:
+        raise TargetError(f"no queue type {queue_type!r} is registered; registered: {registered_types()}")
+    reason = registry.unavailable_reason(queue_type)
+    if reason is not None:
+        raise TargetError(f"queue type {queue_type!r} is unavailable: {reason}")
     try:
-        cls = QUEUE_STUB_MAPPING[queue_type]
-    except KeyError:
-        raise TargetError(f"no queue type {queue_type!r} is registered; registered: {registered_types()}") from None
-    except (BackendUnavailable, ImportError) as exc:
-        raise TargetError(str(exc) if isinstance(exc, BackendUnavailable) else
-                          f"queue type {queue_type!r} is unavailable: {exc}") from exc
-    factory = _RegisteredFactory(queue_type, cls)
+        QueueDescriptor.create(queue_type, maxsize=1, **dict(metadata or {}))
+    except ValueError as exc:  # DescriptorError: required metadata missing or out of range
+        raise TargetError(f"cannot describe a {queue_type} queue: {exc}") from exc
+    factory = _RegisteredFactory(queue_type, registry.backend_class(queue_type), metadata)
     return Target.from_factory(factory, name=f"--backend {queue_type}")

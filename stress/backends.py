@@ -1,47 +1,70 @@
-"""Descriptor factories for the harnesses: one fresh, uniquely named queue per call."""
+"""Descriptor factories for the harnesses: one fresh, uniquely named queue per call.
+
+Every list of backends here comes from the registry (issue 8 §2): a harness drives producer
+and consumer *processes*, so it takes every registered type except those whose class is
+importable here and does not declare ``cross_process`` (``local``). Types that cannot be
+used here stay in the list and are reported as skipped with the reason. Descriptors come
+from the generic ``QueueDescriptor.create``, so a third-party type needs no code here.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 from sage_queue import QueueDescriptor
-from sage_queue.registry import QUEUE_STUB_MAPPING
+from sage_queue.protocol import CROSS_PROCESS
+from sage_queue.registry import QUEUE_STUB_MAPPING, backend_class
+from sage_queue.registry import unavailable_reason as _registry_unavailable_reason
 
-__all__ = ["SEGMENT_BACKENDS", "descriptor_factory", "unavailable_reason", "backends_for"]
+__all__ = ["HARNESS_BACKENDS", "SEGMENT_BACKENDS", "harness_backends", "descriptor_factory", "unavailable_reason",
+           "backends_for"]
 
-SEGMENT_BACKENDS = ("shm", "sage")
-"""Cross-process backends the harnesses know how to name."""
+
+def _in_process_only(queue_type: str) -> bool:
+    if _registry_unavailable_reason(queue_type) is not None:
+        return False  # cannot tell without its class: listed, then skipped with the reason
+    return CROSS_PROCESS not in getattr(backend_class(queue_type), "capabilities", ())
+
+
+def harness_backends() -> tuple[str, ...]:
+    """The registered types a cross-process harness can name, in the registry's order."""
+    return tuple(t for t in QUEUE_STUB_MAPPING if not _in_process_only(t))
+
+
+HARNESS_BACKENDS = harness_backends()
+"""The ``--backend`` choices of the harnesses, read from the registry when this module is imported."""
+SEGMENT_BACKENDS = HARNESS_BACKENDS
+"""The former name (stress/_common.py and stress/bench.py use it for their ``--backend`` choices)."""
 
 
 def descriptor_factory(
     backend: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = None, prefix: str = "harness"
 ) -> Callable[[], QueueDescriptor]:
-    """A zero-argument callable making a new descriptor of ``backend`` each time it is called."""
+    """A zero-argument callable making a new descriptor of ``backend`` each time it is called.
+
+    ``capacity_bytes`` None leaves the type's default (and adds no key to types without one).
+    """
+    metadata: dict[str, Any] = {} if capacity_bytes is None else {"capacity_bytes": capacity_bytes}
+    QueueDescriptor.create(backend, maxsize=maxsize, **metadata)  # bad arguments fail here, not in a child
 
     def make() -> QueueDescriptor:
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        if backend == "shm":
-            return QueueDescriptor.create_shm_queue(name, maxsize=maxsize, capacity_bytes=capacity_bytes)
-        if backend == "sage":
-            return QueueDescriptor.create_sage_queue(maxsize=maxsize, name=name, capacity_bytes=capacity_bytes)
-        raise ValueError(f"no harness descriptor factory for backend {backend!r}; known: {SEGMENT_BACKENDS}")
+        return QueueDescriptor.create(backend, f"{prefix}-{uuid.uuid4().hex[:12]}", maxsize, **metadata)
 
     return make
 
 
 def unavailable_reason(backend: str) -> Optional[str]:
-    """None if ``backend`` can be used here, else why not (missing module, failed import...)."""
-    if backend not in SEGMENT_BACKENDS:
-        return f"unknown harness backend {backend!r} (known: {', '.join(SEGMENT_BACKENDS)})"
-    try:
-        QUEUE_STUB_MAPPING[backend]
-    except Exception as exc:  # BackendUnavailable, ImportError from a half-written module...
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """None if a harness can drive ``backend`` here, else why not (missing module, failed import...)."""
+    if backend not in QUEUE_STUB_MAPPING:
+        return f"unknown harness backend {backend!r} (known: {', '.join(harness_backends())})"
+    reason = _registry_unavailable_reason(backend)
+    if reason is None and _in_process_only(backend):
+        return f"{backend} queues live in one process (no {CROSS_PROCESS} capability)"
+    return reason
 
 
 def backends_for(choice: str) -> list[str]:
-    """``all`` -> every known backend, else ``[choice]``."""
-    return list(SEGMENT_BACKENDS) if choice == "all" else [choice]
+    """``all`` -> every harness backend, else ``[choice]``."""
+    return list(harness_backends()) if choice == "all" else [choice]

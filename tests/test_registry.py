@@ -670,3 +670,154 @@ def test_get_local_queue_gives_a_new_queue_each_time() -> None:
         b.destroy()
     with pytest.raises(InvalidMetadata):
         get_local_queue(maxsize=-1)
+
+
+# -- D22 one generic factory; D4 types known by schema only ----------------------------------------
+
+
+@pytest.mark.spec("D22", "D21")
+@pytest.mark.parametrize(("queue_type", "name_key"), [
+    ("local", None), ("shm", "shm_name"), ("sage", "shm_name"), ("sage_queue", "shm_name"),
+    ("ray_queue", "actor_name"), ("ray_actor", "actor_name"), ("rpc", "name"),
+])
+def test_generic_factory_for_every_builtin_type(queue_type: str, name_key: str | None) -> None:
+    extra: dict[str, Any] = {"host": "h", "port": 1} if queue_type == "rpc" else {}
+    named = QueueDescriptor.create(queue_type, "jobs", 7, **extra)
+    canonical = "sage" if queue_type == "sage_queue" else queue_type
+    assert (named.queue_id, named.queue_type, named.metadata["maxsize"]) == ("jobs", canonical, 7)
+    if name_key is not None:
+        assert named.metadata[name_key] == "jobs"
+    else:
+        assert named.metadata["owner_pid"] == os.getpid()  # local's creation hook
+    generated = QueueDescriptor.create(queue_type, **extra)
+    assert generated.queue_id.startswith(f"{canonical}_") and len(generated.queue_id) == len(canonical) + 17
+    if name_key is not None:
+        assert generated.metadata[name_key] == generated.queue_id
+        # The name given as the type's own key is the name.
+        assert QueueDescriptor.create(queue_type, **{name_key: "viakey"}, **extra).queue_id == "viakey"
+    assert QueueDescriptor.from_json(named.to_json()) == named
+    with pytest.raises(InvalidMetadata, match="maxsize"):
+        QueueDescriptor.create(queue_type, "jobs", -1, **extra)
+    with pytest.raises(UnknownQueueType):
+        QueueDescriptor.create("no_such_type_xyz", "jobs")
+
+
+@pytest.mark.spec("D20", "D22")
+def test_seed_factories_keep_their_call_shapes() -> None:
+    # Positional and keyword forms of the seed's factories give what create() gives.
+    local = QueueDescriptor.create_local_queue(3, "lid")
+    assert (local.queue_id, local.metadata["maxsize"]) == ("lid", 3)
+    assert QueueDescriptor.create_local_queue(maxsize=3, queue_id="lid").metadata == local.metadata
+    shm = QueueDescriptor.create_shm_queue("sn", 5, 4096, False)
+    assert shm.metadata == {"shm_name": "sn", "maxsize": 5, "capacity_bytes": 4096, "create": False}
+    assert QueueDescriptor.create_shm_queue(name="sn", maxsize=5, capacity_bytes=4096, create=False).metadata == \
+        shm.metadata
+    sage = QueueDescriptor.create_sage_queue(5, "gn", 4096, False)
+    assert sage.metadata == {"shm_name": "gn", "maxsize": 5, "capacity_bytes": 4096, "create": False}
+    assert QueueDescriptor.create_sage_queue(maxsize=5).metadata["capacity_bytes"] == 16 << 20
+    actor = QueueDescriptor.create_ray_actor_queue("act", 2)
+    assert (actor.queue_id, actor.metadata) == ("act", {"actor_name": "act", "maxsize": 2})
+    rq = QueueDescriptor.create_ray_queue(4, "rq")
+    assert (rq.queue_id, rq.metadata) == ("rq", {"actor_name": "rq", "maxsize": 4})
+    rpc = QueueDescriptor.create_rpc_queue("host", 80, "nm", 9)
+    assert (rpc.queue_id, rpc.metadata) == ("nm", {"host": "host", "port": 80, "name": "nm", "maxsize": 9})
+    assert QueueDescriptor.create_rpc_queue(host="host", port=80, name="nm", maxsize=9).metadata == rpc.metadata
+
+
+class _EndpointQueue(LocalQueueStub):
+    """A third-party type with required metadata: a local queue that insists on an ``endpoint``."""
+
+    queue_type: ClassVar[str] = "local"
+
+
+def _endpoint_schema(hook: bool) -> Any:
+    from sage_queue import MetadataField, QueueTypeSchema
+    from sage_queue.metadata import BUILTIN_SCHEMAS
+
+    def fill(queue_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {"endpoint": f"mem://{queue_id}", "owner_pid": os.getpid(), **metadata}
+
+    fields = (*BUILTIN_SCHEMAS["local"].fields, MetadataField("endpoint", str, required=True, doc="where"))
+    return QueueTypeSchema(fields=fields, create_hook=fill if hook else BUILTIN_SCHEMAS["local"].create_hook)
+
+
+@pytest.mark.spec("D22", "R4")
+def test_generic_factory_and_the_kit_for_a_third_party_type_with_required_metadata(fresh_type: str) -> None:
+    # Issue 8 §2: `--backend mytype` failed for a third-party type with required metadata.
+    from conformance.target import TargetError, registered_target, registered_types
+
+    register_queue_implementation(fresh_type, _EndpointQueue, metadata=_endpoint_schema(hook=True))
+    desc = QueueDescriptor.create(fresh_type, "ep", maxsize=2)
+    assert desc.metadata["endpoint"] == "mem://ep"
+    assert fresh_type in registered_types()
+    target = registered_target(fresh_type)
+    handle = target.factory(2)
+    try:
+        handle.put("through the kit's factory")
+        assert handle.get_nowait() == "through the kit's factory"
+    finally:
+        assert target.cleanup is not None
+        target.cleanup()
+    # Without a hook that fills it, the required key must be given: the kit says so up front...
+    register_queue_implementation(fresh_type, _EndpointQueue, metadata=_endpoint_schema(hook=False), replace=True)
+    with pytest.raises(InvalidMetadata, match="endpoint"):
+        QueueDescriptor.create(fresh_type)
+    with pytest.raises(TargetError, match="endpoint"):
+        registered_target(fresh_type)
+    # ... and accepts it as metadata for every queue it makes.
+    target = registered_target(fresh_type, {"endpoint": "mem://given"})
+    handle = target.factory(0)
+    assert handle.descriptor.metadata["endpoint"] == "mem://given"
+    assert target.cleanup is not None
+    target.cleanup()
+
+
+@pytest.mark.spec("D4", "D13", "R4")
+def test_a_type_known_by_schema_only_parses_and_fails_only_at_resolve(fresh_type: str) -> None:
+    from sage_queue import MetadataField
+
+    register_queue_implementation(fresh_type, None, metadata=[MetadataField("region", str, required=True)])
+    desc = QueueDescriptor.from_json(json.dumps({"queue_id": "q", "queue_type": fresh_type,
+                                                 "metadata": {"region": "eu", "extra": [1]}}))
+    assert QueueDescriptor.from_json(desc.to_json()) == desc and desc.metadata["extra"] == [1]  # D7
+    with pytest.raises(InvalidMetadata, match="region"):
+        QueueDescriptor("q", fresh_type, {})
+    assert not QUEUE_STUB_MAPPING.available(fresh_type)
+    with pytest.raises(BackendUnavailable):
+        resolve_descriptor(desc)
+    with pytest.raises(ValueError, match="schema"):
+        register_queue_implementation(f"{fresh_type}_x", None)
+
+
+@pytest.mark.spec("D4", "D13")
+def test_a_class_validated_type_whose_class_does_not_import_is_refused_at_parse(fresh_type: str) -> None:
+    register_queue_implementation(fresh_type, "sage_queue_no_such_module_xyz:Q")
+    with pytest.raises(UnknownQueueType, match="cannot be imported") as info:
+        QueueDescriptor.from_dict({"queue_id": "q", "queue_type": fresh_type})
+    assert isinstance(info.value.__cause__, BackendUnavailable)
+    with pytest.raises(BackendUnavailable, match="sage_queue_no_such_module_xyz"):
+        resolve_descriptor({"queue_id": "q", "queue_type": fresh_type})
+
+
+@pytest.mark.spec("D22")
+def test_every_list_of_types_comes_from_the_registry(fresh_type: str) -> None:
+    from sage_queue.demo import all_types
+    from sage_queue.protocol import CROSS_PROCESS
+    from stress.backends import backends_for, descriptor_factory, harness_backends
+    from stress.backends import unavailable_reason as harness_reason
+
+    class CrossProcessQueue(ColouredQueue):
+        capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS})
+
+        @classmethod
+        def validate_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+            return {**metadata, "checked": True}
+
+    register_queue_implementation(fresh_type, CrossProcessQueue)
+    assert fresh_type in all_types()  # the demo
+    assert fresh_type in harness_backends() and fresh_type in backends_for("all")  # stress and bench
+    assert harness_reason(fresh_type) is None
+    assert "local" not in harness_backends() and "one process" in (harness_reason("local") or "")
+    desc = descriptor_factory(fresh_type, maxsize=3, prefix="reg")()
+    assert desc.queue_type == fresh_type and desc.queue_id.startswith("reg-")
+    assert desc.metadata == {"maxsize": 3, "checked": True}  # made by create(), checked by the class
