@@ -82,11 +82,29 @@ def shm_descriptors(draw: st.DrawFn) -> QueueDescriptor:
         metadata["capacity_bytes"] = draw(st.integers(min_value=1024, max_value=2**31))
     if draw(st.booleans()):
         metadata["create"] = draw(st.booleans())
-    queue_type = draw(st.sampled_from([*SHM_TYPES, *(["sage_queue"] if "sage" in SHM_TYPES else [])]))
+    queue_type = draw(st.sampled_from(["shm", "sage", "sage_queue"]))  # parsing needs no backend (D13)
     return QueueDescriptor(draw(queue_ids), queue_type, metadata, draw(timestamps))
 
 
-valid_descriptors = local_descriptors() | shm_descriptors() if SHM_TYPES else local_descriptors()
+@st.composite
+def remote_descriptors(draw: st.DrawFn) -> QueueDescriptor:
+    """ray_queue, ray_actor and rpc: not shipped, yet their descriptors are valid here (D13)."""
+    queue_type = draw(st.sampled_from(["ray_queue", "ray_actor", "rpc"]))
+    names = st.text(min_size=1, max_size=20)
+    if queue_type == "rpc":
+        metadata = draw(extra_metadata({"host", "port", "name", "maxsize"}))
+        metadata.update(host=draw(names), port=draw(st.integers(0, 65535)), name=draw(names))
+    else:
+        metadata = draw(extra_metadata({"actor_name", "maxsize", "namespace"}))
+        metadata["actor_name"] = draw(names)
+        if draw(st.booleans()):
+            metadata["namespace"] = draw(st.text(max_size=10))
+    if draw(st.booleans()):
+        metadata["maxsize"] = draw(st.integers(min_value=0, max_value=2**63 - 1))
+    return QueueDescriptor(draw(queue_ids), queue_type, metadata, draw(timestamps))
+
+
+valid_descriptors = local_descriptors() | shm_descriptors() | remote_descriptors()
 
 
 def local_dict(**overrides: Any) -> dict[str, Any]:
@@ -668,6 +686,49 @@ D20_SIGNATURES = {
     "create_ray_actor_queue": "(actor_name, maxsize=0)",
     "create_rpc_queue": "(host, port, name=None, maxsize=0)",
 }
+
+
+@pytest.mark.spec("D22")
+def test_generic_factory_signature() -> None:
+    import inspect
+
+    signature = inspect.signature(QueueDescriptor.create)
+    plain = signature.replace(
+        parameters=[p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()],
+        return_annotation=inspect.Signature.empty,
+    )
+    assert str(plain) == "(queue_type, name=None, maxsize=0, **metadata)"
+
+
+def _mangle(data: dict[str, Any], how: int, value: Any) -> Any:
+    """One way a descriptor gets damaged on the wire: a field or metadata key dropped, replaced or added."""
+    data = json.loads(json.dumps(data))
+    keys = sorted(data["metadata"])
+    if how == 0 and keys:
+        del data["metadata"][keys[len(keys) // 2]]
+    elif how == 1 and keys:
+        data["metadata"][keys[0]] = value
+    elif how == 2:
+        data["metadata"]["extra"] = value
+    elif how == 3:
+        data[sorted(data)[int(abs(hash(str(value)))) % len(data)]] = value
+    elif how == 4:
+        data.pop("metadata")
+    elif how == 5:
+        return json.dumps(data)[: int(abs(hash(str(value)))) % 80]
+    return data
+
+
+@pytest.mark.spec("D11", "D13")
+@given(valid_descriptors, st.integers(0, 5), json_values)
+def test_mangled_descriptors_give_only_descriptor_errors(desc: QueueDescriptor, how: int, value: Any) -> None:
+    # Regression (issue 8 §1): 28 of 2,000 mangled descriptors raised BackendUnavailable on parse.
+    mangled = _mangle(desc.to_dict(), how, value)
+    try:
+        parsed = QueueDescriptor.parse(mangled)
+    except DescriptorError:
+        return
+    assert QueueDescriptor.from_json(parsed.to_json()) == parsed
 
 
 @pytest.mark.spec("D20")
