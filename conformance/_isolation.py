@@ -116,9 +116,10 @@ def _child(
             body()
         except BaseException as exc:  # reported to the parent, which fails the test with it
             tb = "".join(traceback.format_exception(exc)[-6:])
+            text = str(exc) if isinstance(exc, AssertionError) else f"{type(exc).__name__}: {exc}"
             with report_lock:
                 done.set()
-                _write_result(result, False, _clip(f"{type(exc).__name__}: {exc}\n\n(in the child process)\n{tb}"))
+                _write_result(result, False, _clip(f"{text}\n\n(in the child process)\n{tb}"))
         else:
             with report_lock:
                 done.set()
