@@ -123,7 +123,12 @@ class _BackendRegistry(MutableMapping[str, type]):
             entry = self._entry(queue_type)  # KeyError for unknown types, as a Mapping should
             target = entry.target
             if target is None:
-                raise BackendUnavailable(queue_type, f"the {queue_type} backend", _PLANNED_HINT)
+                if queue_type in _BUILTIN_TARGETS:
+                    raise BackendUnavailable(queue_type, f"the {queue_type} backend", _PLANNED_HINT)
+                raise BackendUnavailable(
+                    queue_type, "an implementation (the type is registered by name and schema only)",
+                    "install the package that implements it",
+                )
             if isinstance(target, str):
                 obj = _import_target(queue_type, target)
                 if not isinstance(obj, type):

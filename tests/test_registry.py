@@ -783,7 +783,7 @@ def test_a_type_known_by_schema_only_parses_and_fails_only_at_resolve(fresh_type
     with pytest.raises(InvalidMetadata, match="region"):
         QueueDescriptor("q", fresh_type, {})
     assert not QUEUE_STUB_MAPPING.available(fresh_type)
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable, match="name and schema only"):
         resolve_descriptor(desc)
     with pytest.raises(ValueError, match="schema"):
         register_queue_implementation(f"{fresh_type}_x", None)
