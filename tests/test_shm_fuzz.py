@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(
         # Raised by pickle.loads on bytes the queue read within bounds (SEG7: in-range
         # corruption is data); the innermost frame is the library's pickle.loads call.
         tb = traceback.extract_tb(exc.__traceback__)
-        return bool(tb) and "pickle.loads" in (tb[-1].line or "")
+        return bool(tb) and "pickle.loads(" in (tb[-1].line or "")
 
     def op(q, other):
         kind = rng.randrange(9)

@@ -109,7 +109,7 @@ from .layout import (
     store32,
     store64,
 )
-from .locks import CONSUMER, LOCK_ARG, LOCK_CALL, OFD, PRODUCER, TWO_LOCKS, UNLOCK_ARG, lock_path, os_lock, os_unlock
+from .locks import CONSUMER, OFD, PRODUCER, SIDE_LOCKS, TWO_LOCKS, lock_path, os_lock, os_unlock
 
 __all__ = ["SharedMemoryQueueStub"]
 
@@ -124,6 +124,10 @@ _ATTACH_RETRIES = 5
 _INIT_WAIT_S = 2.0
 """How long an attacher waits for a concurrent creator to write the magic word."""
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# Bound once: hot paths call these without an attribute lookup.
+_unpack_u32 = U32.unpack_from
+_unpack_u64 = U64.unpack_from
+_pack_u64_into = U64.pack_into
 
 
 # -- per-process bookkeeping --------------------------------------------------------------
@@ -307,7 +311,7 @@ class SharedMemoryQueueStub(QueueStub):
                 raise QueueDestroyed(f"shm queue {self._name!r} was destroyed")
             super()._check_open()
         try:
-            state = U32.unpack_from(self._buf, STATE_OFFSET)[0]
+            state = _unpack_u32(self._buf, STATE_OFFSET)[0]
         except ValueError:  # unmapped by a close() in another thread since the check above
             super()._check_open()
             raise
@@ -519,9 +523,9 @@ class SharedMemoryQueueStub(QueueStub):
         buf = self._buf
         capacity = self._capacity
         maxsize = self._maxsize_bound
-        unpack_u64 = U64.unpack_from
+        unpack_u64 = _unpack_u64
         thread_lock = self._thread_locks[PRODUCER]
-        lock_call, lock_arg, unlock_arg = LOCK_CALL[PRODUCER], LOCK_ARG[PRODUCER], UNLOCK_ARG[PRODUCER]
+        lock_call, lock_arg, unlock_arg = SIDE_LOCKS[PRODUCER]
         n = len(payloads)
         deadline: Optional[Deadline] = None
         announced = committed = False
@@ -531,7 +535,7 @@ class SharedMemoryQueueStub(QueueStub):
                 if self._closed:  # close() may have released the descriptor and the mapping
                     raise self._closed_in_operation(thread_lock)
                 fd = self._lock_fd
-                lock_call(fd, lock_arg)
+                lock_call(fd, *lock_arg)
                 try:
                     if announced:
                         self._withdraw(PUT_WAITERS_OFFSET)
@@ -549,7 +553,7 @@ class SharedMemoryQueueStub(QueueStub):
                     if used + size <= capacity and not 0 < maxsize < count + n:
                         if n == 1 and tail + size <= capacity:  # one record, no wrap: the common case inlined
                             payload = payloads[0]
-                            U64.pack_into(buf, DATA_OFFSET + tail, len(payload))  # free space: not yet visible
+                            _pack_u64_into(buf, DATA_OFFSET + tail, len(payload))  # free space: not yet visible
                             start = DATA_OFFSET + tail + RECORD_HEADER
                             buf[start:start + len(payload)] = payload
                             pos = (tail + size) % capacity
@@ -567,11 +571,11 @@ class SharedMemoryQueueStub(QueueStub):
                         if state:
                             self._raise_state(state)
                 finally:
-                    lock_call(fd, unlock_arg)
+                    lock_call(fd, *unlock_arg)
                 # After the kernel unlock (a full barrier): a getter that announced itself before
                 # our commit is seen here; one that announces later sees the commit (module
                 # docstring). Still under the thread lock, so close() cannot unmap the buffer.
-                if committed and U32.unpack_from(buf, GET_WAITERS_OFFSET)[0]:
+                if committed and _unpack_u32(buf, GET_WAITERS_OFFSET)[0]:
                     self._wake_sleepers(GET_WAITERS_OFFSET, GET_SLEEP_EPOCH_OFFSET, PUT_WOKEN_OFFSET, PUT_SEQ_OFFSET)
             finally:
                 thread_lock.release()
@@ -622,9 +626,9 @@ class SharedMemoryQueueStub(QueueStub):
         # Hot path: helpers inlined, as in _put_records.
         buf = self._buf
         capacity = self._capacity
-        unpack_u64 = U64.unpack_from
+        unpack_u64 = _unpack_u64
         thread_lock = self._thread_locks[CONSUMER]
-        lock_call, lock_arg, unlock_arg = LOCK_CALL[CONSUMER], LOCK_ARG[CONSUMER], UNLOCK_ARG[CONSUMER]
+        lock_call, lock_arg, unlock_arg = SIDE_LOCKS[CONSUMER]
         deadline: Optional[Deadline] = None
         announced = committed = False
         out: list[Any] = []
@@ -635,7 +639,7 @@ class SharedMemoryQueueStub(QueueStub):
                 if self._closed:
                     raise self._closed_in_operation(thread_lock)
                 fd = self._lock_fd
-                lock_call(fd, lock_arg)
+                lock_call(fd, *lock_arg)
                 try:
                     if announced:
                         self._withdraw(GET_WAITERS_OFFSET)
@@ -651,7 +655,7 @@ class SharedMemoryQueueStub(QueueStub):
                     ):
                         self._break(f"consumer saw tail {tail}, head {head}, count {count} in a {capacity}-byte ring")
                     if count:
-                        taken = min(max_items, count)
+                        taken = count if count < max_items else max_items
                         pos, left = head, used
                         for i in range(taken):
                             length = unpack_u64(buf, DATA_OFFSET + pos)[0]
@@ -694,8 +698,8 @@ class SharedMemoryQueueStub(QueueStub):
                         if state:
                             self._raise_state(state)
                 finally:
-                    lock_call(fd, unlock_arg)
-                if committed and U32.unpack_from(buf, PUT_WAITERS_OFFSET)[0]:  # as in _put_records
+                    lock_call(fd, *unlock_arg)
+                if committed and _unpack_u32(buf, PUT_WAITERS_OFFSET)[0]:  # as in _put_records
                     # Freed bytes may let several producers in (or none, if the first needs more).
                     self._wake_sleepers(PUT_WAITERS_OFFSET, PUT_SLEEP_EPOCH_OFFSET, GET_WOKEN_OFFSET, GET_SEQ_OFFSET)
             finally:

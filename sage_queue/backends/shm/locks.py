@@ -12,8 +12,8 @@ visible in program order (x86 TSO). Elsewhere (``TWO_LOCKS`` false) both sides t
 flock, whose system calls order everything; on macOS (no OFD locks, and shm descriptors
 take no locks) the flock is taken on a sidecar file.
 
-Hot paths call ``LOCK_CALL[side](fd, LOCK_ARG[side])`` and ``LOCK_CALL[side](fd,
-UNLOCK_ARG[side])`` directly, without a wrapper frame.
+Hot paths unpack ``SIDE_LOCKS[side]`` into ``call, lock, unlock`` and call
+``call(fd, *lock)`` / ``call(fd, *unlock)`` directly, without a wrapper frame.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "CONSUMER", "LOCK_ARG", "LOCK_CALL", "OFD", "PRODUCER", "TWO_LOCKS", "UNLOCK_ARG",
+    "CONSUMER", "OFD", "PRODUCER", "SIDE_LOCKS", "TWO_LOCKS",
     "lock_path", "os_lock", "os_unlock",
 ]
 
@@ -56,14 +56,14 @@ _LOCK_EX: int = getattr(fcntl, "LOCK_EX", 0)
 _LOCK_UN: int = getattr(fcntl, "LOCK_UN", 0)
 _fcntl_call: Any = getattr(fcntl, "fcntl", None)
 
-
-def _ofd_call(fd: int, request: bytes) -> None:
-    _fcntl_call(fd, _F_OFD_SETLKW, request)
-
-
-LOCK_CALL: Any = (_flock, _ofd_call if TWO_LOCKS else _flock)
-LOCK_ARG: Any = (_LOCK_EX, _LOCK_REQ if TWO_LOCKS else _LOCK_EX)
-UNLOCK_ARG: Any = (_LOCK_UN, _UNLOCK_REQ if TWO_LOCKS else _LOCK_UN)
+# Per side: (call, lock args, unlock args), used as ``call(fd, *args)``: the C function is
+# called directly, without a Python wrapper frame (flock(fd, LOCK_EX) or
+# fcntl(fd, F_OFD_SETLKW, struct flock)).
+SIDE_LOCKS: Any = (
+    (_flock, (_LOCK_EX,), (_LOCK_UN,)),
+    (_fcntl_call, (_F_OFD_SETLKW, _LOCK_REQ), (_F_OFD_SETLKW, _UNLOCK_REQ)) if TWO_LOCKS
+    else (_flock, (_LOCK_EX,), (_LOCK_UN,)),
+)
 
 
 def lock_path(name: str) -> str:
@@ -79,8 +79,10 @@ def os_lock(fd: int, side: int) -> None:
     """Take the kernel lock of ``side`` on ``fd`` (blocking; the GIL is released while waiting)."""
     if _flock is None:  # pragma: no cover - Windows
         raise BackendUnavailable("shm", "fcntl", "the shm backend needs a POSIX system (Linux, macOS)")
-    LOCK_CALL[side](fd, LOCK_ARG[side])
+    call, lock, _ = SIDE_LOCKS[side]
+    call(fd, *lock)
 
 
 def os_unlock(fd: int, side: int) -> None:
-    LOCK_CALL[side](fd, UNLOCK_ARG[side])
+    call, _, unlock = SIDE_LOCKS[side]
+    call(fd, *unlock)
