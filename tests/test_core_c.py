@@ -27,7 +27,7 @@ def _compiler() -> str:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.spec("SAGE10", "SAGE11", "SAGE12")
+@pytest.mark.spec("SAGE9", "SAGE10", "SAGE11", "SAGE12", "SAGE15")
 @pytest.mark.parametrize("source", C_TESTS, ids=[p.stem for p in C_TESTS])
 def test_c_core_under_asan_and_ubsan(source: Path, tmp_path: Path) -> None:
     cc = _compiler()

@@ -26,20 +26,58 @@
 #define BIG_COPY 65536u
 #define SIGNAL_SLICE_NS 100000000ll /* a blocked call runs signal handlers at least this often */
 
-static PyObject *Full, *Empty, *QueueClosed, *pickle_loads, *pickle_dumps, *str_buffers;
+static PyObject *Full, *Empty, *QueueClosed, *QueueDestroyed, *QueueBroken, *pickle_loads, *pickle_dumps,
+    *str_buffers;
 
-/* Record format flags: keep in step with sage_queue/backends/sage.py. */
+/* Record format flags (4 bits in each record), exported to sage_queue/backends/sage.py as
+ * FLAG_PICKLE etc.: one definition. */
 enum { FMT_PICKLE = 0, FMT_BYTES = 1, FMT_PARTS = 2, FMT_RAW = 3 };
 
+/*
+ * Multi-part record (FMT_PARTS: a pickle with out-of-band buffers), payload layout:
+ *
+ *   0             +----------------------------------+
+ *                 | u32 n (parts) | u32 0 (reserved) |
+ *   PARTS_TABLE   +----------------------------------+
+ *                 | u64 length of part 0 ... n-1     |   n entries
+ *   parts_data(n) +----------------------------------+
+ *                 | part 0 (the pickle), part 1 ...  |   back to back, unaligned
+ *                 +----------------------------------+
+ */
+#define PARTS_COUNT_OFFSET 0u /* u32: number of parts */
+#define PARTS_TABLE_OFFSET 8u /* u64 lengths, one per part */
+static inline uint64_t parts_data_offset(uint64_t n) { return PARTS_TABLE_OFFSET + 8u * n; }
+
+/* Fields of the 8-tuple Ring.stats() returns, in order. */
+enum { STAT_PUTS, STAT_GETS, STAT_BYTES_IN, STAT_BYTES_OUT, STAT_WAITS, STAT_ABANDONED, STAT_DEPTH,
+       STAT_CAPACITY, STAT_COUNT };
+
+/*
+ * Lifecycle.  Every method runs with the GIL held except where it releases it to wait or
+ * copy, so `in_flight`, `closed` and `detached` are only touched under the GIL.  An
+ * operation counts itself in flight from its closed-check to its end; close() marks the
+ * handle closed, wakes its waiters and, if nothing is in flight, gives the participant
+ * block back at once; otherwise the last operation to leave does it.  close() never waits
+ * for an operation: one may be the caller itself, interrupted by a signal handler that
+ * closes the queue (it then raises QueueClosed as soon as the handler returns).
+ */
 typedef struct {
     PyObject_HEAD
     sr_handle h;
     Py_buffer view;
     int has_view;
     int opened;
-    int closed;
-    _Atomic long in_flight; /* operations between their closed-check and their end */
+    int closed;   /* close() ran (or the handle was abandoned after fork) */
+    int detached; /* the participant block was given back and the view released */
+    long in_flight; /* operations between their closed-check and their end */
+    PyObject *pending_type, *pending_value, *pending_tb; /* get_many: the error of an item not yet reported */
 } RingObject;
+
+static PyObject *raise_broken(RingObject *self) {
+    const char *why = sr_broken_reason(&self->h);
+    PyErr_Format(QueueBroken, "sage queue is broken: %s", why ? why : "(no reason recorded)");
+    return NULL;
+}
 
 static int check_open(RingObject *self) {
     if (self->closed || !self->opened) {
@@ -47,7 +85,11 @@ static int check_open(RingObject *self) {
         return -1;
     }
     if (atomic_load_explicit(&self->h.hdr->config.destroyed, memory_order_acquire)) {
-        PyErr_SetString(QueueClosed, "sage queue was destroyed");
+        PyErr_SetString(QueueDestroyed, "sage queue was destroyed (through another handle)");
+        return -1;
+    }
+    if (sr_broken_reason(&self->h)) {
+        raise_broken(self);
         return -1;
     }
     return 0;
@@ -70,7 +112,8 @@ static int parse_timeout(PyObject *obj, int64_t *ns) {
 }
 
 /* Map a failed status to an exception; returns NULL. */
-static PyObject *raise_status(sr_status st, int put) {
+static PyObject *raise_status(RingObject *self, sr_status st, int put) {
+    if (st == SR_BROKEN) return raise_broken(self);
     switch (st) {
     case SR_WOULD_BLOCK:
     case SR_TIMEOUT:
@@ -80,7 +123,10 @@ static PyObject *raise_status(sr_status st, int put) {
         PyErr_SetString(QueueClosed, "sage queue handle is closed");
         break;
     case SR_DESTROYED:
-        PyErr_SetString(QueueClosed, "sage queue was destroyed");
+        PyErr_SetString(QueueDestroyed, "sage queue was destroyed (through another handle)");
+        break;
+    case SR_BROKEN:
+        PyErr_SetString(QueueBroken, "sage queue is broken: a value read from shared memory failed its bounds check");
         break;
     case SR_INTERRUPTED:
         break; /* a signal handler raised: its exception is the one to report */
@@ -133,14 +179,27 @@ static sr_status try_claim(RingObject *self, const put_request *put, int resume,
                   : sr_put_begin(&self->h, put->sizes, put->count, put->flags, wait_ns, c);
 }
 
+/* The first attempt, with the GIL held: never waits, not even for a claim entry. */
+static sr_status first_try(RingObject *self, const put_request *put, sr_claim *c) {
+    return put ? sr_put_try(&self->h, put->sizes, put->count, put->flags, c) : sr_get_try(&self->h, c);
+}
+
 /* Claim room for a put (or a record to get when `put` is NULL), first without waiting
  * (GIL held), then waiting with the GIL released in slices of at most SIGNAL_SLICE_NS,
  * running signal handlers between them: a handler that raises (KeyboardInterrupt, a test
  * timeout) ends the wait, as it ends a blocked queue.Queue.get.  One uninterrupted wait
- * in C could not be ended by any signal. */
+ * in C could not be ended by any signal.  SR_BUSY (every claim entry of this handle held
+ * by other threads, which may need the GIL to finish their copies) also continues without
+ * the GIL, even for a call that must not wait for the queue: it waits for an entry only. */
 static sr_status claim(RingObject *self, const put_request *put, int64_t timeout, sr_claim *c) {
-    sr_status st = try_claim(self, put, 0, 0, c);
-    if (st != SR_WOULD_BLOCK || timeout == 0) return st;
+    sr_status st = first_try(self, put, c);
+    if (st != SR_BUSY && (st != SR_WOULD_BLOCK || timeout == 0)) return st;
+    if (timeout == 0) { /* busy: one attempt that may wait for an entry, not for the queue */
+        Py_BEGIN_ALLOW_THREADS
+        st = try_claim(self, put, 0, 0, c);
+        Py_END_ALLOW_THREADS
+        return st;
+    }
     int64_t deadline = timeout < 0 ? -1 : mono_ns() + timeout;
     for (int resume = 0;; resume = 1) {
         int64_t slice = next_slice(deadline);
@@ -203,50 +262,85 @@ static void release_view(RingObject *self) {
     }
 }
 
-static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (self->opened && !self->closed) {
-        self->closed = 1;
-        sr_close(&self->h);
+/* Give the participant block back and release the view (once; GIL held, nothing in flight). */
+static void detach(RingObject *self) {
+    if (self->detached) return;
+    self->detached = 1;
+    if (self->opened) {
         Py_BEGIN_ALLOW_THREADS
-        while (atomic_load_explicit(&self->in_flight, memory_order_acquire) != 0) {
-            struct timespec ts = {0, 1000000};
-            nanosleep(&ts, NULL);
-        }
         sr_detach(&self->h);
         Py_END_ALLOW_THREADS
     }
     release_view(self);
-    Py_RETURN_NONE;
+}
+
+/* close() -> True if the handle let go of the segment now, False if an operation still in
+ * flight (another thread's, or the caller's own under a signal handler) will when it ends. */
+static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!self->closed) {
+        self->closed = 1;
+        if (self->opened) sr_close(&self->h); /* wakes waiters: they see the flag and leave */
+    }
+    if (self->in_flight == 0) detach(self);
+    return PyBool_FromLong(self->detached);
 }
 
 static void Ring_dealloc(RingObject *self) {
+    /* nothing can be in flight: every operation holds a reference to self */
     if (self->opened && !self->closed) {
         self->closed = 1;
         sr_close(&self->h);
+    }
+    if (self->opened && !self->detached) {
+        self->detached = 1;
         sr_detach(&self->h);
     }
     release_view(self);
+    Py_XDECREF(self->pending_type);
+    Py_XDECREF(self->pending_value);
+    Py_XDECREF(self->pending_tb);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* Forget the handle without touching the shared block (a forked child's copy). */
 static PyObject *Ring_abandon(RingObject *self, PyObject *Py_UNUSED(ignored)) {
     self->closed = 1;
+    self->detached = 1;
     release_view(self);
     Py_RETURN_NONE;
 }
 
+/* destroy(): mark the queue destroyed for every handle (and close this one in the core);
+ * QueueDestroyed if it was destroyed already. */
 static PyObject *Ring_destroy(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (self->opened && !self->closed) sr_destroy(&self->h);
+    if (self->closed || !self->opened) { /* a broken queue can still be destroyed */
+        PyErr_SetString(QueueClosed, "sage queue handle is closed");
+        return NULL;
+    }
+    if (sr_destroy(&self->h) == SR_DESTROYED) {
+        PyErr_SetString(QueueDestroyed, "sage queue was destroyed already");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
-#define ENTER(self)                                                                 \
-    do {                                                                            \
-        if (check_open(self) < 0) return NULL;                                      \
-        atomic_fetch_add_explicit(&(self)->in_flight, 1, memory_order_acq_rel);     \
+/* An operation enters (checks the handle is open, counts itself in flight) and leaves
+ * (the last one out of a closed handle detaches it).  GIL held for both. */
+static int enter(RingObject *self) {
+    if (check_open(self) < 0) return -1;
+    self->in_flight++;
+    return 0;
+}
+
+static void leave(RingObject *self) {
+    if (--self->in_flight == 0 && self->closed) detach(self);
+}
+
+#define ENTER(self)                                  \
+    do {                                             \
+        if (enter(self) < 0) return NULL;            \
     } while (0)
-#define LEAVE(self) atomic_fetch_sub_explicit(&(self)->in_flight, 1, memory_order_acq_rel)
+#define LEAVE(self) leave(self)
 
 /* The METH_FASTCALL methods take a fixed number of positional arguments. */
 static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *usage) {
@@ -280,9 +374,9 @@ static PyObject *put_claimed(RingObject *self, const put_request *put, int64_t t
     sr_claim c;
     sr_status st = claim(self, put, timeout, &c);
     if (st == SR_OK) write(self, &c, ctx);
+    PyObject *out = st == SR_OK ? Py_NewRef(Py_None) : raise_status(self, st, 1); /* before LEAVE may detach */
     LEAVE(self);
-    if (st != SR_OK) return raise_status(st, 1);
-    Py_RETURN_NONE;
+    return out;
 }
 
 /* Export a buffer of each item of `seq` (from *got on); *got counts the exports to release. */
@@ -516,34 +610,46 @@ static PyObject *copy_part(int as_bytearray, const uint8_t *src, uint64_t len) {
 }
 
 /* (flags, bytes, [bytearray, ...]) from a multi-part record; its table is checked
- * against the record's length (a lying table raises, it is never read past). */
-static PyObject *take_parts(const sr_claim *c) {
+ * against the record's length before anything is allocated or copied (a lying table
+ * marks the queue broken and raises QueueBroken; it is never read past). */
+static PyObject *take_parts(RingObject *self, const sr_claim *c) {
     const uint8_t *src = c->data;
     uint64_t n = c->data_len;
     uint32_t count;
-    memcpy(&count, src, 4);
-    uint64_t off = 8 + 8 * (uint64_t)count;
-    PyObject *main = NULL, *list = PyList_New(count ? count - 1 : 0);
-    if (!list || off > n) goto fail;
+    memcpy(&count, src + PARTS_COUNT_OFFSET, 4);
+    uint64_t off = parts_data_offset(count); /* < 2^36: no overflow */
+    if (count == 0 || off > n) goto corrupt;
+    for (uint32_t i = 0; i < count; i++) { /* check the whole table first */
+        uint64_t len;
+        memcpy(&len, src + PARTS_TABLE_OFFSET + 8u * i, 8);
+        if (len > n - off) goto corrupt;
+        off += len;
+    }
+    PyObject *main = NULL, *list = PyList_New(count - 1);
+    if (!list) return NULL;
+    off = parts_data_offset(count);
     for (uint32_t i = 0; i < count; i++) {
         uint64_t len;
-        memcpy(&len, src + 8 + 8 * i, 8);
-        if (off + len > n) goto fail;
+        memcpy(&len, src + PARTS_TABLE_OFFSET + 8u * i, 8);
         PyObject *part = copy_part(i > 0, src + off, len);
-        if (!part) goto fail;
+        if (!part) {
+            Py_XDECREF(main);
+            Py_DECREF(list);
+            return NULL;
+        }
         if (i == 0)
             main = part;
         else
             PyList_SET_ITEM(list, i - 1, part);
         off += len;
     }
-    if (!main) main = PyBytes_FromStringAndSize("", 0);
     return Py_BuildValue("(kNN)", (unsigned long)c->flags, main, list);
-fail:
-    Py_XDECREF(main);
-    Py_XDECREF(list);
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "corrupt multi-part record");
-    return NULL;
+corrupt:;
+    char why[120];
+    snprintf(why, sizeof why, "multi-part record at position %llu: its table of %u parts exceeds its %llu bytes",
+             (unsigned long long)c->rec_pos, count, (unsigned long long)n);
+    sr_mark_broken(&self->h, why);
+    return raise_broken(self);
 }
 
 /* Copy a claimed record out: (flags, bytes) or, for multi-part records, (flags, bytes,
@@ -551,8 +657,8 @@ fail:
 static PyObject *take_record(RingObject *self, sr_claim *c, int parts_flag) {
     PyObject *out = NULL;
     uint64_t n = c->data_len;
-    if ((int)c->flags == parts_flag && n >= 8) {
-        out = take_parts(c);
+    if ((int)c->flags == parts_flag && n >= PARTS_TABLE_OFFSET) {
+        out = take_parts(self, c);
         sr_get_end(&self->h, c);
         return out;
     }
@@ -622,16 +728,31 @@ static PyObject *take_item(RingObject *self, sr_claim *c, int parts_flag) {
 /* take_item or take_record: takes a claimed record out and ends the claim. */
 typedef PyObject *(*record_taker)(RingObject *self, sr_claim *c, int parts_flag);
 
+/* get_many keeps the error of an item that failed to decode after good ones (see
+ * get_batch); the next get-type call of this handle raises it (and returns nothing else). */
+static int raise_pending(RingObject *self) {
+    if (!self->pending_type) return 0;
+    PyErr_Restore(self->pending_type, self->pending_value, self->pending_tb);
+    self->pending_type = self->pending_value = self->pending_tb = NULL;
+    return -1;
+}
+
 static PyObject *get_one(RingObject *self, int64_t timeout, record_taker take, int parts_flag) {
     ENTER(self);
-    sr_claim c;
-    sr_status st = claim(self, NULL, timeout, &c);
-    PyObject *out = st == SR_OK ? take(self, &c, parts_flag) : raise_status(st, 0);
+    PyObject *out = NULL;
+    if (raise_pending(self) == 0) {
+        sr_claim c;
+        sr_status st = claim(self, NULL, timeout, &c);
+        out = st == SR_OK ? take(self, &c, parts_flag) : raise_status(self, st, 0);
+    }
     LEAVE(self);
     return out;
 }
 
-/* Wait for one record, then take what is there without waiting, up to max_items. */
+/* Wait for one record, then take what is there without waiting, up to max_items.  An item
+ * that fails to decode is the only one lost: if good items were taken before it, they are
+ * returned and its error is kept for the next get-type call (raise_pending); if it is the
+ * first, its error is raised now. */
 static PyObject *get_batch(RingObject *self, Py_ssize_t max_items, int64_t timeout, record_taker take,
                            int parts_flag) {
     if (max_items < 1) {
@@ -639,25 +760,33 @@ static PyObject *get_batch(RingObject *self, Py_ssize_t max_items, int64_t timeo
         return NULL;
     }
     ENTER(self);
+    if (raise_pending(self) < 0) {
+        LEAVE(self);
+        return NULL;
+    }
     PyObject *list = PyList_New(0);
     sr_claim c;
     sr_status st = list ? claim(self, NULL, timeout, &c) : SR_INVALID;
     if (st != SR_OK) {
+        PyObject *out = list ? raise_status(self, st, 0) : NULL;
         Py_XDECREF(list);
         LEAVE(self);
-        return list ? raise_status(st, 0) : NULL;
+        return out;
     }
     for (Py_ssize_t i = 0;; i++) {
-        PyObject *rec = take(self, &c, parts_flag);
+        PyObject *rec = take(self, &c, parts_flag); /* ends the claim whatever happens */
         if (!rec || PyList_Append(list, rec) < 0) {
-            /* the records already taken are lost with the list: report the error */
             Py_XDECREF(rec);
-            Py_DECREF(list);
-            LEAVE(self);
-            return NULL;
+            if (i == 0) {
+                Py_CLEAR(list);
+            } else {
+                PyErr_Fetch(&self->pending_type, &self->pending_value, &self->pending_tb);
+            }
+            break;
         }
         Py_DECREF(rec);
-        if (i + 1 >= max_items || sr_get_begin(&self->h, 0, &c) != SR_OK) break;
+        /* no waiting, and no waiting for a claim entry either: the GIL is held */
+        if (i + 1 >= max_items || sr_get_try(&self->h, &c) != SR_OK) break;
     }
     LEAVE(self);
     return list;
@@ -702,19 +831,44 @@ static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize
     return get_batch(self, max_items, timeout, take_record, (int)parts_flag);
 }
 
+/* The depth, or -1 with QueueBroken set (and the queue marked) if the cursors are corrupt. */
+static int depth_or_broken(RingObject *self, uint64_t *depth) {
+    if (sr_depth(&self->h, depth) == SR_OK) return 0;
+    sr_mark_broken(&self->h, "the head cursor is ahead of the tail cursor, or counts more items than fit between them");
+    raise_broken(self);
+    return -1;
+}
+
 static PyObject *Ring_depth(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (check_open(self) < 0) return NULL;
-    return PyLong_FromUnsignedLongLong(sr_depth(&self->h));
+    uint64_t depth;
+    if (check_open(self) < 0 || depth_or_broken(self, &depth) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(depth);
 }
 
 static PyObject *Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (check_open(self) < 0) return NULL;
+    uint64_t depth;
+    if (check_open(self) < 0 || depth_or_broken(self, &depth) < 0) return NULL;
     sr_stats s;
     sr_read_stats(&self->h, &s);
-    return Py_BuildValue("(KKKKKKKK)", (unsigned long long)s.puts, (unsigned long long)s.gets,
-                         (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
-                         (unsigned long long)s.waits, (unsigned long long)s.abandoned,
-                         (unsigned long long)sr_depth(&self->h), (unsigned long long)self->h.capacity);
+    uint64_t v[STAT_COUNT];
+    v[STAT_PUTS] = s.puts;
+    v[STAT_GETS] = s.gets;
+    v[STAT_BYTES_IN] = s.bytes_in;
+    v[STAT_BYTES_OUT] = s.bytes_out;
+    v[STAT_WAITS] = s.waits;
+    v[STAT_ABANDONED] = s.abandoned;
+    v[STAT_DEPTH] = depth;
+    v[STAT_CAPACITY] = self->h.capacity;
+    PyObject *out = PyTuple_New(STAT_COUNT);
+    for (int i = 0; out && i < STAT_COUNT; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
+        if (!x) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, x);
+    }
+    return out;
 }
 
 static PyObject *Ring_set_grace(RingObject *self, PyObject *arg) {
@@ -786,7 +940,11 @@ static PyObject *mod_inspect(PyObject *m, PyObject *arg) {
     char err[200] = "";
     PyObject *out = NULL;
     if (sr_validate(b.buf, (uint64_t)b.len, err, sizeof err) != SR_OK) {
-        out = Py_BuildValue("{s:s}", "error", err);
+        /* magic 0: a creator has not finished sr_init() yet (attachers wait for it);
+         * anything else is not a ring of this version (attachers give up at once) */
+        uint64_t magic = atomic_load_explicit(&((sr_header *)b.buf)->config.magic, memory_order_acquire);
+        out = Py_BuildValue("{s:s,s:O}", "error", err, "initialising",
+                            b.len >= (Py_ssize_t)sizeof(sr_config) && magic == 0 ? Py_True : Py_False);
     } else {
         const sr_header *hdr = b.buf;
         uint32_t pids[SR_MAX_BLOCKS];
@@ -796,11 +954,14 @@ static PyObject *mod_inspect(PyObject *m, PyObject *arg) {
         sr_handle tmp;
         memset(&tmp, 0, sizeof tmp);
         tmp.hdr = (sr_header *)b.buf;
-        uint64_t depth = sr_depth(&tmp);
-        out = Py_BuildValue("{s:K,s:K,s:K,s:I,s:I,s:i,s:N}", "capacity", (unsigned long long)hdr->config.capacity,
-                            "maxsize", (unsigned long long)hdr->config.maxsize, "depth", (unsigned long long)depth,
+        uint64_t depth = 0;
+        /* read only: a corrupt pair of cursors gives depth None, and marks nothing */
+        PyObject *pydepth = sr_depth(&tmp, &depth) == SR_OK ? PyLong_FromUnsignedLongLong(depth) : Py_NewRef(Py_None);
+        out = Py_BuildValue("{s:K,s:K,s:N,s:I,s:I,s:i,s:i,s:N}", "capacity", (unsigned long long)hdr->config.capacity,
+                            "maxsize", (unsigned long long)hdr->config.maxsize, "depth", pydepth,
                             "creator_pid", hdr->config.creator_pid, "version", hdr->config.version, "destroyed",
-                            (int)atomic_load(&((sr_header *)b.buf)->config.destroyed), "pids", plist);
+                            (int)atomic_load(&((sr_header *)b.buf)->config.destroyed), "broken",
+                            (int)atomic_load(&((sr_header *)b.buf)->config.broken), "pids", plist);
     }
     PyBuffer_Release(&b);
     return out;
@@ -827,8 +988,10 @@ PyMODINIT_FUNC PyInit__sage_core(void) {
     PyObject *errors = PyImport_ImportModule("sage_queue.errors");
     if (!errors) return NULL;
     QueueClosed = PyObject_GetAttrString(errors, "QueueClosed");
+    QueueDestroyed = PyObject_GetAttrString(errors, "QueueDestroyed");
+    QueueBroken = PyObject_GetAttrString(errors, "QueueBroken");
     Py_DECREF(errors);
-    if (!Full || !Empty || !QueueClosed) return NULL;
+    if (!Full || !Empty || !QueueClosed || !QueueDestroyed || !QueueBroken) return NULL;
     PyObject *pickle = PyImport_ImportModule("pickle");
     if (!pickle) return NULL;
     pickle_loads = PyObject_GetAttrString(pickle, "loads");
@@ -845,5 +1008,18 @@ PyMODINIT_FUNC PyInit__sage_core(void) {
     PyModule_AddIntConstant(m, "MIN_CAPACITY", SR_MIN_CAPACITY);
     PyModule_AddIntConstant(m, "MAX_BLOCKS", SR_MAX_BLOCKS);
     PyModule_AddObject(m, "MAX_CAPACITY", PyLong_FromUnsignedLongLong(SR_MAX_CAPACITY));
+    PyModule_AddIntConstant(m, "BLOCK_ENTRIES", SR_BLOCK_ENTRIES);
+    /* record format flags: the one definition sage.py uses */
+    PyModule_AddIntConstant(m, "FLAG_PICKLE", FMT_PICKLE);
+    PyModule_AddIntConstant(m, "FLAG_BYTES", FMT_BYTES);
+    PyModule_AddIntConstant(m, "FLAG_PARTS", FMT_PARTS);
+    PyModule_AddIntConstant(m, "FLAG_RAW", FMT_RAW);
+    /* segment offsets, for tests that corrupt a segment on purpose */
+    PyModule_AddIntConstant(m, "TAIL_OFFSET", SR_TAIL_OFFSET);
+    PyModule_AddIntConstant(m, "HEAD_OFFSET", SR_HEAD_OFFSET);
+    PyModule_AddIntConstant(m, "FREE_OFFSET", SR_FREE_OFFSET);
+    PyModule_AddIntConstant(m, "BLOCKS_OFFSET", SR_BLOCKS_OFFSET);
+    PyModule_AddIntConstant(m, "BLOCK_SIZE", SR_BLOCK_SIZE);
+    PyModule_AddIntConstant(m, "LINE", SR_LINE);
     return m;
 }

@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <signal.h>
@@ -31,6 +32,14 @@
 #define WAIT_SLICE_NS 100000000ll   /* futex sleeps re-check close/destroy this often */
 #define DEFAULT_GRACE_NS 50000000ull /* a claim stalled this long gets its owner checked */
 #define NOT_READY_SLEEP_NS 200000ll  /* poll period while a live writer finishes a record */
+#define ENTRY_WAIT_NS 50000ll       /* sleep of a thread waiting for one of its handle's claim entries */
+#define SR_MAX_IDX (SR_MAX_BLOCKS * SR_BLOCK_ENTRIES) /* the largest claim idx a cursor may name */
+
+/* Test hooks: a test that includes this file defines SR_TEST_HOOK(point) to run code at a
+ * chosen step (to widen a race window deterministically); compiled out otherwise. */
+#ifndef SR_TEST_HOOK
+#define SR_TEST_HOOK(point) ((void)0)
+#endif
 
 typedef unsigned __int128 u128;
 
@@ -39,6 +48,13 @@ typedef unsigned __int128 u128;
 static inline u128 mk128(uint64_t pos, uint64_t meta) { return ((u128)meta << 64) | pos; }
 static inline uint64_t lo64(u128 v) { return (uint64_t)v; }
 static inline uint64_t hi64(u128 v) { return (uint64_t)(v >> 64); }
+/* Fields of a T/H cursor snapshot: {pos, items << 32 | claim idx}. */
+static inline uint32_t cur_idx(u128 c) { return (uint32_t)(hi64(c) & 0xffffffffull); }
+static inline uint64_t cur_items(u128 c) { return hi64(c) >> 32; }
+static inline uint64_t mk_meta(uint64_t items, uint32_t idx) { return ((items & 0xffffffffull) << 32) | idx; }
+/* Fields of a record's state word: its own position | SR_REC_* (low 4 bits). */
+static inline uint64_t rs_pos(uint64_t s) { return s & ~(uint64_t)(SR_ALIGN - 1); }
+static inline uint32_t rs_state(uint64_t s) { return (uint32_t)(s & (SR_ALIGN - 1)); }
 
 /* Full-barrier 16-byte CAS (seq_cst). */
 static inline int cas128(sr_cursor *c, u128 expected, u128 desired) {
@@ -90,8 +106,11 @@ typedef struct rec_hdr {
 } rec_hdr;
 _Static_assert(sizeof(rec_hdr) == SR_REC_HEADER, "record header size");
 
+/* The record header at `pos`.  The offset is masked to SR_ALIGN so that even a position
+ * read from a corrupt cursor or entry addresses 16 bytes inside the ring (capacity is a
+ * multiple of SR_LINE); callers report such a position as broken (pos_sane()). */
 static inline rec_hdr *rec_at(const sr_handle *h, uint64_t pos) {
-    return (rec_hdr *)(void *)(h->ring + pos % h->capacity);
+    return (rec_hdr *)(void *)(h->ring + (pos % h->capacity & ~(uint64_t)(SR_ALIGN - 1)));
 }
 static inline uint64_t mk_info(uint64_t len, uint64_t items, uint64_t flags) {
     return (len & 0xffffffffull) | ((items & 0xffffffull) << 32) | ((flags & 0xffull) << 56);
@@ -103,7 +122,8 @@ static inline uint32_t info_flags(uint64_t i) { return (uint32_t)(i >> 56); }
 static inline sr_block *block_at(sr_header *hdr, uint32_t b) {
     return (sr_block *)(void *)((uint8_t *)hdr + SR_BLOCKS_OFFSET + (uint64_t)b * SR_BLOCK_SIZE);
 }
-/* Claim idx: 1-based over all blocks' entries; 0 = none. */
+/* Claim idx: 1-based over all blocks' entries; 0 = none.  Callers check
+ * 0 < idx <= SR_MAX_IDX first (an idx comes from a cursor in shared memory). */
 static inline sr_entry *entry_at(sr_header *hdr, uint32_t idx) {
     uint32_t i = idx - 1;
     return &block_at(hdr, i / SR_BLOCK_ENTRIES)->entries[i % SR_BLOCK_ENTRIES];
@@ -147,6 +167,55 @@ static void wake_if_waiting(sr_waitword *w) {
     }
 }
 
+/* ---- bounds checks (spec E15) ------------------------------------------------------------
+ *
+ * Every index, offset and length read from the segment is checked before it is used to
+ * address memory or to bound a loop: a corrupt or hostile segment must give an error, not
+ * a crash or a hang.  A failed check marks the queue broken in its header (every handle of
+ * every process then fails with SR_BROKEN) and wakes every sleeper so that they see it.
+ * Checks that could fail on a stale (racy) read re-check the cursor they depend on first:
+ * only a value that cannot come from a legal interleaving is called corrupt. */
+
+static sr_status mark_broken(sr_handle *h, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static sr_status mark_broken(sr_handle *h, const char *fmt, ...) {
+    int expect = 0;
+    if (atomic_compare_exchange_strong_explicit(&h->why_set, &expect, 1, memory_order_acq_rel, memory_order_relaxed)) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(h->broken_why, sizeof h->broken_why, fmt, ap);
+        va_end(ap);
+    }
+    /* release: pairs with the acquire loads in broken() */
+    atomic_store_explicit(&h->hdr->config.broken, 1, memory_order_release);
+    atomic_fetch_add_explicit(&h->hdr->data.seq, 1, memory_order_release);
+    atomic_fetch_add_explicit(&h->hdr->space.seq, 1, memory_order_release);
+    futex_wake_all(&h->hdr->data.seq);
+    futex_wake_all(&h->hdr->space.seq);
+    return SR_BROKEN;
+}
+
+static inline int broken(const sr_handle *h) {
+    return atomic_load_explicit(&h->hdr->config.broken, memory_order_acquire) != 0;
+}
+
+/* A cursor position and claim idx a cursor may hold. */
+static inline int cursor_sane(u128 c) { return lo64(c) % SR_ALIGN == 0 && cur_idx(c) <= SR_MAX_IDX; }
+
+/* The header of a record at `pos` in state `rs` is within bounds: its length covers the
+ * header, is SR_ALIGN-aligned and ends at or before the end of the lap (records never
+ * wrap); it holds no more items than it has SR_ALIGN units (every item takes at least
+ * one); a padding record fills the lap and holds no item; a committed one holds one item
+ * whose slack (bytes after the payload, < SR_ALIGN) fits.  Copies, clears and cursor
+ * moves use only lengths that passed this. */
+static int record_sane(const sr_handle *h, uint64_t pos, uint64_t info, uint32_t rs) {
+    uint64_t len = info_len(info), items = info_items(info), room = h->capacity - pos % h->capacity;
+    if (pos % SR_ALIGN != 0 || len < SR_REC_HEADER || len % SR_ALIGN != 0 || len > room) return 0;
+    if (items > len / SR_ALIGN) return 0;
+    if (rs == SR_REC_PADDING) return items == 0 && len == room;
+    if (rs == SR_REC_COMMITTED) return items == 1 && (info_flags(info) >> 4) <= len - SR_REC_HEADER;
+    return 1;
+}
+
 /* ---- process liveness ------------------------------------------------------------------ */
 
 /* Start time (field 22 of /proc/pid/stat) and state letter; 0 if unreadable. */
@@ -185,7 +254,8 @@ static int block_owner_alive(sr_header *hdr, uint32_t b) {
     sr_block *blk = block_at(hdr, b);
     /* acquire: pairs with the release store of pid in take_block() */
     uint32_t pid = atomic_load_explicit(&blk->pid, memory_order_acquire);
-    uint64_t st = atomic_load_explicit(&blk->start_time, memory_order_relaxed);
+    /* acquire: pairs with take_block()'s stores; read after pid (see there) */
+    uint64_t st = atomic_load_explicit(&blk->start_time, memory_order_acquire);
     return sr_pid_alive(pid, st);
 }
 
@@ -289,17 +359,32 @@ static sr_status take_block(sr_handle *h) {
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t b = 0; b < SR_MAX_BLOCKS; b++) {
             sr_block *blk = block_at(hdr, b);
+            /* acquire: pairs with the release store of pid below (or in sr_detach()) */
             uint32_t owner = atomic_load_explicit(&blk->pid, memory_order_acquire);
             if (owner != 0) {
-                if (pass == 0 || block_owner_alive(hdr, b) || !block_reclaimable(hdr, b)) continue;
+                if (pass == 0) continue;
+                uint64_t owner_start = atomic_load_explicit(&blk->start_time, memory_order_acquire);
+                if (sr_pid_alive(owner, owner_start) || !block_reclaimable(hdr, b)) continue;
+                /* Clear the dead owner's start time before taking its pid.  Between our
+                 * pid CAS and our start-time store, another attacher must read our pid
+                 * with start time 0 ("unknown": judged by the pid alone, alive), never our
+                 * pid with the dead owner's start time ("pid reused": dead), or it takes
+                 * the block too and two processes own one block.  A CAS: if another
+                 * attacher took the block first, it changed the start time we judged by,
+                 * and we leave the block alone.  acq_rel: pairs with the acquire load
+                 * above in that other attacher. */
+                if (!atomic_compare_exchange_strong_explicit(&blk->start_time, &owner_start, 0, memory_order_acq_rel,
+                                                             memory_order_acquire))
+                    continue;
             }
             /* acq_rel: acquire the previous owner's entries; the pid we install is
              * read with acquire by block_owner_alive() */
             if (!atomic_compare_exchange_strong_explicit(&blk->pid, &owner, h->pid, memory_order_acq_rel,
                                                          memory_order_relaxed))
                 continue;
+            SR_TEST_HOOK(2); /* between taking the pid and recording our start time */
             if (owner != 0) retire_block_stats(hdr, blk);
-            atomic_store_explicit(&blk->start_time, start, memory_order_relaxed);
+            atomic_store_explicit(&blk->start_time, start, memory_order_release);
             h->block = blk;
             h->block_index = b;
             return SR_OK;
@@ -332,10 +417,20 @@ void sr_close(sr_handle *h) {
     futex_wake_all(&h->hdr->space.seq);
 }
 
-void sr_destroy(sr_handle *h) {
+sr_status sr_destroy(sr_handle *h) {
     /* release: pairs with the acquire loads in destroyed() */
-    atomic_store_explicit(&h->hdr->config.destroyed, 1, memory_order_release);
+    uint32_t was = atomic_exchange_explicit(&h->hdr->config.destroyed, 1, memory_order_acq_rel);
     sr_close(h);
+    return was ? SR_DESTROYED : SR_OK;
+}
+
+void sr_mark_broken(sr_handle *h, const char *why) { mark_broken(h, "%s", why); }
+
+const char *sr_broken_reason(const sr_handle *h) {
+    if (!broken(h)) return NULL;
+    if (atomic_load_explicit(&h->why_set, memory_order_acquire)) return h->broken_why;
+    return "a bounds check of another handle failed (the segment is corrupt, or was written by an incompatible "
+           "or hostile process)";
 }
 
 void sr_detach(sr_handle *h) {
@@ -360,19 +455,52 @@ static inline int closed(const sr_handle *h) { return atomic_load_explicit(&h->c
 
 /* ---- claim entries ------------------------------------------------------------------ */
 
-/* Take one of this handle's 16 entries for one operation (process-private bitmap). */
-static int acquire_entry(sr_handle *h) {
-    for (;;) {
-        uint32_t bits = atomic_load_explicit(&h->free_entries, memory_order_relaxed);
-        while (bits) {
-            uint32_t e = (uint32_t)__builtin_ctz(bits);
-            if (atomic_compare_exchange_weak_explicit(&h->free_entries, &bits, bits & ~(1u << e),
-                                                      memory_order_acquire, memory_order_relaxed))
-                return (int)e;
-        }
-        if (closed(h)) return -1;
-        sched_yield(); /* more than SR_BLOCK_ENTRIES threads in operations on one handle */
+/* Take one of this handle's 16 entries (process-private bitmap), or -1 if all are held.
+ *
+ * An entry is held only from just before a claim's announce to the end of its commit or
+ * copy-out, never while a call waits for items or room: a call takes one when it has
+ * something to claim and gives it back before it sleeps.  So blocked calls never starve
+ * others of entries, and a thread that finds all 16 held waits for holders that are
+ * copying, never for holders that wait on the queue (spec Q6: any number of threads). */
+static int try_acquire_entry(sr_handle *h) {
+    uint32_t bits = atomic_load_explicit(&h->free_entries, memory_order_relaxed);
+    while (bits) {
+        uint32_t e = (uint32_t)__builtin_ctz(bits);
+        if (atomic_compare_exchange_weak_explicit(&h->free_entries, &bits, bits & ~(1u << e), memory_order_acquire,
+                                                  memory_order_relaxed))
+            return (int)e;
     }
+    return -1;
+}
+
+static void release_entry(sr_handle *h, uint32_t e);
+
+/* Take an entry for the claim `c` unless it holds one.  `wait_ns` < 0: wait as long as it
+ * takes (the holders are copying a claimed record, which needs no one else); 0: do not
+ * wait (the Python binding's first try holds the GIL, which a holder may need to finish:
+ * it must not wait there); > 0: wait at most that long.  SR_OK, SR_BUSY, or SR_CLOSED. */
+static sr_status take_entry(sr_handle *h, sr_claim *c, int64_t wait_ns) {
+    if (c->has_entry) return SR_OK;
+    int64_t until = wait_ns > 0 ? now_ns() + wait_ns : 0;
+    for (uint32_t tries = 0;; tries++) {
+        int e = try_acquire_entry(h);
+        if (e >= 0) {
+            c->entry = (uint32_t)e;
+            c->has_entry = 1;
+            return SR_OK;
+        }
+        if (closed(h)) return SR_CLOSED;
+        if (wait_ns == 0 || (wait_ns > 0 && now_ns() >= until)) return SR_BUSY;
+        if (tries < YIELD_LIMIT) sched_yield();
+        else sleep_ns(ENTRY_WAIT_NS);
+    }
+}
+
+/* Give the claim's entry back if it holds one (a call about to wait, or done). */
+static void drop_entry(sr_handle *h, sr_claim *c) {
+    if (!c->has_entry) return;
+    c->has_entry = 0;
+    release_entry(h, c->entry);
 }
 
 static void release_entry(sr_handle *h, uint32_t e) {
@@ -413,7 +541,7 @@ static uint64_t read_entry(sr_entry *en, uint64_t *pos, uint64_t *len, uint64_t 
  * CLAIMED: the claim that produced cursor_pos is the entry's announce of `kind`
  * ending exactly there (its owner announces nothing newer before confirming). */
 static void confirm(sr_header *hdr, uint32_t idx, uint64_t cursor_pos, uint32_t kind) {
-    if (idx == 0) return;
+    if (idx == 0 || idx > SR_MAX_IDX) return; /* callers checked the cursor: cursor_sane() */
     sr_entry *en = entry_at(hdr, idx);
     uint64_t pos, len, items, progress, next;
     uint64_t s = read_entry(en, &pos, &len, &items, &progress, &next);
@@ -448,14 +576,29 @@ static void write_marker(sr_handle *h, uint64_t pos, uint64_t len, uint64_t item
     atomic_store_explicit(&r->state, pos | state, memory_order_release);
 }
 
+/* Items between H and T, read H first then T: both only grow, so a consistent queue always
+ * gives T.items >= H.items and at most one item per SR_ALIGN bytes between them.  Anything
+ * else is corruption, reported as SR_BROKEN (not marked: sr_depth() serves inspect(),
+ * which never modifies a segment).  Two snapshots, no loop: never spins on a bad header. */
+static sr_status depth_of(sr_header *hdr, uint64_t *depth) {
+    u128 hd = snap_cursor(&hdr->head);
+    u128 t = snap_cursor(&hdr->tail);
+    uint32_t d = (uint32_t)(cur_items(t) - cur_items(hd));
+    if (lo64(t) < lo64(hd) || d > (lo64(t) - lo64(hd)) / SR_ALIGN) return SR_BROKEN;
+    *depth = d;
+    return SR_OK;
+}
+
 /* One attempt to claim `total` bytes of records holding `items` items. */
-static sr_status try_put_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, uint64_t total, uint64_t items,
-                               sr_claim *c) {
+static sr_status try_put_claim(sr_handle *h, uint64_t total, uint64_t items, sr_claim *c) {
     sr_header *hdr = h->hdr;
     for (;;) {
         u128 t = snap_cursor(&hdr->tail);
-        uint64_t p = lo64(t), titems = hi64(t) >> 32;
-        uint32_t prev = (uint32_t)(hi64(t) & 0xffffffffull);
+        if (!cursor_sane(t))
+            return mark_broken(h, "tail cursor {pos %llu, idx %u}: unaligned or idx beyond %u",
+                               (unsigned long long)lo64(t), cur_idx(t), SR_MAX_IDX);
+        uint64_t p = lo64(t), titems = cur_items(t);
+        uint32_t prev = cur_idx(t);
         uint64_t off = p % h->capacity;
         uint64_t pad = off + total > h->capacity ? h->capacity - off : 0;
         uint64_t need = pad + total, claim_items = items;
@@ -468,32 +611,55 @@ static sr_status try_put_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, uint
          * pairs with the release store below (another thread of this handle), which
          * follows that thread's acquire of F: the sweeper's clearing happens-before us. */
         uint64_t free_pos = atomic_load_explicit(&h->free_cache, memory_order_acquire);
-        if (p + need - free_pos > h->capacity) {
+        if (free_pos > p || p + need - free_pos > h->capacity) {
             /* acquire: pairs with the sweeper's CAS that published F after clearing */
             free_pos = atomic_load_explicit(&hdr->free.pos, memory_order_acquire);
+            /* F read after T: F <= H <= T and T <= F + capacity hold for any legal
+             * interleaving, except that T may have moved on since our snapshot */
+            if (free_pos > p || p - free_pos > h->capacity) {
+                if (snap_cursor(&hdr->tail) != t) continue; /* stale view */
+                return mark_broken(h, "free cursor %llu and tail cursor %llu are more than the capacity %llu apart",
+                                   (unsigned long long)free_pos, (unsigned long long)p,
+                                   (unsigned long long)h->capacity);
+            }
             atomic_store_explicit(&h->free_cache, free_pos, memory_order_release);
             if (p + need - free_pos > h->capacity) {
                 if (snap_cursor(&hdr->tail) != t) continue; /* stale view */
+                drop_entry(h, c);
                 return SR_WOULD_BLOCK;
             }
         }
         if (h->maxsize && claim_items) {
             uint64_t hitems = atomic_load_explicit(&hdr->head.meta, memory_order_acquire) >> 32;
             uint32_t depth = (uint32_t)(titems - hitems);
-            if (depth > 0x7fffffffu) continue; /* H read after a newer T: stale snapshot */
+            if (depth > 0x7fffffffu) { /* H read after a newer T: stale snapshot, or corrupt */
+                uint64_t d;
+                if (depth_of(hdr, &d) != SR_OK)
+                    return mark_broken(h, "head items %llu ahead of tail items %llu",
+                                       (unsigned long long)hitems, (unsigned long long)titems);
+                continue;
+            }
             if ((uint64_t)depth + claim_items > h->maxsize) {
                 if (snap_cursor(&hdr->tail) != t) continue;
+                drop_entry(h, c);
                 return SR_WOULD_BLOCK;
             }
         }
+        sr_status st = take_entry(h, c, c->entry_wait);
+        if (st != SR_OK) return st;
+        sr_entry *en = &h->block->entries[c->entry];
         announce(en, SR_KIND_PUT, p, need, claim_items, pad);
         confirm(hdr, prev, p, SR_KIND_PUT);
-        u128 next = mk128(p + need, (((titems + claim_items) & 0xffffffffull) << 32) | my_idx);
+        u128 next = mk128(p + need, mk_meta(titems + claim_items, idx_of(h, c->entry)));
         if (!cas128(&hdr->tail, t, next)) continue;
         confirm_own(en);
         if (claim_items == 0 && items != 0) { /* padding-only claim: finish it, then retry */
             write_marker(h, p, pad, 0, SR_REC_PADDING);
             finish_entry(en);
+            /* a consumer asleep at the head must skip this padding and give its room
+             * back before our retry can fit: wake it now, not at its next wait slice
+             * (puts that wrapped took up to 100 ms; tests/test_sage_regressions.py) */
+            wake_if_waiting(&hdr->data);
             continue;
         }
         if (pad) write_marker(h, p, pad, 0, SR_REC_PADDING);
@@ -510,6 +676,7 @@ static sr_status try_put_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, uint
 static sr_status pause_or_sleep(sr_handle *h, sr_waitword *w, int64_t deadline, uint32_t *spins, uint32_t seen) {
     if (closed(h)) return SR_CLOSED;
     if (destroyed(h)) return SR_DESTROYED;
+    if (broken(h)) return SR_BROKEN;
     int64_t now = now_ns();
     if (deadline >= 0 && now >= deadline) return SR_TIMEOUT;
     if (*spins < SPIN_LIMIT) {
@@ -587,41 +754,54 @@ static void adapt_spin(sr_handle *h, uint32_t spins) {
     atomic_store_explicit(&h->spin_budget, budget, memory_order_relaxed);
 }
 
-/* Register as a sleeper on w, run `attempt` once more, sleep if it still would block.
- * Every blocked call notes the stall (note_blocked: a clock read and two loads) at its
- * first failure, then at every sched_yield and every sleep slice; that is also what reaps
- * claims of dead processes.  Not only per slice: on a loaded machine the 200 yields alone
- * can take a second (each gives the core to every runnable peer), and a call whose
- * timeout ran out among them never reaped. */
-#define WAIT_LOOP(h, w, attempt_expr, deadline, resume, result)                                    \
-    do {                                                                                           \
-        /* a resumed wait (sr_*_wait) neither spins again nor counts another wait */               \
-        /* the spin phase is the last spin_budget polls before SPIN_LIMIT (see adapt_spin) */     \
-        uint32_t spins_ = (resume) ? SPIN_LIMIT + YIELD_LIMIT                                      \
-                                   : SPIN_LIMIT - atomic_load_explicit(&(h)->spin_budget, memory_order_relaxed); \
-        uint32_t counted_ = (resume), noted_ = 0;                                                  \
-        for (;;) {                                                                                 \
-            (result) = (attempt_expr);                                                             \
-            if ((result) != SR_WOULD_BLOCK) break;                                                 \
-            if (!noted_ || spins_ >= SPIN_LIMIT) { noted_ = 1; note_blocked(h); }                 \
-            if ((deadline) == 0) break;                                                            \
-            if (!counted_) { counted_ = 1; count_wait(h); } /* this operation blocks */           \
-            if (spins_ < SPIN_LIMIT + YIELD_LIMIT) {                                               \
-                sr_status p_ = pause_or_sleep(h, w, deadline, &spins_, 0);                         \
-                if (p_ != SR_OK) { (result) = p_; break; }                                         \
-                continue;                                                                          \
-            }                                                                                      \
-            /* acquire: pairs with the release bump in wake_if_waiting() */                         \
-            uint32_t seen_ = atomic_load_explicit(&(w)->seq, memory_order_acquire);                \
-            atomic_store_explicit(&(w)->armed, 1, memory_order_seq_cst);                           \
-            atomic_thread_fence(memory_order_seq_cst); /* pairs with wake_if_waiting()'s fence */  \
-            (result) = (attempt_expr);                                                             \
-            if ((result) != SR_WOULD_BLOCK) break; /* a stale arming costs one spare wake */       \
-            sr_status p_ = pause_or_sleep(h, w, deadline, &spins_, seen_);                         \
-            if (p_ != SR_OK) { (result) = p_; break; }                                             \
-        }                                                                                          \
-        if ((result) == SR_OK && counted_ && !(resume)) adapt_spin(h, spins_);                     \
-    } while (0)
+/* One claim attempt: SR_OK, SR_WOULD_BLOCK, or a final status. */
+typedef sr_status (*attempt_fn)(sr_handle *h, void *ctx);
+
+/* Try `attempt` until it stops saying SR_WOULD_BLOCK or the deadline (0: one try, < 0:
+ * never) passes: bounded spin, then register as a sleeper on w, run `attempt` once more,
+ * sleep if it still would block.  Every blocked call notes the stall (note_blocked: a
+ * clock read and two loads) at its first failure, then at every sched_yield and every
+ * sleep slice; that is also what reaps claims of dead processes.  Not only per slice: on
+ * a loaded machine the 200 yields alone can take a second (each gives the core to every
+ * runnable peer), and a call whose timeout ran out among them never reaped.  A resumed
+ * wait (sr_*_wait) neither spins again nor counts another wait. */
+static sr_status wait_loop(sr_handle *h, sr_waitword *w, attempt_fn attempt, void *ctx, int64_t deadline,
+                           int resume) {
+    /* the spin phase is the last spin_budget polls before SPIN_LIMIT (see adapt_spin) */
+    uint32_t spins = resume ? SPIN_LIMIT + YIELD_LIMIT
+                            : SPIN_LIMIT - atomic_load_explicit(&h->spin_budget, memory_order_relaxed);
+    int counted = resume, noted = 0;
+    sr_status result;
+    for (;;) {
+        result = attempt(h, ctx);
+        if (result != SR_WOULD_BLOCK) break;
+        if (!noted || spins >= SPIN_LIMIT) {
+            noted = 1;
+            note_blocked(h);
+        }
+        if (deadline == 0) break;
+        if (!counted) { /* this operation blocks */
+            counted = 1;
+            count_wait(h);
+        }
+        uint32_t seen = 0;
+        if (spins >= SPIN_LIMIT + YIELD_LIMIT) {
+            /* acquire: pairs with the release bump in wake_if_waiting() */
+            seen = atomic_load_explicit(&w->seq, memory_order_acquire);
+            atomic_store_explicit(&w->armed, 1, memory_order_seq_cst);
+            atomic_thread_fence(memory_order_seq_cst); /* pairs with wake_if_waiting()'s fence */
+            result = attempt(h, ctx);
+            if (result != SR_WOULD_BLOCK) break; /* a stale arming costs one spare wake */
+        }
+        sr_status p = pause_or_sleep(h, w, deadline, &spins, seen);
+        if (p != SR_OK) {
+            result = p;
+            break;
+        }
+    }
+    if (result == SR_OK && counted && !resume) adapt_spin(h, spins);
+    return result;
+}
 
 static int64_t deadline_of(int64_t timeout_ns) {
     if (timeout_ns < 0) return -1;
@@ -629,8 +809,20 @@ static int64_t deadline_of(int64_t timeout_ns) {
     return now_ns() + timeout_ns;
 }
 
+/* What a put attempt claims (the context of try_put_claim under wait_loop). */
+typedef struct {
+    uint64_t total, items;
+    sr_claim *c;
+} put_attempt;
+
+static sr_status put_attempt_fn(sr_handle *h, void *ctx) {
+    put_attempt *a = ctx;
+    return try_put_claim(h, a->total, a->items, a->c);
+}
+
+/* `entry_wait`: how long to wait for a free claim entry (see take_entry). */
 static sr_status put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
-                           int resume, sr_claim *c) {
+                           int resume, int64_t entry_wait, sr_claim *c) {
     if (count == 0 || count > SR_MAX_BATCH || flags > 0xf) return SR_INVALID;
     uint64_t total = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -638,35 +830,37 @@ static sr_status put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, 
         if (total > h->capacity) return SR_TOO_BIG;
     }
     if (h->maxsize && count > h->maxsize) return SR_TOO_BIG;
+    memset(c, 0, sizeof *c);
+    c->done = 1; /* until a claim is made */
     if (closed(h)) return SR_CLOSED;
     if (destroyed(h)) return SR_DESTROYED;
-    int e = acquire_entry(h);
-    if (e < 0) return SR_CLOSED;
-    sr_entry *en = &h->block->entries[e];
-    memset(c, 0, sizeof *c);
-    c->entry = (uint32_t)e;
+    if (broken(h)) return SR_BROKEN;
     c->items = count;
     c->flags = flags;
-    int64_t deadline = deadline_of(timeout_ns);
-    sr_status st;
-    WAIT_LOOP(h, &h->hdr->space, try_put_claim(h, en, idx_of(h, (uint32_t)e), total, count, c), deadline, resume,
-              st);
+    c->entry_wait = entry_wait;
+    put_attempt a = {total, count, c};
+    sr_status st = wait_loop(h, &h->hdr->space, put_attempt_fn, &a, deadline_of(timeout_ns), resume);
     if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
     if (st != SR_OK) {
-        release_entry(h, (uint32_t)e);
-        c->done = 1;
+        drop_entry(h, c);
+        return st;
     }
-    return st;
+    c->done = 0;
+    return SR_OK;
 }
 
 sr_status sr_put_begin(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
                        sr_claim *c) {
-    return put_begin(h, sizes, count, flags, timeout_ns, 0, c);
+    return put_begin(h, sizes, count, flags, timeout_ns, 0, -1, c);
 }
 
 sr_status sr_put_wait(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, int64_t timeout_ns,
                       sr_claim *c) {
-    return put_begin(h, sizes, count, flags, timeout_ns, 1, c);
+    return put_begin(h, sizes, count, flags, timeout_ns, 1, -1, c);
+}
+
+sr_status sr_put_try(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, sr_claim *c) {
+    return put_begin(h, sizes, count, flags, 0, 0, 0, c);
 }
 
 uint8_t *sr_put_record(sr_handle *h, sr_claim *c, uint64_t size) {
@@ -676,7 +870,7 @@ uint8_t *sr_put_record(sr_handle *h, sr_claim *c, uint64_t size) {
 
 static void put_done(sr_handle *h, sr_claim *c) {
     finish_entry(&h->block->entries[c->entry]);
-    release_entry(h, c->entry);
+    drop_entry(h, c);
     c->done = 1;
     wake_if_waiting(&h->hdr->data);
 }
@@ -726,25 +920,45 @@ static void consume_record(sr_handle *h, uint64_t pos, uint64_t len) {
 }
 
 /* One attempt to claim the record at the head: SR_OK with an item, or WOULD_BLOCK. */
-static sr_status try_get_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, sr_claim *c) {
+static sr_status try_get_claim(sr_handle *h, sr_claim *c) {
     sr_header *hdr = h->hdr;
     for (;;) {
         u128 hd = snap_cursor(&hdr->head);
-        uint64_t r = lo64(hd), hitems = hi64(hd) >> 32;
-        uint32_t prev = (uint32_t)(hi64(hd) & 0xffffffffull);
+        if (!cursor_sane(hd))
+            return mark_broken(h, "head cursor {pos %llu, idx %u}: unaligned or idx beyond %u",
+                               (unsigned long long)lo64(hd), cur_idx(hd), SR_MAX_IDX);
+        uint64_t r = lo64(hd), hitems = cur_items(hd);
+        uint32_t prev = cur_idx(hd);
         rec_hdr *rec = rec_at(h, r);
         /* acquire: pairs with the producer's release store of the state word */
         uint64_t s = atomic_load_explicit(&rec->state, memory_order_acquire);
-        uint32_t rs = (uint32_t)(s & 0xf);
-        if ((s & ~0xfull) != r || (rs != SR_REC_COMMITTED && rs != SR_REC_PADDING && rs != SR_REC_ABANDONED)) {
+        uint32_t rs = rs_state(s);
+        if (rs_pos(s) != r || (rs != SR_REC_COMMITTED && rs != SR_REC_PADDING && rs != SR_REC_ABANDONED)) {
             if (snap_cursor(&hdr->head) != hd) continue;
+            /* a record at the head that says it was consumed (or is in no known state)
+             * would never change: nobody but its reader writes a consumed record */
+            if (rs_pos(s) == r && rs != SR_REC_EMPTY)
+                return mark_broken(h, "record at the head (position %llu) is in state %u", (unsigned long long)r, rs);
+            drop_entry(h, c);
             return SR_WOULD_BLOCK; /* empty, or the head record is still being written */
         }
         uint64_t info = atomic_load_explicit(&rec->info, memory_order_relaxed);
+        if (!record_sane(h, r, info, rs)) {
+            /* the record may have been taken, consumed and reused under us: only a head
+             * that still names it makes its header trustworthy (nobody else writes it) */
+            if (snap_cursor(&hdr->head) != hd) continue;
+            return mark_broken(h, "record at position %llu (state %u): length %llu, %llu items, flags 0x%x "
+                               "out of bounds for a ring of %llu bytes", (unsigned long long)r, rs,
+                               (unsigned long long)info_len(info), (unsigned long long)info_items(info),
+                               info_flags(info), (unsigned long long)h->capacity);
+        }
         uint64_t len = info_len(info), items = info_items(info);
+        sr_status st = take_entry(h, c, c->entry_wait);
+        if (st != SR_OK) return st;
+        sr_entry *en = &h->block->entries[c->entry];
         announce(en, SR_KIND_GET, r, len, items, 0);
         confirm(hdr, prev, r, SR_KIND_GET);
-        u128 next = mk128(r + len, (((hitems + items) & 0xffffffffull) << 32) | my_idx);
+        u128 next = mk128(r + len, mk_meta(hitems + items, idx_of(h, c->entry)));
         if (!cas128(&hdr->head, hd, next)) continue;
         confirm_own(en);
         if (rs != SR_REC_COMMITTED) { /* padding or abandoned: nothing to return */
@@ -764,28 +978,30 @@ static sr_status try_get_claim(sr_handle *h, sr_entry *en, uint32_t my_idx, sr_c
     }
 }
 
-static sr_status get_begin(sr_handle *h, int64_t timeout_ns, int resume, sr_claim *c) {
+static sr_status get_attempt_fn(sr_handle *h, void *ctx) { return try_get_claim(h, ctx); }
+
+static sr_status get_begin(sr_handle *h, int64_t timeout_ns, int resume, int64_t entry_wait, sr_claim *c) {
+    memset(c, 0, sizeof *c);
+    c->done = 1; /* until a claim is made */
     if (closed(h)) return SR_CLOSED;
     if (destroyed(h)) return SR_DESTROYED;
-    int e = acquire_entry(h);
-    if (e < 0) return SR_CLOSED;
-    sr_entry *en = &h->block->entries[e];
-    memset(c, 0, sizeof *c);
-    c->entry = (uint32_t)e;
-    int64_t deadline = deadline_of(timeout_ns);
-    sr_status st;
-    WAIT_LOOP(h, &h->hdr->data, try_get_claim(h, en, idx_of(h, (uint32_t)e), c), deadline, resume, st);
+    if (broken(h)) return SR_BROKEN;
+    c->entry_wait = entry_wait;
+    sr_status st = wait_loop(h, &h->hdr->data, get_attempt_fn, c, deadline_of(timeout_ns), resume);
     if (st == SR_WOULD_BLOCK && timeout_ns != 0) st = SR_TIMEOUT;
     if (st != SR_OK) {
-        release_entry(h, (uint32_t)e);
-        c->done = 1;
+        drop_entry(h, c);
+        return st;
     }
-    return st;
+    c->done = 0;
+    return SR_OK;
 }
 
-sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 0, c); }
+sr_status sr_get_begin(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 0, -1, c); }
 
-sr_status sr_get_wait(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 1, c); }
+sr_status sr_get_wait(sr_handle *h, int64_t timeout_ns, sr_claim *c) { return get_begin(h, timeout_ns, 1, -1, c); }
+
+sr_status sr_get_try(sr_handle *h, sr_claim *c) { return get_begin(h, 0, 0, 0, c); }
 
 #define CLEAR_CHUNK 16384u /* fits L1 with room: cleared while still cached */
 
@@ -814,7 +1030,7 @@ sr_status sr_get_end(sr_handle *h, sr_claim *c) {
         consume_record(h, c->rec_pos, c->len);
     }
     finish_entry(&h->block->entries[c->entry]);
-    release_entry(h, c->entry);
+    drop_entry(h, c);
     c->done = 1;
     atomic_fetch_add_explicit(&h->block->stats[1], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->block->stats[3], c->data_len, memory_order_relaxed);
@@ -824,6 +1040,9 @@ sr_status sr_get_end(sr_handle *h, sr_claim *c) {
 
 /* ---- the sweeper: give CONSUMED records back to producers, in order ---------------------- */
 
+/* Give back, in order, the CONSUMED records at F.  The length that moves F is checked
+ * once F is ours (the record's header is then stable: nobody reuses space behind F): a
+ * consistent queue has F + len <= H, since a record is consumed only after H passed it. */
 static void sweep(sr_handle *h) {
     sr_header *hdr = h->hdr;
     uint64_t me = (uint64_t)h->block_index + 1;
@@ -838,7 +1057,16 @@ static void sweep(sr_handle *h) {
         /* Only the state word needs clearing: the info word sits at a position that is
          * never 16-aligned, so no later record can mistake it for a state word, and
          * keeping it lets a survivor finish this sweep if we die here (reap()). */
-        uint64_t len = info_len(atomic_load_explicit(&rec->info, memory_order_relaxed));
+        uint64_t info = atomic_load_explicit(&rec->info, memory_order_relaxed), len = info_len(info);
+        /* acquire: pairs with the CAS that moved H past this record (before its CONSUMED) */
+        uint64_t hp = atomic_load_explicit(&hdr->head.pos, memory_order_acquire);
+        if (!record_sane(h, fp, info, SR_REC_CONSUMED) || fp + len > hp) {
+            cas128(&hdr->free, mk128(fp, me), mk128(fp, 0)); /* let go of F unchanged */
+            mark_broken(h, "consumed record at the free cursor %llu has length %llu (head %llu, capacity %llu)",
+                        (unsigned long long)fp, (unsigned long long)len, (unsigned long long)hp,
+                        (unsigned long long)h->capacity);
+            return;
+        }
         atomic_store_explicit(&rec->state, 0, memory_order_relaxed);
         /* full barrier: the cleared state happens-before a producer's acquire of F.pos */
         cas128(&hdr->free, mk128(fp, me), mk128(fp + len, 0));
@@ -850,20 +1078,41 @@ static void sweep(sr_handle *h) {
 /* Is the record at pos committed (or past that), as far as a dead writer is concerned? */
 static int record_published(sr_handle *h, uint64_t pos) {
     uint64_t s = atomic_load_explicit(&rec_at(h, pos)->state, memory_order_acquire);
-    if ((s & ~0xfull) == pos && (s & 0xf) != SR_REC_EMPTY) return 1;
+    if (rs_pos(s) == pos && rs_state(s) != SR_REC_EMPTY) return 1;
     /* read after the state: if F had passed pos, the record was published and swept */
     return atomic_load_explicit(&h->hdr->free.pos, memory_order_acquire) > pos;
 }
 
-/* We own a dead producer's claim (entry ABANDONED by our CAS): mark its unpublished rest
- * as one ABANDONED record.  The writer stored, before committing record j, progress =
- * (j, offset of j) and next = offset of record j+1; records before j are published. */
-static void abandon_put(sr_handle *h, uint64_t pos, uint64_t len, uint64_t items, uint64_t progress,
-                        uint64_t next) {
+/* A marker of `len` bytes at `pos` stays inside one lap of the ring. */
+static int marker_fits(const sr_handle *h, uint64_t pos, uint64_t len) {
+    return pos % SR_ALIGN == 0 && len % SR_ALIGN == 0 && len >= SR_REC_HEADER &&
+           len <= h->capacity - pos % h->capacity;
+}
+
+/* We own a dead producer's claim (entry ABANDONED by our CAS; its values read after that
+ * CAS, so final): mark its unpublished rest as ABANDONED.  The writer stored, before
+ * committing record j, progress = (j, offset of j) and next = offset of record j+1;
+ * records before j are published.  A claim that begins with padding (to the end of the
+ * lap) announced progress = (0, padding length).  Every value comes from the dead
+ * process's entry and is checked before it addresses the ring. */
+static sr_status abandon_put(sr_handle *h, uint64_t pos, uint64_t len, uint64_t items, uint64_t progress,
+                             uint64_t next) {
     uint64_t j = progress >> 40, off_j = progress & ((1ull << 40) - 1);
+    if (pos % SR_ALIGN || len % SR_ALIGN || len > h->capacity || items > len / SR_ALIGN || j > items ||
+        off_j % SR_ALIGN || off_j > len || next % SR_ALIGN || next < off_j || next > len)
+        return mark_broken(h, "claim entry {pos %llu, len %llu, items %llu, record %llu at %llu, next %llu} "
+                           "of a dead producer is out of bounds", (unsigned long long)pos, (unsigned long long)len,
+                           (unsigned long long)items, (unsigned long long)j, (unsigned long long)off_j,
+                           (unsigned long long)next);
     uint64_t end = pos + len, start, lost;
     if (off_j > 0 && j == 0 && !record_published(h, pos)) {
-        start = pos; /* not even the padding went out */
+        /* not even the padding went out: write it (it fills the lap), then abandon the
+         * records after it; one marker over both would wrap around the ring's end */
+        if (!marker_fits(h, pos, off_j) || (pos + off_j) % h->capacity != 0)
+            return mark_broken(h, "padding of %llu bytes at %llu does not end the lap", (unsigned long long)off_j,
+                               (unsigned long long)pos);
+        write_marker(h, pos, off_j, 0, SR_REC_PADDING);
+        start = pos + off_j;
         lost = items;
     } else if (off_j + pos < end && record_published(h, pos + off_j)) {
         start = pos + next; /* record j went out, j+1 (if any) did not */
@@ -872,9 +1121,13 @@ static void abandon_put(sr_handle *h, uint64_t pos, uint64_t len, uint64_t items
         start = pos + off_j;
         lost = items - j;
     }
-    if (start >= end) return; /* everything was published before the writer died */
+    if (start >= end) return SR_OK; /* everything was published before the writer died */
+    if (!marker_fits(h, start, end - start) || lost > (end - start) / SR_ALIGN)
+        return mark_broken(h, "abandoned rest [%llu, %llu) of a dead producer's claim crosses the ring's end",
+                           (unsigned long long)start, (unsigned long long)end);
     write_marker(h, start, end - start, lost, SR_REC_ABANDONED);
     atomic_fetch_add_explicit(&h->hdr->shared.abandoned, lost, memory_order_relaxed);
+    return SR_OK;
 }
 
 /* Take over claims of dead processes that block the head (an unpublished record) or the
@@ -886,19 +1139,34 @@ static void reap(sr_handle *h) {
      * model in tests/test_sage_interleavings.py). */
     sweep(h);
     u128 t = snap_cursor(&hdr->tail), hd = snap_cursor(&hdr->head);
+    if (!cursor_sane(t) || !cursor_sane(hd)) {
+        mark_broken(h, "cursor position unaligned or claim idx beyond %u (tail idx %u, head idx %u)", SR_MAX_IDX,
+                    cur_idx(t), cur_idx(hd));
+        return;
+    }
     /* make sure the last claims are recorded as CLAIMED before looking for them */
-    confirm(hdr, (uint32_t)(hi64(t) & 0xffffffffull), lo64(t), SR_KIND_PUT);
-    confirm(hdr, (uint32_t)(hi64(hd) & 0xffffffffull), lo64(hd), SR_KIND_GET);
+    confirm(hdr, cur_idx(t), lo64(t), SR_KIND_PUT);
+    confirm(hdr, cur_idx(hd), lo64(hd), SR_KIND_GET);
     uint64_t hp = lo64(hd);
     u128 f = snap_free(&hdr->free);
     uint64_t fp = lo64(f);
-    if (hi64(f) != 0 && hi64(f) - 1 < SR_MAX_BLOCKS && !block_owner_alive(hdr, (uint32_t)(hi64(f) - 1))) {
+    if (hi64(f) > SR_MAX_BLOCKS) {
+        mark_broken(h, "free cursor held by block %llu of %u", (unsigned long long)hi64(f), SR_MAX_BLOCKS);
+        return;
+    }
+    if (hi64(f) != 0 && !block_owner_alive(hdr, (uint32_t)(hi64(f) - 1))) {
         /* the sweeper died holding F: take it over; re-clearing the header is idempotent
          * because F still names this record, so nobody can have reused its space */
         uint64_t me = (uint64_t)h->block_index + 1;
         if (cas128(&hdr->free, f, mk128(fp, me))) {
             rec_hdr *rec = rec_at(h, fp);
-            uint64_t len = info_len(atomic_load_explicit(&rec->info, memory_order_relaxed));
+            uint64_t info = atomic_load_explicit(&rec->info, memory_order_relaxed), len = info_len(info);
+            if (!record_sane(h, fp, info, SR_REC_CONSUMED) || fp + len > hp) {
+                cas128(&hdr->free, mk128(fp, me), mk128(fp, 0));
+                mark_broken(h, "record at the free cursor %llu held by a dead sweeper has length %llu",
+                            (unsigned long long)fp, (unsigned long long)len);
+                return;
+            }
             atomic_store_explicit(&rec->state, 0, memory_order_relaxed);
             cas128(&hdr->free, mk128(fp, me), mk128(fp + len, 0));
             sweep(h);
@@ -916,6 +1184,7 @@ static void reap(sr_handle *h) {
             int blocks_head = st_kind(s) == SR_KIND_PUT && pos <= hp && hp < pos + len;
             int blocks_free = st_kind(s) == SR_KIND_GET && pos == fp;
             if (!blocks_head && !blocks_free) continue;
+            SR_TEST_HOOK(1); /* between the look at the entry and the liveness check */
             if (alive < 0) alive = block_owner_alive(hdr, b);
             if (alive) continue;
             /* one survivor wins the claim; the dead owner can write nothing more */
@@ -923,13 +1192,26 @@ static void reap(sr_handle *h) {
                                                          mk_state(st_seq(s), st_kind(s), SR_PH_ABANDONED),
                                                          memory_order_acq_rel, memory_order_relaxed))
                 continue;
+            /* Read the claim again now that it is ours: its owner may have published
+             * more records (moving progress/next) between our first look and its death,
+             * and abandoning from the first look's values would overwrite a published
+             * record (its item lost, its count a phantom in qsize).  The CAS matched the
+             * same seq, so this is the same claim; the owner is dead, so these values
+             * are final.  acquire (the CAS): pairs with the owner's release stores. */
+            progress = atomic_load_explicit(&en->progress, memory_order_relaxed);
+            next = atomic_load_explicit(&en->next, memory_order_relaxed);
             if (blocks_head) {
-                abandon_put(h, pos, len, items, progress, next);
+                if (abandon_put(h, pos, len, items, progress, next) != SR_OK) return;
             } else {
                 rec_hdr *rec = rec_at(h, pos);
                 uint64_t rs = atomic_load_explicit(&rec->state, memory_order_acquire);
-                if ((rs & 0xf) != SR_REC_CONSUMED) {
-                    if ((rs & 0xf) == SR_REC_COMMITTED)
+                if (!marker_fits(h, pos, len)) {
+                    mark_broken(h, "claim entry {pos %llu, len %llu} of a dead consumer is out of bounds",
+                                (unsigned long long)pos, (unsigned long long)len);
+                    return;
+                }
+                if (rs_state(rs) != SR_REC_CONSUMED) {
+                    if (rs_state(rs) == SR_REC_COMMITTED)
                         atomic_fetch_add_explicit(&hdr->shared.abandoned, 1, memory_order_relaxed);
                     consume_record(h, pos, len);
                 } else {
@@ -944,16 +1226,7 @@ static void reap(sr_handle *h) {
 
 /* ---- introspection ------------------------------------------------------------------------ */
 
-uint64_t sr_depth(const sr_handle *h) {
-    sr_header *hdr = h->hdr;
-    for (;;) {
-        u128 t = snap_cursor(&hdr->tail);
-        u128 hd = snap_cursor(&hdr->head);
-        uint32_t d = (uint32_t)((hi64(t) >> 32) - (hi64(hd) >> 32));
-        if (d <= 0x7fffffffu) return d;
-        /* H moved past our T snapshot: take a newer pair */
-    }
-}
+sr_status sr_depth(const sr_handle *h, uint64_t *depth) { return depth_of(h->hdr, depth); }
 
 void sr_read_stats(const sr_handle *h, sr_stats *out) {
     sr_header *hdr = h->hdr;

@@ -127,6 +127,8 @@ typedef enum sr_status {
     SR_ALREADY_DONE = 8,  /* commit/abort/end called twice on one claim */
     SR_INVALID = 9,       /* bad argument */
     SR_INTERRUPTED = 10,  /* not returned by the core: the Python binding's "a signal handler raised" */
+    SR_BROKEN = 11,       /* a value read from the segment failed its bounds check: queue marked broken */
+    SR_BUSY = 12,         /* sr_*_try only: every claim entry of this handle is held by another thread */
 } sr_status;
 
 /* Segment header, line by line.  Cursors are 16-byte words {pos, meta}. */
@@ -142,8 +144,9 @@ typedef struct sr_config {
     uint64_t capacity;          /* ring bytes, multiple of SR_LINE */
     uint64_t maxsize;           /* items; 0 = bounded by bytes only */
     uint32_t creator_pid;
-    _Atomic uint32_t destroyed; /* 1 once destroy() ran: every handle raises QueueClosed */
-    uint8_t pad_[SR_LINE - 40];
+    _Atomic uint32_t destroyed; /* 1 once destroy() ran: every handle raises QueueDestroyed */
+    _Atomic uint32_t broken;    /* 1 once a bounds check failed (E15): every handle raises QueueBroken */
+    uint8_t pad_[SR_LINE - 44];
 } sr_config;
 
 typedef struct sr_waitword {
@@ -226,6 +229,8 @@ typedef struct sr_handle {
     _Atomic uint64_t stall_key;  /* H.pos + F.pos where this handle last found the queue blocked */
     _Atomic int64_t stall_since; /* since when (CLOCK_MONOTONIC ns) it has found it blocked there */
     _Atomic uint32_t spin_budget; /* pause-polls a blocked call makes before yielding (adaptive) */
+    _Atomic int why_set;      /* broken_why was written (first failed check of this handle only) */
+    char broken_why[160];     /* what this handle's bounds check found (empty: found by another handle) */
 } sr_handle;
 
 /* An in-progress claim: filled by *_begin, consumed by *_commit / *_end. */
@@ -242,6 +247,8 @@ typedef struct sr_claim {
     uint64_t next;     /* puts of several records: offset of the next record to write */
     uint32_t written;  /* puts of several records: records committed so far */
     uint32_t cleared;  /* gets: the caller zeroed the payload itself (sr_copy_out_clear) */
+    uint32_t has_entry; /* `entry` is held by this claim (taken just before the announce) */
+    int64_t entry_wait; /* how long begin may wait for a free entry (see take_entry) */
 } sr_claim;
 
 /* Size of a segment holding a ring of `capacity` bytes (capacity rounded up to SR_LINE). */
@@ -264,8 +271,17 @@ void sr_detach(sr_handle *h);
 /* Mark this handle closed and wake every waiter (they re-check their own flags). */
 void sr_close(sr_handle *h);
 
-/* Mark the queue destroyed for every handle, and wake everyone. */
-void sr_destroy(sr_handle *h);
+/* Mark the queue destroyed for every handle, and wake everyone; SR_DESTROYED if it was
+ * destroyed already (by any handle), SR_OK otherwise.  Closes this handle either way. */
+sr_status sr_destroy(sr_handle *h);
+
+/* Mark the queue broken (spec E15) for every handle, e.g. when the caller finds a record's
+ * own content out of bounds, and wake everyone.  `why` is kept for this handle's errors. */
+void sr_mark_broken(sr_handle *h, const char *why);
+
+/* NULL if the queue is not marked broken; else what this handle found (or a general note
+ * when another handle or process marked it). */
+const char *sr_broken_reason(const sr_handle *h);
 
 /* Bytes a record with `payload` bytes occupies. */
 uint64_t sr_record_size(uint64_t payload);
@@ -296,6 +312,17 @@ sr_status sr_put_wait(sr_handle *h, const uint64_t *sizes, uint32_t count, uint3
 sr_status sr_get_wait(sr_handle *h, int64_t timeout_ns, sr_claim *c);
 
 /*
+ * One attempt that never waits, not even for one of the handle's claim entries: SR_BUSY
+ * when all SR_BLOCK_ENTRIES are held by other threads of this handle.  For a caller that
+ * holds a lock the entries' holders may need to finish (the Python binding's first try
+ * runs with the GIL held): on SR_BUSY it lets go of that lock and continues with
+ * sr_*_begin or sr_*_wait, which wait for an entry.  Other results as sr_*_begin with a
+ * zero timeout.
+ */
+sr_status sr_put_try(sr_handle *h, const uint64_t *sizes, uint32_t count, uint32_t flags, sr_claim *c);
+sr_status sr_get_try(sr_handle *h, sr_claim *c);
+
+/*
  * Consumer side.  sr_get_begin claims the oldest committed record (skipping
  * padding and abandoned records), waiting up to timeout_ns; c->data and
  * c->data_len point at its payload in the ring.  sr_get_end clears it and
@@ -309,8 +336,10 @@ sr_status sr_get_end(sr_handle *h, sr_claim *c);
  * sr_get_end() then skips its own clearing. */
 void sr_copy_out_clear(sr_claim *c, void *dst);
 
-/* Items in the queue (claimed puts minus claimed gets: in-flight puts count). */
-uint64_t sr_depth(const sr_handle *h);
+/* Items in the queue (claimed puts minus claimed gets: in-flight puts count) into *depth;
+ * SR_BROKEN (the queue is not marked: this also serves read-only inspection) if the cursors
+ * cannot describe a queue (head ahead of tail, more items than SR_ALIGN units between them). */
+sr_status sr_depth(const sr_handle *h, uint64_t *depth);
 
 /* Queue-wide counters: retired blocks plus every attached block. */
 void sr_read_stats(const sr_handle *h, sr_stats *out);

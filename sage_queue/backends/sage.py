@@ -50,11 +50,12 @@ MIN_CAPACITY_BYTES = 1024
 MAX_CAPACITY_BYTES = 1 << 31
 """A record's length is a 32-bit field."""
 
-# Record format flags (4 bits, see the module docstring).
-FLAG_PICKLE = 0
-FLAG_BYTES = 1
-FLAG_PARTS = 2
-FLAG_RAW = 3
+# Record format flags (4 bits, see the module docstring): defined once, in the C core, and
+# bound here when the core is loaded (_core()); validating a descriptor never loads it (SAGE3).
+FLAG_PICKLE: int
+FLAG_BYTES: int
+FLAG_PARTS: int
+FLAG_RAW: int
 
 _ATTACH_RETRIES = 50
 _PICKLE_PROTOCOL = 5
@@ -83,6 +84,9 @@ def _core() -> Any:
                         "build it with 'pip install .' or 'python setup.py build_ext --inplace'; "
                         "a C11 compiler is needed (apt-get install gcc python3-dev)",
                     ) from exc
+                global FLAG_PICKLE, FLAG_BYTES, FLAG_PARTS, FLAG_RAW
+                FLAG_PICKLE, FLAG_BYTES = _sage_core.FLAG_PICKLE, _sage_core.FLAG_BYTES
+                FLAG_PARTS, FLAG_RAW = _sage_core.FLAG_PARTS, _sage_core.FLAG_RAW
                 _core_module = _sage_core
     return _core_module
 
@@ -178,9 +182,10 @@ class SAGEQueueStub(QueueStub):
 
     @staticmethod
     def _wait_initialised(core: Any, seg: _segment.Segment) -> None:
-        # The creator ftruncates, then writes the header, the magic last.
+        # The creator ftruncates, then writes the header, the magic last: wait while the
+        # magic is still 0; a wrong one is not a ring of ours (IncompatibleQueue at once).
         deadline = time.monotonic() + 2.0
-        while "error" in core.inspect(seg.buf) and time.monotonic() < deadline:
+        while core.inspect(seg.buf).get("initialising") and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def _reattach_after_fork(self) -> None:
@@ -190,44 +195,29 @@ class SAGEQueueStub(QueueStub):
         assert self._segment is not None
         self._ring = _core().Ring(self._segment.buf, False, self._want_capacity, self._want_maxsize, os.getpid())
 
-    # -- the hot path -------------------------------------------------------------------
-    # put/get are QueueStub's, inlined: same checks in the same order (timeout first, then
-    # closed), minus two Python call layers per item.
+    # -- the hooks ------------------------------------------------------------------------
+    # The front (QueueStub) checks arguments and the closed flag, then calls these; the C
+    # core checks the queue's destroyed and broken flags on every call.
 
-    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-        """Put ``item`` exactly like :meth:`queue.Queue.put` (see :meth:`QueueStub.put`)."""
-        seconds = None if block and timeout is None else normalize_timeout(block, timeout)
-        if self._closed:
-            self._check_open()
+    def _put(self, item: Any, timeout: Optional[float]) -> None:
+        ring = self._ring
         kind = type(item)
         if kind is bytes:
-            self._ring.put(item, FLAG_BYTES, seconds)
+            ring.put(item, FLAG_BYTES, timeout)
             return
         if kind in _INBAND_FIRST:
             # Plain values and containers: pickling without a buffer callback is cheaper,
             # and only a big result can hide an out-of-band buffer worth a second pass.
             data = _dumps(item, _PICKLE_PROTOCOL)
             if kind in _NO_BUFFERS or len(data) < _OOB_MIN:
-                self._ring.put(data, FLAG_PICKLE, seconds)
+                ring.put(data, FLAG_PICKLE, timeout)
                 return
         buffers: list[pickle.PickleBuffer] = []
         data = _dumps(item, _PICKLE_PROTOCOL, buffer_callback=buffers.append)
         if buffers:
-            self._ring.put_parts([data, *buffers], FLAG_PARTS, seconds)
+            ring.put_parts([data, *buffers], FLAG_PARTS, timeout)
         else:
-            self._ring.put(data, FLAG_PICKLE, seconds)
-
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
-        """Remove and return the oldest item exactly like :meth:`queue.Queue.get`."""
-        seconds = None if block and timeout is None else normalize_timeout(block, timeout)
-        if self._closed:
-            self._check_open()
-        return self._ring.get_item(seconds)
-
-    # -- the hooks ------------------------------------------------------------------------
-
-    def _put(self, item: Any, timeout: Optional[float]) -> None:
-        self.put(item, True, timeout)
+            ring.put(data, FLAG_PICKLE, timeout)
 
     def _get(self, timeout: Optional[float]) -> Any:
         return self._ring.get_item(timeout)
@@ -239,6 +229,8 @@ class SAGEQueueStub(QueueStub):
         self._ring.put_items(items, timeout)
 
     def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
+        # An item that fails to unpickle after good ones: the good ones are returned, its
+        # error is raised by this handle's next get-type call (SAGE14).
         items: list[Any] = self._ring.get_items(max_items, timeout)
         return items
 
@@ -254,9 +246,11 @@ class SAGEQueueStub(QueueStub):
 
     def _close(self) -> None:
         ring, seg = self._ring, self._segment
-        if ring is not None:
-            ring.close()
-        if seg is not None:
+        # The ring lets go of the mapping at once, or (an operation still in flight: another
+        # thread's, or this thread's own when a signal handler closes the queue) when that
+        # operation ends; the mapping is then unmapped with this object.
+        released = ring.close() if ring is not None else True
+        if seg is not None and released:
             seg.close()
 
     def _destroy(self) -> None:
@@ -297,6 +291,14 @@ class SAGEQueueStub(QueueStub):
             self._ring.put_many(batch, bytes([FLAG_RAW]) * len(batch), seconds)
 
 
+def __getattr__(name: str) -> Any:
+    # FLAG_* are the C core's constants, bound by _core(); reading one from outside before
+    # any handle exists loads the core (PEP 562 module __getattr__).
+    if name in ("FLAG_PICKLE", "FLAG_BYTES", "FLAG_PARTS", "FLAG_RAW"):
+        return getattr(_core(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _Retry(Exception):
     """The segment was destroyed while attaching: open the name again."""
 
@@ -309,10 +311,15 @@ def describe_segment(name: str) -> _segment.SegmentInfo:
         info = core.inspect(seg.buf)
         if "error" in info:
             return _segment.SegmentInfo(SEGMENT_KIND, name, seg.size, None, (), note=info["error"])
+        notes = []
+        if info["destroyed"]:
+            notes.append("destroyed, still mapped by some process")
+        if info["broken"] or info["depth"] is None:
+            notes.append("broken: corrupt header (spec E15)")
+        depth = info["depth"]
         return _segment.SegmentInfo(
-            SEGMENT_KIND, name, seg.size, int(info["depth"]), tuple(info["pids"]),
-            creator_pid=int(info["creator_pid"]), format_version=int(info["version"]),
-            note="destroyed, still mapped by some process" if info["destroyed"] else "",
+            SEGMENT_KIND, name, seg.size, None if depth is None else int(depth), tuple(info["pids"]),
+            creator_pid=int(info["creator_pid"]), format_version=int(info["version"]), note="; ".join(notes),
         )
     finally:
         seg.close()

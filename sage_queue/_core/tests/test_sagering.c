@@ -8,6 +8,14 @@
  * stage a claimer that "died" at a chosen step).  A dead participant is simulated by
  * a handle whose block carries the pid of a process that has exited and been reaped.
  */
+/* Test hooks (see SR_TEST_HOOK in sagering.c): a test sets `hook` to run its code at
+ * a chosen step of the core, widening a race window to a certainty. */
+static void (*hook)(int point);
+#define SR_TEST_HOOK(point) \
+    do {                    \
+        if (hook) hook(point); \
+    } while (0)
+
 #include "../sagering.c"
 
 #include <assert.h>
@@ -66,6 +74,12 @@ static sr_status get1(sr_handle *h, void *out, uint64_t *n, int64_t timeout) {
 }
 
 /* ---- fixtures ------------------------------------------------------------------------ */
+
+/* The queue's depth; UINT64_MAX if sr_depth() found the cursors corrupt. */
+static uint64_t depth(const sr_handle *h) {
+    uint64_t d;
+    return sr_depth(h, &d) == SR_OK ? d : UINT64_MAX;
+}
 
 /* A handle of this process on the segment. */
 static void open_here(sr_handle *h, seg_t s) { CHECK(sr_open(h, s.base, s.size, (uint32_t)getpid()) == SR_OK); }
@@ -184,7 +198,7 @@ static void test_basic_and_wrap(void) {
     }
     while (get1(h, out, &n, 0) == SR_OK) {
     }
-    CHECK(sr_depth(h) == 0);
+    CHECK(depth(h) == 0);
     /* a full ring refuses, an impossible record is TOO_BIG, a timeout is a timeout */
     int count = 0;
     while (put1(h, buf, 200, 0) == SR_OK) count++;
@@ -212,7 +226,7 @@ static void test_basic_and_wrap(void) {
     sr_stats st;
     sr_read_stats(h, &st);
     CHECK(st.abandoned == 1);
-    CHECK(sr_depth(h) == 0);
+    CHECK(depth(h) == 0);
     ring_teardown(&r);
 }
 
@@ -271,12 +285,12 @@ static void test_maxsize_and_batch(void) {
     CHECK(put1(h, buf, 8, 0) == SR_OK);
     CHECK(put1(h, buf, 8, 0) == SR_OK);
     CHECK(put1(h, buf, 8, 0) == SR_WOULD_BLOCK);
-    CHECK(sr_depth(h) == 5);
+    CHECK(depth(h) == 5);
     for (int i = 0; i < 3; i++) {
         CHECK(get1(h, out, &n, 0) == SR_OK);
         CHECK(n == sizes[i] && out[0] == 'a' + i);
     }
-    CHECK(sr_depth(h) == 2);
+    CHECK(depth(h) == 2);
     ring_teardown(&r);
 }
 
@@ -368,7 +382,7 @@ static void test_mpmc_threads(uint64_t capacity, uint64_t maxsize) {
     CHECK(dup == 0);
     sr_handle h;
     open_here(&h, s);
-    CHECK(sr_depth(&h) == 0);
+    CHECK(depth(&h) == 0);
     sr_stats st;
     sr_read_stats(&h, &st);
     CHECK(st.puts == PRODUCERS * PER_PRODUCER && st.gets == PRODUCERS * PER_PRODUCER && st.abandoned == 0);
@@ -402,7 +416,7 @@ static void test_dead_producer_after_claim(void) {
     CHECK(get1(live, out, &n, 500000000) == SR_OK);
     CHECK(n == 5 && memcmp(out, "after", 5) == 0);
     CHECK(abandoned_count(live) == 1);
-    CHECK(sr_depth(live) == 0);
+    CHECK(depth(live) == 0);
     put_get_rounds(live, 100, 1000, 0); /* the ring keeps working over many laps */
     dead_teardown(&f);
 }
@@ -424,7 +438,7 @@ static void test_dead_producer_unconfirmed_announce(void) {
     uint64_t n;
     CHECK(get1(live, out, &n, 300000000) == SR_TIMEOUT); /* reaped, then truly empty */
     CHECK(abandoned_count(live) == 1);
-    CHECK(sr_depth(live) == 0);
+    CHECK(depth(live) == 0);
     CHECK(put1(live, "x", 1, 0) == SR_OK);
     CHECK(get1(live, out, &n, 0) == SR_OK && n == 1);
     dead_teardown(&f);
@@ -448,8 +462,189 @@ static void test_dead_producer_mid_batch(void) {
     CHECK(get1(live, out, &n, 0) == SR_OK && n == 20 && out[0] == 'b');
     CHECK(get1(live, out, &n, 500000000) == SR_OK && n == 4 && memcmp(out, "tail", 4) == 0);
     CHECK(abandoned_count(live) == 2);
-    CHECK(sr_depth(live) == 0);
+    CHECK(depth(live) == 0);
     dead_teardown(&f);
+}
+
+/* The reaper read a dead producer's entry, then (before its liveness check) the producer
+ * published two more records and died with one left: the reaper must abandon only that
+ * one.  With the values of its first look it marked ABANDONED over records 1 and 2, which
+ * were published (items lost, counted as 3 abandoned).  The hook runs the producer's
+ * commits inside the reaper's window. */
+static struct {
+    sr_handle *dead;
+    sr_claim *c;
+    const uint64_t *sizes;
+    int fired;
+} late_commit;
+
+static void commit_two_more(int point) {
+    if (point != 1 || late_commit.fired) return;
+    late_commit.fired = 1;
+    for (int i = 1; i < 3; i++) {
+        memset(sr_put_record(late_commit.dead, late_commit.c, late_commit.sizes[i]), 'a' + i, late_commit.sizes[i]);
+        sr_put_commit_one(late_commit.dead, late_commit.c, late_commit.sizes[i]);
+    }
+}
+
+static void test_reaper_rereads_the_claim_it_won(void) {
+    dead_fixture f;
+    dead_setup(&f, 8192);
+    sr_handle *live = &f.live, *dead = &f.dead;
+    uint64_t sizes[4] = {10, 20, 30, 40};
+    sr_claim c;
+    CHECK(sr_put_begin(dead, sizes, 4, 0, 0, &c) == SR_OK);
+    memset(sr_put_record(dead, &c, sizes[0]), 'a', sizes[0]);
+    sr_put_commit_one(dead, &c, sizes[0]);
+    char out[64];
+    uint64_t n;
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 10 && out[0] == 'a');
+    late_commit.dead = dead;
+    late_commit.c = &c;
+    late_commit.sizes = sizes;
+    late_commit.fired = 0;
+    hook = commit_two_more;
+    /* blocked at record 1: the stall makes the live handle reap, and the hook fires */
+    CHECK(get1(live, out, &n, 500000000) == SR_OK && n == 20 && out[0] == 'b');
+    hook = NULL;
+    CHECK(late_commit.fired);
+    CHECK(get1(live, out, &n, 0) == SR_OK && n == 30 && out[0] == 'c');
+    CHECK(get1(live, out, &n, 300000000) == SR_TIMEOUT);
+    CHECK(abandoned_count(live) == 1);
+    CHECK(depth(live) == 0);
+    dead_teardown(&f);
+}
+
+/* Two attachers must never own one participant block.  Attacher A takes a dead owner's
+ * block; in the window between its pid CAS and its start-time store, attacher B looks.
+ * B used to read A's (live) pid with the dead owner's start time, call it "pid reused"
+ * and take the block too.  The hook runs B's attach inside A's window. */
+static struct {
+    seg_t s;
+    sr_handle b;
+    sr_status b_status;
+    int fired;
+} window_attach;
+
+static void attach_in_window(int point) {
+    if (point != 2 || window_attach.fired) return;
+    window_attach.fired = 1;
+    window_attach.b_status = sr_open(&window_attach.b, window_attach.s.base, window_attach.s.size, (uint32_t)getpid());
+}
+
+static void test_no_two_owners_of_one_block(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle hs[SR_MAX_BLOCKS], a;
+    for (uint32_t i = 0; i < SR_MAX_BLOCKS; i++) CHECK(sr_open(&hs[i], s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    /* block 5's owner died: a pid that is gone, with some start time of its own */
+    atomic_store(&hs[5].block->pid, dead_pid());
+    atomic_store(&hs[5].block->start_time, 12345);
+    window_attach.s = s;
+    window_attach.fired = 0;
+    hook = attach_in_window;
+    CHECK(sr_open(&a, s.base, s.size, (uint32_t)getpid()) == SR_OK);
+    hook = NULL;
+    CHECK(window_attach.fired);
+    CHECK(a.block_index == 5);
+    CHECK(window_attach.b_status == SR_NO_BLOCK); /* was SR_OK with b.block_index == 5 */
+    free_segment(s);
+}
+
+/* Corrupt cursors, entries and record headers never make the core read or write outside
+ * the segment (AddressSanitizer watches: the segment is the exact mapping) or loop forever:
+ * each gives SR_BROKEN (the queue marked, for every handle) or a plain result. */
+static void test_corruption_is_contained(void) {
+    for (int round = 0; round < 12; round++) {
+        ring_fixture r;
+        ring_setup(&r, 4096, 0);
+        sr_handle *h = &r.h;
+        h->grace_ns = 0;
+        char buf[300] = {0}, out[4096];
+        uint64_t n;
+        for (int i = 0; i < 5; i++) CHECK(put1(h, buf, 100 + 40 * (uint64_t)i, 0) == SR_OK);
+        CHECK(get1(h, out, &n, 0) == SR_OK);
+        sr_header *hdr = h->hdr;
+        rec_hdr *head_rec = rec_at(h, atomic_load(&hdr->head.pos));
+        switch (round) {
+        case 0: atomic_store(&head_rec->info, mk_info(1u << 28, 1, 0)); break;   /* 256 MiB record */
+        case 1: atomic_store(&head_rec->info, mk_info(8, 1, 0)); break;          /* shorter than a header */
+        case 2: atomic_store(&head_rec->info, mk_info(4096, 1, 0)); break;       /* crosses the ring's end */
+        case 3: atomic_store(&hdr->tail.meta, ((uint64_t)5 << 32) | 60000u); break; /* claim idx out of range */
+        case 4: atomic_store(&hdr->head.meta, ((uint64_t)900 << 32)); break;     /* head items > tail items */
+        case 5: atomic_store(&hdr->head.pos, atomic_load(&hdr->head.pos) + 8); break; /* unaligned head */
+        case 6: atomic_store(&hdr->free.pos, atomic_load(&hdr->tail.pos) + 4096); break; /* F past T */
+        case 7: atomic_store(&hdr->free.meta, 999); break;                       /* F held by no block */
+        case 8: atomic_store(&head_rec->state, atomic_load(&hdr->head.pos) | SR_REC_CONSUMED); break;
+        case 9: break; /* control: no corruption, nothing is broken */
+        case 10: { /* a dead producer's claim entry blocking the head, with lying values */
+            sr_handle d;
+            open_as_dead(&d, r.s);
+            uint64_t sz = 50;
+            sr_claim c;
+            CHECK(sr_put_begin(&d, &sz, 1, 0, 0, &c) == SR_OK);
+            sr_entry *en = &d.block->entries[c.entry];
+            atomic_store(&en->len, 1u << 30);
+            atomic_store(&en->progress, 7);
+            break;
+        }
+        default: { /* a consumed record at F claiming to be longer than what H passed */
+            rec_hdr *fr = rec_at(h, atomic_load(&hdr->free.pos));
+            atomic_store(&fr->info, mk_info(2048, 1, 0));
+            atomic_store(&fr->state, atomic_load(&hdr->free.pos) | SR_REC_CONSUMED);
+            break;
+        }
+        }
+        sr_status last = SR_OK;
+        for (int op = 0; op < 40 && last != SR_BROKEN; op++) {
+            last = (op % 2) ? put1(h, buf, 200, 2000000) : get1(h, out, &n, 2000000);
+            if (last == SR_OK && op % 2 == 0) CHECK(n <= sizeof out);
+            CHECK(last == SR_OK || last == SR_TIMEOUT || last == SR_WOULD_BLOCK || last == SR_BROKEN);
+        }
+        uint64_t d;
+        if (sr_depth(h, &d) != SR_OK) sr_mark_broken(h, "depth"); /* as the binding does */
+        if (round != 9) CHECK(broken(h));
+        if (round == 9) CHECK(!broken(h));
+        if (broken(h)) {
+            CHECK(sr_broken_reason(h) != NULL);
+            CHECK(put1(h, buf, 10, 0) == SR_BROKEN); /* every later operation says so */
+        }
+        ring_teardown(&r);
+    }
+}
+
+/* More threads than claim entries on one handle: all finish (none spins for an entry that
+ * a sleeping waiter holds), producers and consumers, blocking. */
+#define CROWD 48
+#define CROWD_ITEMS 2000
+static void *crowd_thread(void *p) {
+    sr_handle *h = ((void **)p)[0];
+    intptr_t i = (intptr_t)((void **)p)[1];
+    char buf[32] = {0}, out[64];
+    uint64_t n;
+    for (int k = 0; k < CROWD_ITEMS; k++) {
+        sr_status st = (i % 2) ? put1(h, buf, 8 + (uint64_t)(k % 20), -1) : get1(h, out, &n, -1);
+        if (st != SR_OK) return (void *)1;
+    }
+    return NULL;
+}
+
+static void test_more_threads_than_entries(void) {
+    ring_fixture r;
+    ring_setup(&r, 2048, 0);
+    pthread_t th[CROWD];
+    void *args[CROWD][2];
+    for (intptr_t i = 0; i < CROWD; i++) {
+        args[i][0] = &r.h;
+        args[i][1] = (void *)i;
+        pthread_create(&th[i], NULL, crowd_thread, args[i]);
+    }
+    for (int i = 0; i < CROWD; i++) {
+        void *res;
+        pthread_join(th[i], &res);
+        CHECK(res == NULL);
+    }
+    CHECK(depth(&r.h) == 0);
+    ring_teardown(&r);
 }
 
 static void test_dead_consumer_mid_read(void) {
@@ -500,7 +695,7 @@ static void test_pollers_reap_a_dead_producer(void) {
     sr_status st = poll_until_not_blocked(live, 0, out, &n);
     CHECK(st == SR_OK && n == 5 && memcmp(out, "after", 5) == 0);
     CHECK(abandoned_count(live) == 1);
-    CHECK(sr_depth(live) == 0);
+    CHECK(depth(live) == 0);
     dead_teardown(&f);
 }
 
@@ -607,6 +802,10 @@ int main(void) {
     test_dead_producer_after_claim();
     test_dead_producer_unconfirmed_announce();
     test_dead_producer_mid_batch();
+    test_reaper_rereads_the_claim_it_won();
+    test_no_two_owners_of_one_block();
+    test_corruption_is_contained();
+    test_more_threads_than_entries();
     test_dead_consumer_mid_read();
     test_dead_consumer_before_its_sweep();
     test_dead_sweeper_holding_free();
