@@ -98,6 +98,37 @@ def _churn(desc_json: str) -> None:
             announced = True
 
 
+def _outlive_destroy(desc_json: str) -> None:
+    """Two handles; say ``ready`` with a get() blocked on the first; print (JSON) how that get ended and how
+    an operation on the second ended once the parent destroyed the queue."""
+    import threading
+
+    from sage_queue import resolve_descriptor
+
+    blocked, other = resolve_descriptor(desc_json), resolve_descriptor(desc_json)
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        start = time.monotonic()
+        try:
+            blocked.get(timeout=_CHILD_WAIT_S)
+            outcome["woken"] = "returned an item"
+        except Exception as exc:  # reported to the parent, which judges it
+            outcome["woken"] = type(exc).__name__
+        outcome["blocked_for"] = time.monotonic() - start
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    print("ready", flush=True)
+    waiter.join(_CHILD_WAIT_S + 5)
+    try:
+        other.qsize()
+        outcome["next_op"] = "returned"
+    except Exception as exc:  # reported to the parent
+        outcome["next_op"] = type(exc).__name__
+    print(json.dumps(outcome), flush=True)
+
+
 def _try_resolve(desc_json: str, pickled_b64: str) -> None:
     """Print, for the JSON and (if given) the pickled handle, the outcome of resolving it here."""
     from sage_queue import resolve_descriptor
@@ -127,6 +158,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _consume(rest[0])
     elif mode == "churn":
         _churn(rest[0])
+    elif mode == "outlive_destroy":
+        _outlive_destroy(rest[0])
     elif mode == "resolve":
         _try_resolve(rest[0], rest[1] if len(rest) > 1 else "")
     else:

@@ -1173,6 +1173,38 @@ class QueueConformance:
             _raises(_call(op, 2.0 * self.ts), QueueDestroyed, f"{name}() on another handle after destroy() (E13)")
         _raises(_call(again.destroy, 2.0 * self.ts), QueueDestroyed, "a second destroy(), through another handle (E13)")
 
+    @requires("close", "cross_process")
+    @clause("E13", "Q24")
+    def test_destroyed_in_another_process(self) -> None:
+        """destroy() here: in another process, a get() blocked on a handle of the queue and the next operation
+        on another handle raise QueueDestroyed (E13: "through any handle, in any process")."""
+        q = self.make(1)
+        desc = self.need_descriptor(q)
+        child = _children.start_child("outlive_destroy", desc.to_json())
+        try:
+            line = _call(child.stdout.readline, 20.0 * self.ts)  # type: ignore[union-attr]
+            assert line.finished and line.value == "ready\n", f"the child did not start: {line!r}"
+            time.sleep(0.2 * self.ts)  # its get() is blocked by now (or soon: destroy must wake it either way)
+            q.destroy()
+            report = _call(child.stdout.readline, 30.0 * self.ts)  # type: ignore[union-attr]
+            assert report.finished and report.value, f"the child did not report: {report!r}"
+        finally:
+            _children.stop_child(child, grace=5.0)
+        outcome = json.loads(report.value)
+        assert outcome.get("woken") == "QueueDestroyed", (
+            f"a get() blocked in another process when the queue was destroyed ended with {outcome.get('woken')} "
+            f"after {outcome.get('blocked_for', 0):.2f}s, not QueueDestroyed (E13)"
+        )
+        bound = 0.2 * self.ts + CLOSE_WAKEUP_S * self.ts + 0.5
+        assert outcome["blocked_for"] <= bound + 1.0 * self.ts, (
+            f"the blocked get() in another process was woken {outcome['blocked_for']:.2f}s after it started, "
+            f"more than {bound:.2f}s after the destroy (Q24)"
+        )
+        assert outcome.get("next_op") == "QueueDestroyed", (
+            f"qsize() in another process after destroy() ended with {outcome.get('next_op')}, not QueueDestroyed "
+            f"(E13)"
+        )
+
     @requires("close")
     @clause("Q25")
     def test_context_manager(self) -> None:
