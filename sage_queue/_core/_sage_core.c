@@ -33,20 +33,11 @@ static PyObject *Full, *Empty, *QueueClosed, *QueueDestroyed, *QueueBroken, *pic
  * FLAG_PICKLE etc.: one definition. */
 enum { FMT_PICKLE = 0, FMT_BYTES = 1, FMT_PARTS = 2, FMT_RAW = 3 };
 
-/*
- * Multi-part record (FMT_PARTS: a pickle with out-of-band buffers), payload layout:
- *
- *   0             +----------------------------------+
- *                 | u32 n (parts) | u32 0 (reserved) |
- *   PARTS_TABLE   +----------------------------------+
- *                 | u64 length of part 0 ... n-1     |   n entries
- *   parts_data(n) +----------------------------------+
- *                 | part 0 (the pickle), part 1 ...  |   back to back, unaligned
- *                 +----------------------------------+
- */
-#define PARTS_COUNT_OFFSET 0u /* u32: number of parts */
-#define PARTS_TABLE_OFFSET 8u /* u64 lengths, one per part */
-static inline uint64_t parts_data_offset(uint64_t n) { return PARTS_TABLE_OFFSET + 8u * n; }
+/* Multi-part record (FMT_PARTS: a pickle with out-of-band buffers): layout drawn in
+ * sagering.h (SR_PARTS_*). */
+#define PARTS_COUNT_OFFSET SR_PARTS_COUNT_OFFSET
+#define PARTS_TABLE_OFFSET SR_PARTS_TABLE_OFFSET
+#define parts_data_offset sr_parts_data_offset
 
 /* Fields of the 8-tuple Ring.stats() returns, in order. */
 enum { STAT_PUTS, STAT_GETS, STAT_BYTES_IN, STAT_BYTES_OUT, STAT_WAITS, STAT_ABANDONED, STAT_DEPTH,
@@ -427,11 +418,11 @@ static void write_parts(RingObject *self, sr_claim *c, const void *ctx) {
     const parts_record *p = ctx;
     uint8_t *dst = sr_put_record(&self->h, c, p->size);
     uint32_t hdr[2] = {(uint32_t)p->n, 0};
-    memcpy(dst, hdr, 8);
-    uint64_t off = 8 + 8 * (uint64_t)p->n;
+    memcpy(dst + PARTS_COUNT_OFFSET, hdr, PARTS_TABLE_OFFSET);
+    uint64_t off = parts_data_offset((uint64_t)p->n);
     for (Py_ssize_t i = 0; i < p->n; i++) {
         uint64_t len = (uint64_t)p->bufs[i].len;
-        memcpy(dst + 8 + 8 * i, &len, 8);
+        memcpy(dst + PARTS_TABLE_OFFSET + 8 * (uint64_t)i, &len, 8);
         copy_maybe_nogil(dst + off, p->bufs[i].buf, (size_t)len);
         off += len;
     }
@@ -458,7 +449,7 @@ static PyObject *Ring_put_parts(RingObject *self, PyObject *const *args, Py_ssiz
         goto out;
     }
     if (get_buffers(seq, rec.n, rec.bufs, PyBUF_ANY_CONTIGUOUS, &got) < 0) goto out;
-    rec.size = 8 + 8 * (uint64_t)rec.n;
+    rec.size = parts_data_offset((uint64_t)rec.n);
     for (Py_ssize_t i = 0; i < rec.n; i++) rec.size += (uint64_t)rec.bufs[i].len;
     result = put_claimed(self, &put, timeout, write_parts, &rec);
 out:

@@ -347,7 +347,7 @@ static int block_reclaimable(sr_header *hdr, uint32_t b) {
 }
 
 static void retire_block_stats(sr_header *hdr, sr_block *blk) {
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < SR_STAT_COUNT; i++) {
         uint64_t v = atomic_exchange_explicit(&blk->stats[i], 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&hdr->shared.retired[i], v, memory_order_relaxed);
     }
@@ -698,7 +698,7 @@ static sr_status pause_or_sleep(sr_handle *h, sr_waitword *w, int64_t deadline, 
 }
 
 static void count_wait(sr_handle *h) {
-    atomic_fetch_add_explicit(&h->block->stats[4], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_WAITS], 1, memory_order_relaxed);
 }
 
 static void reap(sr_handle *h); /* below */
@@ -888,8 +888,8 @@ sr_status sr_put_commit_one(sr_handle *h, sr_claim *c, uint64_t size) {
     atomic_store_explicit(&r->info, mk_info(rsz, 1, (slack << 4) | c->flags), memory_order_relaxed);
     /* release: the payload and info happen-before a consumer's acquire of the state */
     atomic_store_explicit(&r->state, rpos | SR_REC_COMMITTED, memory_order_release);
-    atomic_fetch_add_explicit(&h->block->stats[0], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&h->block->stats[2], size, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_PUTS], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_BYTES_IN], size, memory_order_relaxed);
     c->written++;
     c->next += rsz;
     if (c->written == c->items) put_done(h, c);
@@ -1032,8 +1032,8 @@ sr_status sr_get_end(sr_handle *h, sr_claim *c) {
     finish_entry(&h->block->entries[c->entry]);
     drop_entry(h, c);
     c->done = 1;
-    atomic_fetch_add_explicit(&h->block->stats[1], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&h->block->stats[3], c->data_len, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_GETS], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_BYTES_OUT], c->data_len, memory_order_relaxed);
     wake_if_waiting(&h->hdr->space);
     return SR_OK;
 }
@@ -1230,18 +1230,18 @@ sr_status sr_depth(const sr_handle *h, uint64_t *depth) { return depth_of(h->hdr
 
 void sr_read_stats(const sr_handle *h, sr_stats *out) {
     sr_header *hdr = h->hdr;
-    uint64_t v[5];
-    for (int i = 0; i < 5; i++) v[i] = atomic_load_explicit(&hdr->shared.retired[i], memory_order_relaxed);
+    uint64_t v[SR_STAT_COUNT];
+    for (int i = 0; i < SR_STAT_COUNT; i++) v[i] = atomic_load_explicit(&hdr->shared.retired[i], memory_order_relaxed);
     for (uint32_t b = 0; b < SR_MAX_BLOCKS; b++) {
         sr_block *blk = block_at(hdr, b);
         if (atomic_load_explicit(&blk->pid, memory_order_relaxed) == 0) continue;
-        for (int i = 0; i < 5; i++) v[i] += atomic_load_explicit(&blk->stats[i], memory_order_relaxed);
+        for (int i = 0; i < SR_STAT_COUNT; i++) v[i] += atomic_load_explicit(&blk->stats[i], memory_order_relaxed);
     }
-    out->puts = v[0];
-    out->gets = v[1];
-    out->bytes_in = v[2];
-    out->bytes_out = v[3];
-    out->waits = v[4];
+    out->puts = v[SR_STAT_PUTS];
+    out->gets = v[SR_STAT_GETS];
+    out->bytes_in = v[SR_STAT_BYTES_IN];
+    out->bytes_out = v[SR_STAT_BYTES_OUT];
+    out->waits = v[SR_STAT_WAITS];
     out->abandoned = atomic_load_explicit(&hdr->shared.abandoned, memory_order_relaxed);
 }
 

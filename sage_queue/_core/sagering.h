@@ -66,6 +66,20 @@
  *   state word, so a record whose producer has not yet committed always reads
  *   as state 0.  (Info words, never 16-aligned, are left as they were.)
  */
+/*
+ * Multi-part record (format flag 2, written and read by the Python binding only: a pickle
+ * with out-of-band buffers, all in one record's payload):
+ *
+ *   0                      +-----------------------------------+
+ *                          | u32 n (parts)  | u32 0 (reserved) |
+ *   SR_PARTS_TABLE_OFFSET  +-----------------------------------+
+ *                          | u64 length of part 0 .. n-1       |  n entries
+ *   sr_parts_data_offset(n)+-----------------------------------+
+ *                          | part 0 (the pickle), part 1 ...   |  back to back, unaligned
+ *                          +-----------------------------------+
+ *
+ *   A reader checks the whole table against the payload length before it copies anything.
+ */
 #ifndef SAGERING_H
 #define SAGERING_H
 
@@ -95,6 +109,11 @@
 #define SR_BLOCKS_OFFSET 4096u /* participant blocks */
 #define SR_BLOCK_SIZE ((1u + SR_BLOCK_ENTRIES) * SR_LINE)
 #define SR_DATA_OFFSET (SR_BLOCKS_OFFSET + SR_MAX_BLOCKS * SR_BLOCK_SIZE)
+
+/* ---- multi-part record payload (see the drawing above) ---------------------------- */
+#define SR_PARTS_COUNT_OFFSET 0u /* u32: number of parts */
+#define SR_PARTS_TABLE_OFFSET 8u /* u64 lengths, one per part */
+static inline uint64_t sr_parts_data_offset(uint64_t n) { return SR_PARTS_TABLE_OFFSET + 8u * n; }
 
 /* ---- record states (low 4 bits of a record's state word) -------------------------- */
 enum sr_rec_state {
@@ -155,14 +174,17 @@ typedef struct sr_waitword {
     uint8_t pad_[SR_LINE - 8];
 } sr_waitword;
 
+/* Indexes of a block's (and the retired) counters. */
+enum sr_stat_index { SR_STAT_PUTS, SR_STAT_GETS, SR_STAT_BYTES_IN, SR_STAT_BYTES_OUT, SR_STAT_WAITS, SR_STAT_COUNT };
+
 typedef struct sr_stats {
     uint64_t puts, gets, bytes_in, bytes_out, waits, abandoned;
 } sr_stats;
 
 typedef struct sr_shared {
     _Atomic uint64_t abandoned;     /* items lost to dead claimers or aborts */
-    _Atomic uint64_t retired[5];    /* puts, gets, bytes_in, bytes_out, waits of closed/dead blocks */
-    uint8_t pad_[SR_LINE - 48];
+    _Atomic uint64_t retired[SR_STAT_COUNT]; /* sr_stat_index counters of closed/dead blocks */
+    uint8_t pad_[SR_LINE - 8 - 8 * SR_STAT_COUNT];
 } sr_shared;
 
 typedef struct sr_header {
@@ -192,8 +214,8 @@ typedef struct sr_block {
     _Atomic uint32_t pid;       /* owner process, 0 = free */
     uint32_t pad0_;
     _Atomic uint64_t start_time; /* owner's start time (clock ticks since boot): pid reuse guard */
-    _Atomic uint64_t stats[5];  /* puts, gets, bytes_in, bytes_out, waits; owner writes */
-    uint8_t pad_[SR_LINE - 56];
+    _Atomic uint64_t stats[SR_STAT_COUNT]; /* sr_stat_index counters; the owner writes */
+    uint8_t pad_[SR_LINE - 16 - 8 * SR_STAT_COUNT];
     sr_entry entries[SR_BLOCK_ENTRIES];
 } sr_block;
 
