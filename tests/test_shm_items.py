@@ -95,3 +95,38 @@ def test_any_maxsize_that_passes_validation_works(make: Callable[..., Any], maxs
     again.put(pickle.dumps(1))
     assert q.get(timeout=5) == pickle.dumps(1)
     again.close()
+
+
+def _payload_for_record(size: int) -> bytes:
+    """A bytes item whose record (length word + pickle + padding) takes exactly ``size`` bytes."""
+    for k in range(size):
+        if 8 + ((len(pickle.dumps(b"x" * k, pickle.HIGHEST_PROTOCOL)) + 7) & ~7) == size:
+            return b"x" * k
+    raise AssertionError(size)
+
+
+@pytest.mark.spec("SHM8", "SHM10")
+@pytest.mark.parametrize("how", ["get", "get_many"])
+@pytest.mark.parametrize("first", [56, 48, 40])
+@pytest.mark.parametrize("second", [b"", b"ab", b"z" * 20])
+def test_records_split_at_every_place_by_the_ring_end(
+    make: Callable[..., Any], how: str, first: int, second: bytes
+) -> None:
+    # capacity 64, empty: a first record of 56 bytes puts the next length word in the ring's
+    # last 8 bytes and its payload at offset 0; 48 and 40 split the payload itself.
+    q = make(capacity_bytes=64)
+    filler = _payload_for_record(first)
+    q.put(filler)
+    assert q.get(timeout=5) == filler
+    q.put(second)
+    if how == "get":
+        assert q.get(timeout=5) == second
+    else:
+        assert q.get_many(5, timeout=5) == [second]
+    # The exact bytes copied out (unpickling ignores trailing bytes, so compare the record).
+    q.put(filler)
+    q.get(timeout=5)
+    q.put(second)
+    assert q._take(1, 5.0, False) == [pickle.dumps(second, pickle.HIGHEST_PROTOCOL)]
+    q.put(filler[: first // 4])  # and the ring goes on from wherever that left it
+    assert q.get_many(5, timeout=5) == [filler[: first // 4]]

@@ -626,6 +626,7 @@ class SharedMemoryQueueStub(QueueStub):
         # Hot path: helpers inlined, as in _put_records.
         buf = self._buf
         capacity = self._capacity
+        maxsize = self._maxsize_bound
         unpack_u64 = _unpack_u64
         thread_lock = self._thread_locks[CONSUMER]
         lock_call, lock_arg, unlock_arg = SIDE_LOCKS[CONSUMER]
@@ -651,27 +652,31 @@ class SharedMemoryQueueStub(QueueStub):
                     count = ((p_word >> 32) - gets) & MASK32
                     used = (tail - head) % capacity if (tail != head or not count) else capacity
                     if tail >= capacity or head >= capacity or count << 3 > used or (used and not count) or (
-                        0 < self._maxsize_bound < count
+                        0 < maxsize < count
                     ):
                         self._break(f"consumer saw tail {tail}, head {head}, count {count} in a {capacity}-byte ring")
                     if count:
                         taken = count if count < max_items else max_items
                         pos, left = head, used
                         for i in range(taken):
-                            length = unpack_u64(buf, DATA_OFFSET + pos)[0]
+                            at = DATA_OFFSET + pos
+                            length = unpack_u64(buf, at)[0]
                             rsize = RECORD_HEADER + ((length + 7) & ~7)
                             if rsize > left:
                                 self._break(f"record at {pos} claims {length} bytes, only {left} are in use")
-                            start = pos + RECORD_HEADER
-                            if start == capacity:
-                                start = 0
-                            end = start + length
-                            if end <= capacity:
-                                data = buf[DATA_OFFSET + start:DATA_OFFSET + end]
+                            if pos + rsize <= capacity:  # the record does not wrap (the common case)
+                                data = buf[at + RECORD_HEADER:at + RECORD_HEADER + length]
                             else:
-                                data = buf[DATA_OFFSET + start:DATA_OFFSET + capacity] + buf[
-                                    DATA_OFFSET:DATA_OFFSET + end - capacity
-                                ]
+                                start = pos + RECORD_HEADER
+                                if start == capacity:
+                                    start = 0
+                                end = start + length
+                                if end <= capacity:  # only the length word was before the end
+                                    data = buf[DATA_OFFSET + start:DATA_OFFSET + end]
+                                else:
+                                    data = buf[DATA_OFFSET + start:DATA_OFFSET + capacity] + buf[
+                                        DATA_OFFSET:DATA_OFFSET + end - capacity
+                                    ]
                             if decode:
                                 try:
                                     data = pickle.loads(data)
