@@ -228,3 +228,29 @@ def test_a_signal_handler_that_closes_the_queue_ends_a_blocked_get(desc: QueueDe
     assert word == "QueueClosed", (child.stdout, child.stderr)
     assert float(late) < 10.0  # promptly: not after the 20 s timeout (generous for a loaded box)
     resolve_descriptor(desc).destroy()
+
+
+@pytest.mark.spec("E13", "SHM3")
+def test_a_thread_blocked_on_a_handle_that_finds_the_queue_destroyed_gets_queue_destroyed(
+    desc: QueueDescriptor,
+) -> None:
+    # Thread 1 sleeps in get on handle h; thread 2's next call on h finds the queue destroyed
+    # (by another handle) and closes h: thread 1 must see QueueDestroyed, not plain QueueClosed.
+    h, killer = resolve_descriptor(desc), resolve_descriptor(desc)
+    seen: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            h.get(timeout=20)
+        except BaseException as exc:
+            seen.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.2)
+    killer.destroy()
+    with pytest.raises(QueueDestroyed):
+        h.put_nowait(1)
+    t.join(10)
+    assert not t.is_alive()
+    assert len(seen) == 1 and type(seen[0]) is QueueDestroyed, seen

@@ -308,7 +308,7 @@ class SharedMemoryQueueStub(QueueStub):
         """
         if self._closed:
             if self._gone:
-                raise QueueDestroyed(f"shm queue {self._name!r} was destroyed")
+                raise self._closed_error()
             super()._check_open()
         try:
             state = _unpack_u32(self._buf, STATE_OFFSET)[0]
@@ -343,6 +343,8 @@ class SharedMemoryQueueStub(QueueStub):
         raise QueueBroken(f"shm queue {self._name!r} is broken: {why}")
 
     def _closed_error(self) -> QueueClosed:
+        if self._gone:  # closed because the queue was destroyed (E13)
+            return QueueDestroyed(f"shm queue {self._name!r} was destroyed")
         return QueueClosed(f"shm queue handle {self._name!r} is closed")
 
     def _closed_in_operation(self, thread_lock: threading.Lock) -> QueueClosed:
