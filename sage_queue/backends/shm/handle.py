@@ -108,6 +108,7 @@ from .layout import (
     record_size,
     store32,
     store64,
+    validate,
 )
 from .locks import CONSUMER, OFD, PRODUCER, SIDE_LOCKS, TWO_LOCKS, lock_path, os_lock, os_unlock
 
@@ -200,7 +201,7 @@ class SharedMemoryQueueStub(QueueStub):
                 self._initialise(seg)
             else:
                 self._wait_initialised(seg)
-            self._check_layout(seg)
+            validate(seg.buf, seg.size, self._name, self._want_capacity, self._want_maxsize)
             if U32.unpack_from(seg.buf, STATE_OFFSET)[0] & DESTROYED:
                 raise _Retry
             instance = U64.unpack_from(seg.buf, INSTANCE_OFFSET)[0]
@@ -246,28 +247,6 @@ class SharedMemoryQueueStub(QueueStub):
                     "(creator died?); `sage-queue gc` removes it"
                 )
             time.sleep(0.001)
-
-    def _check_layout(self, seg: Segment) -> None:
-        if seg.size < DATA_OFFSET + MIN_CAPACITY_BYTES:
-            raise IncompatibleQueue(f"segment {self._name!r} is {seg.size} bytes: too small to be an shm queue")
-        magic, version, header_size, capacity, maxsize = FIXED.unpack_from(seg.buf, 0)[:5]
-        if magic != MAGIC:
-            raise IncompatibleQueue(f"segment {self._name!r} is not an shm queue (magic {magic!r}, expected {MAGIC!r})")
-        if version != LAYOUT_VERSION or header_size != DATA_OFFSET:
-            raise IncompatibleQueue(
-                f"shm queue {self._name!r} has layout version {version} (header {header_size} bytes); "
-                f"this library reads layout version {LAYOUT_VERSION}"
-            )
-        if seg.size < DATA_OFFSET + capacity:
-            raise IncompatibleQueue(f"shm queue {self._name!r}: a segment of {seg.size} bytes cannot hold {capacity}")
-        if capacity != self._want_capacity:
-            raise IncompatibleQueue(
-                f"shm queue {self._name!r} has capacity_bytes {capacity}, descriptor says {self._want_capacity}"
-            )
-        if maxsize != self._want_maxsize:
-            raise IncompatibleQueue(
-                f"shm queue {self._name!r} has maxsize {maxsize}, descriptor says {self._want_maxsize}"
-            )
 
     def _open_lock_fd(self, file_id: tuple[int, int]) -> int:
         """Open this handle's own descriptor for the locks (refused like the segment: SEG1)."""

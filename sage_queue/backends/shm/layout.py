@@ -52,6 +52,8 @@ import struct
 import sys
 from typing import Any
 
+from ...errors import IncompatibleQueue
+
 SEGMENT_KIND = "shm"
 LAYOUT_VERSION = 1
 MAGIC = b"SAGEQSHM"
@@ -110,6 +112,29 @@ assert GET_WOKEN_OFFSET + 8 <= PID_TABLE_OFFSET
 assert PID_TABLE_OFFSET + 4 * PID_SLOTS <= DATA_OFFSET
 assert DATA_OFFSET % 8 == 0 and MIN_CAPACITY_BYTES % 8 == 0
 assert (MAX_CAPACITY_BYTES >> 3) - 1 <= MASK32, "a ring offset / 8 fits the low half of a commit word"
+
+
+def validate(buf: Any, size: int, name: str, want_capacity: int, want_maxsize: int) -> None:
+    """Check the fixed header of an initialised segment against the layout and the descriptor.
+
+    Raises IncompatibleQueue naming the bad value (spec/backends/shm.md SHM4).
+    """
+    if size < DATA_OFFSET + MIN_CAPACITY_BYTES:
+        raise IncompatibleQueue(f"segment {name!r} is {size} bytes: too small to be an shm queue")
+    magic, version, header_size, capacity, maxsize = FIXED.unpack_from(buf, 0)[:5]
+    if magic != MAGIC:
+        raise IncompatibleQueue(f"segment {name!r} is not an shm queue (magic {magic!r}, expected {MAGIC!r})")
+    if version != LAYOUT_VERSION or header_size != DATA_OFFSET:
+        raise IncompatibleQueue(
+            f"shm queue {name!r} has layout version {version} (header {header_size} bytes); "
+            f"this library reads layout version {LAYOUT_VERSION}"
+        )
+    if size < DATA_OFFSET + capacity:
+        raise IncompatibleQueue(f"shm queue {name!r}: a segment of {size} bytes cannot hold {capacity}")
+    if capacity != want_capacity:
+        raise IncompatibleQueue(f"shm queue {name!r} has capacity_bytes {capacity}, descriptor says {want_capacity}")
+    if maxsize != want_maxsize:
+        raise IncompatibleQueue(f"shm queue {name!r} has maxsize {maxsize}, descriptor says {want_maxsize}")
 
 
 def record_size(payload_len: int) -> int:
