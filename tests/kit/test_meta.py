@@ -69,6 +69,11 @@ def test_kit_fails_broken_backend(broken: Broken, tmp_path: Path) -> None:
         f"{broken.name} ({broken.rule}) failed {sorted(failed)}, none of the tests meant to catch it "
         f"{list(broken.expected)}\n{done.stdout[-3000:]}"
     )
+    if broken.exclusive:
+        assert failed <= set(broken.expected), (
+            f"{broken.name} ({broken.rule}) also failed {sorted(failed - set(broken.expected))}: the bug should be "
+            f"caught by {list(broken.expected)} only\n{done.stdout[-3000:]}"
+        )
     assert broken.shows in done.stdout, (
         f"{broken.name}: the failure does not explain itself (no {broken.shows!r} in the output)\n"
         f"{done.stdout[-3000:]}"
