@@ -476,14 +476,59 @@ class SharedMemoryQueueStub(QueueStub):
     # -- hooks: put ----------------------------------------------------------------------
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
-        payload = pickle.dumps(item, _PICKLE_PROTOCOL)  # outside any lock; its errors change nothing (Q18)
-        size = RECORD_HEADER + ((len(payload) + 7) & ~7)
-        if size > self._capacity:
+        """One item, pickled outside any lock (its errors change nothing, Q18).
+
+        The hook holds the fast path: one locked attempt at one record that fits without
+        wrapping, no waiting (see _get). Anything else goes to ``_put_records``, the
+        general protocol. The checks are _put_records' (SHM15), written out once more for
+        speed: keep them in step.
+        """
+        payload = pickle.dumps(item, _PICKLE_PROTOCOL)
+        length = len(payload)
+        size = RECORD_HEADER + ((length + 7) & ~7)
+        capacity = self._capacity
+        if size > capacity:
             raise ValueError(
-                f"item pickles to {len(payload)} bytes ({size} with its record header); "
-                f"the shm queue {self._name!r} holds at most {self._capacity} (capacity_bytes)"
+                f"item pickles to {length} bytes ({size} with its record header); "
+                f"the shm queue {self._name!r} holds at most {capacity} (capacity_bytes)"
             )
-        self._put_records((payload,), size, timeout)
+        buf = self._buf
+        thread_lock = self._thread_locks[PRODUCER]
+        done = False
+        thread_lock.acquire()
+        try:
+            if not self._closed:
+                lock_call, lock_arg, unlock_arg = SIDE_LOCKS[PRODUCER]
+                fd = self._lock_fd
+                lock_call(fd, *lock_arg)
+                try:
+                    p_word = _unpack_u64(buf, P_WORD_OFFSET)[0]
+                    c_word = _unpack_u64(buf, C_WORD_OFFSET)[0]  # stale is conservative
+                    puts, tail = p_word >> 32, (p_word & MASK32) << 3
+                    head = (c_word & MASK32) << 3
+                    count = (puts - (c_word >> 32)) & MASK32
+                    used = (tail - head) % capacity if (tail != head or not count) else capacity
+                    maxsize = self._maxsize_bound
+                    if (
+                        tail + size <= capacity and head < capacity and used + size <= capacity
+                        and count << 3 <= used and (count or not used) and not 0 < maxsize <= count
+                    ):
+                        _pack_u64_into(buf, DATA_OFFSET + tail, length)  # free space: not yet visible
+                        start = DATA_OFFSET + tail + RECORD_HEADER
+                        buf[start:start + length] = payload
+                        # Commit: one aligned 8-byte store publishes the record.
+                        buf[P_WORD_OFFSET:P_WORD_OFFSET + 8] = commit_word(puts + 1, (tail + size) % capacity)
+                        if puts == MASK32:  # the 32-bit count wrapped: keep the 64-bit statistic
+                            store64(buf, PUT_STATS_OFFSET, _unpack_u64(buf, PUT_STATS_OFFSET)[0] + 1)
+                        done = True
+                finally:
+                    lock_call(fd, *unlock_arg)
+                if done and _unpack_u32(buf, GET_WAITERS_OFFSET)[0]:  # as in _put_records
+                    self._wake_sleepers(GET_WAITERS_OFFSET, GET_SLEEP_EPOCH_OFFSET, PUT_WOKEN_OFFSET, PUT_SEQ_OFFSET)
+        finally:
+            thread_lock.release()
+        if not done:  # no room, a wrap, or something wrong: _put_records waits or says so
+            self._put_records((payload,), size, timeout)
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
         payloads = [pickle.dumps(item, _PICKLE_PROTOCOL) for item in items]
@@ -532,16 +577,9 @@ class SharedMemoryQueueStub(QueueStub):
                     ):
                         self._break(f"producer saw tail {tail}, head {head}, count {count} in a {capacity}-byte ring")
                     if used + size <= capacity and not 0 < maxsize < count + n:
-                        if n == 1 and tail + size <= capacity:  # one record, no wrap: the common case inlined
-                            payload = payloads[0]
-                            _pack_u64_into(buf, DATA_OFFSET + tail, len(payload))  # free space: not yet visible
-                            start = DATA_OFFSET + tail + RECORD_HEADER
-                            buf[start:start + len(payload)] = payload
-                            pos = (tail + size) % capacity
-                        else:
-                            pos = tail
-                            for payload in payloads:
-                                pos = self._write_record(pos, payload)
+                        pos = tail
+                        for payload in payloads:
+                            pos = self._write_record(pos, payload)
                         # Commit: one aligned 8-byte store publishes every record above.
                         buf[P_WORD_OFFSET:P_WORD_OFFSET + 8] = commit_word(puts + n, pos)
                         if puts + n > MASK32:  # the 32-bit count wrapped: keep the 64-bit statistic
@@ -590,8 +628,53 @@ class SharedMemoryQueueStub(QueueStub):
     # -- hooks: get ----------------------------------------------------------------------
 
     def _get(self, timeout: Optional[float]) -> Any:
-        # Unpickled after the commit, outside the lock: an undecodable item is gone (SHM8).
-        return pickle.loads(self._take(1, timeout, False)[0])
+        """One item, unpickled after the commit outside the lock (an undecodable item is gone, SHM8).
+
+        The hook holds the fast path: one locked attempt at one record that does not wrap,
+        with no waiting and no list, which is what a busy consumer does nearly every time
+        (about 0.3 us less than the general loop, a tenth of a get). Anything else (an empty
+        queue, a wrapped record, a closed handle) goes to ``_take``, the general protocol.
+        The checks are _take's (SHM15), written out once more for speed: keep them in step.
+        """
+        buf = self._buf
+        capacity = self._capacity
+        thread_lock = self._thread_locks[CONSUMER]
+        data = None
+        thread_lock.acquire()
+        try:
+            if not self._closed:
+                lock_call, lock_arg, unlock_arg = SIDE_LOCKS[CONSUMER]
+                fd = self._lock_fd
+                lock_call(fd, *lock_arg)
+                try:
+                    c_word = _unpack_u64(buf, C_WORD_OFFSET)[0]
+                    p_word = _unpack_u64(buf, P_WORD_OFFSET)[0]  # stale is conservative
+                    gets, head = c_word >> 32, (c_word & MASK32) << 3
+                    tail = (p_word & MASK32) << 3
+                    count = ((p_word >> 32) - gets) & MASK32
+                    used = (tail - head) % capacity if (tail != head or not count) else capacity
+                    if count and tail < capacity and head < capacity and count << 3 <= used and not (
+                        0 < self._maxsize_bound < count
+                    ):
+                        at = DATA_OFFSET + head
+                        length = _unpack_u64(buf, at)[0]
+                        rsize = RECORD_HEADER + ((length + 7) & ~7)
+                        pos = head + rsize
+                        if rsize <= used and pos <= capacity and (count > 1 or rsize == used):
+                            data = buf[at + RECORD_HEADER:at + RECORD_HEADER + length]
+                            # Commit: from this store on, producers may reuse the bytes copied out.
+                            buf[C_WORD_OFFSET:C_WORD_OFFSET + 8] = commit_word(gets + 1, pos % capacity)
+                            if gets == MASK32:
+                                store64(buf, GET_STATS_OFFSET, _unpack_u64(buf, GET_STATS_OFFSET)[0] + 1)
+                finally:
+                    lock_call(fd, *unlock_arg)
+                if data is not None and _unpack_u32(buf, PUT_WAITERS_OFFSET)[0]:  # as in _take
+                    self._wake_sleepers(PUT_WAITERS_OFFSET, PUT_SLEEP_EPOCH_OFFSET, GET_WOKEN_OFFSET, GET_SEQ_OFFSET)
+        finally:
+            thread_lock.release()
+        if data is None:  # nothing taken: _take waits, or finds what is wrong and says so
+            return pickle.loads(self._take(1, timeout, False)[0])
+        return pickle.loads(data)
 
     def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
         return self._take(max_items, timeout, True)
