@@ -1161,7 +1161,11 @@ static void reap(sr_handle *h) {
         if (cas128(&hdr->free, f, mk128(fp, me))) {
             rec_hdr *rec = rec_at(h, fp);
             uint64_t info = atomic_load_explicit(&rec->info, memory_order_relaxed), len = info_len(info);
-            if (!record_sane(h, fp, info, SR_REC_CONSUMED) || fp + len > hp) {
+            /* H read now, not the snapshot above: the record may have been read and its
+             * sweep begun (and ended by death) after that snapshot.  acquire: pairs with
+             * the CAS that moved H past it, which preceded its CONSUMED and the sweep */
+            uint64_t hnow = atomic_load_explicit(&hdr->head.pos, memory_order_acquire);
+            if (!record_sane(h, fp, info, SR_REC_CONSUMED) || fp + len > hnow) {
                 cas128(&hdr->free, mk128(fp, me), mk128(fp, 0));
                 mark_broken(h, "record at the free cursor %llu held by a dead sweeper has length %llu",
                             (unsigned long long)fp, (unsigned long long)len);
