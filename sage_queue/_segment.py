@@ -206,6 +206,9 @@ def _open_existing(shm: Any, kind: str, name: str) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: never follow one out of /dev/shm
             raise _refused(kind, name, "it is a symbolic link") from None
+        # A directory planted under our name (glibc's shm_open turns EISDIR into EINVAL).
+        if exc.errno in (errno.EISDIR, errno.EINVAL) and os.path.isdir(segment_path(kind, name)):
+            raise _refused(kind, name, "it is a directory") from None
         raise
     try:
         check_trusted(fd, kind, name)
@@ -225,6 +228,8 @@ def open_trusted(path: str, kind: str, name: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | _O_NOFOLLOW)
     except PermissionError as exc:
         raise _refused(kind, name, f"cannot open {path} ({exc.strerror})") from None
+    except IsADirectoryError:
+        raise _refused(kind, name, f"{path} is a directory") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _refused(kind, name, f"{path} is a symbolic link") from None

@@ -192,6 +192,21 @@ def test_a_symlink_in_dev_shm_is_never_followed(names: list[tuple[str, str]], ki
     assert os.path.islink(_segment.segment_path(kind, name))  # left alone
 
 
+@pytest.mark.spec("SEG1", "E14")
+@pytest.mark.parametrize("kind", ["shm", "sage"])
+def test_a_directory_or_fifo_under_the_name_is_refused(names: list[tuple[str, str]], kind: str) -> None:
+    for make in (os.mkdir, os.mkfifo):
+        name, desc = _new(names, kind)
+        path = _segment.segment_path(kind, name)
+        make(path, 0o600)
+        try:
+            for attach in (desc, _attach_only(desc)):
+                with pytest.raises(QueuePermissionError, match=r"directory|not a regular file"):
+                    resolve_descriptor(attach)
+        finally:
+            os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+
+
 @needs_root
 @pytest.mark.spec("SEG2", "E14")
 def test_another_users_segment_we_cannot_open_gives_queue_permission_error(names: list[tuple[str, str]]) -> None:
