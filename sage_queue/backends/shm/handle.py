@@ -40,6 +40,13 @@ WAIT_SLICE_S: a waiter re-checks closed/destroyed/broken and survives a waker ki
 between commit and wake. Without futex (not Linux) a waiter polls the word with a
 backoff growing to BACKOFF_MAX_S.
 
+Hooks (the front, sage_queue/stub.py, owns argument checks, timeouts and close):
+``_check_open`` adds the state word (destroyed, broken) to the front's closed check;
+``_put``/``_get`` hold the one-record fast path (one locked attempt, nothing to wait
+for) and fall back to ``_put_records``/``_take``, the general protocol (batches, wraps,
+waiting), which ``_put_many``/``_get_many`` call directly. Every commit word is built
+by ``layout.commit_word``.
+
 Threads: threads sharing one handle share its descriptor, hence its kernel locks, so a
 ``threading.Lock`` per side and handle is taken first (lock order everywhere:
 ``_process_lock`` -> thread locks -> kernel locks). A thread lock is also what keeps
