@@ -924,7 +924,7 @@ class QueueConformance:
             _raises(outcome, (pickle.PicklingError, TypeError, AttributeError), f"put({bad!r})")
         assert _drain(q) == ["before"], "a put of an unpicklable item changed the queue"
 
-    @clause("Q5", "Q18")
+    @clause("Q34", "Q5", "Q18")
     def test_undecodable_item_loses_only_itself(self) -> None:
         """An item that pickles but whose unpickling raises: the get (or get_many) that meets it raises that
         error, every good item around it still arrives once and in order, and the queue stays usable.
