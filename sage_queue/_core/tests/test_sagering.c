@@ -612,6 +612,87 @@ static void test_corruption_is_contained(void) {
     }
 }
 
+/* Seeded random corruption of a live ring, under AddressSanitizer: the segment is heap
+ * memory here (ASan's redzones surround it), so any access outside it fails the test,
+ * and every operation has a short timeout, so a loop over shared state that does not end
+ * hangs the test (tests/test_core_c.py kills it).  Words of the cursors, the owner lines
+ * and claim entries of the first blocks, and record headers are overwritten at random;
+ * a dead producer's unfinished claim is left in flight in half of the rounds, so that the
+ * reaper reads corrupt entries too.  SAGE_SOAK=1 runs 50 times more rounds. */
+static uint64_t rng_state;
+static uint64_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ull;
+}
+
+static uint64_t mutate_word(uint64_t w) {
+    switch (rnd() % 6) {
+    case 0: return rnd();
+    case 1: return w ^ (1ull << (rnd() % 64));
+    case 2: return w + (uint64_t)((int64_t)(rnd() % 129) - 64);
+    case 3: return 0;
+    case 4: return 1ull << (20 + rnd() % 44);
+    default: return w | 0xffffffffull;
+    }
+}
+
+static void test_random_corruption_under_asan(void) {
+    const char *soak = getenv("SAGE_SOAK");
+    int rounds = soak && strcmp(soak, "1") == 0 ? 20000 : 400;
+    for (int round = 0; round < rounds; round++) {
+        rng_state = 0x9e3779b97f4a7c15ull * (uint64_t)(round + 1);
+        uint64_t cap = (rnd() % 2) ? 1024 : 4096;
+        seg_t s;
+        s.size = sr_segment_size(cap);
+        CHECK(posix_memalign(&s.base, 4096, s.size) == 0);
+        memset(s.base, 0, s.size);
+        CHECK(sr_init(s.base, s.size, cap, (rnd() % 3) ? 0 : 20, (uint32_t)getpid()) == SR_OK);
+        sr_handle h, d;
+        open_here(&h, s);
+        h.grace_ns = 0;
+        char buf[400] = {0}, out[4096];
+        uint64_t n;
+        for (int i = (int)(rnd() % 20); i > 0; i--) {
+            if (rnd() % 3) (void)put1(&h, buf, rnd() % 300, 0);
+            else (void)get1(&h, out, &n, 0);
+        }
+        if (rnd() % 2) { /* a dead producer's claim, not committed */
+            open_as_dead(&d, s);
+            uint64_t sizes[3] = {rnd() % 100, rnd() % 100, rnd() % 100};
+            sr_claim c;
+            if (sr_put_begin(&d, sizes, 1 + (uint32_t)(rnd() % 3), 0, 0, &c) == SR_OK && rnd() % 2) {
+                memset(sr_put_record(&d, &c, sizes[0]), 7, sizes[0]);
+                sr_put_commit_one(&d, &c, sizes[0]);
+            }
+        }
+        for (int k = 1 + (int)(rnd() % 3); k > 0; k--) {
+            uint64_t off;
+            switch (rnd() % 5) {
+            case 0: off = SR_TAIL_OFFSET + 64 * (rnd() % 3) + 8 * (rnd() % 2); break; /* T, H, F */
+            case 1: off = SR_SHARED_OFFSET + 8 * (rnd() % 6); break;
+            case 2: off = SR_BLOCKS_OFFSET + SR_BLOCK_SIZE * (rnd() % 2) + 8 * (rnd() % 7); break;
+            case 3: off = SR_BLOCKS_OFFSET + SR_BLOCK_SIZE * (rnd() % 2) + SR_LINE * (1 + rnd() % 3) + 8 * (rnd() % 6); break;
+            default: off = SR_DATA_OFFSET + 16 * (rnd() % (cap / 16)) + 8 * (rnd() % 2); break;
+            }
+            uint64_t *w = (uint64_t *)(void *)((uint8_t *)s.base + off);
+            *w = mutate_word(*w);
+        }
+        for (int op = 0; op < 30 && !broken(&h); op++) {
+            sr_status st = (rnd() % 2) ? put1(&h, buf, rnd() % 400, rnd() % 2 ? 0 : 300000)
+                                       : get1(&h, out, &n, rnd() % 2 ? 0 : 300000);
+            CHECK(st == SR_OK || st == SR_WOULD_BLOCK || st == SR_TIMEOUT || st == SR_BROKEN || st == SR_TOO_BIG);
+            uint64_t dd;
+            (void)sr_depth(&h, &dd);
+        }
+        /* close and detach are safe whatever the segment says (the detach waits only for
+         * this process's own entries) */
+        close_handle(&h);
+        free(s.base);
+    }
+}
+
 /* More threads than claim entries on one handle: all finish (none spins for an entry that
  * a sleeping waiter holds), producers and consumers, blocking. */
 #define CROWD 48
@@ -805,6 +886,7 @@ int main(void) {
     test_reaper_rereads_the_claim_it_won();
     test_no_two_owners_of_one_block();
     test_corruption_is_contained();
+    test_random_corruption_under_asan();
     test_more_threads_than_entries();
     test_dead_consumer_mid_read();
     test_dead_consumer_before_its_sweep();
