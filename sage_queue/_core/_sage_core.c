@@ -810,18 +810,6 @@ static PyObject *Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t na
     return get_one(self, timeout, take_record, (int)parts_flag);
 }
 
-/* get_many(max_items, timeout, parts_flag): wait for one record, then take what is there. */
-static PyObject *Ring_get_many(RingObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t max_items;
-    int64_t timeout;
-    long parts_flag;
-    if (check_nargs(nargs, 3, "get_many(max_items, timeout, parts_flag)") < 0 ||
-        parse_max_items(args[0], &max_items) < 0 || parse_timeout(args[1], &timeout) < 0 ||
-        parse_flag(args[2], &parts_flag) < 0)
-        return NULL;
-    return get_batch(self, max_items, timeout, take_record, (int)parts_flag);
-}
-
 /* The depth, or -1 with QueueBroken set (and the queue marked) if the cursors are corrupt. */
 static int depth_or_broken(RingObject *self, uint64_t *depth) {
     if (sr_depth(&self->h, depth) == SR_OK) return 0;
@@ -869,18 +857,11 @@ static PyObject *Ring_set_grace(RingObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Ring_is_destroyed(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (!self->has_view) Py_RETURN_TRUE;
-    return PyBool_FromLong(atomic_load_explicit(&self->h.hdr->config.destroyed, memory_order_acquire) != 0);
-}
-
 static PyMethodDef Ring_methods[] = {
     {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL, "put(data, flags, timeout)"},
     {"put_parts", (PyCFunction)(void (*)(void))Ring_put_parts, METH_FASTCALL, "put_parts(parts, flags, timeout)"},
     {"put_many", (PyCFunction)(void (*)(void))Ring_put_many, METH_FASTCALL, "put_many(datas, flags, timeout)"},
     {"get", (PyCFunction)(void (*)(void))Ring_get, METH_FASTCALL, "get(timeout, parts_flag)"},
-    {"get_many", (PyCFunction)(void (*)(void))Ring_get_many, METH_FASTCALL,
-     "get_many(max_items, timeout, parts_flag)"},
     {"put_items", (PyCFunction)(void (*)(void))Ring_put_items, METH_FASTCALL, "put_items(items, timeout)"},
     {"get_item", (PyCFunction)Ring_get_item, METH_O, "get_item(timeout) -> the oldest item, decoded"},
     {"get_items", (PyCFunction)(void (*)(void))Ring_get_items, METH_FASTCALL,
@@ -891,7 +872,6 @@ static PyMethodDef Ring_methods[] = {
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close this handle (idempotent)"},
     {"abandon", (PyCFunction)Ring_abandon, METH_NOARGS, "drop a forked copy without touching shared state"},
     {"destroy", (PyCFunction)Ring_destroy, METH_NOARGS, "mark the queue destroyed for every handle"},
-    {"is_destroyed", (PyCFunction)Ring_is_destroyed, METH_NOARGS, "the destroyed flag"},
     {"set_grace", (PyCFunction)Ring_set_grace, METH_O, "seconds a stalled claim waits before its owner is checked"},
     {NULL, NULL, 0, NULL},
 };
