@@ -58,9 +58,10 @@ from sage_queue import QueueDescriptor, resolve_descriptor
 
 pytest.importorskip("sage_queue._sage_core", reason="the sage C core is not built")
 
-BIG = 32 << 20
-"""Item size: copying it takes milliseconds, a window wide enough to stop the copier in."""
-RING = 48 << 20
+BIG = 128 << 20
+"""Item size: copying it takes ~10 ms, a window wide enough to stop the copier in (32 MiB, ~3 ms, was
+often missed on this 2-vCPU machine: 0 of 120 stops landed in a put in some runs, on the old core too)."""
+RING = 192 << 20
 """Capacity: one BIG record fits, a second one only once the first is given back."""
 RECOVERY_S = 3.0
 """Polling budget for the recovery; the fixed core needs about one grace (50 ms)."""
