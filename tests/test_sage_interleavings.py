@@ -14,6 +14,9 @@ any two steps, and a blocked producer that reaps (takes over dead readers' claim
 dead sweeper's cursor, and sweeps). No record is returned twice, the free cursor never
 passes the head, and every record read is eventually given back.
 
+A third model covers a batch's progress as a reaper reads it (issue 9): the reaper must
+abandon from the progress it reads after winning the claim, not from its first look.
+
 Each model has a mutation test: remove the safeguard the model was written to justify
 and the search must find the failure.
 """
@@ -375,3 +378,94 @@ def test_the_consumer_model_needs_the_blocked_producer_to_sweep(monkeypatch: pyt
     monkeypatch.setattr(__import__(__name__), "waiter_moves", never_sweeps)
     with pytest.raises(AssertionError, match="deadlock"):
         explore_consumers()
+
+
+# -- the reaper's read of a batch's progress (issue 9) ------------------------------------
+#
+# One producer puts a batch of BATCH records in one claim: for each record j it stores
+# progress = j (sr_put_commit_one(), before the commit), then commits record j; after the
+# last one it finishes its entry (CLAIMED -> IDLE). It may die between any two steps. A
+# reaper (reap() + abandon_put()) looks at the entry (reads progress), checks the owner for
+# death, takes the claim over by CAS (CLAIMED -> TAKEN), then abandons from record j (or
+# j + 1 if record j went out) to the end. The old reaper abandoned with the progress of
+# its first look: the producer could publish more records and die in between, and the
+# ABANDONED marker landed on published records. The fix re-reads progress after the CAS.
+
+BATCH = 3
+PUBLISHED, LOST = 1, 2
+
+
+@dataclass(frozen=True)
+class B:
+    recs: tuple[int, ...] = (EMPTY,) * BATCH
+    progress: int = 0
+    phase: int = CLAIMED
+    dead: bool = False
+    ppc: int = 0  # producer: 2*j = store progress j, 2*j+1 = commit j, 2*BATCH = finish
+    rpc: int = 0  # reaper: 0 look, 1 liveness check + CAS, 2 abandon, DONE
+    seen: int = 0  # the progress the reaper read at its look
+
+
+def batch_moves(s: B, reread: bool) -> list[B]:
+    out = []
+    if s.ppc != DONE:
+        out.append(replace(s, dead=True, ppc=DONE))  # SIGKILL between any two steps
+        if s.ppc == 2 * BATCH:
+            out.append(replace(s, phase=IDLE, ppc=DONE))
+        elif s.ppc % 2 == 0:
+            out.append(replace(s, progress=s.ppc // 2, ppc=s.ppc + 1))
+        else:
+            j = s.ppc // 2
+            assert s.recs[j] == EMPTY, f"the producer commits over an abandoned record: {s}"
+            out.append(replace(s, recs=_set(s.recs, j, PUBLISHED), ppc=s.ppc + 1))
+    if s.rpc == 0 and s.phase == CLAIMED:
+        out.append(replace(s, seen=s.progress, rpc=1))
+    elif s.rpc == 1:
+        if not s.dead:
+            out.append(replace(s, rpc=0))  # alive: look again later
+        elif s.phase == CLAIMED:
+            out.append(replace(s, phase=TAKEN, rpc=2))
+        else:
+            out.append(replace(s, rpc=DONE))
+    elif s.rpc == 2:
+        j = s.progress if reread else s.seen
+        start = j + 1 if s.recs[j] == PUBLISHED else j
+        recs = s.recs
+        for k in range(start, BATCH):
+            assert recs[k] != PUBLISHED, f"abandoned over published record {k}: {s}"
+            recs = _set(recs, k, LOST)
+        out.append(replace(s, recs=recs, rpc=DONE))
+    return out
+
+
+def explore_batch(reread: bool) -> int:
+    start = B()
+    seen = {start}
+    stack = [start]
+    while stack:
+        s = stack.pop()
+        if s.ppc == DONE and not s.dead:
+            assert all(r == PUBLISHED for r in s.recs), f"a finished batch lost records: {s}"
+        if s.phase == TAKEN and s.rpc == DONE:
+            assert EMPTY not in s.recs, f"records neither delivered nor counted lost: {s}"
+        succ = batch_moves(s, reread)
+        if not succ:  # the end: the producer done or dead, the reaper idle or finished
+            assert s.ppc == DONE and (s.rpc == DONE or s.phase != CLAIMED), f"stuck: {s}"
+        for t in succ:
+            if t not in seen:
+                seen.add(t)
+                stack.append(t)
+    return len(seen)
+
+
+@pytest.mark.spec("SAGE11", "SAGE12")
+def test_reaper_abandons_only_unpublished_records_of_a_batch() -> None:
+    assert explore_batch(reread=True) > 50
+
+
+@pytest.mark.spec("SAGE10")
+def test_the_model_catches_a_stale_progress_read() -> None:
+    # Mutation check: abandoning with the progress of the reaper's first look (the old
+    # reap()) must be found to overwrite a record published after that look.
+    with pytest.raises(AssertionError, match="abandoned over published record"):
+        explore_batch(reread=False)
