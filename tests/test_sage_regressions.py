@@ -446,7 +446,7 @@ def test_a_put_that_wraps_wakes_a_sleeping_consumer(make: Callable[[], Any]) -> 
     assert statistics.median(durations) < 0.03, f"puts that wrap took {[round(d * 1000, 1) for d in durations]} ms"
 
 
-@pytest.mark.spec("SAGE14", "Q32")
+@pytest.mark.spec("SAGE14", "Q32", "Q34")
 @pytest.mark.timeout(30)
 def test_get_many_keeps_the_good_items_before_an_undecodable_one(make: Callable[[], Any]) -> None:
     # get_many dropped every item it had taken when one failed to unpickle.
