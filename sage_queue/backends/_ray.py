@@ -1,0 +1,184 @@
+"""What ``ray_queue`` and ``ray_actor`` share: importing Ray, joining a cluster, naming actors, errors.
+
+Importing this module imports Ray; without Ray it raises :class:`BackendUnavailable` with the
+install hint (the registry imports the backends only at resolve, so descriptors of both types
+parse without Ray, spec D13).
+
+Cluster connection (spec/backends/ray.md RAY1): if Ray is initialised in this process, that
+cluster is used; otherwise ``ray.init(address=metadata["address"] or $RAY_ADDRESS)``; with neither,
+``ray.init()`` starts a local instance that lives as long as this process.
+
+Destroyed versus died (RAY6): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
+into the cluster's key-value store before it kills the actor, so that another handle whose call
+fails with ``RayActorError`` can tell ``QueueDestroyed`` (E13) from an actor that died for another
+reason (:class:`QueueActorLost`). Keyed by the actor id, so a queue created again under the same
+name is not taken for destroyed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
+
+from ..errors import BackendUnavailable, QueueBroken, QueueDestroyed, QueueNotFound
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.experimental import internal_kv
+except ImportError as _exc:  # pragma: no cover - exercised in a subprocess with ray blocked
+    raise BackendUnavailable(
+        "ray_queue/ray_actor", f"the ray package ({_exc})", "pip install sage-queue[ray]"
+    ) from _exc
+
+__all__ = [
+    "ray",
+    "GetTimeoutError",
+    "RayActorError",
+    "QueueActorLost",
+    "DEFAULT_NAMESPACE",
+    "connect",
+    "namespace_of",
+    "actor_options",
+    "mark_destroyed",
+    "was_destroyed",
+    "died",
+    "ACTOR_NAME_PREFIX",
+    "check_not_forked",
+    "wait_ref",
+]
+
+DEFAULT_NAMESPACE = "sage_queue"
+"""The Ray namespace of a queue whose descriptor names none (RAY2): a fixed one, not the job's
+anonymous namespace, so that every driver connected to the cluster reaches the same actor."""
+
+ACTOR_NAME_PREFIX = "sageq:"
+"""Every actor of this library is named ``sageq:<type>:<actor_name>`` (RAY2): the prefix lets a
+leak guard or an operator list them (``ray list actors``) without confusing them with others."""
+
+_KV_NAMESPACE = "sage_queue"
+_connect_lock = threading.Lock()
+_inherited_connection = False
+"""True in a child forked from a process connected to Ray: that connection cannot be used (any Ray
+call, ``ray.shutdown()`` included, hangs there), and ``ray.init`` refuses since Ray looks initialised."""
+
+
+def _after_fork_in_child() -> None:
+    global _inherited_connection, _connect_lock
+    _connect_lock = threading.Lock()  # another thread of the parent may have held it at fork time
+    _inherited_connection = _inherited_connection or ray.is_initialized()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_not_forked(queue_type: str, name: str) -> None:
+    """QueueNotFound in a forked child of a Ray driver (RAY9): fail at once where Ray would hang."""
+    if _inherited_connection:
+        raise QueueNotFound(
+            f"{queue_type} queue {name!r} cannot be reached from this process: it was forked from a "
+            "process connected to Ray, and a Ray connection does not survive fork; start processes "
+            "with spawn or as subprocesses (they connect through the descriptor's address)"
+        )
+
+
+class QueueActorLost(QueueBroken):
+    """The Ray actor holding the queue died (killed, its node lost) or restarted (spec RAY5-RAY7).
+
+    Its items are gone. Raised at once by every call on a handle of the dead actor (never a
+    hang); after a restart (``max_restarts``) each handle raises it once, then works on the
+    new, empty queue.
+
+    TODO(lead): a proposed clause E16 for spec/errors.md; defined here as a QueueBroken subclass
+    (the queue's state is gone, as after corruption) until the lead decides where it lives.
+    """
+
+
+def connect(queue_type: str, metadata: dict[str, Any]) -> None:
+    """Join the cluster the descriptor names (RAY1); no-op when Ray is already initialised here."""
+    check_not_forked(queue_type, str(metadata.get("actor_name")))
+    with _connect_lock:
+        if ray.is_initialized():
+            return
+        address: Optional[str] = metadata.get("address") or os.environ.get("RAY_ADDRESS") or None
+        # log_to_driver=False: actor prints are not this process's business; the dashboard is not
+        # needed by a queue and costs a second and a process.
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def namespace_of(metadata: dict[str, Any]) -> str:
+    ns: str = metadata.get("namespace") or DEFAULT_NAMESPACE
+    return ns
+
+
+def full_name(queue_type: str, metadata: dict[str, Any]) -> str:
+    return f"{ACTOR_NAME_PREFIX}{queue_type}:{metadata['actor_name']}"
+
+
+def actor_options(queue_type: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """``.options(...)`` for creating-or-getting the queue's named actor, race-free (RAY3)."""
+    opts: dict[str, Any] = {
+        "name": full_name(queue_type, metadata),
+        "namespace": namespace_of(metadata),
+        # get_if_exists: the GCS registers a name once; a concurrent creator gets the winner's actor.
+        "get_if_exists": True,
+        "lifetime": None if metadata.get("lifetime") == "non_detached" else "detached",
+        "num_cpus": 0,  # a queue holds no compute: never wait for a free CPU to start it
+    }
+    return opts
+
+
+def _tomb_key(queue_type: str, metadata: dict[str, Any]) -> bytes:
+    return f"destroyed/{namespace_of(metadata)}/{full_name(queue_type, metadata)}".encode()
+
+
+def actor_id(actor: Any) -> str:
+    # ActorHandle._actor_id is the only way to the id from outside the actor (ray 2.x).
+    return str(actor._actor_id.hex())
+
+
+def mark_destroyed(queue_type: str, metadata: dict[str, Any], actor: Any) -> None:
+    internal_kv._internal_kv_put(_tomb_key(queue_type, metadata), actor_id(actor).encode(), namespace=_KV_NAMESPACE)
+
+
+def was_destroyed(queue_type: str, metadata: dict[str, Any], actor: Any) -> bool:
+    try:
+        value = internal_kv._internal_kv_get(_tomb_key(queue_type, metadata), namespace=_KV_NAMESPACE)
+    except Exception:  # the GCS itself unreachable: we cannot know, so not "destroyed"
+        return False
+    return value is not None and value.decode() == actor_id(actor)
+
+
+def died(queue_type: str, metadata: dict[str, Any], actor: Any, exc: BaseException) -> Exception:
+    """The error for a call whose actor is dead: QueueDestroyed if destroy() killed it, else QueueActorLost."""
+    name = f"{queue_type} queue {metadata['actor_name']!r}"
+    if was_destroyed(queue_type, metadata, actor):
+        return QueueDestroyed(f"{name} was destroyed")
+    first = str(exc).strip().splitlines()
+    why = first[-1] if first else type(exc).__name__
+    return QueueActorLost(f"the Ray actor of {name} died; its items are lost ({why})")
+
+
+T = TypeVar("T")
+
+
+def wait_ref(ref: Any, until: Optional[float], should_stop: Callable[[], bool], slice_s: float) -> Any:
+    """``ray.get(ref)`` waited in slices of ``slice_s`` so that ``should_stop()`` is seen promptly.
+
+    Returns the value; raises :class:`GetTimeoutError` at ``until`` (monotonic) or as soon as
+    ``should_stop()`` is true at a slice boundary. The slices are local waits on one ObjectRef
+    (no call to the actor); they exist so that a ``close()`` (from another thread or a signal
+    handler, which runs between slices) wakes the call without any lock or remote call.
+    """
+    while True:
+        remaining = None if until is None else until - time.monotonic()
+        step = slice_s if remaining is None else max(0.0, min(slice_s, remaining))
+        try:
+            return ray.get(ref, timeout=step)
+        except GetTimeoutError:
+            if should_stop() or (until is not None and time.monotonic() >= until):
+                raise

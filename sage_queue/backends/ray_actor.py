@@ -1,0 +1,417 @@
+"""``ray_actor``: a queue held by this library's own async Ray actor, one named actor per queue.
+
+The actor (:class:`_QueueActor`) keeps the items as pickled ``bytes`` in a deque and does all
+the waiting itself, on its asyncio loop: a ``get`` on an empty queue is one coroutine parked on
+an :class:`asyncio.Event`, so it never stops a ``put`` from another caller (SAGE's "distributed
+queue deadlock" came from a blocking ``get`` inside a synchronous actor). A handle is a thin
+client: one actor call per operation (``put_many``/``get_many`` included), pickling on the
+caller's side so that the actor never unpickles a user's object (Q4, Q18).
+
+Waiting, timeouts and close, client side (spec/backends/ray.md RAY4)::
+
+    every blocking call carries a key (handle id, request number) and the caller's timeout;
+    the actor waits at most that long (from when it starts the call) and answers TIMEOUT;
+    the client waits on the one ObjectRef until its own deadline, in local slices of
+    _SLICE_S so that close() (any thread, or a signal handler in the waiting thread) is
+    seen promptly; at its deadline or on close it sends cancel(key) and takes the actor's
+    answer, which is then immediate: CANCELLED (nothing done) or the result (the call won
+    the race: its item is returned, never dropped).
+
+The actor's state is changed only by coroutines on its one event-loop thread, between awaits,
+so each method's check-then-act is atomic without a lock (invariant of _QueueActor).
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import queue
+import time
+import uuid
+from collections import deque
+from typing import Any, ClassVar, Optional
+
+from ..descriptor import QueueDescriptor
+from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed
+from ..protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, TASK_DONE, QueueStats
+from ..stub import QueueStub
+from . import _ray
+from ._ray import GetTimeoutError, QueueActorLost, RayActorError, ray
+
+__all__ = ["RayActorQueueStub", "QueueActorLost"]
+
+_SLICE_S = 0.1
+"""Local wait slice of a blocked client: close() is seen within this (CLOSE_WAKEUP_S is 0.5 s)."""
+_GRACE_S = 2.0
+"""How long a client waits for the actor's answer to cancel(key) (normally one round trip, ~2 ms)."""
+_RESOLVE_RETRY_S = 5.0
+"""How long resolve retries while the name still points at an actor that is going away."""
+
+# Answers of the actor: (status, payload).
+_OK = "ok"
+_TIMEOUT = "timeout"
+_CANCELLED = "cancelled"
+_DESTROYED = "destroyed"
+_RESTARTED = "restarted"
+_NEVER_FITS = "never_fits"
+_TOO_MANY = "too_many"
+
+
+class _QueueActor:
+    """The queue itself, inside a Ray actor (async: every method runs on one asyncio loop).
+
+    Invariant: state is read and written only by this actor's coroutines, and every
+    check-then-act below has no ``await`` between the check and the act. ``_changed`` is
+    set (and replaced) on every change of ``items``, ``unfinished``, ``destroyed`` or a
+    cancellation; a waiter takes the current event *before* it awaits, so no wake-up is missed.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        import asyncio  # noqa: F401  (the actor runs in a Ray worker; asyncio is its loop)
+
+        self.maxsize = maxsize
+        self.items: deque[bytes] = deque()
+        self.epoch = uuid.uuid4().hex  # a new one per incarnation: a restart is visible (RAY7)
+        self.destroyed = False
+        self.unfinished = 0
+        self.puts = self.gets = self.waits = self.bytes_in = self.bytes_out = 0
+        self.waiting: dict[tuple[str, int], bool] = {}  # key -> cancelled?
+        self._changed: Any = None
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _event(self) -> Any:
+        import asyncio
+
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, None
+        if ev is not None:
+            ev.set()
+
+    async def _wait(self, key: tuple[str, int], ready: Any, timeout: Optional[float]) -> str:
+        import asyncio
+
+        if self.destroyed:
+            return _DESTROYED
+        if ready():
+            return _OK
+        if timeout is not None and timeout <= 0:
+            return _TIMEOUT
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        self.waits += 1
+        self.waiting[key] = False
+        try:
+            while True:
+                if self.destroyed:
+                    return _DESTROYED
+                if self.waiting[key]:
+                    return _CANCELLED
+                if ready():
+                    return _OK
+                ev = self._event()
+                if end is None:
+                    await ev.wait()
+                    continue
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    return _TIMEOUT
+                try:
+                    await asyncio.wait_for(ev.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            del self.waiting[key]
+
+    # -- the operations (each returns (status, payload)) ------------------------------------
+
+    async def hello(self) -> tuple[str, int]:
+        return self.epoch, self.maxsize
+
+    async def put(
+        self, epoch: str, key: tuple[str, int], blobs: list[bytes], timeout: Optional[float]
+    ) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        n = len(blobs)
+        if 0 < self.maxsize < n:
+            return _NEVER_FITS, None
+        status = await self._wait(key, lambda: not 0 < self.maxsize < len(self.items) + n, timeout)
+        if status != _OK:
+            return status, None
+        self.items.extend(blobs)
+        self.puts += n
+        self.unfinished += n
+        self.bytes_in += sum(map(len, blobs))
+        self._notify()
+        return _OK, None
+
+    async def get(self, epoch: str, key: tuple[str, int], max_items: int, timeout: Optional[float]) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        status = await self._wait(key, lambda: len(self.items) > 0, timeout)
+        if status != _OK:
+            return status, None
+        out = [self.items.popleft() for _ in range(min(max_items, len(self.items)))]
+        self.gets += len(out)
+        self.bytes_out += sum(map(len, out))
+        self._notify()
+        return _OK, out
+
+    async def unget(self, blobs: list[bytes]) -> None:
+        """Put items a client could not hand out back at the head (undecodable item, lost answer)."""
+        if self.destroyed:
+            return
+        self.items.extendleft(reversed(blobs))
+        self.gets -= len(blobs)
+        self.bytes_out -= sum(map(len, blobs))
+        self._notify()
+
+    async def cancel(self, key: tuple[str, int]) -> None:
+        if key in self.waiting:  # not waiting: it finished already, its answer stands
+            self.waiting[key] = True
+            self._notify()
+
+    async def qsize(self, epoch: str) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        return (_DESTROYED, None) if self.destroyed else (_OK, len(self.items))
+
+    async def stats(self, epoch: str) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        if self.destroyed:
+            return _DESTROYED, None
+        return _OK, {"puts": self.puts, "gets": self.gets, "depth": len(self.items), "waits": self.waits,
+                     "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
+    async def task_done(self, epoch: str) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        if self.destroyed:
+            return _DESTROYED, None
+        if self.unfinished <= 0:
+            return _TOO_MANY, None
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            self._notify()
+        return _OK, None
+
+    async def join(self, epoch: str, key: tuple[str, int], timeout: Optional[float]) -> tuple[str, Any]:
+        if epoch != self.epoch:
+            return _RESTARTED, self.epoch
+        return await self._wait(key, lambda: self.unfinished == 0, timeout), None
+
+    async def destroy(self) -> bool:
+        """Discard the items and wake every waiter with DESTROYED; False if destroyed already."""
+        if self.destroyed:
+            return False
+        self.destroyed = True
+        self.items.clear()
+        self._notify()
+        return True
+
+
+_remote_class: Any = None
+
+
+def _actor_class() -> Any:
+    global _remote_class
+    if _remote_class is None:
+        # max_concurrency: every blocked get/put is a parked coroutine, not a thread; the default
+        # of 1000 would make the 1001st concurrent caller wait behind them (a deadlock if it is a put).
+        remote: Any = ray.remote  # Any: ray's overloads do not list max_concurrency
+        _remote_class = remote(max_concurrency=100_000)(_QueueActor)
+    return _remote_class
+
+
+class RayActorQueueStub(QueueStub):
+    """A handle on a queue held by this library's named async Ray actor (see the module docstring)."""
+
+    queue_type: ClassVar[str] = "ray_actor"
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, BATCH, TASK_DONE, CLOSE, STATS}
+    )
+    # The metadata schema is sage_queue.metadata.BUILTIN_SCHEMAS["ray_actor"].
+
+    def __init__(self, descriptor: QueueDescriptor) -> None:
+        super().__init__(descriptor)
+        self._md = dict(descriptor.metadata)
+        _ray.connect(self.queue_type, self._md)
+        self._handle_id = uuid.uuid4().hex
+        self._requests = itertools.count()
+        maxsize = int(self._md.get("maxsize", 0))
+        opts = _ray.actor_options(self.queue_type, self._md)
+        if "max_restarts" in self._md:
+            opts["max_restarts"] = self._md["max_restarts"]
+        end = time.monotonic() + _RESOLVE_RETRY_S
+        while True:
+            # get_if_exists makes creation race-free (RAY3): the GCS registers the name once, and
+            # every other creator, in any process, gets the winner's actor.
+            self._actor = _actor_class().options(**opts).remote(maxsize)
+            try:
+                self._epoch, actual = ray.get(self._actor.hello.remote(), timeout=60)
+                break
+            except RayActorError:
+                # The name pointed at an actor that is being destroyed or died: its name is
+                # released once the GCS has marked it dead; then a new one is created.
+                if time.monotonic() >= end:
+                    raise QueueActorLost(
+                        f"ray_actor queue {self._md['actor_name']!r}: its actor keeps dying at creation"
+                    ) from None
+                time.sleep(0.05)
+        if actual != maxsize:
+            raise IncompatibleQueue(
+                f"ray_actor queue {self._md['actor_name']!r} has maxsize {actual}, descriptor says {maxsize}"
+            )
+
+    # -- one call to the actor ----------------------------------------------------------
+
+    def _closed_error(self) -> QueueClosed:
+        if self._destroyed:
+            return QueueDestroyed(f"ray_actor queue {self._md['actor_name']!r} was destroyed")
+        return QueueClosed(f"ray_actor queue handle {self._md['actor_name']!r} is closed")
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        _ray.check_not_forked(self.queue_type, self._md["actor_name"])
+
+    def _died(self, exc: BaseException) -> Exception:
+        return _ray.died(self.queue_type, self._md, self._actor, exc)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """A call that does not wait inside the actor; its answer's payload."""
+        try:
+            status, payload = ray.get(getattr(self._actor, method).remote(self._epoch, *args))
+        except RayActorError as exc:
+            raise self._died(exc) from None
+        return self._payload(status, payload, None)
+
+    def _payload(self, status: str, payload: Any, timed_out: Optional[type[Exception]]) -> Any:
+        if status == _OK:
+            return payload
+        if status == _DESTROYED:
+            raise QueueDestroyed(f"ray_actor queue {self._md['actor_name']!r} was destroyed")
+        if status == _RESTARTED:
+            self._epoch = payload  # once: later calls work on the new, empty queue
+            raise QueueActorLost(
+                f"the Ray actor of ray_actor queue {self._md['actor_name']!r} restarted; its items were lost"
+            )
+        if status == _CANCELLED and self._closed:
+            raise self._closed_error()
+        if status in (_TIMEOUT, _CANCELLED) and timed_out is not None:
+            raise timed_out
+        if status == _NEVER_FITS:
+            raise ValueError(f"a batch larger than maxsize {self.maxsize} can never fit")
+        if status == _TOO_MANY:
+            raise ValueError("task_done() called more times than there were items")
+        raise AssertionError(f"unexpected answer {status!r} from the queue actor")  # pragma: no cover
+
+    def _wait_call(self, method: str, timeout: Optional[float], timed_out: type[Exception], *args: Any) -> Any:
+        """A call that may wait inside the actor, with the protocol of the module docstring."""
+        key = (self._handle_id, next(self._requests))
+        until = None if timeout is None else time.monotonic() + timeout
+        ref = getattr(self._actor, method).remote(self._epoch, key, *args, timeout)
+        try:
+            try:
+                status, payload = _ray.wait_ref(ref, until, lambda: self._closed, _SLICE_S)
+            except GetTimeoutError:
+                # Out of time, or closed: let the actor drop the call, then take its answer.
+                self._actor.cancel.remote(key)
+                try:
+                    status, payload = ray.get(ref, timeout=_GRACE_S)
+                except GetTimeoutError:
+                    if method == "get":
+                        self._give_back_later(ref)
+                    if self._closed:
+                        raise self._closed_error() from None
+                    raise timed_out from None
+        except RayActorError as exc:
+            raise self._died(exc) from None
+        return self._payload(status, payload, timed_out)
+
+    def _give_back_later(self, ref: Any) -> None:
+        """An answer that came too late for its caller: items it carries go back to the head."""
+        actor = self._actor
+
+        def done(fut: Any) -> None:
+            try:
+                status, payload = fut.result()
+            except Exception:  # the actor died meanwhile: nothing to give back
+                return
+            if status == _OK and payload:
+                actor.unget.remote(payload)
+
+        ref.future().add_done_callback(done)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _put(self, item: Any, timeout: Optional[float]) -> None:
+        blob = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)  # Q18: the serialiser's own error
+        self._wait_call("put", timeout, queue.Full, [blob])
+
+    def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
+        if 0 < self.maxsize < len(items):
+            raise ValueError(f"a batch of {len(items)} items can never fit in a queue of maxsize {self.maxsize}")
+        blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
+        self._wait_call("put", timeout, queue.Full, blobs)
+
+    def _get(self, timeout: Optional[float]) -> Any:
+        return self._get_many(1, timeout)[0]
+
+    def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
+        blobs: list[bytes] = self._wait_call("get", timeout, queue.Empty, max_items)
+        out = []
+        for i, blob in enumerate(blobs):
+            try:
+                out.append(pickle.loads(blob))
+            except Exception:
+                # An undecodable item: the items before it are returned; the rest go back to the
+                # head (the bad one first only if good ones are returned now), so that the bad
+                # item raises exactly once and every good one is delivered (as SHM8).
+                rest = blobs[i + 1:] if i == 0 else blobs[i:]
+                if rest:
+                    ray.get(self._actor.unget.remote(rest))
+                if i == 0:
+                    raise
+                return out
+        return out
+
+    def _qsize(self) -> int:
+        n: int = self._call("qsize")
+        return n
+
+    def _stats(self) -> QueueStats:
+        s = self._call("stats")
+        return QueueStats(scope="queue", puts=s["puts"], gets=s["gets"], depth=s["depth"], waits=s["waits"],
+                          bytes_in=s["bytes_in"], bytes_out=s["bytes_out"])
+
+    def _close(self) -> None:
+        """Nothing remote: a call blocked on this handle sees ``_closed`` within _SLICE_S and cancels itself."""
+
+    def _destroy(self) -> None:
+        try:
+            first = ray.get(self._actor.destroy.remote())
+        except RayActorError as exc:
+            raise self._died(exc) from None
+        if not first:
+            raise QueueDestroyed(f"ray_actor queue {self._md['actor_name']!r} was destroyed")
+        # The tombstone before the kill: a handle whose call fails on the dead actor reads it (RAY6).
+        _ray.mark_destroyed(self.queue_type, self._md, self._actor)
+        ray.kill(self._actor, no_restart=True)
+
+    # -- task tracking (capability "task_done") ----------------------------------------------
+
+    def task_done(self) -> None:
+        """As :meth:`queue.Queue.task_done` (counted in the actor); ValueError if called too often."""
+        self._check_open()
+        self._call("task_done")
+
+    def join(self) -> None:
+        """As :meth:`queue.Queue.join`; QueueClosed if this handle is closed while it waits."""
+        self._check_open()
+        self._wait_call("join", None, QueueClosed)

@@ -1,0 +1,48 @@
+"""One Ray instance for every test in tests/ray/, the xdist group that keeps them on one worker,
+and the leak guard on this library's named actors.
+
+* ``ray_address`` (session): ``ray.init(num_cpus=2)`` once (~3 s here), shut down at the end.
+  Every test in this directory is marked ``xdist_group("ray")``, so under ``--dist loadgroup``
+  one worker runs them all and starts one Ray.
+* leak guard: at the end of the session, any live actor named ``sageq:...`` (this library's
+  prefix, spec RAY2) in any namespace fails the run (the session fixture's teardown raises,
+  after killing them so that nothing outlives the run). ``leaked_actors()`` is what it checks;
+  test_ray_cluster.py shows that it sees a leaked actor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install sage-queue[ray])")
+
+from ray_support import kill_actors, leaked_actors  # noqa: E402  (needs ray: after the importorskip)
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """The address of this session's Ray instance (started here, once)."""
+    if ray.is_initialized():  # pragma: no cover - someone else's instance; we do not own it
+        raise RuntimeError("Ray is already initialised in this test process; tests/ray starts its own")
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+        left = leaked_actors()
+        kill_actors(left)
+        if left:
+            pytest.fail(f"leak guard: {len(left)} sage-queue actor(s) left alive by the tests: {left}")
+    finally:
+        ray.shutdown()
