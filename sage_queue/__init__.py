@@ -11,6 +11,8 @@ import them only when a queue of their type is resolved.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .descriptor import DESCRIPTOR_VERSION, QueueDescriptor
 from .errors import (
     BackendUnavailable,
@@ -35,6 +37,17 @@ from .resolve import create_descriptor_from_existing_queue, get_local_queue, res
 from .stub import QueueStub
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # RPCQueueServer needs pyzmq: imported on first use, so that `import sage_queue` stays light
+    # (and left out of __all__, so that `from sage_queue import *` works without pyzmq).
+    if name == "RPCQueueServer":
+        from .backends.rpc.server import RPCQueueServer
+
+        return RPCQueueServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DESCRIPTOR_VERSION",

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ls": ("sage_queue.tools:ls_main", "list this library's shared-memory queues with owner pids and depth"),
     "gc": ("sage_queue.tools:gc_main", "remove shared-memory queues whose processes are all dead"),
     "inspect": ("sage_queue.tools:inspect_main", "show a descriptor (JSON) or a named segment's header"),
+    "serve": ("sage_queue.backends.rpc.server:main", "serve rpc queues over ZeroMQ (authenticated)"),
 }
 
 

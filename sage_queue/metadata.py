@@ -190,6 +190,13 @@ def _non_empty(value: Any) -> Optional[str]:
     return None if value else "must not be empty"
 
 
+def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
 _RAY_FIELDS = (
     MetadataField("actor_name", str, required=True, check=_non_empty, doc="name of the Ray actor holding the queue"),
     maxsize_field("maximum items, 0 = unbounded"),
@@ -219,6 +226,22 @@ BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
             MetadataField("port", int, required=True, check=in_range(0, 65535), doc="TCP port of the server"),
             MetadataField("name", str, required=True, check=_non_empty, doc="queue name on the server"),
             maxsize_field("maximum items, 0 = unbounded"),
+            # spec/backends/rpc.md. No key has a default filled in (the client applies the defaults named
+            # here): a descriptor keeps only what was given. The key itself never travels in a
+            # descriptor, only where to find it (RPC4).
+            MetadataField("key_file", str, check=_non_empty,
+                          doc="path of the shared key file (hex, mode 0600); absent: the default key file"),
+            MetadataField("key_env", str, check=_non_empty,
+                          doc="environment variable holding the shared key (hex); wins over key_file"),
+            MetadataField("create", bool, doc="create on first resolve (absent: true) or attach only (false)"),
+            MetadataField("serializer", str, check=_one_of("pickle", "json", "msgpack"),
+                          doc="how clients encode items (absent: pickle); the server never decodes them"),
+            MetadataField("durable", bool,
+                          doc="true: the server must keep queues durably (--data-dir), else IncompatibleQueue"),
+            MetadataField("connect_timeout", float, check=positive,
+                          doc="seconds resolve waits for the server, then QueueNotFound (absent: 10)"),
+            MetadataField("retry_timeout", float, check=positive,
+                          doc="seconds of server silence before a call raises QueueConnectionError (absent: 30)"),
         ),
         name_key="name",
         doc="a queue served over ZeroMQ by sage-queue serve",

@@ -52,7 +52,7 @@ _BUILTIN_TARGETS: dict[str, Optional[str]] = {
     "sage": "sage_queue.backends.sage:SAGEQueueStub",
     "ray_queue": None,
     "ray_actor": None,
-    "rpc": None,
+    "rpc": "sage_queue.backends.rpc.client:RPCQueueStub",
 }
 _ALIASES = {"sage_queue": "sage"}
 _PLANNED_HINT = "not shipped in this release of sage-queue; use local, shm or sage"

@@ -1,0 +1,637 @@
+"""``RPCQueueServer``: many named queues behind one ZeroMQ ROUTER socket (spec/backends/rpc.md).
+
+Design: one thread runs an event loop that owns every piece of state (queues, waiters, client
+records): no lock is needed because nothing else touches them (``status()`` from another thread
+reads only integers, whole). The loop never blocks on a queue: a ``get`` on an empty queue (a
+``put`` on a full one) becomes a *waiter* parked on the queue, answered when an item (room)
+arrives or when its deadline, kept in a heap, passes. So a blocked client costs a dict entry, and
+never delays another client's request.
+
+Exactly-once: each client channel numbers its requests; the server keeps, per channel, the last
+seq and the last reply until the next request (seq + 1) acknowledges it. A retransmission of the
+current seq is answered from that record (or with ``pending`` while it is parked); an older seq is
+a replay and is dropped. A get's items stay *held* in the record until acknowledged, so a channel
+closed before it saw its reply (``cancel``) gets them put back at the head of the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Optional
+
+import zmq
+
+from .store import Store
+from .wire import (
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    BadFrame,
+    default_key_path,
+    generate_key_file,
+    load_key,
+    msgpack_module,
+    seal,
+    unseal,
+)
+
+__all__ = ["RPCQueueServer", "ServerProcess", "main"]
+
+log = logging.getLogger("sage_queue.rpc.server")
+
+DEFAULT_MAX_FRAME = 64 << 20
+REPLAY_WINDOW_S = 60.0
+"""A request whose timestamp is further than this from the server's clock is dropped (RPC5)."""
+CLIENT_EXPIRY_S = 2 * REPLAY_WINDOW_S
+"""A client record idle this long is forgotten: any frame of it is older than the window by then."""
+_TICK_S = 0.2
+"""Longest poll: the loop checks its stop flag at least this often (so 5 wake-ups a second idle)."""
+
+
+@dataclass
+class _Waiter:
+    client: _Client
+    seq: int
+    op: str  # "get" | "put"
+    queue: _Queue
+    deadline: Optional[float]
+    max_items: int = 0
+    items: list[bytes] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Queue:
+    name: str
+    uid: bytes
+    maxsize: int
+    items: deque[tuple[int, bytes]] = field(default_factory=deque)
+    """(position, payload); positions grow at the tail, shrink at the head (durable row keys)."""
+    next_pos: int = 0
+    getters: deque[_Waiter] = field(default_factory=deque)
+    putters: deque[_Waiter] = field(default_factory=deque)
+    puts: int = 0
+    gets: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    waits: int = 0
+
+    def room(self, n: int) -> bool:
+        return self.maxsize == 0 or len(self.items) + n <= self.maxsize
+
+
+@dataclass
+class _Client:
+    client_id: bytes
+    route: bytes = b""
+    seq: int = 0
+    reply: Optional[list[Any]] = None
+    pending: Optional[_Waiter] = None
+    held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None
+    """A get's items (queue name, uid, items) kept until the next request acknowledges them."""
+    last_seen: float = 0.0
+
+
+class RPCQueueServer:
+    """Serve named queues on ``tcp://host:port`` (port 0: any free port; see :attr:`address`).
+
+    ``key`` (bytes) or ``key_file``: the shared HMAC key; neither: the default key file, created
+    0600 if absent (:attr:`generated_key_file` then names it). ``data_dir``: durable queues in
+    SQLite there. Run it with :meth:`start` (a thread of this process), :meth:`serve_forever`
+    (this thread, until :meth:`stop`), :meth:`spawn` (a child process) or ``sage-queue serve``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key: Optional[bytes] = None,
+        key_file: Optional[str] = None,
+        data_dir: Optional[str] = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.generated_key_file: Optional[str] = None
+        if key is None:
+            path = key_file if key_file is not None else str(default_key_path())
+            if not os.path.exists(path):
+                self.generated_key_file = str(generate_key_file(path)[0])
+            key = load_key(key_file=path)
+        self._key = key
+        self.max_frame = max_frame
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._store = Store(data_dir) if data_dir is not None else None
+        self.instance = os.urandom(16) if self._store is None else self._store.instance(os.urandom(16))
+        self._queues: dict[str, _Queue] = {}
+        self._clients: dict[bytes, _Client] = {}
+        self._timers: list[tuple[float, int, _Waiter]] = []
+        self._timer_seq = 0
+        self.counters: dict[str, int] = {
+            "requests": 0, "rejected_auth": 0, "rejected_malformed": 0, "rejected_oversized": 0,
+            "rejected_replay": 0, "rejected_stale": 0, "bytes_in": 0, "bytes_out": 0,
+        }
+        if self._store is not None:
+            self._load()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops the connection of a peer sending a message above this; between max_frame and
+        # it, the loop sees the frame and counts it as oversized.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_frame + 4096)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        try:
+            if port == 0:
+                port = self._sock.bind_to_random_port(f"tcp://{host}", min_port=20000, max_port=60000, max_tries=200)
+            else:
+                self._sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError:
+            self._sock.close()
+            self._ctx.term()
+            if self._store is not None:
+                self._store.close()
+            raise
+        self.address = (host, port)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> RPCQueueServer:
+        """Serve in a daemon thread of this process; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="sage-queue-rpc-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving (from any thread) and release the socket and the store; idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> RPCQueueServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        """Server-level counters: clients, queues, items, bytes, rejected frames (RPC15)."""
+        out: dict[str, Any] = dict(self.counters)
+        out["clients"] = len(self._clients)
+        out["queues"] = len(self._queues)
+        out["items"] = sum(len(q.items) for q in list(self._queues.values()))
+        out["durable"] = self._store is not None
+        return out
+
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until :meth:`stop` (or a signal handler calling it)."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        last_sweep = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                wait = _TICK_S
+                if self._timers:
+                    wait = max(0.0, min(wait, self._timers[0][0] - now))
+                if poller.poll(math.ceil(wait * 1000)):
+                    for _ in range(256):  # a bounded batch, then timers get their turn
+                        try:
+                            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self._on_message(parts)
+                self._expire(time.monotonic())
+                if time.monotonic() - last_sweep > 10.0:
+                    last_sweep = time.monotonic()
+                    self._sweep_clients()
+        finally:
+            self._sock.close(0)
+            self._ctx.term()
+            if self._store is not None:
+                self._store.close()
+
+    # -- messages --------------------------------------------------------------------------
+
+    def _on_message(self, parts: list[bytes]) -> None:
+        if len(parts) != 2:
+            self.counters["rejected_malformed"] += 1
+            return
+        route, frame = parts
+        try:
+            header, body = unseal(self._key, frame, REQUEST_MAGIC, self.max_frame)
+        except BadFrame as exc:
+            self.counters[f"rejected_{exc.reason}"] += 1
+            return
+        if abs(header.ts - time.time()) > REPLAY_WINDOW_S:
+            self.counters["rejected_stale"] += 1
+            return
+        self.counters["requests"] += 1
+        self.counters["bytes_in"] += len(frame)
+        op = body[0]
+        if op == "hello":
+            self._send(route, header.client_id, header.seq, ["ok", self.instance, self.max_frame,
+                                                              self._store is not None])
+            return
+        if header.instance != self.instance:
+            # Not for this server instance (it restarted without its state): the client says hello
+            # again and retransmits. Never executed, so replays from before a restart are harmless.
+            self._send(route, header.client_id, header.seq, ["stale"])
+            return
+        client = self._clients.get(header.client_id)
+        if client is None:
+            client = self._clients[header.client_id] = _Client(header.client_id)
+        client.last_seen = time.monotonic()
+        if op == "cancel":
+            if header.seq == client.seq:
+                client.route = route
+                self._cancel(client)
+                self._send(route, client.client_id, header.seq, ["ok"])
+            return
+        if header.seq < client.seq or (header.seq == client.seq and client.reply is None and client.pending is None):
+            self.counters["rejected_replay"] += 1
+            return
+        client.route = route
+        if header.seq == client.seq:  # a retransmission
+            if client.pending is not None:
+                self._send(route, client.client_id, header.seq, ["pending"])
+            elif client.reply is not None:
+                self._send(route, client.client_id, header.seq, client.reply)
+            return
+        if client.pending is not None:  # a new request while the old one waits: the old one is abandoned
+            self._cancel(client)
+        client.seq = header.seq
+        client.reply = None
+        client.held = None  # acknowledged
+        try:
+            self._execute(client, body)
+        except (ValueError, TypeError, IndexError):  # an authenticated but ill-formed request
+            self.counters["rejected_malformed"] += 1
+            self._finish(client, None, ["err", "value", "malformed request"])
+
+    def _send(self, route: bytes, client_id: bytes, seq: int, body: list[Any]) -> None:
+        frame = seal(self._key, REPLY_MAGIC, client_id, seq, time.time(), self.instance, body)
+        self.counters["bytes_out"] += len(frame)
+        try:
+            self._sock.send_multipart([route, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the peer is gone: it will retransmit and get the stored reply
+            pass
+
+    def _finish(self, client: _Client, waiter: Optional[_Waiter], reply: list[Any],
+                held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None) -> None:
+        """Record ``reply`` as the answer to the client's current request and send it."""
+        if waiter is not None:
+            waiter.done = True
+        client.pending = None
+        client.reply = reply
+        client.held = held
+        self._send(client.route, client.client_id, client.seq, reply)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _queue(self, name: Any, uid: Any) -> Optional[_Queue]:
+        q = self._queues.get(name)
+        return q if q is not None and q.uid == uid else None
+
+    def _execute(self, client: _Client, body: list[Any]) -> None:
+        op, args = body[0], body[1:]
+        if op == "open":
+            name, maxsize, create = str(args[0]), int(args[1]), bool(args[2])
+            q = self._queues.get(name)
+            if q is None:
+                if not create:
+                    return self._commit(client, ["err", "notfound", f"no queue {name!r} on this server"])
+                q = self._queues[name] = _Queue(name, os.urandom(8), maxsize)
+                if self._store is not None:
+                    self._store.begin()
+                    self._store.create_queue(name, q.uid, maxsize)
+                    return self._commit(client, ["ok", q.uid], in_txn=True)
+            elif q.maxsize != maxsize:
+                return self._commit(client, ["err", "incompatible",
+                                             f"queue {name!r} has maxsize {q.maxsize}, the descriptor says {maxsize}"])
+            return self._commit(client, ["ok", q.uid])
+        if op == "status":
+            return self._commit(client, ["ok", self.status()])
+        q = self._queue(args[0], args[1])
+        if q is None:
+            return self._commit(client, ["err", "gone", f"queue {args[0]!r} was destroyed"])
+        if op == "put":
+            items = args[2]
+            if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items) or not items:
+                raise ValueError
+            if 0 < q.maxsize < len(items):
+                return self._commit(client, ["err", "value", f"{len(items)} items can never fit maxsize {q.maxsize}"])
+            timeout = None if args[3] is None else float(args[3])
+            if not q.putters and q.room(len(items)):
+                self._do_put(client, None, q, items)
+                return self._pump(q)
+            if timeout == 0:
+                return self._commit(client, ["full"])
+            self._park(_Waiter(client, client.seq, "put", q, _deadline(timeout), items=items), q.putters)
+        elif op == "get":
+            max_items = int(args[2])
+            if max_items < 1:
+                raise ValueError
+            timeout = None if args[3] is None else float(args[3])
+            if q.items and not q.getters:
+                self._do_get(client, None, q, max_items)
+                return self._pump(q)
+            if timeout == 0:
+                return self._commit(client, ["empty"])
+            self._park(_Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items), q.getters)
+        elif op == "unget":  # items a client could not decode after them: back to the head (Q34)
+            items = args[2]
+            if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
+                raise ValueError
+            if self._store is not None:
+                self._store.begin()
+            self._requeue(q, items)
+            q.gets -= len(items)
+            self._commit(client, ["ok"], in_txn=self._store is not None)
+            self._pump(q)
+        elif op == "qsize":
+            self._commit(client, ["ok", len(q.items)])
+        elif op == "stats":
+            self._commit(client, ["ok", q.puts, q.gets, len(q.items), q.bytes_in, q.bytes_out, q.waits])
+        elif op == "destroy":
+            del self._queues[q.name]
+            if self._store is not None:
+                self._store.begin()
+                self._store.drop_queue(q.name)
+            for w in list(q.getters) + list(q.putters):
+                if not w.done:
+                    self._finish(w.client, w, ["err", "gone", f"queue {q.name!r} was destroyed"])
+            self._commit(client, ["ok"], in_txn=self._store is not None)
+        else:
+            raise ValueError
+
+    def _commit(self, client: _Client, reply: list[Any], in_txn: bool = False,
+                held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None,
+                waiter: Optional[_Waiter] = None) -> None:
+        """Persist the client's record (with any mutation already in the open transaction), then reply."""
+        if self._store is not None:
+            msgpack = msgpack_module()
+            if not in_txn:
+                self._store.begin()
+            self._store.client(client.client_id, client.seq, msgpack.packb(reply, use_bin_type=True),
+                               None if held is None else held[0],
+                               None if held is None else msgpack.packb([held[1], held[2]], use_bin_type=True))
+            self._store.commit()
+        self._finish(client, waiter, reply, held)
+
+    def _park(self, waiter: _Waiter, line: deque[_Waiter]) -> None:
+        waiter.queue.waits += 1
+        line.append(waiter)
+        waiter.client.pending = waiter
+        if waiter.deadline is not None:
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (waiter.deadline, self._timer_seq, waiter))
+
+    def _do_put(self, client: _Client, waiter: Optional[_Waiter], q: _Queue, items: list[bytes]) -> None:
+        added = []
+        for data in items:
+            added.append((q.next_pos, data))
+            q.next_pos += 1
+        q.items.extend(added)
+        q.puts += len(items)
+        q.bytes_in += sum(len(d) for d in items)
+        if self._store is not None:
+            self._store.begin()
+            self._store.add_items(q.name, added)
+            self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
+        self._commit(client, ["ok"], in_txn=self._store is not None, waiter=waiter)
+
+    def _do_get(self, client: _Client, waiter: Optional[_Waiter], q: _Queue, max_items: int) -> None:
+        taken = [q.items.popleft() for _ in range(min(max_items, len(q.items)))]
+        q.gets += len(taken)
+        q.bytes_out += sum(len(d) for _, d in taken)
+        if self._store is not None:
+            self._store.begin()
+            self._store.remove_items(q.name, [p for p, _ in taken])
+            self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
+        self._commit(client, ["ok", [d for _, d in taken]], in_txn=self._store is not None,
+                     held=(q.name, q.uid, taken), waiter=waiter)
+
+    def _pump(self, q: _Queue) -> None:
+        """Answer parked waiters of ``q`` while they can proceed (a loop, not a recursion)."""
+        progress = True
+        while progress and self._queues.get(q.name) is q:
+            progress = False
+            while q.getters and q.items:
+                w = q.getters.popleft()
+                if not w.done:
+                    self._do_get(w.client, w, q, w.max_items)
+                    progress = True
+            # FIFO: the head putter goes first even if a smaller batch behind it would fit (no starvation).
+            while q.putters:
+                w = q.putters[0]
+                if w.done:
+                    q.putters.popleft()
+                    continue
+                if not q.room(len(w.items)):
+                    break
+                q.putters.popleft()
+                self._do_put(w.client, w, q, w.items)
+                progress = True
+
+    def _expire(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, w = heapq.heappop(self._timers)
+            if w.done:
+                continue
+            self._remove_waiter(w)
+            self._commit(w.client, ["empty" if w.op == "get" else "full"], waiter=w)
+            if w.op == "put":  # a smaller batch behind a timed-out big one may fit now
+                self._pump(w.queue)
+
+    def _remove_waiter(self, w: _Waiter) -> None:
+        w.done = True
+        line = w.queue.getters if w.op == "get" else w.queue.putters
+        try:
+            line.remove(w)
+        except ValueError:
+            pass
+        if w.client.pending is w:
+            w.client.pending = None
+
+    def _cancel(self, client: _Client) -> None:
+        """The client gave its current request up (handle closed): unpark it, or return a get's items."""
+        if client.pending is not None:
+            w = client.pending
+            self._remove_waiter(w)
+            client.reply = ["cancelled"]
+            if w.op == "put":
+                self._pump(w.queue)
+            return
+        if client.held is not None:
+            name, uid, taken = client.held
+            client.held = None
+            q = self._queue(name, uid)
+            client.reply = ["cancelled"]
+            if q is not None:
+                if self._store is not None:
+                    self._store.begin()
+                self._requeue(q, [d for _, d in taken])
+                q.gets -= len(taken)
+                q.bytes_out -= sum(len(d) for _, d in taken)
+                if self._store is not None:
+                    self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
+                    self._store.client(client.client_id, client.seq, None, None, None)
+                    self._store.commit()
+                self._pump(q)
+
+    def _requeue(self, q: _Queue, items: list[bytes]) -> None:
+        """Put ``items`` back at the head of ``q`` (inside the caller's open transaction, if durable)."""
+        head = q.items[0][0] if q.items else q.next_pos
+        back = [(head - len(items) + i, d) for i, d in enumerate(items)]
+        q.items.extendleft(reversed(back))
+        if self._store is not None:
+            self._store.add_items(q.name, back)
+
+    def _sweep_clients(self) -> None:
+        now = time.monotonic()
+        old = [c for c in self._clients.values() if c.pending is None and now - c.last_seen > CLIENT_EXPIRY_S]
+        for c in old:
+            del self._clients[c.client_id]
+        if old and self._store is not None:
+            self._store.begin()
+            self._store.forget_clients([c.client_id for c in old])
+            self._store.commit()
+
+    def _load(self) -> None:
+        msgpack = msgpack_module()
+        assert self._store is not None
+        for name, uid, maxsize, puts, gets, b_in, b_out, items in self._store.load_queues():
+            q = _Queue(name, uid, maxsize, deque(items), (items[-1][0] + 1) if items else 0,
+                       puts=puts, gets=gets, bytes_in=b_in, bytes_out=b_out)
+            self._queues[name] = q
+        now = time.monotonic()
+        for client_id, seq, reply, held, held_items in self._store.load_clients():
+            c = _Client(client_id, seq=seq, last_seen=now)
+            c.reply = None if reply is None else msgpack.unpackb(reply, raw=False)
+            if held is not None and held_items is not None:
+                uid, taken = msgpack.unpackb(held_items, raw=False)
+                c.held = (held, uid, [(int(p), bytes(d)) for p, d in taken])
+            self._clients[client_id] = c
+
+    # -- a child process -------------------------------------------------------------------
+
+    @classmethod
+    def spawn(cls, host: str = "127.0.0.1", port: int = 0, *, key_file: str, data_dir: Optional[str] = None,
+              max_frame: Optional[int] = None, timeout: float = 20.0) -> ServerProcess:
+        """Start ``sage-queue serve`` in a child process; returns once it listens."""
+        cmd = [sys.executable, "-m", "sage_queue.backends.rpc.server", "--host", host, "--port", str(port),
+               "--key-file", key_file]
+        if data_dir is not None:
+            cmd += ["--data-dir", data_dir]
+        if max_frame is not None:
+            cmd += ["--max-frame", str(max_frame)]
+        return ServerProcess(cmd, timeout)
+
+
+class ServerProcess:
+    """A server in a child process: ``address``, ``stop()`` (SIGTERM, then SIGKILL), ``kill()``."""
+
+    def __init__(self, cmd: Sequence[str], timeout: float) -> None:
+        self.proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line or line.startswith("listening on tcp://"):
+                break
+        if not line.startswith("listening on tcp://"):
+            self.kill()
+            raise RuntimeError(f"rpc server did not start: {' '.join(cmd)} (exit {self.proc.poll()})")
+        host, _, port = line.strip()[len("listening on tcp://"):].rpartition(":")
+        self.address = (host, int(port))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self._reap()
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self._reap()
+
+    def _reap(self) -> int:
+        code = self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``sage-queue serve``: run a server in the foreground until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="sage-queue serve", description="serve rpc queues over ZeroMQ")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="TCP port; 0 picks a free one (printed)")
+    parser.add_argument("--key-file", default=None,
+                        help=f"shared key file (hex); created 0600 if absent (default {default_key_path()})")
+    parser.add_argument("--data-dir", default=None, help="keep queues durably in SQLite (WAL) in this directory")
+    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest request in bytes")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        server = RPCQueueServer(args.host, args.port, key_file=args.key_file, data_dir=args.data_dir,
+                                max_frame=args.max_frame)
+    except (OSError, zmq.ZMQError) as exc:
+        print(f"sage-queue serve: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # QueuePermissionError: a bad key file
+        print(f"sage-queue serve: {exc}", file=sys.stderr)
+        return 1
+    if server.generated_key_file is not None:
+        print(f"generated key file {server.generated_key_file}", flush=True)
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        log.info("signal %d: stopping", signum)
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    host, port = server.address
+    print(f"listening on tcp://{host}:{port}", flush=True)
+    log.info("serving on tcp://%s:%d (durable=%s)", host, port, args.data_dir is not None)
+    server.serve_forever()
+    log.info("stopped: %s", server.status())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The rpc wire format, keys and serializers (spec/backends/rpc.md RPC3-RPC8). No pyzmq here.
+
+Every message is ONE ZeroMQ frame (after the ROUTER's routing id)::
+
+    mac[32] | magic[4] version[1] client_id[16] seq[8] ts[8] instance[16] | msgpack(body)
+
+``mac`` is HMAC-SHA256, under the shared key, of everything after it. ``magic`` is ``SQR1`` for
+a request and ``SQS1`` for a reply, so a reply can never be replayed to the server as a request.
+``client_id`` names one client channel (a random 16 bytes), ``seq`` its request number (each new
+request takes the next one; a retransmission repeats it), ``ts`` the sender's wall clock (the
+replay window), ``instance`` the server instance the client believes it talks to (zeros in a
+``hello``). The body is msgpack, never pickle: the envelope is decoded only after the MAC has been
+checked, and items inside it are opaque ``bytes`` that the server never decodes at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import json
+import os
+import pickle
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ...errors import QueuePermissionError, SageQueueError
+
+__all__ = [
+    "QueueConnectionError",
+    "REQUEST_MAGIC",
+    "REPLY_MAGIC",
+    "Header",
+    "seal",
+    "unseal",
+    "load_key",
+    "generate_key_file",
+    "default_key_path",
+    "serializer",
+    "SERIALIZERS",
+]
+
+
+class QueueConnectionError(SageQueueError, ConnectionError):
+    """The rpc server could not be reached (or stopped answering) within the retry deadline.
+
+    The outcome of the call that raises it is unknown: a put may or may not have been enqueued
+    (it was sent at most once to a server that executes it at most once), a get that the server
+    executed has its item kept for this channel and put back at the head of the queue when the
+    handle is closed (spec RPC13).
+
+    TODO(lead): move to sage_queue/errors.py and spec/errors.md (proposed clause E16) and re-export
+    from sage_queue; this module then imports it from there.
+    """
+
+
+MAC_SIZE = 32
+REQUEST_MAGIC = b"SQR1"
+REPLY_MAGIC = b"SQS1"
+VERSION = 1
+_HEADER = struct.Struct("!4sB16sQd16s")
+HEADER_SIZE = _HEADER.size
+KEY_BYTES = 32
+NO_INSTANCE = bytes(16)
+
+
+@dataclass(frozen=True)
+class Header:
+    magic: bytes
+    client_id: bytes
+    seq: int
+    ts: float
+    instance: bytes
+
+
+class BadFrame(Exception):
+    """A frame that fails authentication or parsing; ``reason`` names the counter it goes to."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def msgpack_module() -> Any:
+    """msgpack, imported on first use (it ships no type information)."""
+    return importlib.import_module("msgpack")
+
+
+def seal(key: bytes, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
+    """One authenticated frame carrying ``body`` (msgpack-able: lists, ints, str, bytes, None)."""
+    msgpack = msgpack_module()
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    payload = _HEADER.pack(magic, VERSION, client_id, seq, ts, instance) + packed
+    return hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
+def unseal(key: bytes, frame: bytes, magic: bytes, max_size: int) -> tuple[Header, Any]:
+    """Check and open a frame; BadFrame("auth"|"malformed"|"oversized") otherwise.
+
+    The MAC is checked (in constant time) before anything after it is parsed, so an unauthenticated
+    frame is never decoded, not even as msgpack.
+    """
+    if len(frame) > max_size:
+        raise BadFrame("oversized")
+    if len(frame) < MAC_SIZE + HEADER_SIZE:
+        raise BadFrame("malformed")
+    mac, payload = frame[:MAC_SIZE], frame[MAC_SIZE:]
+    if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()):
+        raise BadFrame("auth")
+    got_magic, version, client_id, seq, ts, instance = _HEADER.unpack_from(payload)
+    if got_magic != magic or version != VERSION:
+        raise BadFrame("malformed")
+    msgpack = msgpack_module()
+    try:
+        # raw=False: str stays str; strict limits keep a hostile (but authenticated) peer from
+        # asking for huge containers.
+        body = msgpack.unpackb(payload[HEADER_SIZE:], raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        raise BadFrame("malformed") from None
+    if not isinstance(body, list) or not body or not isinstance(body[0], str):
+        raise BadFrame("malformed")
+    return Header(got_magic, client_id, seq, ts, instance), body
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def default_key_path() -> Path:
+    """Where ``sage-queue serve`` writes, and clients look for, the key when none is named."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "sage-queue" / "rpc.key"
+
+
+def _parse_key(text: str, where: str) -> bytes:
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise QueuePermissionError(f"the rpc key in {where} is not hex text") from None
+    if len(key) < 16:
+        raise QueuePermissionError(f"the rpc key in {where} is {len(key)} bytes; at least 16 are needed")
+    return key
+
+
+def load_key(key_file: Optional[str] = None, key_env: Optional[str] = None) -> bytes:
+    """The shared key: from the environment variable ``key_env`` (hex), else the file ``key_file``,
+    else :func:`default_key_path`. QueuePermissionError when it is missing, unreadable, malformed,
+    or in a file that group or others may read or write (RPC4)."""
+    if key_env is not None:
+        value = os.environ.get(key_env)
+        if value is None:
+            raise QueuePermissionError(f"environment variable {key_env} (metadata key_env, the rpc key) is unset")
+        return _parse_key(value, f"${key_env}")
+    path = Path(key_file) if key_file is not None else default_key_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise QueuePermissionError(f"cannot read the rpc key file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise QueuePermissionError(f"rpc key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise QueuePermissionError(
+                f"rpc key file {path} has mode {stat.S_IMODE(st.st_mode):o}; group and others must have no access"
+            )
+        if st.st_uid != os.geteuid():
+            raise QueuePermissionError(f"rpc key file {path} belongs to uid {st.st_uid}, not to us")
+        text = os.read(fd, 4096).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+    return _parse_key(text, str(path))
+
+
+def generate_key_file(path: Optional[str] = None) -> tuple[Path, bytes]:
+    """Create a new random key in a new 0600 file (its directory 0700 if created); refuses to overwrite."""
+    target = Path(path) if path is not None else default_key_path()
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = os.urandom(KEY_BYTES)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, key.hex().encode() + b"\n")
+    finally:
+        os.close(fd)
+    return target, key
+
+
+# -- item serializers (client side only: the server stores bytes) --------------------------------
+
+
+def _pickle_dumps(item: Any) -> bytes:
+    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _json_dumps(item: Any) -> bytes:
+    return json.dumps(item, allow_nan=False).encode()
+
+
+def _msgpack_dumps(item: Any) -> bytes:
+    data: bytes = msgpack_module().packb(item, use_bin_type=True)
+    return data
+
+
+def _msgpack_loads(data: bytes) -> Any:
+    return msgpack_module().unpackb(data, raw=False)
+
+
+SERIALIZERS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = {
+    "pickle": (_pickle_dumps, pickle.loads),
+    "json": (_json_dumps, json.loads),
+    "msgpack": (_msgpack_dumps, _msgpack_loads),
+}
+"""name -> (dumps, loads). The metadata schema lists the same names (sage_queue.metadata)."""
+
+
+def serializer(name: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    return SERIALIZERS[name]
