@@ -10,9 +10,11 @@
  * GIL: every operation first tries without waiting, holding the GIL; only if it
  * would block does it release the GIL and wait (spin, then futex), in slices of at most
  * 100 ms between which it runs signal handlers (Ctrl-C ends a blocked get).  Copies of
- * 64 KiB or more are done with the GIL released.  `close()` marks the handle
- * closed, wakes its waiters, waits (GIL released) for this object's operations
- * in flight, then gives the participant block back.
+ * 64 KiB or more are done with the GIL released.  The first try never waits for a
+ * claim entry either (sr_*_try): a holder may need the GIL to finish.  `close()` marks
+ * the handle closed and wakes its waiters; the participant block is given back at once,
+ * or by the last operation in flight when it ends (see "Lifecycle" below).  Errors: a
+ * destroyed queue raises QueueDestroyed, a failed bounds check QueueBroken (E13, E15).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -24,6 +24,7 @@ loads it; a missing or unbuildable extension raises ``BackendUnavailable``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import threading
@@ -77,7 +78,7 @@ def _core() -> Any:
         with _core_lock:
             if _core_module is None:
                 try:
-                    from .. import _sage_core  # type: ignore[attr-defined]
+                    _sage_core = importlib.import_module("sage_queue._sage_core")
                 except ImportError as exc:
                     raise BackendUnavailable(
                         "sage", f"the C core sage_queue._sage_core ({exc})",
@@ -113,7 +114,10 @@ class SAGEQueueStub(QueueStub):
 
     ``put``/``get`` follow ``queue.Queue`` exactly; a blocked call spins briefly, then
     sleeps on a futex (no CPU while it sleeps), and raises ``QueueClosed`` within 0.1 s
-    when this handle is closed or the queue destroyed. ``qsize()`` counts items whose
+    when this handle is closed (even by a signal handler that interrupted the call), or
+    ``QueueDestroyed`` when the queue is destroyed through another handle. A segment
+    found corrupt (a bounds check failed) raises ``QueueBroken`` on every handle. Any
+    number of threads may share one handle. ``qsize()`` counts items whose
     put has claimed its room, including a put still copying (capability
     ``approximate_qsize``); it reflects every completed put and get.
     """
