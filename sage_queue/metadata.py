@@ -197,10 +197,24 @@ def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
     return check
 
 
+def _lifetime(value: Any) -> Optional[str]:
+    return None if value in ("detached", "non_detached") else "must be 'detached' or 'non_detached'"
+
+
+# spec/backends/ray.md. No new key has a default filled in: a descriptor keeps only what was given.
 _RAY_FIELDS = (
     MetadataField("actor_name", str, required=True, check=_non_empty, doc="name of the Ray actor holding the queue"),
     maxsize_field("maximum items, 0 = unbounded"),
-    MetadataField("namespace", str, doc="Ray namespace of the actor (absent: the job's namespace)"),
+    MetadataField("namespace", str, check=_non_empty, doc="Ray namespace of the actor (absent: 'sage_queue')"),
+    MetadataField("lifetime", str, check=_lifetime,
+                  doc="'detached' (absent: lives until destroyed) or 'non_detached' (dies with its creator)"),
+    MetadataField("address", str, check=_non_empty,
+                  doc="Ray cluster to connect to (absent: $RAY_ADDRESS, else a local instance)"),
+)
+_RAY_ACTOR_FIELDS = (
+    *_RAY_FIELDS,
+    MetadataField("max_restarts", int, check=in_range(-1, 1000),
+                  doc="times Ray restarts a dead queue actor, empty (absent: 0; -1 = forever)"),
 )
 
 BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
@@ -219,7 +233,7 @@ BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
     # sage_queue/backends/sage.py: a record's length is a 32-bit field, hence 2**31.
     "sage": _segment_schema(16 << 20, 1024, 1 << 31, "bytes in the ring (rounded up to 64)"),
     "ray_queue": QueueTypeSchema(fields=_RAY_FIELDS, name_key="actor_name", doc="a ray.util.queue.Queue"),
-    "ray_actor": QueueTypeSchema(fields=_RAY_FIELDS, name_key="actor_name", doc="this library's named Ray actor"),
+    "ray_actor": QueueTypeSchema(fields=_RAY_ACTOR_FIELDS, name_key="actor_name", doc="this library's named Ray actor"),
     "rpc": QueueTypeSchema(
         fields=(
             MetadataField("host", str, required=True, check=_non_empty, doc="host of the sage-queue server"),

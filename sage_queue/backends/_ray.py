@@ -8,7 +8,7 @@ Cluster connection (spec/backends/ray.md RAY1): if Ray is initialised in this pr
 cluster is used; otherwise ``ray.init(address=metadata["address"] or $RAY_ADDRESS)``; with neither,
 ``ray.init()`` starts a local instance that lives as long as this process.
 
-Destroyed versus died (RAY6): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
+Destroyed versus died (RAY8): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
 into the cluster's key-value store before it kills the actor, so that another handle whose call
 fails with ``RayActorError`` can tell ``QueueDestroyed`` (E13) from an actor that died for another
 reason (:class:`QueueActorLost`). Keyed by the actor id, so a queue created again under the same
@@ -27,7 +27,7 @@ from ..errors import BackendUnavailable, QueueBroken, QueueDestroyed, QueueNotFo
 
 try:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
     from ray.experimental import internal_kv
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess with ray blocked
     raise BackendUnavailable(
@@ -77,7 +77,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def check_not_forked(queue_type: str, name: str) -> None:
-    """QueueNotFound in a forked child of a Ray driver (RAY9): fail at once where Ray would hang."""
+    """QueueNotFound in a forked child of a Ray driver (RAY11): fail at once where Ray would hang."""
     if _inherited_connection:
         raise QueueNotFound(
             f"{queue_type} queue {name!r} cannot be reached from this process: it was forked from a "
@@ -87,7 +87,7 @@ def check_not_forked(queue_type: str, name: str) -> None:
 
 
 class QueueActorLost(QueueBroken):
-    """The Ray actor holding the queue died (killed, its node lost) or restarted (spec RAY5-RAY7).
+    """The Ray actor holding the queue died (killed, its node lost) or restarted (spec RAY9-RAY10).
 
     Its items are gone. Raised at once by every call on a handle of the dead actor (never a
     hang); after a restart (``max_restarts``) each handle raises it once, then works on the
@@ -104,7 +104,9 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
     with _connect_lock:
         if ray.is_initialized():
             return
-        address: Optional[str] = metadata.get("address") or os.environ.get("RAY_ADDRESS") or None
+        # "local" rather than None: ray.init(address=None) would join the latest cluster that `ray start`
+        # left on this machine (/tmp/ray/ray_current_cluster), whoever started it.
+        address: str = metadata.get("address") or os.environ.get("RAY_ADDRESS") or "local"
         # log_to_driver=False: actor prints are not this process's business; the dashboard is not
         # needed by a queue and costs a second and a process.
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -160,6 +162,11 @@ def died(queue_type: str, metadata: dict[str, Any], actor: Any, exc: BaseExcepti
         return QueueDestroyed(f"{name} was destroyed")
     first = str(exc).strip().splitlines()
     why = first[-1] if first else type(exc).__name__
+    if isinstance(exc, ActorUnavailableError):  # restarting, or its node unreachable for now
+        return QueueActorLost(
+            f"the Ray actor of {name} is unavailable (restarting or unreachable): the call may or may not "
+            f"have taken effect, and a restart loses its items ({why})"
+        )
     return QueueActorLost(f"the Ray actor of {name} died; its items are lost ({why})")
 
 

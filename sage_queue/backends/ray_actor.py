@@ -7,7 +7,7 @@ queue deadlock" came from a blocking ``get`` inside a synchronous actor). A hand
 client: one actor call per operation (``put_many``/``get_many`` included), pickling on the
 caller's side so that the actor never unpickles a user's object (Q4, Q18).
 
-Waiting, timeouts and close, client side (spec/backends/ray.md RAY4)::
+Waiting, timeouts and close, client side (spec/backends/ray.md RAY5, RAY7)::
 
     every blocking call carries a key (handle id, request number) and the caller's timeout;
     the actor waits at most that long (from when it starts the call) and answers TIMEOUT;
@@ -71,7 +71,7 @@ class _QueueActor:
 
         self.maxsize = maxsize
         self.items: deque[bytes] = deque()
-        self.epoch = uuid.uuid4().hex  # a new one per incarnation: a restart is visible (RAY7)
+        self.epoch = uuid.uuid4().hex  # a new one per incarnation: a restart is visible (RAY10)
         self.destroyed = False
         self.unfinished = 0
         self.puts = self.gets = self.waits = self.bytes_in = self.bytes_out = 0
@@ -299,7 +299,8 @@ class RayActorQueueStub(QueueStub):
         if status == _RESTARTED:
             self._epoch = payload  # once: later calls work on the new, empty queue
             raise QueueActorLost(
-                f"the Ray actor of ray_actor queue {self._md['actor_name']!r} restarted; its items were lost"
+                f"the Ray actor of ray_actor queue {self._md['actor_name']!r} was restarted as a new, "
+                "empty incarnation; the items it held were lost"
             )
         if status == _CANCELLED and self._closed:
             raise self._closed_error()
@@ -400,7 +401,7 @@ class RayActorQueueStub(QueueStub):
             raise self._died(exc) from None
         if not first:
             raise QueueDestroyed(f"ray_actor queue {self._md['actor_name']!r} was destroyed")
-        # The tombstone before the kill: a handle whose call fails on the dead actor reads it (RAY6).
+        # The tombstone before the kill: a handle whose call fails on the dead actor reads it (RAY8).
         _ray.mark_destroyed(self.queue_type, self._md, self._actor)
         ray.kill(self._actor, no_restart=True)
 

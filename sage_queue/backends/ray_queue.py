@@ -5,7 +5,7 @@ queue's actor is Ray's own ``_QueueActor`` (created through ``ray.util.queue.Que
 ``actor_options``), named ``sageq:ray_queue:<actor_name>`` in a namespace, created race-free
 with ``get_if_exists``; a handle is a ``ray.util.queue.Queue`` wrapping that actor.
 
-What the contract asks that ``ray.util.queue.Queue`` lacks, and how (spec/backends/ray.md RAY8):
+What the contract asks that ``ray.util.queue.Queue`` lacks, and how (spec/backends/ray.md RAY6):
 
 * blocking with a timeout, and close: the actor's ``get(timeout)``/``put(timeout)`` are called
   with timeouts of at most ``_SLICE_S`` and repeated until the caller's deadline or close. The
@@ -16,7 +16,7 @@ What the contract asks that ``ray.util.queue.Queue`` lacks, and how (spec/backen
   would turn a ``bytearray`` into ``bytes`` (Q4) and fail inside the actor on an unpicklable item;
 * ``block=False`` uses ``put_nowait``/``get_nowait`` (``wait_for`` with a zero timeout cancels
   a ready ``put`` before it runs in Python 3.11);
-* destroy: a tombstone, then ``ray.kill`` (RAY6); errors: the same mapping as ray_actor;
+* destroy: a tombstone, then ``ray.kill`` (RAY8); errors: the same mapping as ray_actor;
 * not provided (capabilities not declared): ``batch``, ``task_done``, ``stats``.
 """
 

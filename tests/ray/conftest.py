@@ -5,7 +5,7 @@ and the leak guard on this library's named actors.
   Every test in this directory is marked ``xdist_group("ray")``, so under ``--dist loadgroup``
   one worker runs them all and starts one Ray.
 * leak guard: at the end of the session, any live actor named ``sageq:...`` (this library's
-  prefix, spec RAY2) in any namespace fails the run (the session fixture's teardown raises,
+  prefix, spec RAY2, RAY12) in any namespace fails the run (the session fixture's teardown raises,
   after killing them so that nothing outlives the run). ``leaked_actors()`` is what it checks;
   test_ray_cluster.py shows that it sees a leaked actor.
 """
@@ -37,7 +37,12 @@ def ray_address() -> Iterator[str]:
     if ray.is_initialized():  # pragma: no cover - someone else's instance; we do not own it
         raise RuntimeError("Ray is already initialised in this test process; tests/ray starts its own")
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray workers (started by this process's raylet, with its environment) import the test modules'
+    # remote functions by reference: this directory must be on their path.
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(_HERE) if not path else f"{_HERE}{os.pathsep}{path}"
+    # address="local": a new instance, never the latest `ray start` cluster on this (shared) machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield str(ray.get_runtime_context().gcs_address)
         left = leaked_actors()

@@ -2,7 +2,7 @@
 
 Descriptors carry the session's address, so the kit's subprocess and spawn children connect to
 the same cluster (Q41). Two kit tests run their body in a *forked* child (conformance/_isolation.py),
-where a Ray connection cannot be used (RAY9: resolve raises QueueNotFound there rather than hang):
+where a Ray connection cannot be used (RAY11: resolve raises QueueNotFound there rather than hang):
 they are declared known failures (strict xfail) and their clauses are checked without fork in
 test_ray_actor.py (64 threads on one handle; close() from a signal handler).
 """
@@ -20,7 +20,7 @@ import conformance
 from conformance.target import Target
 from sage_queue import QueueClosed, QueueDescriptor, registry, resolve_descriptor
 
-_FORKED = ("the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY9); "
+_FORKED = ("the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY11); "
            "checked without fork in tests/ray/test_ray_actor.py")
 KNOWN_FAILURES = {
     "test_many_threads_one_handle": _FORKED,
