@@ -1,13 +1,15 @@
-"""Fault injection, generic over any cross-process queue descriptor.
+"""Fault injection, generic over any queue: named scenarios (``sage-queue faults --list``).
 
-:func:`run_faults` SIGKILLs random producer and consumer processes mid-put/get,
-again and again, respawning replacements, then checks the ledgers: no deadlock, no
-corrupt, duplicated or invented item, per-producer order, and loss bounded by the
-number of consumer kills (``sage-queue faults``).
+:func:`run_scenario` runs one scenario of :mod:`fault_injection.scenarios` (kill-producers,
+kill-consumers, kill-any, stop-resume, kill-all-restart, ...) on a target; every run's
+history is judged by the one checker (:mod:`stress.checker`) against the backend's promise.
+See README.md here for how to add a scenario.
 """
 
 from __future__ import annotations
 
-from .core import FaultResult, run_faults
+from stress.runner import RunResult
 
-__all__ = ["FaultResult", "run_faults"]
+from .core import run_faults, run_scenario
+
+__all__ = ["RunResult", "run_faults", "run_scenario"]

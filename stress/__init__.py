@@ -1,13 +1,14 @@
-"""Stress and benchmark harnesses, generic over any cross-process queue descriptor.
+"""Stress and benchmark harnesses, generic over any queue (a registered type or a ``MODULE:ATTR`` factory).
 
-* :func:`run_stress` — P producer processes x C consumer processes; checks that nothing
-  is lost, duplicated, invented or corrupted, and per-producer order (``sage-queue stress``).
+* :func:`stress.runner.run` — the one harness: P producers x C consumers, an optional fault
+  scenario, an operation history judged by :func:`stress.checker.check` (``sage-queue stress``,
+  ``sage-queue faults``);
 * :mod:`stress.bench` — throughput/latency against anchors measured in the same run
   (``sage-queue bench``).
 """
 
 from __future__ import annotations
 
-from .core import StressResult, run_stress
+from .runner import RunResult, run, run_stress
 
-__all__ = ["StressResult", "run_stress"]
+__all__ = ["RunResult", "run", "run_stress"]

@@ -1,0 +1,670 @@
+"""The one harness: P producers x C consumers on any queue, an optional fault scenario, a history, the checker.
+
+Targets (:class:`Target`): a registered backend type (workers are processes started by a
+``forkserver`` that get nothing but the descriptor's JSON text), a user's ``MODULE:ATTR``
+factory ``factory(maxsize) -> queue`` as the kit takes it (workers are forked by the
+``multiprocess`` package and inherit the queue object, so the factory may be a closure or
+a lambda), or any queue with ``threads=True`` (workers are threads of this process: for
+in-process backends such as ``local``; no fault scenario applies to threads).
+
+A run: start the workers; let the scenario inject its faults (:class:`Scenario`, see
+fault_injection/README.md) or, without one, let the producers put their counts; drain (stop
+the producers, then one ``None`` sentinel per consumer behind every item, FIFO); read every
+worker's history (:mod:`stress.history`) and judge it (:func:`stress.checker.check`) against
+the backend's promise.
+
+Bookkeeping: a worker is a *slot* run by successive *incarnations* (a killed one is replaced
+by the next); a producer incarnation puts ``(slot, incarnation, seq, payload, crc32)``.
+Only the harness's own SIGKILLs are expected deaths: a worker that dies on its own stops the
+run at once and the verdict names it (:mod:`stress.core`). Every wait is bounded: the end
+phase by ``drain_timeout`` (a deadlock is reported with every worker still running and its
+stack, and the history is still checked, so an anchor that deadlocks still gets its counts).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sage_queue import QueueDescriptor, resolve_descriptor
+
+from .checker import CheckReport, Promise, check, promise_for
+from .core import (
+    POLL_SECONDS,
+    Child,
+    ChildHook,
+    Verdict,
+    abnormal_exits,
+    child_main,
+    death_report,
+    stop_children,
+    stuck_reports,
+    wait_for_any,
+)
+from .history import FAIL, GET, OK, PUT, TIMEOUT, HistoryLog, Op, process_name, read_history
+
+__all__ = ["Target", "RunResult", "Scenario", "FaultContext", "Worker", "run", "run_stress", "target_for"]
+
+PUT_SLICE = 0.5
+"""A producer's put waits at most this long (then: timeout logged, abort/orphan checked, same items retried)."""
+GET_SLICE = 0.5
+"""A consumer's get waits at most this long (then: timeout logged, abort/orphan checked)."""
+SIGKILL_REAP_SECONDS = 10.0
+"""How long a SIGKILLed worker may take to be reaped before the run calls it stuck."""
+
+
+def payload_for(slot: int, incarnation: int, seq: int, size: int) -> bytes:
+    """Deterministic payload bytes, different for every item."""
+    stem = f"{slot}.{incarnation}.{seq}|".encode()
+    return (stem * (size // len(stem) + 1))[:size]
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """What a run drives: how to make a queue, how workers reach it, and its promise."""
+
+    name: str
+    mode: str
+    """``descriptor`` (registered type: forkserver workers get the JSON), ``object`` (a factory's queue,
+    inherited by ``multiprocess`` fork workers) or ``thread`` (workers are threads)."""
+    promise: Promise
+    make_descriptor: Optional[Callable[[], QueueDescriptor]] = None
+    factory: Optional[Callable[[int], Any]] = None
+    batch: bool = True
+    """Whether the queue has put_many/get_many."""
+    maxsize: int = 0
+
+    def open(self) -> tuple[Any, Any, Callable[[], None]]:
+        """(what a worker gets, the parent's handle, teardown)."""
+        if self.make_descriptor is not None:
+            descriptor = self.make_descriptor()
+            handle = resolve_descriptor(descriptor)
+
+            def teardown() -> None:
+                try:
+                    handle.destroy()
+                except Exception:  # already destroyed or closed by the code under test: report, don't mask
+                    handle.close()
+
+            return (descriptor.to_json() if self.mode == "descriptor" else handle), handle, teardown
+        assert self.factory is not None
+        q = self.factory(self.maxsize)
+        return q, q, lambda: getattr(q, "close", lambda: None)()
+
+
+def target_for(spec: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = None, threads: bool = False,
+               prefix: str = "harness") -> Target:
+    """``TYPE`` (registered backend) or ``MODULE:ATTR`` (a kit-style factory) -> Target."""
+    if ":" in spec:
+        from conformance.target import load_target
+
+        loaded = load_target(spec)
+        return Target(spec, "thread" if threads else "object", promise_for(spec, loaded.factory),
+                      factory=loaded.factory, batch=loaded.has("batch"), maxsize=maxsize)
+    from sage_queue.registry import backend_class
+
+    from .backends import descriptor_factory
+
+    caps = getattr(backend_class(spec), "capabilities", ())
+    return Target(spec, "thread" if threads else "descriptor", promise_for(spec),
+                  make_descriptor=descriptor_factory(spec, maxsize=maxsize, capacity_bytes=capacity_bytes,
+                                                     prefix=prefix),
+                  batch="batch" in caps, maxsize=maxsize)
+
+
+# -- workers (module level: forkserver children import them) ---------------------------------
+
+
+def _open_queue(endpoint: Any) -> tuple[Any, bool]:
+    """(queue, close it when done): a descriptor's JSON is resolved here, an object is used as is."""
+    if isinstance(endpoint, str):
+        return resolve_descriptor(endpoint), True
+    return endpoint, False
+
+
+def _give_up(parent: int, abort: str) -> bool:
+    """A worker leaves when the run aborted (abort file) or its parent died (orphaned)."""
+    return os.path.exists(abort) or (parent != os.getpid() and os.getppid() != parent)
+
+
+def producer_main(
+    endpoint: Any, workdir: str, slot: int, incarnation: int, count: Optional[int], payload_bytes: int,
+    batch: int, hook: Optional[ChildHook], parent: int,
+) -> None:
+    """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion)."""
+    q, owned = _open_queue(endpoint)
+    log = HistoryLog(os.path.join(workdir, f"p-{slot}-{incarnation}.log"))
+    stop, abort = os.path.join(workdir, "stop"), os.path.join(workdir, "abort")
+    seq = 0
+    try:
+        while count is None or seq < count:
+            if count is None and seq % 32 == 0 and os.path.exists(stop):
+                break
+            n = batch if count is None else min(batch, count - seq)
+            tags = [(slot, incarnation, s) for s in range(seq, seq + n)]
+            items = []
+            for s in range(seq, seq + n):
+                payload = payload_for(slot, incarnation, s, payload_bytes)
+                items.append((slot, incarnation, s, payload, zlib.crc32(payload)))
+            # A put that times out put nothing (queue contract), so retrying the same items is exact.
+            while True:
+                log.invoke_put(tags, PUT_SLICE)
+                try:
+                    if batch > 1:
+                        q.put_many(items, timeout=PUT_SLICE)
+                    else:
+                        q.put(items[0], timeout=PUT_SLICE)
+                except queue.Full:
+                    log.complete(TIMEOUT, PUT, PUT_SLICE)
+                    if _give_up(parent, abort):
+                        return
+                    continue
+                except BaseException:
+                    log.complete(FAIL, PUT, PUT_SLICE)
+                    raise
+                log.complete(OK, PUT, PUT_SLICE)
+                break
+            seq += n
+            if hook is not None:
+                hook("producer", slot, seq)
+    finally:
+        log.close()
+        if owned:
+            q.close()
+
+
+def consumer_main(
+    endpoint: Any, workdir: str, slot: int, incarnation: int, batch: int, handback_timeout: float,
+    hook: Optional[ChildHook], parent: int,
+) -> None:
+    """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum."""
+    q, owned = _open_queue(endpoint)
+    log = HistoryLog(os.path.join(workdir, f"c-{slot}-{incarnation}.log"))
+    abort = os.path.join(workdir, "abort")
+    done = 0
+    try:
+        while True:
+            log.invoke_get(batch, GET_SLICE)
+            try:
+                items = q.get_many(batch, timeout=GET_SLICE) if batch > 1 else [q.get(timeout=GET_SLICE)]
+            except queue.Empty:
+                log.complete(TIMEOUT, GET, GET_SLICE)
+                if _give_up(parent, abort):
+                    return
+                continue
+            except BaseException:
+                log.complete(FAIL, GET, GET_SLICE)
+                raise
+            got = []
+            sentinels = 0
+            for item in items:
+                if item is None:
+                    sentinels += 1  # sentinels come after every item (FIFO)
+                    continue
+                p_slot, p_inc, seq, payload, crc = item
+                good = zlib.crc32(payload) == crc and payload == payload_for(p_slot, p_inc, seq, len(payload))
+                got.append((p_slot, p_inc, seq, good))
+            log.ok_get(got, GET_SLICE)
+            done += len(got)
+            if hook is not None:
+                hook("consumer", slot, done)
+            if sentinels:
+                if sentinels > 1:  # a batch took other consumers' sentinels too: hand them back
+                    q.put_many([None] * (sentinels - 1), timeout=handback_timeout)
+                return
+    finally:
+        log.close()
+        if owned:
+            q.close()
+
+
+class _ThreadProcess:
+    """A thread dressed as a process for the supervision helpers (no pid, no signals)."""
+
+    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], stderr_path: str) -> None:
+        self.exitcode: Optional[int] = None
+        self.pid: Optional[int] = None
+        self.sentinel: Any = None
+        self._stderr_path = stderr_path
+        self._thread = threading.Thread(target=self._main, args=(target, args), daemon=True)
+
+    def _main(self, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            target(*args)
+            self.exitcode = 0
+        except BaseException:
+            with open(self._stderr_path, "a") as f:
+                f.write(traceback.format_exc())
+            self.exitcode = 1
+
+    def start(self) -> None:
+        self.pid = os.getpid()
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def kill(self) -> None:
+        pass  # a thread cannot be killed: it leaves when it sees the abort file
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+class Worker:
+    """One slot; ``incarnation`` is the current one. What a scenario kills, stops and respawns."""
+
+    def __init__(self, role: str, slot: int) -> None:
+        self.role = role
+        self.slot = slot
+        self.incarnation = -1
+        self.process: Any = None
+        self.stderr_path = ""
+        self.stopped = False
+
+    @property
+    def name(self) -> str:
+        return process_name(self.role, self.slot, self.incarnation)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(os.path.dirname(self.stderr_path), f"{self.role[0]}-{self.slot}-{self.incarnation}.log")
+
+    def as_child(self) -> Child:
+        return Child(self.role, self.slot, self.process, self.stderr_path, self.incarnation)
+
+
+class _Abort(Exception):
+    """A worker died on its own (or the scenario stalled): the problems are in the result already."""
+
+
+class Scenario:
+    """A named fault scenario; see fault_injection/README.md. Subclasses set the fields and :meth:`inject`."""
+
+    name = ""
+    description = ""
+    modes = ("descriptor", "object")
+    """Target modes it applies to (no signal reaches a thread worker)."""
+    faults = 20
+    """Default number of faults of a short run (``--faults``)."""
+    soak_faults = 2000
+    """Default number of faults of a soak run (``make soak``)."""
+
+    def applies_to(self, target: Target) -> bool:
+        return target.mode in self.modes
+
+    def inject(self, ctx: FaultContext) -> None:
+        raise NotImplementedError
+
+
+class FaultContext:
+    """What a scenario gets: the workers, a seeded rng, and kill / stop / resume / respawn / sleep."""
+
+    def __init__(self, run: _Run, faults: int, rng: random.Random) -> None:
+        self._run = run
+        self.faults = faults
+        """How many faults this run asks for (kills, stops...)."""
+        self.rng = rng
+        """Seeded (the run's seed): use it for every random choice so a failure can be replayed."""
+        self.faults_done = 0
+        """Faults injected so far (kills and stops count themselves; see :meth:`count_fault`)."""
+
+    def count_fault(self, what: str = "") -> None:
+        """Count one fault (advances the progress bar); kill() and stop() call it unless told not to."""
+        self.faults_done += 1
+        self._run.report_fault(what)
+
+    def workers(self, role: Optional[str] = None) -> list[Worker]:
+        """Current workers (``"producer"``, ``"consumer"`` or all)."""
+        return [w for w in self._run.workers if role is None or w.role == role]
+
+    def ready(self, worker: Worker) -> bool:
+        """True once the worker's current incarnation has opened the queue and its log (it is working)."""
+        return os.path.exists(worker.log_path)
+
+    def wait_ready(self, workers: list[Worker]) -> None:
+        """Wait (bounded by the run's stall timeout) until every one of ``workers`` is working."""
+        end = time.monotonic() + self._run.stall_timeout
+        while not all(self.ready(w) for w in workers):
+            if time.monotonic() > end:
+                self._run.result.problems.append(
+                    f"no worker ready within {self._run.stall_timeout} s (stuck starting up?)")
+                self._run.result.problems.extend(stuck_reports(self._run.children(), progress=self._run.logged))
+                raise _Abort
+            self.sleep(0.01)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep; wakes early and aborts the run if a worker dies on its own."""
+        end = time.monotonic() + seconds
+        while True:
+            self._run.fail_if_dead("during the fault phase")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            wait_for_any(self._run.children(), min(left, POLL_SECONDS))
+
+    def kill(self, worker: Worker, respawn: bool = True, count: bool = True) -> None:
+        """SIGKILL the worker's current incarnation (recorded: its calls in flight may lose items), then respawn it.
+
+        ``count=False``: not one fault of its own (a scenario that kills many at once counts the round).
+        """
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(SIGKILL_REAP_SECONDS)
+        if worker.process.exitcode is None:
+            self._run.result.problems.append(f"{worker.name} still alive {SIGKILL_REAP_SECONDS} s after SIGKILL")
+            raise _Abort
+        self._run.killed.add(worker.name)
+        self._run.result.kills += 1
+        if count:
+            self.count_fault(f"kill {worker.name}")
+        if respawn:
+            self.respawn(worker)
+
+    def respawn(self, worker: Worker) -> None:
+        """Start the worker's next incarnation (after a kill with ``respawn=False``)."""
+        self._run.spawn(worker)
+
+    def stop(self, worker: Worker, count: bool = True) -> None:
+        """SIGSTOP the worker (resume it with :meth:`resume`; the run resumes every stopped worker at the end)."""
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        worker.stopped = True
+        self._run.result.stops += 1
+        if count:
+            self.count_fault(f"stop {worker.name}")
+
+    def resume(self, worker: Worker) -> None:
+        os.kill(worker.process.pid, signal.SIGCONT)
+        worker.stopped = False
+
+
+@dataclass
+class RunResult(Verdict):
+    """One run: the harness's own problems (deaths, stalls) plus the checker's report and its verdict."""
+
+    target: str
+    scenario: str
+    seed: int
+    report: Optional[CheckReport] = None
+    kills: int = 0
+    stops: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def produced(self) -> int:
+        return self.report.acked if self.report else 0
+
+    @property
+    def consumed(self) -> int:
+        return self.report.got if self.report else 0
+
+    @property
+    def verdict(self) -> str:
+        if self.problems:
+            return "BROKEN" if self.report is None or self.report.judged else "no promise"
+        return "OK"
+
+    def counts(self) -> str:
+        faults = f"{self.kills} kills, {self.stops} stops, " if self.kills or self.stops else ""
+        body = self.report.counts() if self.report else "no history checked"
+        return f"{self.scenario} seed={self.seed}: {faults}{self.seconds:.1f} s; {body}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "scenario": self.scenario, "seed": self.seed, "verdict": self.verdict,
+                "ok": self.ok, "kills": self.kills, "stops": self.stops, "seconds": self.seconds,
+                "problems": self.problems, "report": self.report.to_json() if self.report else None}
+
+
+class _Run:
+    def __init__(self, target: Target, endpoint: Any, workdir: str, result: RunResult, *, producers: int,
+                 consumers: int, items_per_producer: Optional[int], batch: int, payload_bytes: int,
+                 drain_timeout: float, stall_timeout: float, hook: Optional[ChildHook],
+                 progress: Optional[Callable[[str], None]]) -> None:
+        self.target, self.endpoint, self.workdir, self.result = target, endpoint, workdir, result
+        self.count, self.batch, self.payload_bytes = items_per_producer, batch, payload_bytes
+        self.drain_timeout, self.stall_timeout, self.hook = drain_timeout, stall_timeout, hook
+        self.progress = progress
+        self.workers = [Worker("producer", i) for i in range(producers)] + [
+            Worker("consumer", i) for i in range(consumers)]
+        self.killed: set[str] = set()
+        self.parent = os.getpid()
+        if target.mode == "descriptor":
+            self.ctx: Any = multiprocessing.get_context("forkserver")
+            self.ctx.set_forkserver_preload(["stress.runner", "sage_queue"])
+        elif target.mode == "object":
+            import multiprocess  # type: ignore[import-untyped]  # dill pickling; fork inherits the queue object
+
+            self.ctx = multiprocess.get_context("fork")
+        else:
+            self.ctx = None
+
+    def report_fault(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(what)
+
+    def spawn(self, worker: Worker) -> None:
+        worker.incarnation += 1
+        worker.stopped = False
+        worker.stderr_path = os.path.join(self.workdir, f"{worker.role[0]}-{worker.slot}-{worker.incarnation}.stderr")
+        args: tuple[Any, ...]
+        if worker.role == "producer":
+            target: Callable[..., None] = producer_main
+            batch = self.batch if self.target.batch else 1
+            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, self.count, self.payload_bytes,
+                    batch, self.hook, self.parent)
+        else:
+            target = consumer_main
+            batch = self.batch if self.target.batch else 1
+            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, batch, self.drain_timeout,
+                    self.hook, self.parent)
+        if self.ctx is None:
+            worker.process = _ThreadProcess(target, args, worker.stderr_path)
+        else:
+            worker.process = self.ctx.Process(target=child_main, args=(worker.stderr_path, target, args), daemon=True)
+        worker.process.start()
+
+    def children(self) -> list[Child]:
+        return [w.as_child() for w in self.workers if w.process is not None]
+
+    def logged(self, child: Child) -> str:
+        role = "p" if child.role == "producer" else "c"
+        path = os.path.join(self.workdir, f"{role}-{child.index}-{child.incarnation}.log")
+        return f"{os.path.getsize(path) if os.path.exists(path) else 0} log bytes"
+
+    def fail_if_dead(self, when: str) -> None:
+        # The current incarnation is never one we killed (a kill respawns at once, or the scenario
+        # respawns before sleeping), so an abnormal exit here is a death on its own.
+        dead = [c for c in abnormal_exits(self.children())
+                if process_name(c.role, c.index, c.incarnation or 0) not in self.killed]
+        if dead:
+            self.result.problems.extend(f"{death_report(c)} ({when})" for c in dead)
+            raise _Abort
+
+    def wait_exited(self, role: str, end: float, phase: str) -> bool:
+        waited = [w for w in self.workers if w.role == role]
+        while any(w.process.exitcode is None for w in waited):
+            self.fail_if_dead(phase)
+            left = end - time.monotonic()
+            if left <= 0:
+                self.result.problems.append(f"{phase}: not finished within {self.drain_timeout} s (deadlock?)")
+                self.result.problems.extend(stuck_reports(self.children(), progress=self.logged))
+                return False
+            wait_for_any(self.children(), min(left, POLL_SECONDS))
+        self.fail_if_dead(phase)
+        return True
+
+    def drain(self, handle: Any) -> bool:
+        """Stop the producers, one sentinel per consumer, wait for the consumers. False: a deadlock."""
+        for w in self.workers:
+            if w.stopped:
+                FaultContext(self, 0, random.Random()).resume(w)
+        end = time.monotonic() + self.drain_timeout
+        open(os.path.join(self.workdir, "stop"), "wb").close()
+        if not self.wait_exited("producer", end, "stopping the producers"):
+            return False
+        consumers = sum(1 for w in self.workers if w.role == "consumer")
+        put = 0
+        while put < consumers:
+            self.fail_if_dead("while putting the sentinels")
+            left = end - time.monotonic()
+            if left <= 0:
+                self.result.problems.append(
+                    f"only {put}/{consumers} sentinels put within {self.drain_timeout} s (deadlock?)")
+                self.result.problems.extend(stuck_reports(self.children(), progress=self.logged))
+                return False
+            try:
+                handle.put(None, timeout=min(left, POLL_SECONDS))
+                put += 1
+            except queue.Full:
+                pass
+        return self.wait_exited("consumer", end, "draining the consumers")
+
+    def history(self) -> dict[str, list[Op]]:
+        out = {}
+        for w in self.workers:
+            for inc in range(w.incarnation + 1):
+                name = process_name(w.role, w.slot, inc)
+                out[name] = read_history(os.path.join(self.workdir, f"{w.role[0]}-{w.slot}-{inc}.log"), name)
+        return out
+
+
+@contextmanager
+def _progress_bar(total: int, label: str, enabled: Optional[bool]) -> Iterator[Optional[Callable[[str], None]]]:
+    """A tqdm bar on stderr when it is a terminal (or ``enabled`` forces it); None otherwise."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]  # optional extra (progress)
+    except ImportError:
+        enabled = False
+    if not enabled or total <= 0:
+        yield None
+        return
+    bar = tqdm(total=total, desc=label, unit="fault", leave=False, file=sys.stderr)
+
+    def step(what: str) -> None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(1)
+
+    try:
+        yield step
+    finally:
+        bar.close()
+
+
+def run(
+    target: Target,
+    *,
+    scenario: Optional[Scenario] = None,
+    faults: Optional[int] = None,
+    producers: int = 2,
+    consumers: int = 2,
+    items_per_producer: Optional[int] = None,
+    batch: int = 1,
+    payload_bytes: int = 48,
+    seed: Optional[int] = None,
+    drain_timeout: float = 60.0,
+    stall_timeout: float = 30.0,
+    timeout: float = 300.0,
+    hook: Optional[ChildHook] = None,
+    progress: Optional[bool] = None,
+) -> RunResult:
+    """One run on a new queue of ``target``; the queue is destroyed (closed) afterwards.
+
+    Without a scenario, producers put ``items_per_producer`` each (the stress run; ``timeout``
+    bounds the put phase). With one, producers put until the drain and the scenario injects
+    ``faults`` faults (default: its :attr:`Scenario.faults`). ``seed`` None draws one; the
+    result carries it. ``hook``: see :data:`stress.core.ChildHook` (index = slot).
+    """
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
+    name = scenario.name if scenario is not None else "stress"
+    result = RunResult(target.name, name, seed)
+    if scenario is not None and not scenario.applies_to(target):
+        result.problems.append(f"scenario {scenario.name} does not apply to {target.name} ({target.mode} workers)")
+        return result
+    if scenario is None and items_per_producer is None:
+        raise ValueError("a run without a scenario needs items_per_producer")
+    endpoint, handle, teardown = target.open()
+    workdir = tempfile.mkdtemp(prefix="sageq-harness-")
+    r = _Run(target, endpoint, workdir, result, producers=producers, consumers=consumers,
+             items_per_producer=None if scenario is not None else items_per_producer, batch=batch,
+             payload_bytes=payload_bytes, drain_timeout=drain_timeout, stall_timeout=stall_timeout, hook=hook,
+             progress=None)
+    start = time.monotonic()
+    drained = False
+    try:
+        total = (faults if faults is not None else scenario.faults) if scenario is not None else 0
+        with _progress_bar(total, f"{target.name} {name}", progress) as bar:
+            r.progress = bar
+            for w in r.workers:
+                r.spawn(w)
+            if scenario is not None:
+                ctx = FaultContext(r, total, random.Random(seed))
+                scenario.inject(ctx)
+            else:
+                if not r.wait_exited("producer", start + timeout, f"putting {items_per_producer} items per producer"):
+                    return result
+        drained = r.drain(handle)
+    except _Abort:
+        return result
+    finally:
+        result.seconds = time.monotonic() - start
+        open(os.path.join(workdir, "abort"), "wb").close()  # threads and orphans leave on their next timeout
+        for w in r.workers:
+            if w.stopped and w.process is not None and w.process.exitcode is None:
+                os.kill(w.process.pid, signal.SIGCONT)
+        stopped_at = time.monotonic()
+        stop_children(r.children())  # deadlocked workers too: their queue is about to be destroyed
+        deadlocked = not drained and any("deadlock" in p for p in result.problems)
+        if drained or deadlocked:
+            # A deadlocked run is still checked (an anchor's counts), its deadlock being the verdict.
+            result.report = check(r.history(), target.promise, killed=frozenset(r.killed),
+                                  deadlock=deadlocked, seed=seed, end=stopped_at)
+            result.report.kills, result.report.stops = result.kills, result.stops
+            if drained:
+                result.problems.extend(result.report.problems)
+        teardown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def run_stress(
+    descriptor_factory: Callable[[], QueueDescriptor],
+    *,
+    producers: int = 4,
+    consumers: int = 4,
+    items_per_producer: int = 1000,
+    payload_bytes: int = 32,
+    batch: int = 1,
+    timeout: float = 120.0,
+    child_hook: Optional[ChildHook] = None,
+    seed: Optional[int] = None,
+) -> RunResult:
+    """The stress run (no faults) on a queue from ``descriptor_factory`` (see :func:`run`)."""
+    probe = descriptor_factory()
+    target = Target(probe.queue_type, "descriptor", promise_for(probe.queue_type),
+                    make_descriptor=descriptor_factory, batch=batch > 1)
+    return run(target, producers=producers, consumers=consumers, items_per_producer=items_per_producer,
+               batch=batch, payload_bytes=payload_bytes, timeout=timeout, drain_timeout=timeout, hook=child_hook,
+               seed=seed)
