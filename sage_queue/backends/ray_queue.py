@@ -97,7 +97,8 @@ class RayQueueStub(QueueStub):
             remaining = _SLICE_S if until is None else min(_SLICE_S, until - time.monotonic())
             if remaining > 0:
                 try:
-                    return self._ask(getattr(self._actor, method).remote(*args, timeout=remaining))
+                    # timeout positional: a keyword argument costs Ray's call path more
+                    return self._ask(getattr(self._actor, method).remote(*args, remaining))
                 except timed_out:  # ray.util.queue's Empty/Full subclass the standard ones
                     pass
             if self._closed:

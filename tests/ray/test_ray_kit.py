@@ -4,7 +4,7 @@ Descriptors carry the session's address, so the kit's subprocess and spawn child
 the same cluster (Q41). Two kit tests run their body in a *forked* child (conformance/_isolation.py),
 where a Ray connection cannot be used (RAY11: resolve raises QueueNotFound there rather than hang):
 they are declared known failures (strict xfail) and their clauses are checked without fork in
-test_ray_actor.py (64 threads on one handle; close() from a signal handler).
+test_ray_backends.py (64 threads on one handle; close() from a signal handler).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conformance.target import Target
 from sage_queue import QueueClosed, QueueDescriptor, registry, resolve_descriptor
 
 _FORKED = ("the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY11); "
-           "checked without fork in tests/ray/test_ray_actor.py")
+           "checked without fork in tests/ray/test_ray_backends.py")
 KNOWN_FAILURES = {
     "test_many_threads_one_handle": _FORKED,
     "test_close_from_signal_handler": _FORKED,
