@@ -32,4 +32,5 @@ def faster_fifo_queue(maxsize: int = 0) -> Any:
 
 
 mp_queue.harness_promise = NO_PROMISE  # type: ignore[attr-defined]
+mp_queue.harness_processes = "multiprocessing"  # type: ignore[attr-defined]  # its feeder thread is flushed at exit
 faster_fifo_queue.harness_promise = NO_PROMISE  # type: ignore[attr-defined]

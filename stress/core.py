@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,9 @@ def child_main(stderr_path: str, target: Callable[..., None], args: tuple[Any, .
     fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)
     os.close(fd)
+    # A forked child inherits the parent's sys.stderr, which may be no file at all (pytest's capture):
+    # rebind it to fd 2, for faulthandler (needs a fileno) and for the traceback of an uncaught exception.
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     target(*args)
 

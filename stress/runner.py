@@ -90,6 +90,10 @@ class Target:
     batch: bool = True
     """Whether the queue has put_many/get_many."""
     maxsize: int = 0
+    processes: str = "multiprocess"
+    """For ``object`` mode: the package whose ``fork`` context starts the workers. A factory may say
+    ``harness_processes = "multiprocessing"`` (the stdlib) when its queue relies on the stdlib's process
+    machinery (``multiprocessing.Queue`` flushes its feeder thread at a stdlib process's exit only)."""
 
     def open(self) -> tuple[Any, Any, Callable[[], None]]:
         """(what a worker gets, the parent's handle, teardown)."""
@@ -117,7 +121,8 @@ def target_for(spec: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = N
 
         loaded = load_target(spec)
         return Target(spec, "thread" if threads else "object", promise_for(spec, loaded.factory),
-                      factory=loaded.factory, batch=loaded.has("batch"), maxsize=maxsize)
+                      factory=loaded.factory, batch=loaded.has("batch"), maxsize=maxsize,
+                      processes=str(getattr(loaded.factory, "harness_processes", "multiprocess")))
     from sage_queue.registry import backend_class
 
     from .backends import descriptor_factory
@@ -451,6 +456,8 @@ class _Run:
         if target.mode == "descriptor":
             self.ctx: Any = multiprocessing.get_context("forkserver")
             self.ctx.set_forkserver_preload(["stress.runner", "sage_queue"])
+        elif target.mode == "object" and target.processes == "multiprocessing":
+            self.ctx = multiprocessing.get_context("fork")
         elif target.mode == "object":
             import multiprocess  # type: ignore[import-untyped]  # dill pickling; fork inherits the queue object
 
