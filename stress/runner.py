@@ -380,6 +380,10 @@ class FaultContext:
             raise _Abort
         self._run.killed.add(worker.name)
         self._run.result.kills += 1
+        if worker.role == "producer":
+            self._run.result.producer_kills += 1
+        else:
+            self._run.result.consumer_kills += 1
         if count:
             self.count_fault(f"kill {worker.name}")
         if respawn:
@@ -411,9 +415,16 @@ class RunResult(Verdict):
     seed: int
     report: Optional[CheckReport] = None
     kills: int = 0
+    producer_kills: int = 0
+    consumer_kills: int = 0
     stops: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def got(self) -> int:
+        """Items got (delivered), 0 if the history was not checked."""
+        return self.report.got if self.report else 0
 
     @property
     def produced(self) -> int:
