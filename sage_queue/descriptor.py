@@ -289,7 +289,11 @@ class QueueDescriptor:
     def create_rpc_queue(
         cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0
     ) -> QueueDescriptor:
-        """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``."""
+        """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``.
+
+        Other rpc metadata (``key_file`` or ``key_env``, ``serializer``, ``durable``...; spec/backends/rpc.md)
+        goes through ``QueueDescriptor.create("rpc", name, maxsize, host=..., port=..., **metadata)``.
+        """
         return cls.create("rpc", name, maxsize, host=host, port=port)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -44,8 +43,8 @@ class RpcFactory:
 
     def describe(self, maxsize: int = 0, name: str | None = None, **extra: Any) -> QueueDescriptor:
         host, port = self.address
-        return QueueDescriptor.create_rpc_queue(
-            host, port, name or f"t_{uuid.uuid4().hex[:12]}", maxsize, key_file=self.key_file,
+        return QueueDescriptor.create(
+            "rpc", name or f"t_{uuid.uuid4().hex[:12]}", maxsize, host=host, port=port, key_file=self.key_file,
             **{**self.metadata, **extra},
         )
 
@@ -74,7 +73,3 @@ def rpc(rpc_server: ServerProcess, rpc_key_file: str) -> Iterator[RpcFactory]:
         yield factory
     finally:
         factory.cleanup()
-
-
-def free_env() -> dict[str, str]:
-    return dict(os.environ)

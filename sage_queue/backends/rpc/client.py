@@ -328,8 +328,8 @@ class RPCQueueStub(QueueStub):
 
     def _open_on(self, ch: _Channel, give_up: float) -> None:
         m = self._descriptor.metadata
-        reply = self._check(self._exchange(ch, ["open", self._name, int(m["maxsize"]), bool(m.get("create", True))], 0.0,
-                                           give_up))
+        body = ["open", self._name, int(m["maxsize"]), bool(m.get("create", True))]
+        reply = self._check(self._exchange(ch, body, 0.0, give_up))
         with self._lock:
             self._uid = bytes(reply[1])
             self._open_instance = ch.instance
