@@ -6,8 +6,8 @@ and the leak guard on this library's named actors.
   one worker runs them all and starts one Ray.
 * leak guard: at the end of the session, any live actor named ``sageq:...`` (this library's
   prefix, spec RAY2, RAY12) in any namespace fails the run (the session fixture's teardown raises,
-  after killing them so that nothing outlives the run). ``leaked_actors()`` is what it checks;
-  test_ray_cluster.py shows that it sees a leaked actor.
+  after killing them so that nothing outlives the run). ``ray_support.check_no_leaked_actors()`` is the guard;
+  test_ray_backends.py shows that it fails on a leaked actor.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install sage-queue[ray])")
 
-from ray_support import kill_actors, leaked_actors  # noqa: E402  (needs ray: after the importorskip)
+from ray_support import check_no_leaked_actors  # noqa: E402  (needs ray: after the importorskip)
 
 _HERE = Path(__file__).resolve().parent
 
@@ -45,9 +45,6 @@ def ray_address() -> Iterator[str]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield str(ray.get_runtime_context().gcs_address)
-        left = leaked_actors()
-        kill_actors(left)
-        if left:
-            pytest.fail(f"leak guard: {len(left)} sage-queue actor(s) left alive by the tests: {left}")
+        check_no_leaked_actors()
     finally:
         ray.shutdown()

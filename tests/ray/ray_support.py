@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import ray
 
 
@@ -21,3 +24,16 @@ def kill_actors(names: list[str]) -> None:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         except ValueError:  # gone meanwhile
             pass
+
+
+def check_no_leaked_actors(grace: float = 3.0) -> None:
+    """The leak guard: fail (pytest.fail) naming every ``sageq:`` actor still alive after ``grace``
+    seconds (``ray.kill`` returns before the actor is gone), after killing them."""
+    end = time.monotonic() + grace
+    left = leaked_actors()
+    while left and time.monotonic() < end:
+        time.sleep(0.1)
+        left = leaked_actors()
+    kill_actors(left)
+    if left:
+        pytest.fail(f"leak guard: {len(left)} sage-queue actor(s) left alive by the tests: {left}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import ray
-from ray_support import leaked_actors
+from ray_support import check_no_leaked_actors, leaked_actors
 
 from sage_queue import (
     IncompatibleQueue,
@@ -415,15 +415,16 @@ def test_forked_child_gets_queue_not_found(ray_address: str, made: list[Any]) ->
 
 
 @pytest.mark.spec("RAY12")
-def test_leak_guard_sees_a_live_queue_actor(ray_address: str) -> None:
+def test_leak_guard_fails_on_a_live_queue_actor(ray_address: str) -> None:
+    """The session's guard (ray_support.check_no_leaked_actors) fails, naming the actor, and kills it."""
     desc = _desc("ray_queue", ray_address)
     q = resolve_descriptor(desc)
-    try:
-        left = leaked_actors()
-        assert any(x.endswith(f":{desc.queue_id}") for x in left), f"the guard does not see {desc.queue_id}: {left}"
-    finally:
-        q.destroy()
-    assert not any(x.endswith(f":{desc.queue_id}") for x in leaked_actors())
+    with pytest.raises(pytest.fail.Exception, match=f"leak guard: .*:{desc.queue_id}"):
+        check_no_leaked_actors(grace=0.5)
+    assert not any(x.endswith(f":{desc.queue_id}") for x in leaked_actors()), "the guard did not kill it"
+    with pytest.raises(QueueActorLost):  # killed by the guard, not destroyed
+        q.qsize()
+    check_no_leaked_actors(grace=0.5)  # nothing of ours left: passes
 
 
 @pytest.mark.spec("RAY5")

@@ -64,7 +64,8 @@ def _pids_of(marker: str) -> set[int]:
 
 
 def _stop(marker: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    # SIGTERM first (Ray's processes clean up their sockets), SIGKILL for what is still there after 1 s.
+    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
         pids = _pids_of(marker)
         for pid in pids:
             try:
@@ -135,7 +136,10 @@ def _child(desc: QueueDescriptor, action: str, env_address: Any = None) -> dict[
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("queue_type", ["ray_actor", "ray_queue"])
 def test_plain_processes_reach_one_queue_by_address(queue_type: str, head_node: str) -> None:
-    """One process finds the cluster through $RAY_ADDRESS, the other through the descriptor's address."""
+    """One process finds the cluster through $RAY_ADDRESS, the other through the descriptor's address.
+
+    (The kit's cross-process tests cover children joining by the descriptor's address too, on the
+    session's instance; this one is a separately started head node, as a deployment has.)"""
     name = f"t_{uuid.uuid4().hex[:12]}"
     no_address = QueueDescriptor.create(queue_type, name, 10)
     with_address = QueueDescriptor.create(queue_type, name, 10, address=head_node)

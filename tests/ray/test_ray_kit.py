@@ -26,7 +26,7 @@ KNOWN_FAILURES = {
     "test_many_threads_one_handle": _FORKED,
     "test_close_from_signal_handler": _FORKED,
 }
-STATE_MACHINE_EXAMPLES = 8
+STATE_MACHINE_EXAMPLES = 6
 """Each state-machine example makes a queue, which is a new actor (a worker process, ~0.2 s here)."""
 
 
