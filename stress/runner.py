@@ -145,15 +145,20 @@ def _open_queue(endpoint: Any) -> tuple[Any, bool]:
 
 
 def _give_up(parent: int, abort: str) -> bool:
-    """A worker leaves when the run aborted (abort file) or its parent died (orphaned)."""
-    return os.path.exists(abort) or (parent != os.getpid() and os.getppid() != parent)
+    """A worker leaves when the run aborted (abort file) or it was orphaned.
+
+    ``parent`` is ``os.getppid()`` read when the worker started: for a forkserver child that is
+    the fork server (which exits with the harness), not the harness, so compare with that.
+    """
+    return os.path.exists(abort) or os.getppid() != parent
 
 
 def producer_main(
     endpoint: Any, workdir: str, slot: int, incarnation: int, count: Optional[int], payload_bytes: int,
-    batch: int, hook: Optional[ChildHook], parent: int,
+    batch: int, hook: Optional[ChildHook],
 ) -> None:
     """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion)."""
+    parent = os.getppid()
     q, owned = _open_queue(endpoint)
     log = HistoryLog(os.path.join(workdir, f"p-{slot}-{incarnation}.log"))
     stop, abort = os.path.join(workdir, "stop"), os.path.join(workdir, "abort")
@@ -197,9 +202,10 @@ def producer_main(
 
 def consumer_main(
     endpoint: Any, workdir: str, slot: int, incarnation: int, batch: int, handback_timeout: float,
-    hook: Optional[ChildHook], parent: int,
+    hook: Optional[ChildHook],
 ) -> None:
     """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum."""
+    parent = os.getppid()
     q, owned = _open_queue(endpoint)
     log = HistoryLog(os.path.join(workdir, f"c-{slot}-{incarnation}.log"))
     abort = os.path.join(workdir, "abort")
@@ -373,7 +379,7 @@ class FaultContext:
 
         ``count=False``: not one fault of its own (a scenario that kills many at once counts the round).
         """
-        os.kill(worker.process.pid, signal.SIGKILL)
+        self._signal(worker, signal.SIGKILL)
         worker.process.join(SIGKILL_REAP_SECONDS)
         if worker.process.exitcode is None:
             self._run.result.problems.append(f"{worker.name} still alive {SIGKILL_REAP_SECONDS} s after SIGKILL")
@@ -395,15 +401,23 @@ class FaultContext:
 
     def stop(self, worker: Worker, count: bool = True) -> None:
         """SIGSTOP the worker (resume it with :meth:`resume`; the run resumes every stopped worker at the end)."""
-        os.kill(worker.process.pid, signal.SIGSTOP)
+        self._signal(worker, signal.SIGSTOP)
         worker.stopped = True
         self._run.result.stops += 1
         if count:
             self.count_fault(f"stop {worker.name}")
 
     def resume(self, worker: Worker) -> None:
-        os.kill(worker.process.pid, signal.SIGCONT)
+        self._signal(worker, signal.SIGCONT)
         worker.stopped = False
+
+    def _signal(self, worker: Worker, sig: int) -> None:
+        try:
+            os.kill(worker.process.pid, sig)
+        except ProcessLookupError:  # reaped already: it exited on its own, which the verdict must say
+            self._run.fail_if_dead(f"sending {signal.Signals(sig).name}")
+            self._run.result.problems.append(f"{worker.name} vanished before {signal.Signals(sig).name}")
+            raise _Abort from None
 
 
 @dataclass
@@ -463,7 +477,8 @@ class _Run:
         self.workers = [Worker("producer", i) for i in range(producers)] + [
             Worker("consumer", i) for i in range(consumers)]
         self.killed: set[str] = set()
-        self.parent = os.getpid()
+        self.faulting = False
+        """True during a scenario's fault phase, when every worker must stay up until the drain."""
         if target.mode == "descriptor":
             self.ctx: Any = multiprocessing.get_context("forkserver")
             self.ctx.set_forkserver_preload(["stress.runner", "sage_queue"])
@@ -489,12 +504,12 @@ class _Run:
             target: Callable[..., None] = producer_main
             batch = self.batch if self.target.batch else 1
             args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, self.count, self.payload_bytes,
-                    batch, self.hook, self.parent)
+                    batch, self.hook)
         else:
             target = consumer_main
             batch = self.batch if self.target.batch else 1
             args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, batch, self.drain_timeout,
-                    self.hook, self.parent)
+                    self.hook)
         if self.ctx is None:
             worker.process = _ThreadProcess(target, args, worker.stderr_path)
         else:
@@ -517,6 +532,11 @@ class _Run:
         if dead:
             self.result.problems.extend(f"{death_report(c)} ({when})" for c in dead)
             raise _Abort
+        if self.faulting:  # no worker leaves before the drain: one that did gave up on its own
+            early = [w for w in self.workers if w.process is not None and w.process.exitcode == 0]
+            if early:
+                self.result.problems.extend(f"{w.as_child().name} exited early with code 0 ({when})" for w in early)
+                raise _Abort
 
     def wait_exited(self, role: str, end: float, phase: str) -> bool:
         waited = [w for w in self.workers if w.role == role]
@@ -639,7 +659,9 @@ def run(
                 r.spawn(w)
             if scenario is not None:
                 ctx = FaultContext(r, total, random.Random(seed))
+                r.faulting = True
                 scenario.inject(ctx)
+                r.faulting = False
             else:
                 if not r.wait_exited("producer", start + timeout, f"putting {items_per_producer} items per producer"):
                     return result

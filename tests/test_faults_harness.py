@@ -121,3 +121,29 @@ def test_a_consumer_stuck_in_the_drain_is_named_with_its_stack() -> None:
     stuck = [p for p in result.problems if p.startswith("consumer 1.")]
     assert len(stuck) == 1 and "still running" in stuck[0] and "log bytes" in stuck[0], result.problems
     assert "in _hang" in stuck[0]  # faulthandler's dump says where it waits
+
+
+@pytest.mark.timeout(60)
+def test_workers_that_wait_out_a_stop_stay_until_the_drain() -> None:
+    # With the only producer stopped, consumers time out again and again: they must keep
+    # calling, not take their timeouts for an orphaning and leave (an old harness bug, where a
+    # forkserver child compared its parent with the harness's pid).
+    target = target_for("sage", capacity_bytes=16 * 1024, prefix="tstop")
+    result = run_scenario(target, "stop-resume", faults=2, producers=1, consumers=2, seed=5, drain_timeout=30)
+    assert result.ok, result.summary()
+    assert result.stops == 2 and result.report is not None and result.report.got > 0
+
+
+def _leave_quietly(role: str, index: int, done: int) -> None:
+    if role == "consumer" and index == 0 and done >= 10:
+        os._exit(0)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_leaving_with_code_0_before_the_drain_fails_fast() -> None:
+    start = time.monotonic()
+    result = run_faults(descriptor_factory("shm", capacity_bytes=4096, prefix="tfaultfast"), kills=2000,
+                        worker_hook=_leave_quietly)
+    assert time.monotonic() - start < FAIL_FAST_SECONDS, result.summary()
+    assert any(p.startswith("consumer 0.") and "exited early with code 0" in p for p in result.problems), \
+        result.problems
