@@ -454,6 +454,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rss", action="store_true", help="also sample a consumer's RSS over --rss-messages")
     parser.add_argument("--rss-messages", type=int, default=10_000_000, help="messages of the --rss run")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw the comparison (needs the 'plot' extra: matplotlib)")
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - set(ALL_SCENARIOS)
@@ -600,6 +601,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"results written to {args.json}")
+    if args.plot:
+        from .plot import plot_results
+
+        print(f"{plot_results(results, args.plot)} panels drawn to {args.plot}")
     return 0
 
 

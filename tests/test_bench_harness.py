@@ -30,8 +30,9 @@ def test_every_scenario_runs_and_each_floor_is_judged(
 ) -> None:
     if unavailable_reason(backend):
         pytest.skip(f"{backend}: {unavailable_reason(backend)}")
-    report = tmp_path / "bench.json"
-    assert main(["--backend", backend, *TINY, "--json", str(report)]) == 0
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["--backend", backend, *TINY, "--json", str(report), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     out = json.loads(report.read_text())["backends"][backend]
 
@@ -74,3 +75,21 @@ def test_a_floor_whose_scenario_did_not_run_says_so() -> None:
         verdict = floor.judge({})
         assert verdict["met"] is None
         assert floor.line(verdict).endswith("not measured in this run (scenario skipped)")
+
+
+def test_the_plot_has_one_panel_per_measured_scenario(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from stress.plot import _series, plot_results
+
+    results = {"backends": {
+        "shm": {"single": {"msgs_per_s": {"shm": 5.0, "mp.Queue": 1.0}, "runs": {}},
+                "pingpong": {"shm": {"p50_us": 9.0}, "faster-fifo": {"p50_us": 20.0}, "runs": {}}},
+        "sage": {"single": {"msgs_per_s": {"sage": 7.0, "mp.Queue": 2.0}}},
+        "rpc": {"skipped": "no server"},
+    }}
+    assert _series(results, "single", "msgs_per_s") == {"shm": 5.0, "mp.Queue": 1.0, "sage": 7.0}
+    assert _series(results, "pingpong", "p50_us") == {"shm": 9.0, "faster-fifo": 20.0}
+    out = tmp_path / "p.png"
+    assert plot_results(results, str(out)) == 2
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_results({"backends": {}}, str(tmp_path / "none.png")) == 0
