@@ -55,7 +55,7 @@ from .core import (
     stuck_reports,
     wait_for_any,
 )
-from .history import FAIL, GET, OK, PUT, TIMEOUT, HistoryLog, Op, process_name, read_history
+from .history import FAIL, GET, HEADER, OK, PUT, TAG, TIMEOUT, HistoryLog, Op, process_name, read_history
 
 __all__ = ["Target", "RunResult", "Scenario", "FaultContext", "Worker", "run", "run_stress", "target_for"]
 
@@ -469,11 +469,12 @@ class _Run:
     def __init__(self, target: Target, endpoint: Any, workdir: str, result: RunResult, *, producers: int,
                  consumers: int, items_per_producer: Optional[int], batch: int, payload_bytes: int,
                  drain_timeout: float, stall_timeout: float, hook: Optional[ChildHook],
-                 progress: Optional[Callable[[str], None]]) -> None:
+                 progress: Optional[Callable[..., None]]) -> None:
         self.target, self.endpoint, self.workdir, self.result = target, endpoint, workdir, result
         self.count, self.batch, self.payload_bytes = items_per_producer, batch, payload_bytes
         self.drain_timeout, self.stall_timeout, self.hook = drain_timeout, stall_timeout, hook
-        self.progress = progress
+        self.progress: Optional[Callable[..., None]] = progress
+        self.shown = 0
         self.workers = [Worker("producer", i) for i in range(producers)] + [
             Worker("consumer", i) for i in range(consumers)]
         self.killed: set[str] = set()
@@ -538,9 +539,23 @@ class _Run:
                 self.result.problems.extend(f"{w.as_child().name} exited early with code 0 ({when})" for w in early)
                 raise _Abort
 
+    def show_puts(self) -> None:
+        """Advance an item progress bar by the puts logged since the last call (estimated from log sizes)."""
+        if self.progress is None or self.count is None:
+            return
+        batch = self.batch if self.target.batch else 1
+        per_call = 2 * HEADER.size + batch * TAG.size  # invoke put with its tags + ok put (a retry adds more)
+        logged = sum(os.path.getsize(w.log_path) for w in self.workers
+                     if w.role == "producer" and w.process is not None and os.path.exists(w.log_path))
+        done = logged // per_call * batch
+        if done > self.shown:
+            self.progress("", done - self.shown)
+            self.shown = done
+
     def wait_exited(self, role: str, end: float, phase: str) -> bool:
         waited = [w for w in self.workers if w.role == role]
         while any(w.process.exitcode is None for w in waited):
+            self.show_puts()
             self.fail_if_dead(phase)
             left = end - time.monotonic()
             if left <= 0:
@@ -587,7 +602,9 @@ class _Run:
 
 
 @contextmanager
-def _progress_bar(total: int, label: str, enabled: Optional[bool]) -> Iterator[Optional[Callable[[str], None]]]:
+def _progress_bar(
+    total: int, label: str, enabled: Optional[bool], unit: str = "fault"
+) -> Iterator[Optional[Callable[..., None]]]:
     """A tqdm bar on stderr when it is a terminal (or ``enabled`` forces it); None otherwise."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -598,11 +615,12 @@ def _progress_bar(total: int, label: str, enabled: Optional[bool]) -> Iterator[O
     if not enabled or total <= 0:
         yield None
         return
-    bar = tqdm(total=total, desc=label, unit="fault", leave=False, file=sys.stderr)
+    bar = tqdm(total=total, desc=label, unit=unit, leave=False, file=sys.stderr)
 
-    def step(what: str) -> None:
-        bar.set_postfix_str(what, refresh=False)
-        bar.update(1)
+    def step(what: str, n: int = 1) -> None:
+        if what:
+            bar.set_postfix_str(what, refresh=False)
+        bar.update(min(n, total - bar.n))
 
     try:
         yield step
@@ -652,8 +670,11 @@ def run(
     start = time.monotonic()
     drained = False
     try:
-        total = (faults if faults is not None else scenario.faults) if scenario is not None else 0
-        with _progress_bar(total, f"{target.name} {name}", progress) as bar:
+        if scenario is not None:
+            total, unit = (faults if faults is not None else scenario.faults), "fault"
+        else:
+            total, unit = producers * (items_per_producer or 0), "item"
+        with _progress_bar(total, f"{target.name} {name}", progress, unit) as bar:
             r.progress = bar
             for w in r.workers:
                 r.spawn(w)

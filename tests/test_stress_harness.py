@@ -97,3 +97,13 @@ def test_a_stuck_consumer_is_named_with_its_stack_at_the_deadline() -> None:
     stuck = [p for p in result.problems if p.startswith("consumer 1.0 (pid ")]
     assert len(stuck) == 1 and "still running" in stuck[0], result.problems
     assert "in _hang" in stuck[0]  # faulthandler's dump says where it waits
+
+
+@pytest.mark.timeout(30)
+def test_a_progress_bar_only_when_asked_or_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    target = target_for("shm", capacity_bytes=4096, prefix="tbar")
+    assert run(target, producers=1, consumers=1, items_per_producer=2000, progress=True).ok
+    assert "shm stress" in capsys.readouterr().err  # tqdm's label, drawn on stderr
+    assert run(target, producers=1, consumers=1, items_per_producer=200).ok  # stderr is no TTY here: no bar
+    assert "shm stress" not in capsys.readouterr().err
