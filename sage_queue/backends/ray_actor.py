@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import pickle
 import queue
+import struct
 import time
 import uuid
 from collections import deque
@@ -58,8 +59,8 @@ _RESTARTED = "restarted"
 _NEVER_FITS = "never_fits"
 _TOO_MANY = "too_many"
 
-_Request = tuple[int, tuple[int, int], Any, Optional[float]]
-"""(incarnation id the client knows, (handle id, request number), the argument, timeout)."""
+_HEADER = struct.Struct("<qqqd")
+"""The bytes form of a one-item put/get: incarnation id, handle id, request number, timeout (< 0: none)."""
 
 
 class _QueueActor:
@@ -138,11 +139,17 @@ class _QueueActor:
     async def hello(self) -> tuple[int, int]:
         return self.epoch, self.maxsize
 
-    # put/get/join take one tuple (epoch, key, argument, timeout): each argument of an actor call
-    # costs ~0.15 ms of Ray's own handling here, more than the queue work itself.
+    # put/get/join take one argument: a tuple (epoch, key, argument, timeout), or for one item (put, get)
+    # the bytes _HEADER + pickled item, and a get of one item answers the item's bytes. Every argument
+    # and every container in a call or a reply costs tens of microseconds of Ray's own handling, and
+    # bytes the least: that is what puts the per-item path level with raw ray.util.queue (RAY5).
 
-    async def put(self, request: _Request) -> Any:
-        epoch, key, blobs, timeout = request
+    async def put(self, request: Any) -> Any:
+        if type(request) is bytes:
+            epoch, handle, number, t = _HEADER.unpack_from(request)
+            key, blobs, timeout = (handle, number), [request[_HEADER.size:]], (None if t < 0 else t)
+        else:
+            epoch, key, blobs, timeout = request
         if epoch != self.epoch:
             return _RESTARTED, self.epoch
         n = len(blobs)
@@ -158,13 +165,24 @@ class _QueueActor:
         self._notify()
         return None
 
-    async def get(self, request: _Request) -> Any:
-        epoch, key, max_items, timeout = request
+    async def get(self, request: Any) -> Any:
+        single = type(request) is bytes
+        if single:
+            epoch, handle, number, t = _HEADER.unpack_from(request)
+            key, max_items, timeout = (handle, number), 1, (None if t < 0 else t)
+        else:
+            epoch, key, max_items, timeout = request
         if epoch != self.epoch:
             return _RESTARTED, self.epoch
         status = await self._wait(key, lambda: len(self.items) > 0, timeout)
         if status != _OK:
             return status, None
+        if single:
+            blob = self.items.popleft()
+            self.gets += 1
+            self.bytes_out += len(blob)
+            self._notify()
+            return blob
         out = [self.items.popleft() for _ in range(min(max_items, len(self.items)))]
         self.gets += len(out)
         self.bytes_out += sum(map(len, out))
@@ -210,7 +228,7 @@ class _QueueActor:
             self._notify()
         return None
 
-    async def join(self, request: _Request) -> Any:
+    async def join(self, request: tuple[int, tuple[int, int], None, Optional[float]]) -> Any:
         epoch, key, _, timeout = request
         if epoch != self.epoch:
             return _RESTARTED, self.epoch
@@ -324,11 +342,21 @@ class RayActorQueueStub(QueueStub):
             raise ValueError("task_done() called more times than there were items")
         raise AssertionError(f"unexpected answer {status!r} from the queue actor")  # pragma: no cover
 
-    def _wait_call(self, method: str, timeout: Optional[float], timed_out: type[Exception], arg: Any) -> Any:
-        """A call that may wait inside the actor, with the protocol of the module docstring."""
+    def _wait_call(
+        self, method: str, timeout: Optional[float], timed_out: type[Exception], arg: Any, single: bool = False
+    ) -> Any:
+        """A call that may wait inside the actor, with the protocol of the module docstring.
+
+        ``single``: ``arg`` is one item's bytes (put) or unused (get), sent in the bytes form.
+        """
         key = (self._handle_id, next(self._requests))
         until = None if timeout is None else time.monotonic() + timeout
-        ref = getattr(self._actor, method).remote((self._epoch, key, arg, timeout))
+        if single:
+            header = _HEADER.pack(self._epoch, key[0], key[1], -1.0 if timeout is None else timeout)
+            request: Any = header + arg if arg is not None else header
+        else:
+            request = (self._epoch, key, arg, timeout)
+        ref = getattr(self._actor, method).remote(request)
         try:
             try:
                 answer = _ray.wait_ref(ref, until, lambda: self._closed, _SLICE_S)
@@ -356,7 +384,9 @@ class RayActorQueueStub(QueueStub):
                 answer = fut.result()
             except Exception:  # the actor died meanwhile: nothing to give back
                 return
-            if type(answer) is list and answer:  # items handed out (a get's success)
+            if type(answer) is bytes:  # an item handed out (a get's success)
+                actor.unget.remote([answer])
+            elif type(answer) is list and answer:
                 actor.unget.remote(answer)
 
         ref.future().add_done_callback(done)
@@ -365,7 +395,7 @@ class RayActorQueueStub(QueueStub):
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
         blob = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)  # Q18: the serialiser's own error
-        self._wait_call("put", timeout, queue.Full, [blob])
+        self._wait_call("put", timeout, queue.Full, blob, single=True)
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
         if 0 < self.maxsize < len(items):
@@ -374,7 +404,8 @@ class RayActorQueueStub(QueueStub):
         self._wait_call("put", timeout, queue.Full, blobs)
 
     def _get(self, timeout: Optional[float]) -> Any:
-        return self._get_many(1, timeout)[0]
+        blob: bytes = self._wait_call("get", timeout, queue.Empty, None, single=True)
+        return pickle.loads(blob)  # an undecodable item raises its own error here, once; only it is lost
 
     def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
         blobs: list[bytes] = self._wait_call("get", timeout, queue.Empty, max_items)
