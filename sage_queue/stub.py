@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Optional
 
 from ._timeout import normalize_timeout
 from .descriptor import QueueDescriptor
-from .errors import QueueClosed, QueueDestroyed
+from .errors import QueueBroken, QueueClosed, QueueDestroyed
 from .metadata import BUILTIN_SCHEMAS, MetadataField
 from .protocol import QueueStats
 from .resolve import resolve_descriptor
@@ -191,8 +191,14 @@ class QueueStub:
         self._close()
 
     def destroy(self) -> None:
-        """Remove the queue itself for every handle in every process, then close this handle."""
-        self._check_open()
+        """Remove the queue itself for every handle in every process, then close this handle.
+
+        Works on a broken queue (E15): removing it is the remedy for one.
+        """
+        try:
+            self._check_open()
+        except QueueBroken:
+            pass
         try:
             self._destroy()
         except QueueDestroyed:  # destroyed already, through another handle: this one is done too
