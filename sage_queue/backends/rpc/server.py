@@ -208,11 +208,9 @@ class RPCQueueServer:
                     wait = max(0.0, min(wait, self._timers[0][0] - now))
                 if poller.poll(math.ceil(wait * 1000)):
                     for _ in range(256):  # a bounded batch, then timers get their turn
-                        try:
-                            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
+                        self._on_message(self._sock.recv_multipart())  # ready: poll said so, or EVENTS below
+                        if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                             break
-                        self._on_message(parts)
                 self._expire(time.monotonic())
                 if time.monotonic() - last_sweep > 10.0:
                     last_sweep = time.monotonic()

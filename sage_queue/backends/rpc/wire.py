@@ -15,7 +15,6 @@ checked, and items inside it are opaque ``bytes`` that the server never decodes 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import importlib
 import json
@@ -95,7 +94,7 @@ def seal(key: bytes, magic: bytes, client_id: bytes, seq: int, ts: float, instan
     msgpack = msgpack_module()
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     payload = _HEADER.pack(magic, VERSION, client_id, seq, ts, instance) + packed
-    return hmac.new(key, payload, hashlib.sha256).digest() + payload
+    return hmac.digest(key, payload, "sha256") + payload
 
 
 def unseal(key: bytes, frame: bytes, magic: bytes, max_size: int) -> tuple[Header, Any]:
@@ -109,7 +108,7 @@ def unseal(key: bytes, frame: bytes, magic: bytes, max_size: int) -> tuple[Heade
     if len(frame) < MAC_SIZE + HEADER_SIZE:
         raise BadFrame("malformed")
     mac, payload = frame[:MAC_SIZE], frame[MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()):
+    if not hmac.compare_digest(mac, hmac.digest(key, payload, "sha256")):
         raise BadFrame("auth")
     got_magic, version, client_id, seq, ts, instance = _HEADER.unpack_from(payload)
     if got_magic != magic or version != VERSION:
