@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import re
 import stat
 import sys
 import time
@@ -36,8 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .descriptor import MetadataField, non_negative
 from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound, QueuePermissionError
+from .metadata import check_segment_name
 
 __all__ = [
     "SEGMENT_PREFIX", "SHM_DIR", "Segment", "SegmentInfo", "check_name", "check_trusted", "list_segments",
@@ -47,40 +46,14 @@ __all__ = [
 SEGMENT_PREFIX = "sageq-"
 SHM_DIR = "/dev/shm"
 """Where Linux shows POSIX shared memory as files; absent on macOS (listing unsupported there)."""
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _ATTACH_WAIT_S = 2.0
 """How long an attacher waits for a concurrent creator to size the segment."""
 
 
 def check_name(name: object) -> Optional[str]:
-    """Error text for a bad user segment name, None if good (a MetadataField check)."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        return "must match [A-Za-z0-9_.-]{1,200}"
-    return None
-
-
-def segment_metadata_fields(
-    *, default_capacity: int, min_capacity: int, max_capacity: int, capacity_doc: str
-) -> tuple[MetadataField, ...]:
-    """The metadata table every named-segment queue type shares (spec/descriptor.md, shm and sage).
-
-    Only the ``capacity_bytes`` default and range differ between backends.
-    """
-
-    def capacity_in_range(value: int) -> Optional[str]:
-        if not min_capacity <= value <= max_capacity:
-            return f"must be between {min_capacity} and {max_capacity}"
-        return None
-
-    return (
-        MetadataField("shm_name", str, required=True, check=check_name, doc="segment name"),
-        MetadataField("maxsize", int, default=0, check=non_negative, doc="maximum items, 0 = bounded by bytes"),
-        MetadataField(
-            "capacity_bytes", int, default=default_capacity, check=capacity_in_range, doc=capacity_doc
-        ),
-        MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
-    )
+    """Error text for a bad user segment name, None if good (the descriptor's rule, D10)."""
+    return check_segment_name(name)
 
 
 def posix_name(kind: str, name: str) -> str:

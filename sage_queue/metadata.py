@@ -20,6 +20,7 @@ from .errors import InvalidMetadata
 
 __all__ = [
     "MAXSIZE_MAX",
+    "check_segment_name",
     "MetadataField",
     "QueueTypeSchema",
     "BUILTIN_SCHEMAS",
@@ -160,9 +161,12 @@ def _local_create(queue_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
     return {"owner_pid": os.getpid(), **metadata}
 
 
-def _segment_name(value: Any) -> Optional[str]:
-    # The same rule as sage_queue._segment.check_name (which the backends use when they open the
-    # segment), restated here so that parsing never imports the segment module.
+def check_segment_name(value: Any) -> Optional[str]:
+    """Error text for a bad segment name (``shm``/``sage`` ``shm_name``), None if good.
+
+    The one rule: descriptors are checked with it here, and ``sage_queue._segment`` checks
+    every name it opens with it too.
+    """
     if not isinstance(value, str) or not 1 <= len(value) <= 200 or not all(c in _NAME_CHARS for c in value):
         return "must match [A-Za-z0-9_.-]{1,200}"
     return None
@@ -175,7 +179,7 @@ def _segment_schema(default_capacity: int, min_capacity: int, max_capacity: int,
     """``shm`` and ``sage`` share one table; only the ``capacity_bytes`` default and range differ."""
     return QueueTypeSchema(
         fields=(
-            MetadataField("shm_name", str, required=True, check=_segment_name, doc="segment name"),
+            MetadataField("shm_name", str, required=True, check=check_segment_name, doc="segment name"),
             maxsize_field("maximum items, 0 = bounded by bytes"),
             MetadataField("capacity_bytes", int, default=default_capacity,
                           check=in_range(min_capacity, max_capacity), doc=capacity_doc),
@@ -227,7 +231,7 @@ BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
         create_hook=_local_create,
         doc="an in-process queue.Queue",
     ),
-    # Capacity numbers: sage_queue/backends/shm.py (DEFAULT/MIN/MAX_CAPACITY_BYTES), restated so that
+    # Capacity numbers: sage_queue/backends/shm/layout.py (DEFAULT/MIN/MAX_CAPACITY_BYTES), restated so that
     # parsing does not import the backend; tests/test_schema.py checks that the two agree.
     "shm": _segment_schema(1 << 20, 64, 1 << 32, "bytes in the data ring"),
     # sage_queue/backends/sage.py: a record's length is a 32-bit field, hence 2**31.

@@ -98,7 +98,7 @@ def remote_descriptors(draw: st.DrawFn) -> QueueDescriptor:
         metadata = draw(extra_metadata({"actor_name", "maxsize", "namespace"}))
         metadata["actor_name"] = draw(names)
         if draw(st.booleans()):
-            metadata["namespace"] = draw(st.text(max_size=10))
+            metadata["namespace"] = draw(st.text(min_size=1, max_size=10))
     if draw(st.booleans()):
         metadata["maxsize"] = draw(st.integers(min_value=0, max_value=2**63 - 1))
     return QueueDescriptor(draw(queue_ids), queue_type, metadata, draw(timestamps))

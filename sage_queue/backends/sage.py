@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from .. import _segment
 from .._timeout import normalize_timeout
-from ..descriptor import MetadataField, QueueDescriptor
+from ..descriptor import QueueDescriptor
 from ..errors import BackendUnavailable, IncompatibleQueue, QueueNotFound
 from ..protocol import APPROXIMATE_QSIZE, BATCH, CLOSE, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ..stub import QueueStub
@@ -125,10 +125,6 @@ class SAGEQueueStub(QueueStub):
     queue_type: ClassVar[str] = "sage"
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {CROSS_PROCESS, PICKLABLE_HANDLE, BATCH, STATS, CLOSE, APPROXIMATE_QSIZE}
-    )
-    metadata_fields: ClassVar[tuple[MetadataField, ...]] = _segment.segment_metadata_fields(
-        default_capacity=DEFAULT_CAPACITY_BYTES, min_capacity=MIN_CAPACITY_BYTES,
-        max_capacity=MAX_CAPACITY_BYTES, capacity_doc="bytes in the ring (rounded up to 64)",
     )
 
     def __init__(self, descriptor: QueueDescriptor) -> None:

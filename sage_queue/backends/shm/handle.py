@@ -69,7 +69,7 @@ from typing import Any, ClassVar, NoReturn, Optional
 from ... import _segment
 from ..._segment import Segment, pid_alive
 from ..._timeout import Deadline
-from ...descriptor import MetadataField, QueueDescriptor
+from ...descriptor import QueueDescriptor
 from ...errors import IncompatibleQueue, QueueBroken, QueueClosed, QueueDestroyed, QueueNotFound
 from ...protocol import BATCH, CLOSE, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ...stub import CLOSE_WAKEUP_S, QueueStub
@@ -79,7 +79,6 @@ from .layout import (
     C_WORD_OFFSET,
     CAPACITY_OFFSET,
     DATA_OFFSET,
-    DEFAULT_CAPACITY_BYTES,
     DESTROYED,
     FIXED,
     GET_SEQ_OFFSET,
@@ -92,9 +91,7 @@ from .layout import (
     MAGIC,
     MAGIC_OFFSET,
     MASK32,
-    MAX_CAPACITY_BYTES,
     MAXSIZE_OFFSET,
-    MIN_CAPACITY_BYTES,
     P_WORD_OFFSET,
     PID_OVERFLOW_OFFSET,
     PID_TABLE_OFFSET,
@@ -173,10 +170,6 @@ class SharedMemoryQueueStub(QueueStub):
 
     queue_type: ClassVar[str] = "shm"
     capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS, PICKLABLE_HANDLE, CLOSE, BATCH, STATS})
-    metadata_fields: ClassVar[tuple[MetadataField, ...]] = _segment.segment_metadata_fields(
-        default_capacity=DEFAULT_CAPACITY_BYTES, min_capacity=MIN_CAPACITY_BYTES,
-        max_capacity=MAX_CAPACITY_BYTES, capacity_doc="bytes in the data ring",
-    )
 
     def __init__(self, descriptor: QueueDescriptor) -> None:
         super().__init__(descriptor)
