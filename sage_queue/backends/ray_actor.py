@@ -33,7 +33,7 @@ from collections import deque
 from typing import Any, ClassVar, Optional
 
 from ..descriptor import QueueDescriptor
-from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed
+from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed, QueueNotFound
 from ..protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, TASK_DONE, QueueStats
 from ..stub import QueueStub
 from . import _ray
@@ -45,6 +45,8 @@ _SLICE_S = 0.1
 """Local wait slice of a blocked client: close() is seen within this (CLOSE_WAKEUP_S is 0.5 s)."""
 _GRACE_S = 2.0
 """How long a client waits for the actor's answer to cancel(key) (normally one round trip, ~2 ms)."""
+_START_S = 60.0
+"""How long resolve waits for the queue's actor to answer (a new one may need a worker process started)."""
 _RESOLVE_RETRY_S = 5.0
 """How long resolve retries while the name still points at an actor that is going away."""
 
@@ -283,8 +285,12 @@ class RayActorQueueStub(QueueStub):
             # every other creator, in any process, gets the winner's actor.
             self._actor = _actor_class().options(**opts).remote(maxsize)
             try:
-                self._epoch, actual = ray.get(self._actor.hello.remote(), timeout=60)
+                self._epoch, actual = ray.get(self._actor.hello.remote(), timeout=_START_S)
                 break
+            except GetTimeoutError:
+                raise QueueNotFound(
+                    f"ray_actor queue {self._md['actor_name']!r}: its actor did not start within {_START_S:.0f} s"
+                ) from None
             except RayActorError:
                 # The name pointed at an actor that is being destroyed or died: its name is
                 # released once the GCS has marked it dead; then a new one is created.

@@ -29,7 +29,7 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..descriptor import QueueDescriptor
-from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed
+from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed, QueueNotFound
 from ..protocol import CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE
 from ..stub import QueueStub
 from . import _ray
@@ -65,6 +65,8 @@ class RayQueueStub(QueueStub):
             actual: int = ray.get(self._actor.__ray_call__.remote(lambda actor: actor.maxsize), timeout=60)
         except RayActorError as exc:
             raise self._died(exc) from None
+        except GetTimeoutError:
+            raise QueueNotFound(f"ray_queue {self._md['actor_name']!r}: its actor did not start within 60 s") from None
         if actual != maxsize:
             raise IncompatibleQueue(
                 f"ray_queue {self._md['actor_name']!r} has maxsize {actual}, descriptor says {maxsize}"
