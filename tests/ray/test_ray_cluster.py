@@ -219,3 +219,30 @@ def test_the_queue_actor_reserves_no_cpu(ray_address: str) -> None:
     finally:
         for h in handles:
             h.destroy()
+
+
+@pytest.mark.spec("D10", "RAY4", "RAY10")
+@pytest.mark.parametrize(
+    ("queue_type", "metadata", "problem"),
+    [
+        ("ray_actor", {"lifetime": "forever"}, "lifetime"),
+        ("ray_queue", {"lifetime": None}, "lifetime"),
+        ("ray_actor", {"address": ""}, "address"),
+        ("ray_queue", {"namespace": ""}, "namespace"),
+        ("ray_actor", {"max_restarts": -2}, "max_restarts"),
+        ("ray_actor", {"max_restarts": True}, "max_restarts"),
+        ("ray_actor", {"max_restarts": 1.5}, "max_restarts"),
+    ],
+)
+def test_bad_ray_metadata_is_refused_when_described(queue_type: str, metadata: dict[str, Any], problem: str) -> None:
+    from sage_queue import InvalidMetadata
+
+    with pytest.raises(InvalidMetadata, match=problem):
+        QueueDescriptor.create(queue_type, "n", 0, **metadata)
+
+
+def test_ray_metadata_keeps_only_what_was_given() -> None:
+    d = QueueDescriptor.create("ray_actor", "n", 2, lifetime="non_detached", max_restarts=-1, address="h:1")
+    assert dict(d.metadata) == {"actor_name": "n", "maxsize": 2, "lifetime": "non_detached", "max_restarts": -1,
+                                "address": "h:1"}
+    assert dict(QueueDescriptor.create_ray_queue(3, "q").metadata) == {"actor_name": "q", "maxsize": 3}
