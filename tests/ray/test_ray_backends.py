@@ -271,6 +271,39 @@ def test_killed_actor_fails_fast_with_a_clear_error(queue_type: str, ray_address
         assert time.monotonic() - t0 < 5.0, "a call on a dead actor must fail fast, not wait out its timeout"
 
 
+@pytest.mark.spec("RAY9")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("queue_type", BOTH)
+def test_kill_under_load_ends_every_caller(queue_type: str, ray_address: str, made: list[Any]) -> None:
+    """The kill-actor fault in small: 4 producers and 4 consumers blocked without timeouts on a queue
+    of 4; after the kill every one of them ends with QueueActorLost, none hangs."""
+    q = _open(made, _desc(queue_type, ray_address, maxsize=4))
+    outcomes: list[BaseException] = []
+    moved = Counter[str]()
+
+    def loop(kind: str) -> None:
+        try:
+            while True:
+                if kind == "put":
+                    q.put(kind)
+                else:
+                    q.get()
+                moved[kind] += 1
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in ("put", "get") * 4]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ray.kill(_actor_of(q), no_restart=True)
+    for t in threads:
+        t.join(15)
+    assert not any(t.is_alive() for t in threads), "callers hung on a killed actor"
+    assert moved["put"] > 0 and moved["get"] > 0, f"no load before the kill: {moved}"
+    assert len(outcomes) == 8 and all(isinstance(e, QueueActorLost) for e in outcomes), outcomes
+
+
 @pytest.mark.spec("RAY10")
 @pytest.mark.timeout(90)
 def test_restart_loses_items_loudly(ray_address: str, made: list[Any]) -> None:
