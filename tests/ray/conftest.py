@@ -48,3 +48,7 @@ def ray_address() -> Iterator[str]:
         check_no_leaked_actors()
     finally:
         ray.shutdown()
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
