@@ -681,3 +681,69 @@ def test_handle_class_is_registered() -> None:
     from sage_queue.registry import backend_class
 
     assert backend_class("rpc") is RPCQueueStub
+
+
+@pytest.mark.spec("RPC9", "RPC10")
+@pytest.mark.timeout(120)
+def test_cut_connections_lose_and_duplicate_nothing(rpc_server: ServerProcess, rpc_key_file: str) -> None:
+    from _rpc_proxy import CuttingProxy
+
+    proxy = CuttingProxy(rpc_server.address)
+    try:
+        host, port = proxy.address
+        d = QueueDescriptor.create("rpc", f"cut_{os.getpid()}", 5, host=host, port=port, key_file=rpc_key_file)
+        producer_q, consumer_q = resolve_descriptor(d), resolve_descriptor(d)
+        got: list[int] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        produced = [0]
+
+        def produce() -> None:
+            try:
+                i = 0
+                while not stop.is_set():
+                    if i % 8:
+                        producer_q.put_many([i, i + 1, i + 2, i + 3], timeout=60)
+                    else:
+                        for j in range(i, i + 4):
+                            producer_q.put(j, timeout=60)
+                    i += 4
+                    produced[0] = i
+                producer_q.put(None, timeout=60)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def consume() -> None:
+            try:
+                while True:
+                    batch = consumer_q.get_many(3, timeout=60)
+                    if batch[-1] is None:
+                        got.extend(batch[:-1])
+                        return
+                    got.extend(batch)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+        for t in threads:
+            t.start()
+        while proxy.cuts < 12 and not errors:
+            time.sleep(0.3)
+            proxy.cut()  # requests and replies in flight are lost; the clients retransmit
+        stop.set()
+        for t in threads:
+            t.join(90)
+        assert not errors, errors[:3]
+        assert not any(t.is_alive() for t in threads)
+        n = produced[0]
+        assert n > 100
+        # Exactly once and in order: a retransmitted put was not enqueued twice, and a get whose answer
+        # was lost returned the same items on retransmission, not the next ones.
+        assert got == list(range(n))
+        assert consumer_q.qsize() == 0
+        s = consumer_q.stats()
+        assert (s.puts, s.gets) == (n + 1, n + 1)
+        consumer_q.destroy()
+        producer_q.close()
+    finally:
+        proxy.close()
