@@ -747,3 +747,27 @@ def test_cut_connections_lose_and_duplicate_nothing(rpc_server: ServerProcess, r
         producer_q.close()
     finally:
         proxy.close()
+
+
+@pytest.mark.spec("RPC1")
+@pytest.mark.timeout(60)
+def test_a_spawned_server_never_outlives_its_parent(rpc_key_file: str) -> None:
+    code = (
+        "import os, sys\n"
+        "from sage_queue.backends.rpc.server import RPCQueueServer\n"
+        f"s = RPCQueueServer.spawn(key_file={rpc_key_file!r})\n"
+        "print(s.pid, flush=True)\n"
+        "os._exit(0)  # no cleanup at all, as if killed\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{pid}")
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the spawned server outlived the process that spawned it"

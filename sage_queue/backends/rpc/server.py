@@ -195,8 +195,12 @@ class RPCQueueServer:
         out["durable"] = self._store is not None
         return out
 
-    def serve_forever(self) -> None:
-        """Run the loop in this thread until :meth:`stop` (or a signal handler calling it)."""
+    def serve_forever(self, parent_pid: Optional[int] = None) -> None:
+        """Run the loop in this thread until :meth:`stop` (or a signal handler calling it).
+
+        ``parent_pid``: also stop when this process stops being our parent (a spawned server
+        never outlives the process that spawned it, even one killed with SIGKILL).
+        """
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         last_sweep = time.monotonic()
@@ -212,6 +216,9 @@ class RPCQueueServer:
                         if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                             break
                 self._expire(time.monotonic())
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.info("parent %d is gone: stopping", parent_pid)
+                    break
                 if time.monotonic() - last_sweep > 10.0:
                     last_sweep = time.monotonic()
                     self._sweep_clients()
@@ -531,7 +538,7 @@ class RPCQueueServer:
               max_frame: Optional[int] = None, timeout: float = 20.0) -> ServerProcess:
         """Start ``sage-queue serve`` in a child process; returns once it listens."""
         cmd = [sys.executable, "-m", "sage_queue.backends.rpc.server", "--host", host, "--port", str(port),
-               "--key-file", key_file]
+               "--key-file", key_file, "--exit-with-parent", str(os.getpid())]
         if data_dir is not None:
             cmd += ["--data-dir", data_dir]
         if max_frame is not None:
@@ -601,6 +608,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"shared key file (hex); created 0600 if absent (default {default_key_path()})")
     parser.add_argument("--data-dir", default=None, help="keep queues durably in SQLite (WAL) in this directory")
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest request in bytes")
+    parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                        help="stop when process PID is no longer our parent")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -626,7 +635,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     host, port = server.address
     print(f"listening on tcp://{host}:{port}", flush=True)
     log.info("serving on tcp://%s:%d (durable=%s)", host, port, args.data_dir is not None)
-    server.serve_forever()
+    server.serve_forever(parent_pid=args.exit_with_parent)
     log.info("stopped: %s", server.status())
     return 0
 
