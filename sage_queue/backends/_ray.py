@@ -110,6 +110,10 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
         # log_to_driver=False: actor prints are not this process's business; the dashboard is not
         # needed by a queue and costs a second and a process.
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        if address == "local":
+            # The embedded instance: processes this one starts from now on (subprocess, spawn) inherit
+            # RAY_ADDRESS and so join it, and reach the same queues from the same descriptors (RAY1).
+            os.environ.setdefault("RAY_ADDRESS", str(ray.get_runtime_context().gcs_address))
 
 
 def namespace_of(metadata: dict[str, Any]) -> str:

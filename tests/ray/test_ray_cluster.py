@@ -246,3 +246,31 @@ def test_ray_metadata_keeps_only_what_was_given() -> None:
     assert dict(d.metadata) == {"actor_name": "n", "maxsize": 2, "lifetime": "non_detached", "max_restarts": -1,
                                 "address": "h:1"}
     assert dict(QueueDescriptor.create_ray_queue(3, "q").metadata) == {"actor_name": "q", "maxsize": 3}
+
+
+@pytest.mark.spec("RAY1")
+@pytest.mark.timeout(120)
+def test_embedded_default_starts_a_local_instance_its_children_join() -> None:
+    """No address, no RAY_ADDRESS, Ray not initialised: resolve starts a local instance, and a
+    subprocess started afterwards, holding only the JSON, reaches the same queue through it."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        import ray
+        from sage_queue import QueueDescriptor, resolve_descriptor
+        assert not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
+        d = QueueDescriptor.create("ray_actor", "embedded", 0)
+        q = resolve_descriptor(d)
+        q.put("from parent")
+        child = ("import sys; from sage_queue import resolve_descriptor as r; q = r(sys.argv[1]); "
+                 "assert q.get(timeout=20) == 'from parent'; q.put('from child')")
+        out = subprocess.run([sys.executable, "-c", child, d.to_json()], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        print(q.get(timeout=10), ray.get_runtime_context().gcs_address == os.environ["RAY_ADDRESS"])
+        q.destroy()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["from", "child", "True"]
