@@ -761,13 +761,18 @@ def test_a_spawned_server_never_outlives_its_parent(rpc_key_file: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     pid = int(out.stdout.strip())
+
+    def running() -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is not running
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
+    while time.monotonic() < deadline and running():
         time.sleep(0.05)
-    alive = os.path.exists(f"/proc/{pid}")
+    alive = running()
     if alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "the spawned server outlived the process that spawned it"
