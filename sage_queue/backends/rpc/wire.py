@@ -84,9 +84,16 @@ class BadFrame(Exception):
         self.reason = reason
 
 
+_msgpack: Any = None
+
+
 def msgpack_module() -> Any:
-    """msgpack, imported on first use (it ships no type information)."""
-    return importlib.import_module("msgpack")
+    """msgpack, imported on first use (it ships no type information), then cached: this is on the
+    path of every frame."""
+    global _msgpack
+    if _msgpack is None:
+        _msgpack = importlib.import_module("msgpack")
+    return _msgpack
 
 
 def seal(key: bytes, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
