@@ -6,7 +6,8 @@ parse without Ray, spec D13).
 
 Cluster connection (spec/backends/ray.md RAY1): if Ray is initialised in this process, that
 cluster is used; otherwise ``ray.init(address=metadata["address"] or $RAY_ADDRESS)``; with neither,
-``ray.init()`` starts a local instance that lives as long as this process.
+``ray.init(address="local")`` starts a local instance that lives as long as this process, and
+``RAY_ADDRESS`` is set to it so that processes started afterwards join it.
 
 Destroyed versus died (RAY8): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
 into the cluster's key-value store before it kills the actor, so that another handle whose call
@@ -21,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 from ..errors import BackendUnavailable, QueueBroken, QueueDestroyed, QueueNotFound
 
@@ -172,9 +173,6 @@ def died(queue_type: str, metadata: dict[str, Any], actor: Any, exc: BaseExcepti
             f"have taken effect, and a restart loses its items ({why})"
         )
     return QueueActorLost(f"the Ray actor of {name} died; its items are lost ({why})")
-
-
-T = TypeVar("T")
 
 
 def wait_ref(ref: Any, until: Optional[float], should_stop: Callable[[], bool], slice_s: float) -> Any:
