@@ -776,3 +776,24 @@ def test_a_spawned_server_never_outlives_its_parent(rpc_key_file: str) -> None:
     if alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "the spawned server outlived the process that spawned it"
+
+
+@pytest.mark.spec("RPC2", "RPC10")
+@pytest.mark.timeout(60)
+def test_a_silent_parked_client_is_handed_no_item(rpc: RpcFactory, rpc_server: ServerProcess,
+                                                  rpc_key_file: str) -> None:
+    q = rpc()
+    name, uid = q.descriptor.metadata["name"], q._uid
+    raw = RawClient(rpc_server.address, load_key(rpc_key_file))
+    raw.hello()
+    parked = raw.frame(1, ["get", name, uid, 1, None])
+    raw.send_raw(parked)
+    assert raw.recv(timeout=0.5) is None  # parked, and then silent: no heartbeat
+    time.sleep(8.0)  # > PARKED_SILENCE_S plus a sweep
+    q.put("for the living")
+    time.sleep(0.3)
+    assert q.qsize() == 1, "the item went to a parked get whose client had gone silent"
+    raw.send_raw(raw.frame(1, ["get", name, uid, 1, None]))  # alive after all: parked again, served
+    assert raw.recv() == ["ok", [pickle.dumps("for the living", protocol=pickle.HIGHEST_PROTOCOL)]]
+    assert q.qsize() == 0
+    raw.close()

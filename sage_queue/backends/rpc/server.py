@@ -55,6 +55,10 @@ DEFAULT_MAX_FRAME = 64 << 20
 REPLAY_WINDOW_S = 60.0
 """A request whose timestamp is further than this from the server's clock is dropped (RPC5)."""
 CLIENT_EXPIRY_S = 2 * REPLAY_WINDOW_S
+PARKED_SILENCE_S = 6.0
+"""A parked request whose client has been silent this long (3 missed heartbeats, client.HEARTBEAT_S)
+is unparked, so that no item is handed to a client that is gone; if the client was alive after all,
+its next retransmission parks the request again (it had had no effect)."""
 """A client record idle this long is forgotten: any frame of it is older than the window by then."""
 _TICK_S = 0.2
 """Longest poll: the loop checks its stop flag at least this often (so 5 wake-ups a second idle)."""
@@ -70,6 +74,8 @@ class _Waiter:
     max_items: int = 0
     items: list[bytes] = field(default_factory=list)
     done: bool = False
+    body: list[Any] = field(default_factory=list)
+    """The request itself, to park it again after an unparking for silence (PARKED_SILENCE_S)."""
 
 
 @dataclass
@@ -102,6 +108,8 @@ class _Client:
     held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None
     """A get's items (queue name, uid, items) kept until the next request acknowledges them."""
     last_seen: float = 0.0
+    unparked: Optional[tuple[list[Any], Optional[float]]] = None
+    """(request, deadline) of the current request, unparked for silence: executed again if retransmitted."""
 
 
 class RPCQueueServer:
@@ -219,7 +227,7 @@ class RPCQueueServer:
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.info("parent %d is gone: stopping", parent_pid)
                     break
-                if time.monotonic() - last_sweep > 10.0:
+                if time.monotonic() - last_sweep > 1.0:
                     last_sweep = time.monotonic()
                     self._sweep_clients()
         finally:
@@ -265,7 +273,8 @@ class RPCQueueServer:
                 self._cancel(client)
                 self._send(route, client.client_id, header.seq, ["ok"])
             return
-        if header.seq < client.seq or (header.seq == client.seq and client.reply is None and client.pending is None):
+        if header.seq < client.seq or (header.seq == client.seq and client.reply is None and client.pending is None
+                                       and client.unparked is None):
             self.counters["rejected_replay"] += 1
             return
         client.route = route
@@ -274,11 +283,17 @@ class RPCQueueServer:
                 self._send(route, client.client_id, header.seq, ["pending"])
             elif client.reply is not None:
                 self._send(route, client.client_id, header.seq, client.reply)
+            elif client.unparked is not None:  # alive after all: park it again, with the time it has left
+                again, deadline = client.unparked
+                client.unparked = None
+                again[4] = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._execute(client, again)
             return
         if client.pending is not None:  # a new request while the old one waits: the old one is abandoned
             self._cancel(client)
         client.seq = header.seq
         client.reply = None
+        client.unparked = None
         client.held = None  # acknowledged
         try:
             self._execute(client, body)
@@ -344,7 +359,7 @@ class RPCQueueServer:
                 return self._pump(q)
             if timeout == 0:
                 return self._commit(client, ["full"])
-            self._park(_Waiter(client, client.seq, "put", q, _deadline(timeout), items=items), q.putters)
+            self._park(_Waiter(client, client.seq, "put", q, _deadline(timeout), items=items, body=body), q.putters)
         elif op == "get":
             max_items = int(args[2])
             if max_items < 1:
@@ -355,7 +370,8 @@ class RPCQueueServer:
                 return self._pump(q)
             if timeout == 0:
                 return self._commit(client, ["empty"])
-            self._park(_Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items), q.getters)
+            self._park(_Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items, body=body),
+                       q.getters)
         elif op == "unget":  # items a client could not decode after them: back to the head (Q34)
             items = args[2]
             if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
@@ -507,6 +523,13 @@ class RPCQueueServer:
 
     def _sweep_clients(self) -> None:
         now = time.monotonic()
+        for c in list(self._clients.values()):
+            w = c.pending
+            if w is not None and now - c.last_seen > PARKED_SILENCE_S:
+                self._remove_waiter(w)
+                c.unparked = (w.body, w.deadline)
+                if w.op == "put":
+                    self._pump(w.queue)
         old = [c for c in self._clients.values() if c.pending is None and now - c.last_seen > CLIENT_EXPIRY_S]
         for c in old:
             del self._clients[c.client_id]
