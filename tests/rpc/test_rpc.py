@@ -797,3 +797,37 @@ def test_a_silent_parked_client_is_handed_no_item(rpc: RpcFactory, rpc_server: S
     assert raw.recv() == ["ok", [pickle.dumps("for the living", protocol=pickle.HIGHEST_PROTOCOL)]]
     assert q.qsize() == 0
     raw.close()
+
+
+@pytest.mark.spec("RPC5")
+@pytest.mark.timeout(60)
+def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(rpc: RpcFactory,
+                                                                                rpc_server: ServerProcess,
+                                                                                rpc_key_file: str) -> None:
+    q = rpc(2)
+    q.put("kept")
+    name, uid = q.descriptor.metadata["name"], q._uid
+    raw = RawClient(rpc_server.address, load_key(rpc_key_file))
+    raw.hello()
+    bad = [
+        ["get", name, uid, 1, float("nan")],
+        ["get", name, uid, 1, -1.0],
+        ["get", name, uid, 0, 0.0],
+        ["get", name, uid, "many", 0.0],
+        ["put", name, uid, "not a list", None],
+        ["put", name, uid, [1, 2], None],
+        ["put", name, uid, [], None],
+        ["open", name, -5, True],
+        ["open"],
+        ["no such op", name, uid],
+    ]
+    before = status(q)["rejected_malformed"]
+    for seq, body in enumerate(bad, start=1):
+        reply = raw.call(seq, body)
+        assert reply is not None and reply[:2] == ["err", "value"], (body, reply)
+    raw.send_raw(raw.frame(len(bad) + 1, [{"a": 1}]))  # no op name at all: dropped unanswered
+    assert raw.recv(timeout=0.5) is None
+    assert status(q)["rejected_malformed"] - before == len(bad) + 1
+    assert status(q)["internal_errors"] == 0
+    assert q.qsize() == 1 and q.get(timeout=5) == "kept"
+    raw.close()

@@ -149,7 +149,7 @@ class RPCQueueServer:
         self._timer_seq = 0
         self.counters: dict[str, int] = {
             "requests": 0, "rejected_auth": 0, "rejected_malformed": 0, "rejected_oversized": 0,
-            "rejected_replay": 0, "rejected_stale": 0, "bytes_in": 0, "bytes_out": 0,
+            "rejected_replay": 0, "rejected_stale": 0, "bytes_in": 0, "bytes_out": 0, "internal_errors": 0,
         }
         if self._store is not None:
             self._load()
@@ -220,7 +220,7 @@ class RPCQueueServer:
                     wait = max(0.0, min(wait, self._timers[0][0] - now))
                 if poller.poll(math.ceil(wait * 1000)):
                     for _ in range(256):  # a bounded batch, then timers get their turn
-                        self._on_message(self._sock.recv_multipart())  # ready: poll said so, or EVENTS below
+                        self._guarded(self._sock.recv_multipart())  # ready: poll said so, or EVENTS below
                         if not int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                             break
                 self._expire(time.monotonic())
@@ -237,6 +237,17 @@ class RPCQueueServer:
                 self._store.close()
 
     # -- messages --------------------------------------------------------------------------
+
+    def _guarded(self, parts: list[bytes]) -> None:
+        """One message; a bug or a store failure costs that request (no answer: the client retries
+        and gives up with QueueConnectionError), never the server."""
+        try:
+            self._on_message(parts)
+        except Exception:
+            log.exception("request failed")
+            self.counters["internal_errors"] += 1
+            if self._store is not None and self._store.db.in_transaction:
+                self._store.db.rollback()
 
     def _on_message(self, parts: list[bytes]) -> None:
         if len(parts) != 2:
@@ -329,6 +340,8 @@ class RPCQueueServer:
         op, args = body[0], body[1:]
         if op == "open":
             name, maxsize, create = str(args[0]), int(args[1]), bool(args[2])
+            if maxsize < 0:
+                raise ValueError("maxsize < 0")
             q = self._queues.get(name)
             if q is None:
                 if not create:
@@ -353,7 +366,7 @@ class RPCQueueServer:
                 raise ValueError
             if 0 < q.maxsize < len(items):
                 return self._commit(client, ["err", "value", f"{len(items)} items can never fit maxsize {q.maxsize}"])
-            timeout = None if args[3] is None else float(args[3])
+            timeout = _timeout(args[3])
             if not q.putters and q.room(len(items)):
                 self._do_put(client, None, q, items)
                 return self._pump(q)
@@ -364,7 +377,7 @@ class RPCQueueServer:
             max_items = int(args[2])
             if max_items < 1:
                 raise ValueError
-            timeout = None if args[3] is None else float(args[3])
+            timeout = _timeout(args[3])
             if q.items and not q.getters:
                 self._do_get(client, None, q, max_items)
                 return self._pump(q)
@@ -616,6 +629,17 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _timeout(value: Any) -> Optional[float]:
+    """A request's timeout: None or a number >= 0 (inf = None); ValueError otherwise (even authenticated
+    peers never put a NaN into the timer heap)."""
+    if value is None:
+        return None
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError("bad timeout")
+    return None if math.isinf(seconds) else seconds
 
 
 def _deadline(timeout: Optional[float]) -> Optional[float]:
