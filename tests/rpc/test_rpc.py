@@ -831,3 +831,19 @@ def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(r
     assert status(q)["internal_errors"] == 0
     assert q.qsize() == 1 and q.get(timeout=5) == "kept"
     raw.close()
+
+
+@pytest.mark.spec("RPC1")
+@pytest.mark.timeout(60)
+def test_local_service_for_tools_that_need_a_server() -> None:
+    from sage_queue.backends.rpc.server import local_service
+
+    with local_service() as metadata:
+        assert set(metadata) == {"host", "port", "key_file"}
+        with resolve_descriptor(QueueDescriptor.create("rpc", "svc", **metadata)) as q:
+            q.put(1)
+            assert q.get(timeout=5) == 1
+            q.destroy()
+    assert not os.path.exists(metadata["key_file"])
+    with pytest.raises(QueuePermissionError):  # the key went with the service
+        resolve_descriptor(QueueDescriptor.create("rpc", "svc", **metadata))

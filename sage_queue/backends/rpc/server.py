@@ -17,6 +17,7 @@ closed before it saw its reply (``cancel``) gets them put back at the head of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import logging
 import math
@@ -24,10 +25,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Optional
@@ -47,7 +49,7 @@ from .wire import (
     unseal,
 )
 
-__all__ = ["RPCQueueServer", "ServerProcess", "main"]
+__all__ = ["RPCQueueServer", "ServerProcess", "local_service", "main"]
 
 log = logging.getLogger("sage_queue.rpc.server")
 
@@ -640,6 +642,23 @@ def _timeout(value: Any) -> Optional[float]:
     if math.isnan(seconds) or seconds < 0:
         raise ValueError("bad timeout")
     return None if math.isinf(seconds) else seconds
+
+
+@contextlib.contextmanager
+def local_service(data_dir: Optional[str] = None) -> Iterator[dict[str, Any]]:
+    """A throw-away server for tools that need "the service this backend needs" (the kit's
+    ``--backend rpc``, the demo): a new key in a temporary 0600 file, a server in a child process on
+    a free loopback port; yields the metadata a descriptor needs to reach it (``host``, ``port``,
+    ``key_file``); stops the server and removes the key on exit."""
+    with tempfile.TemporaryDirectory(prefix="sageq-rpc-") as tmp:
+        key_file = os.path.join(tmp, "rpc.key")
+        generate_key_file(key_file)
+        server = RPCQueueServer.spawn(key_file=key_file, data_dir=data_dir)
+        try:
+            host, port = server.address
+            yield {"host": host, "port": port, "key_file": key_file}
+        finally:
+            server.stop()
 
 
 def _deadline(timeout: Optional[float]) -> Optional[float]:
