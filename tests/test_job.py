@@ -1,0 +1,436 @@
+"""sage_queue.job: JobManager, end-of-stream, choose_queue_type, recovery, stats (spec/job.md).
+
+Worker processes are real (spawn); the stage functions below are module-level so that a
+spawned worker imports them from this module by ``module:name``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sage_queue import QueueDescriptor, resolve_descriptor
+from sage_queue.errors import QueueNotFound, UnknownQueueType
+from sage_queue.job import (
+    EOS,
+    EndOfStream,
+    Job,
+    JobFailed,
+    JobManager,
+    QueueChoice,
+    QueueSpec,
+    Stage,
+    choose_queue_type,
+    queue_stats,
+)
+from sage_queue.protocol import QueueStats
+from sage_queue.registry import unavailable_reason
+
+N = 200
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- stage functions (module level: spawned workers import them) -------------------------------
+
+
+def numbers() -> range:
+    return range(N)
+
+
+def square(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        yield x * x
+
+
+def collect(items: Iterator[Any]) -> list[Any]:
+    return list(items)
+
+
+def count(items: Iterator[Any]) -> int:
+    return sum(1 for _ in items)
+
+
+def tagged_numbers() -> Iterator[list[int]]:
+    # Each replica tags its items with its pid, so the sink can check every producer's stream.
+    pid = os.getpid()
+    return ([pid, i] for i in range(N))
+
+
+def die_once(items: Iterator[int]) -> Iterator[int]:
+    """SIGKILLs its own process the first time (a flag file says whether it already did)."""
+    flag = Path(os.environ["SAGE_JOB_TEST_DIR"]) / "died"
+    if not flag.exists():
+        flag.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    yield from square(items)
+
+
+def always_die(items: Iterator[int]) -> Iterator[int]:
+    os.kill(os.getpid(), signal.SIGKILL)
+    yield from items
+
+
+def raise_value_error(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        if x == 3:
+            raise ValueError("bad item 3")
+        yield x
+
+
+def exit_3(items: Iterator[int]) -> Iterator[int]:
+    os._exit(3)
+    yield from items
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _segments() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _gone(desc: QueueDescriptor) -> bool:
+    """True when the queue no longer exists (resolving it without create finds nothing)."""
+    if desc.queue_type == "local":
+        from sage_queue.backends.local import destroy_local_queue
+
+        return not destroy_local_queue(desc.queue_id)
+    meta = dict(desc.metadata)
+    meta["create"] = False
+    try:
+        handle = resolve_descriptor(QueueDescriptor(desc.queue_id, desc.queue_type, meta))
+    except QueueNotFound:
+        return True
+    handle.close()
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+needs_sage = pytest.mark.skipif(unavailable_reason("sage") is not None, reason=f"sage: {unavailable_reason('sage')}")
+
+
+# -- lifecycle, JSON-only workers, teardown ----------------------------------------------------
+
+
+@needs_sage
+@pytest.mark.spec("JOB1", "JOB2", "JOB4")
+@pytest.mark.timeout(120)
+def test_process_pipeline_runs_and_tears_down() -> None:
+    job = Job(
+        queues={"input": "auto", "processing": QueueSpec("sage", maxsize=8), "output": "auto"},
+        stages=[
+            Stage("numbers", numbers, output="input", where="process"),
+            Stage("square", "test_job:square", input="input", output="processing", where="process", replicas=2),
+            Stage("relay", square.__module__ + ":collect", input="processing", where="process"),
+        ],
+    )
+    manager = JobManager(job)
+    result = manager.run(timeout=100)
+    assert sorted(result.results["relay"][0]) == sorted(x * x for x in range(N))
+    # "output" is wired to no stage: only the manager touches it, so "auto" makes it local.
+    assert result.queue_types == {"input": "sage", "processing": "sage", "output": "local"}
+    assert [e.ok for e in result.exits] == [True] * 4 and all(e.pid for e in result.exits)
+    # Every queue destroyed, every worker process gone.
+    assert all(_gone(d) for d in manager.descriptors.values())
+    assert multiprocessing.active_children() == []
+    assert all(not _alive(e.pid) for e in result.exits if e.pid)
+
+
+@pytest.mark.spec("JOB2")
+def test_process_stage_needs_a_module_level_function() -> None:
+    job = Job(queues={"q": "local"}, stages=[Stage("s", lambda: [1], output="q", where="process")])
+    manager = JobManager(job)
+    with pytest.raises(ValueError, match="module-level function"):
+        manager.run(timeout=30)
+    assert all(_gone(d) for d in manager.descriptors.values())
+
+
+# -- end-of-stream -----------------------------------------------------------------------------
+
+
+def test_eos_pickles_to_the_one_instance() -> None:
+    assert pickle.loads(pickle.dumps(EOS)) is EOS
+    assert EndOfStream() is EOS
+
+
+@pytest.mark.spec("JOB3", "JOB4")
+@pytest.mark.timeout(120)
+def test_many_producers_many_consumers_threads() -> None:
+    # 3 producers -> 4 transforms -> 3 sinks: every item exactly once, every worker ends,
+    # per-producer order kept within each consumer (FIFO queue).
+    job = Job(
+        queues={"a": QueueSpec("local", maxsize=5), "b": QueueSpec("local", maxsize=5)},
+        stages=[
+            Stage("src", tagged_numbers, output="a", replicas=3),
+            Stage("mid", square_pairs, input="a", output="b", replicas=4),
+            Stage("sink", collect, input="b", replicas=3),
+        ],
+    )
+    result = JobManager(job).run(timeout=100)
+    got = [tuple(item) for part in result.results["sink"] for item in part]
+    assert len(result.results["sink"]) == 3
+    assert len(got) == 3 * N
+    assert Counter(i for _, i in got) == Counter({i: 3 for i in range(N)})  # nothing lost or duplicated
+    assert len({pid for pid, _ in got}) == 1  # threads share the manager's pid
+
+
+def square_pairs(items: Iterator[Any]) -> Iterator[Any]:
+    for pid, i in items:
+        yield (pid, i * 1)  # a transform: unpacks each item, so a marker reaching it would fail
+
+
+@needs_sage
+@pytest.mark.spec("JOB4")
+@pytest.mark.timeout(120)
+def test_many_producers_many_consumers_processes() -> None:
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=16)},
+        stages=[
+            Stage("src", tagged_numbers, output="a", where="process", replicas=2),
+            Stage("sink", collect, input="a", where="process", replicas=2),
+        ],
+    )
+    result = JobManager(job).run(timeout=100)
+    got = [tuple(item) for part in result.results["sink"] for item in part]
+    assert Counter(got) == Counter({(pid, i): 1 for pid in {p for p, _ in got} for i in range(N)})
+    assert len({p for p, _ in got}) == 2
+    for part in result.results["sink"]:  # each producer's items in order within a consumer
+        for pid in {p for p, _ in part}:
+            seq = [i for p, i in part if p == pid]
+            assert seq == sorted(seq)
+
+
+@pytest.mark.spec("JOB4")
+@pytest.mark.timeout(60)
+def test_queue_without_producers_ends_at_once() -> None:
+    result = JobManager(Job(queues={"q": "local"}, stages=[Stage("sink", count, input="q", replicas=2)])).run(30)
+    assert result.results["sink"] == [0, 0]
+
+
+# -- choosing queue types ----------------------------------------------------------------------
+
+
+@pytest.mark.spec("JOB8")
+def test_choose_queue_type_table() -> None:
+    same_host = "sage" if unavailable_reason("sage") is None else "shm"
+    assert choose_queue_type("thread", "thread") == "local"
+    assert choose_queue_type("thread", "process") == same_host
+    assert choose_queue_type("process", "process") == same_host
+    assert choose_queue_type("ray", "process") == "ray_actor"
+    assert choose_queue_type("process", "host:gpu7") == "rpc"
+    assert choose_queue_type("process", "host:localhost") == same_host
+    assert choose_queue_type("host:a", "host:a", local_host="a") == same_host
+    assert choose_queue_type("thread", "thread", override="shm") == "shm"
+    choice = choose_queue_type("process", "host:gpu7", explain=True)
+    assert isinstance(choice, QueueChoice) and choice.queue_type == "rpc" and "gpu7" in choice.reason
+    assert "override" in choose_queue_type("thread", "thread", override="rpc", explain=True).reason
+    with pytest.raises(ValueError, match="where must be"):
+        choose_queue_type("thread", "gpu")
+    with pytest.raises(UnknownQueueType):
+        choose_queue_type("thread", "thread", override="nope")
+
+
+@pytest.mark.spec("JOB8")
+@pytest.mark.timeout(60)
+def test_auto_queue_is_most_general_choice_and_explained() -> None:
+    job = Job(queues={"t": "auto", "p": "auto"},
+              stages=[Stage("a", numbers, output="t"), Stage("b", square, input="t", output="p"),
+                      Stage("c", count, input="p", where="thread")])
+    manager = JobManager(job)
+    result = manager.run(timeout=30)
+    assert result.queue_types == {"t": "local", "p": "local"}
+    assert "threads" in manager.choices["t"].reason
+    assert result.results["c"] == [N]
+
+
+# -- recovery ----------------------------------------------------------------------------------
+
+
+def _kill_job(policy: str, fn: Any, max_restarts: int = 3) -> Job:
+    return Job(
+        queues={"a": QueueSpec("auto", maxsize=8), "b": QueueSpec("auto", maxsize=8)},
+        stages=[
+            Stage("src", numbers, output="a", where="process"),
+            Stage("mid", fn, input="a", output="b", where="process"),
+            Stage("sink", collect, input="b", where="thread"),
+        ],
+        policy=policy,  # type: ignore[arg-type]
+        max_restarts=max_restarts,
+    )
+
+
+@needs_sage
+@pytest.mark.spec("JOB10", "JOB1")
+@pytest.mark.timeout(120)
+def test_sigkilled_worker_fails_fast_with_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGE_JOB_TEST_DIR", str(tmp_path))
+    manager = JobManager(_kill_job("fail_fast", die_once))
+    cause = r"worker mid\[0\] \(pid \d+\) killed by SIGKILL; job stopped: fail_fast"
+    with pytest.raises(JobFailed, match=cause) as info:
+        manager.run(timeout=100)
+    dead = [e for e in info.value.exits if not e.ok]
+    assert [(e.stage, e.cause) for e in dead] == [("mid", "killed by SIGKILL")]
+    assert dead[0].pid == int((tmp_path / "died").read_text())
+    assert all(_gone(d) for d in manager.descriptors.values())
+    assert multiprocessing.active_children() == []
+
+
+@needs_sage
+@pytest.mark.spec("JOB10", "JOB5")
+@pytest.mark.timeout(120)
+def test_sigkilled_worker_is_restarted_on_the_same_queues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGE_JOB_TEST_DIR", str(tmp_path))
+    result = JobManager(_kill_job("restart", die_once)).run(timeout=100)
+    # It died before taking an item, so nothing is lost.
+    assert sorted(result.results["sink"][0]) == [x * x for x in range(N)]
+    assert result.restarts == 1
+    mids = [e for e in result.exits if e.stage == "mid"]
+    assert [(e.attempt, e.ok, e.cause) for e in mids] == [(0, False, "killed by SIGKILL"), (1, True, "ok")]
+
+
+@needs_sage
+@pytest.mark.spec("JOB10")
+@pytest.mark.timeout(120)
+def test_restart_limit_then_fails() -> None:
+    with pytest.raises(JobFailed, match=r"restart limit reached \(2 restarts\)") as info:
+        JobManager(_kill_job("restart", always_die, max_restarts=2)).run(timeout=100)
+    assert [e.cause for e in info.value.exits if e.stage == "mid"] == ["killed by SIGKILL"] * 3
+
+
+@needs_sage
+@pytest.mark.spec("JOB10")
+@pytest.mark.timeout(120)
+def test_exit_code_and_exception_causes() -> None:
+    with pytest.raises(JobFailed, match=r"exit code 3"):
+        JobManager(_kill_job("fail_fast", exit_3)).run(timeout=100)
+    with pytest.raises(JobFailed, match=r"raised ValueError: bad item 3") as info:
+        JobManager(_kill_job("fail_fast", raise_value_error)).run(timeout=100)
+    assert "Traceback" in next(e.detail for e in info.value.exits if not e.ok)
+
+
+@pytest.mark.spec("JOB10", "JOB1")
+@pytest.mark.timeout(60)
+def test_thread_worker_failure_stops_the_others() -> None:
+    # The sink blocks in get; the failing transform ends the job; teardown must wake the sink.
+    job = Job(queues={"a": QueueSpec("local", maxsize=2), "b": "local"},
+              stages=[Stage("src", numbers, output="a"), Stage("mid", raise_value_error, input="a", output="b"),
+                      Stage("sink", count, input="b")])
+    manager = JobManager(job)
+    with pytest.raises(JobFailed, match="bad item 3"):
+        manager.run(timeout=30)
+    assert all(w.thread is not None and not w.thread.is_alive() for w in manager._workers)
+
+
+@pytest.mark.spec("JOB11")
+@pytest.mark.timeout(60)
+def test_manager_timeout_tears_down() -> None:
+    # No stage writes "a" except a source that never ends: the job cannot finish.
+    job = Job(queues={"a": QueueSpec("local", maxsize=1)},
+              stages=[Stage("src", forever, output="a"), Stage("sink", count, input="a")])
+    manager = JobManager(job)
+    with pytest.raises(JobFailed, match=r"not finished after 1\.0 s"):
+        manager.run(timeout=1.0)
+    assert all(w.thread is not None and not w.thread.is_alive() for w in manager._workers)
+
+
+def forever() -> Iterator[int]:
+    while True:
+        yield 1
+
+
+# -- interruption of the manager (in a subprocess) -----------------------------------------------
+
+_INTERRUPTED = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from sage_queue import QueueDescriptor
+    from sage_queue.job import Job, JobManager, QueueSpec, Stage
+    if __name__ == "__main__":
+        qa = QueueDescriptor.create({qtype!r}, maxsize=4)
+        qb = QueueDescriptor.create({qtype!r}, maxsize=4)
+        print(json.dumps([qa.to_json(), qb.to_json()]), flush=True)
+        job = Job(queues={{"a": qa, "b": qb}},
+                  stages=[Stage("src", "test_job:forever_with_pid", output="a", where="process"),
+                          Stage("sink", "test_job:count", input="a", where="process")])
+        JobManager(job).run()
+""")
+
+
+def forever_with_pid() -> Iterator[int]:
+    (Path(os.environ["SAGE_JOB_TEST_DIR"]) / f"pid-{os.getpid()}").write_text("")
+    return forever()
+
+
+@needs_sage
+@pytest.mark.spec("JOB1")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
+    script = tmp_path / "job_main.py"
+    script.write_text(_INTERRUPTED.format(tests=str(ROOT / "tests"), qtype="sage"))
+    env = dict(os.environ, SAGE_JOB_TEST_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob("pid-*")):
+            assert time.monotonic() < deadline, "the worker never started"
+            assert proc.poll() is None, "the manager ended early"
+            time.sleep(0.1)
+        worker_pid = int(next(tmp_path.glob("pid-*")).name[4:])
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code != 0  # interrupted, not finished
+    deadline = time.monotonic() + 10
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid)
+    assert all(_gone(d) for d in descs)
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+
+class _NoStats:
+    capabilities = frozenset({"close"})
+
+
+@pytest.mark.spec("JOB12")
+@pytest.mark.timeout(60)
+def test_stats_where_declared_none_otherwise() -> None:
+    assert queue_stats(_NoStats()) is None
+    job = Job(queues={"a": QueueSpec("local", maxsize=N + 1)}, stages=[Stage("src", numbers, output="a")])
+    manager = JobManager(job)
+    manager.start()
+    try:
+        manager.wait(timeout=30)  # the source ended; no consumer, so no marker either
+        stats = manager.stats()
+        assert set(stats) == {"a"}
+        assert isinstance(stats["a"], QueueStats) and stats["a"].puts == N and stats["a"].depth == N
+    finally:
+        manager.teardown()
+    assert _gone(manager.descriptors["a"])
