@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(CORE)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "sage-queue: installing into $(VENV) with its extras (log: $(VENV)/install.log)"
-	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e ".[all,test]"; } > $(VENV)/install.log 2>&1 \
+	@{ $(PY) -m pip install --upgrade pip "setuptools>=77" && $(PY) -m pip install -e ".[all,test]"; } > $(VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VENV)/install.log; echo "sage-queue: install failed; full log in $(VENV)/install.log"; exit 1; }
 	@touch $(STAMP)
 
@@ -38,5 +38,9 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info sage_queue/*.so .pytest_cache .mypy_cache .hypothesis
 
+# The long runs: thousands of kills per scenario and backend, long fuzzing of corrupt segments
+# (Python and C under ASan), minutes of stops. Every test here also runs short in `make test`.
+SOAK_TESTS := tests/test_sage.py tests/test_shm_processes.py tests/test_faults_harness.py \
+	tests/test_sage_corruption.py tests/test_shm_fuzz.py tests/test_core_c.py
 soak: $(STAMP)
-	SAGE_SOAK=1 SAGE_SOAK_KILLS=$${SAGE_SOAK_KILLS:-1000} $(PY) -m pytest -s --timeout=1800 tests/test_sage.py tests/test_shm_processes.py -k soak
+	SAGE_SOAK=1 SAGE_SOAK_KILLS=$${SAGE_SOAK_KILLS:-1000} $(PY) -m pytest -s --timeout=3600 $(SOAK_TESTS)
