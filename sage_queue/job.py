@@ -38,8 +38,8 @@ from typing import Any, Literal, Optional, Union, overload
 
 from .descriptor import QueueDescriptor
 from .errors import QueueClosed
-from .protocol import STATS, QueueStats
-from .registry import unavailable_reason
+from .protocol import CROSS_PROCESS, STATS, QueueStats
+from .registry import backend_class, unavailable_reason
 from .resolve import resolve_descriptor
 
 __all__ = [
@@ -166,7 +166,10 @@ def choose_queue_type(
             choice = QueueChoice("rpc", f"an end runs on another host ({', '.join(sorted(h for h in hosts if h))}): "
                                         "rpc (a sage-queue server reachable by both)")
         elif "ray" in (producer_where, consumer_where):
-            choice = QueueChoice("ray_actor", "an end is a Ray worker: ray_actor (reachable from any Ray worker)")
+            why = unavailable_reason("ray_actor")
+            note = "" if why is None else f"; not resolvable here: {why}"
+            base = "an end is a Ray worker: ray_actor (reachable from any Ray worker)"
+            choice = QueueChoice("ray_actor", base + note)
         elif producer_where == consumer_where == "thread":
             choice = QueueChoice("local", "both ends are threads of one process: local (queue.Queue)")
         else:
@@ -461,6 +464,12 @@ class JobManager:
                                       [s.where for s in self._consumers(name)])
         else:
             choice = QueueChoice(spec.queue_type, "declared by the job")
+            ends = [s for s in (*self._producers(name), *self._consumers(name)) if s.where != "thread"]
+            if ends and CROSS_PROCESS not in getattr(backend_class(choice.queue_type), "capabilities", ()):
+                raise ValueError(
+                    f"queue {name!r} is declared {choice.queue_type!r}, which cannot cross processes, but stage "
+                    f"{ends[0].name!r} runs in a {ends[0].where}; declare it 'auto' or a cross-process type"
+                )
         self.choices[name] = choice
         return QueueDescriptor.create(choice.queue_type, None, spec.maxsize, **dict(spec.metadata))
 

@@ -77,6 +77,16 @@ def die_once(items: Iterator[int]) -> Iterator[int]:
     yield from square(items)
 
 
+def count_then_die_once(items: Iterator[int]) -> int:
+    """Takes every item and the marker, then SIGKILLs its own process the first time."""
+    n = sum(1 for _ in items)
+    flag = Path(os.environ["SAGE_JOB_TEST_DIR"]) / "died-after-eos"
+    if not flag.exists():
+        flag.write_text(str(n))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
 def always_die(items: Iterator[int]) -> Iterator[int]:
     os.kill(os.getpid(), signal.SIGKILL)
     yield from items
@@ -157,11 +167,20 @@ def test_process_pipeline_runs_and_tears_down() -> None:
 
 @pytest.mark.spec("JOB2")
 def test_process_stage_needs_a_module_level_function() -> None:
-    job = Job(queues={"q": "local"}, stages=[Stage("s", lambda: [1], output="q", where="process")])
+    job = Job(queues={"q": "shm"}, stages=[Stage("s", lambda: [1], output="q", where="process")])
     manager = JobManager(job)
     with pytest.raises(ValueError, match="module-level function"):
         manager.run(timeout=30)
     assert all(_gone(d) for d in manager.descriptors.values())
+
+
+@pytest.mark.spec("JOB8")
+def test_local_queue_between_processes_is_refused_before_start() -> None:
+    job = Job(queues={"q": "local"}, stages=[Stage("s", numbers, output="q", where="process")])
+    manager = JobManager(job)
+    with pytest.raises(ValueError, match=r"queue 'q' is declared 'local', which cannot cross processes"):
+        manager.run(timeout=30)
+    assert manager.descriptors == {} and manager._workers == []
 
 
 # -- end-of-stream -----------------------------------------------------------------------------
@@ -305,6 +324,23 @@ def test_sigkilled_worker_is_restarted_on_the_same_queues(tmp_path: Path, monkey
     assert result.restarts == 1
     mids = [e for e in result.exits if e.stage == "mid"]
     assert [(e.attempt, e.ok, e.cause) for e in mids] == [(0, False, "killed by SIGKILL"), (1, True, "ok")]
+
+
+@needs_sage
+@pytest.mark.spec("JOB5", "JOB10")
+@pytest.mark.timeout(120)
+def test_consumer_killed_after_its_marker_gets_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first sink takes all items and its marker, then dies: the restarted sink must get a
+    # marker of its own (JOB5), else it would block forever and the job would hit its timeout.
+    monkeypatch.setenv("SAGE_JOB_TEST_DIR", str(tmp_path))
+    job = Job(queues={"a": QueueSpec("auto", maxsize=N + 1)},
+              stages=[Stage("src", numbers, output="a", where="process"),
+                      Stage("sink", count_then_die_once, input="a", where="process")],
+              policy="restart")
+    result = JobManager(job).run(timeout=60)
+    assert (tmp_path / "died-after-eos").read_text() == str(N)  # the first one had everything
+    assert result.results["sink"] == [0]  # its replacement found only the extra marker
+    assert [e.cause for e in result.exits if e.stage == "sink"] == ["killed by SIGKILL", "ok"]
 
 
 @needs_sage
