@@ -847,3 +847,33 @@ def test_local_service_for_tools_that_need_a_server() -> None:
     assert not os.path.exists(metadata["key_file"])
     with pytest.raises(QueuePermissionError):  # the key went with the service
         resolve_descriptor(QueueDescriptor.create("rpc", "svc", **metadata))
+
+
+@pytest.mark.spec("RPC8")
+@pytest.mark.timeout(60)
+def test_a_forked_child_uses_an_inherited_handle_with_its_own_sockets(rpc: RpcFactory) -> None:
+    q = rpc()
+    q.put("before fork")  # the parent's pool now holds a channel
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, just the handle, then _exit
+        code = 1
+        try:
+            item = q.get(timeout=10)
+            q.put(("child got", item))
+            q.close()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    done, status_code = 0, 0
+    while not done and time.monotonic() < deadline:
+        done, status_code = os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    if not done:  # a child stuck in the parent's sockets: kill it, never leave it behind
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done, "the forked child hung using its inherited handle"
+    assert os.waitstatus_to_exitcode(status_code) == 0
+    assert q.get(timeout=10) == ("child got", "before fork")
+    q.put("parent still works")
+    assert q.get(timeout=10) == "parent still works"

@@ -130,13 +130,17 @@ class RPCQueueStub(QueueStub):
         return sock
 
     def _take(self) -> _Channel:
-        with self._lock:
-            if os.getpid() != self._pid:
-                # A forked child must not touch the parent's context (libzmq forbids it): start afresh.
+        if os.getpid() != self._pid:
+            # A forked child must not touch the parent's context (libzmq forbids it), nor wait for a lock
+            # another thread of the parent held at fork time: start afresh (the child's first call).
+            self._lock = threading.Lock()
+            with self._lock:
                 self._pid = os.getpid()
                 self._ctx = zmq.Context()
+                self._ctx_done = False
                 self._idle = []
                 self._busy = 0
+        with self._lock:
             if self._closed:
                 self._raise_closed()
             self._busy += 1
@@ -173,11 +177,13 @@ class RPCQueueStub(QueueStub):
     def _close(self) -> None:
         # May run in a signal handler that interrupted a call of this very thread, maybe inside _take
         # or _give holding _lock: never wait long for it; that call cleans up when it gives back.
+        if self._pid != os.getpid():
+            return  # a forked child's copy of a handle it never used: the parent's sockets are not ours
         if not self._lock.acquire(timeout=0.5):
             return
         try:
             idle, self._idle = self._idle, []
-            term = self._busy == 0 and not self._ctx_done and self._pid == os.getpid()
+            term = self._busy == 0 and not self._ctx_done
             self._ctx_done = self._ctx_done or term
         finally:
             self._lock.release()
