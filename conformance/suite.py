@@ -19,7 +19,6 @@ import functools
 import inspect
 import json
 import math
-import multiprocessing
 import os
 import pickle
 import queue
@@ -331,8 +330,27 @@ class QueueConformance:
     def need_descriptor(self, q: Any) -> Any:
         desc = self.descriptor_of(q)
         if desc is None:
-            pytest.fail("the target declares a capability that needs handles with a `descriptor` attribute")
+            pytest.fail("the target declares a capability that needs handles with a `descriptor` attribute "
+                        "(or, for cross_process, a `sharing` other than 'descriptor': see conformance/target.py)")
         return desc
+
+    def start_child(self, q: Any, mode: str, *args: str, context: Optional[str] = None) -> _children.Child:
+        """A child process running ``mode`` on ``q``'s queue, reached the way the target declares (``sharing``).
+
+        ``context`` None: the target's own way (a ``subprocess`` child for a descriptor or a hook);
+        ``"spawn"``: a ``multiprocessing`` child (spawn for a descriptor or a hook, else the target's context).
+        """
+        sharing = self.target.sharing
+        source: _children.Source
+        if sharing == "descriptor":
+            source = self.need_descriptor(q).to_json()
+        elif sharing == "hook":
+            assert self.target.share is not None and self.target.attach is not None
+            token = self.target.share(q)
+            source = _children.HOOK_PREFIX + base64.b64encode(pickle.dumps((self.target.attach, token))).decode()
+        else:
+            return _children.Child.start(_children.Inherited(q), mode, *args, context=sharing)
+        return _children.Child.start(source, mode, *args, context=context)
 
     def isolated_handles(self, maxsizes: list[int]) -> Callable[[], list[Any]]:
         """For a body run by :func:`~conformance._isolation.run_isolated`: what the child calls to get one
@@ -342,6 +360,10 @@ class QueueConformance:
         descriptors in the child, so that the target's cleanup destroys them even when the child had to
         be killed. Other targets' queues are made in the child and die with it.
         """
+        if self.target.has("cross_process") and self.target.sharing != "descriptor":
+            # Made here too (so cleanup() reaches them); the forked child inherits these very handles.
+            made = [self.make(m) for m in maxsizes]
+            return lambda: made
         if self.target.has("cross_process"):
             descs = [self.need_descriptor(self.make(m)).to_json() for m in maxsizes]
 
@@ -1193,18 +1215,17 @@ class QueueConformance:
         """destroy() here: in another process, a get() blocked on a handle of the queue and the next operation
         on another handle raise QueueDestroyed (E13: "through any handle, in any process")."""
         q = self.make(1)
-        desc = self.need_descriptor(q)
-        child = _children.start_child("outlive_destroy", desc.to_json())
+        child = self.start_child(q, "outlive_destroy")
         try:
-            line = _call(child.stdout.readline, 20.0 * self.ts)  # type: ignore[union-attr]
-            assert line.finished and line.value == "ready\n", f"the child did not start: {line!r}"
+            line = child.readline(0, 20.0 * self.ts)
+            assert line == "ready", f"the child did not start: {line!r}; stderr: {child.stderr()[-2000:]}"
             time.sleep(0.2 * self.ts)  # its get() is blocked by now (or soon: destroy must wake it either way)
             q.destroy()
-            report = _call(child.stdout.readline, 30.0 * self.ts)  # type: ignore[union-attr]
-            assert report.finished and report.value, f"the child did not report: {report!r}"
+            report = child.readline(1, 30.0 * self.ts)
+            assert report, f"the child did not report; stderr: {child.stderr()[-2000:]}"
         finally:
-            _children.stop_child(child, grace=5.0)
-        outcome = json.loads(report.value)
+            child.stop(grace=5.0)
+        outcome = json.loads(report)
         assert outcome.get("woken") == "QueueDestroyed", (
             f"a get() blocked in another process when the queue was destroyed ended with {outcome.get('woken')} "
             f"after {outcome.get('blocked_for', 0):.2f}s, not QueueDestroyed (E13)"
@@ -1258,7 +1279,8 @@ class QueueConformance:
     @clause("Q27")
     def test_pickled_handle(self) -> None:
         q = self.make()
-        self.need_descriptor(q)
+        if self.target.sharing == "descriptor":
+            self.need_descriptor(q)
         marker = b"kit-marker-" + os.urandom(8).hex().encode()
         q.put(marker)
         blob = pickle.dumps(q)
@@ -1470,25 +1492,38 @@ class QueueConformance:
             "task_done": ("task_done", "join"),
             "close": ("close", "destroy", "closed", "__enter__", "__exit__"),
             "stats": ("stats",),
-            "cross_process": ("descriptor",),
+            "cross_process": ("descriptor",) if self.target.sharing == "descriptor" else (),
             "cross_host": ("descriptor",),
-            "picklable_handle": ("descriptor", "__reduce__"),
+            "picklable_handle": ("descriptor", "__reduce__") if self.target.sharing == "descriptor" else (),
         }
         for cap in sorted(caps):
             for attr in needs.get(cap, ()):
                 assert hasattr(q, attr), f"the target declares {cap!r} but its queue has no {attr!r}"
 
-    def _echo_through_child(self, q: Any, run: Callable[[str, int], tuple[int, str]]) -> None:
-        """Put the samples, let a child echo them back, check both directions and the order."""
-        desc = self.need_descriptor(q)
+    def _echo_through_child(self, q: Any, context: Optional[str]) -> None:
+        """Put the samples, let a child echo them back, check both directions and the order.
+
+        The items coming back are got while the child runs: a child may only be able to exit once
+        what it put has been read (multiprocessing.Queue's feeder thread flushes into a pipe at exit).
+        """
         items = sample_items() + large_items()
-        feeder = _Call(lambda: [q.put(item, timeout=20.0 * self.ts) for item in items])
-        status, detail = run(desc.to_json(), len(items))
+        limit = 30.0 * self.ts
+        child = self.start_child(q, "echo", str(len(items)), context=context)
+        try:
+            feeder = _Call(lambda: [q.put(item, timeout=20.0 * self.ts) for item in items])
+            # Getting here before the child has got every item would race it for them.
+            said = child.readline(0, limit)
+            collector = _Call(lambda: [q.get(timeout=limit) for _ in range(len(items) + 1)])
+            status = child.wait(limit)
+            got = collector.wait(limit if said == "got" else 0.5)
+        finally:
+            child.stop(grace=0)
+        detail = child.stderr()[-3000:] if status is not None else "(killed: still running after its limit)"
         _returned(feeder.wait(5.0 * self.ts), "putting the samples for the child")
         assert status == 0, f"the child reported (exit {status}): {detail}"
-        back = [q.get(timeout=5.0 * self.ts) for _ in range(len(items) + 1)]
-        for i, (want, got) in enumerate(zip(items, back, strict=False)):
-            _expect_same(want, got, f"item {i} echoed by the child")
+        back = _returned(got, "getting the items the child echoed")
+        for i, (want, item) in enumerate(zip(items, back, strict=False)):
+            _expect_same(want, item, f"item {i} echoed by the child")
         done = back[-1]
         assert isinstance(done, tuple) and done[0] == _children.DONE_TAG, f"the child's last item is {done!r}"
         assert q.empty(), "more items came back than the child put"
@@ -1496,50 +1531,28 @@ class QueueConformance:
     @requires("cross_process")
     @clause("Q41", "Q4", "Q3")
     def test_cross_process_subprocess(self) -> None:
-        q = self.make()
-        limit = 30.0 * self.ts
-
-        def run(desc_json: str, count: int) -> tuple[int, str]:
-            proc = _children.start_child("echo", desc_json, str(count))
-            try:
-                _, err = proc.communicate(timeout=limit)
-            except BaseException:
-                proc.kill()
-                proc.communicate()
-                raise
-            return proc.returncode, err[-3000:]
-
-        self._echo_through_child(q, run)
+        """A fresh interpreter (not a multiprocessing child) reaches the queue: by descriptor or the hook."""
+        if self.target.sharing not in ("descriptor", "hook"):
+            pytest.skip(f"the target shares handles through multiprocessing (sharing={self.target.sharing!r}): "
+                        "a fresh interpreter cannot reach them (checked by test_cross_process_spawn)")
+        self._echo_through_child(self.make(), None)
 
     @requires("cross_process")
     @clause("Q41", "Q4")
     def test_cross_process_spawn(self) -> None:
-        q = self.make()
-
-        def run(desc_json: str, count: int) -> tuple[int, str]:
-            ctx = multiprocessing.get_context("spawn")
-            proc = ctx.Process(target=_children.echo_child, args=(desc_json, count), daemon=True)
-            proc.start()
-            try:
-                proc.join(30.0 * self.ts)
-            finally:
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
-            return (proc.exitcode if proc.exitcode is not None else -9), "see the child's stderr above"
-
-        self._echo_through_child(q, run)
+        """A multiprocessing child reaches the queue: spawned with the descriptor or the hook's token, or
+        through the target's own context (sharing fork/spawn/forkserver)."""
+        self._echo_through_child(self.make(), "spawn")
 
     @requires("cross_process")
     @clause("Q5", "Q3", "Q41")
     def test_processes_no_loss(self) -> None:
         """A producer process, a consumer process, and a producer and a consumer thread here."""
         q = self.make(32)
-        desc = self.need_descriptor(q)
         per_producer = 400
         limit = 30.0 * self.ts
-        producer = _children.start_child("produce", desc.to_json(), "child", str(per_producer))
-        consumer = _children.start_child("consume", desc.to_json())
+        producer = self.start_child(q, "produce", "child", str(per_producer))
+        consumer = self.start_child(q, "consume")
         mine: list[Any] = []
         try:
             local_producer = _Call(lambda: [q.put(("parent", s), timeout=limit) for s in range(per_producer)])
@@ -1553,15 +1566,16 @@ class QueueConformance:
 
             local_consumer = _Call(consume_here)
             _returned(local_producer.wait(limit), "the parent's producer")
-            assert producer.wait(limit) == 0, f"the producer child failed: {producer.stderr.read()[-2000:]}"  # type: ignore[union-attr]
+            assert producer.wait(limit) == 0, f"the producer child failed: {producer.stderr()[-2000:]}"
             for _ in range(2):
                 q.put((_children.STOP_TAG, "procs"), timeout=limit)
-            out, err = consumer.communicate(timeout=limit)
-            assert consumer.returncode == 0, f"the consumer child failed: {err[-2000:]}"
+            status = consumer.wait(limit)
+            assert status == 0, f"the consumer child failed (exit {status}): {consumer.stderr()[-2000:]}"
+            out = consumer.stdout()
             _returned(local_consumer.wait(limit), "the parent's consumer")
         finally:
             for proc in (producer, consumer):
-                _children.stop_child(proc, grace=0)
+                proc.stop(grace=0)
         theirs = [tuple(x) for x in json.loads(out.strip().splitlines()[-1])]
         expected = [(tag, s) for tag in ("parent", "child") for s in range(per_producer)]
         _check_multiset(expected, mine + theirs)
@@ -1592,19 +1606,16 @@ class QueueConformance:
     @requires("cross_process")
     @clause("Q44")
     def test_killed_process_leaves_queue_usable(self) -> None:
-        import signal
 
         q = self.make(8)
-        desc = self.need_descriptor(q)
-        child = _children.start_child("churn", desc.to_json())
+        child = self.start_child(q, "churn")
         try:
-            line = _call(child.stdout.readline, 20.0 * self.ts)  # type: ignore[union-attr]
-            assert line.finished and line.value == "ready\n", f"the churn child did not start: {line!r}"
+            line = child.readline(0, 20.0 * self.ts)
+            assert line == "ready", f"the churn child did not start: {line!r}; stderr: {child.stderr()[-2000:]}"
             time.sleep(0.2)
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
+            child.kill()  # SIGKILL, mid put/get
         finally:
-            _children.stop_child(child, grace=0)
+            child.stop(grace=0)
         leftovers = _returned(_call(lambda: _drain(q), 5.0 * self.ts), "draining after the kill")
         garbage = [x for x in leftovers if not (isinstance(x, tuple) and x[0] == "churn")]
         assert not garbage, f"items nobody put are in the queue after the kill: {garbage[:5]}"

@@ -7,6 +7,13 @@ Optional attributes on the factory (function or object):
                     makes the run fail until the declaration is removed
 ``time_scale``      float >= 1 stretching every timing tolerance (slow transports)
 ``cleanup()``       called after each test
+``sharing``         how a handle reaches another process (``cross_process`` tests): ``"descriptor"`` (the
+                    default: a fresh interpreter resolves ``handle.descriptor``), ``"fork"`` (a forked
+                    ``multiprocessing`` child inherits the handle), ``"spawn"``/``"forkserver"`` (the handle
+                    is pickled through that ``multiprocessing`` context), or ``"hook"``
+``share(handle)``   with ``attach(token)``: the hook (``sharing`` may then be omitted). ``share`` runs in the
+                    test process and returns a picklable token; a fresh interpreter imports ``attach`` (so
+                    it must be a module-level function) and calls it to get a handle on the same queue
 
 A registered queue type (``local``, ``shm``, ``sage``, entry-point backends) becomes a
 factory through :func:`registered_target`: each queue is a fresh descriptor from the generic
@@ -26,7 +33,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["Target", "TargetError", "load_target", "registered_target", "builtin_types", "registered_types"]
+__all__ = ["Target", "TargetError", "load_target", "registered_target", "builtin_types", "registered_types",
+           "SHARING_KINDS"]
+
+SHARING_KINDS = ("descriptor", "fork", "spawn", "forkserver", "hook")
+"""How a target's handle reaches another process; see the module docstring."""
 
 
 class TargetError(Exception):
@@ -43,6 +54,9 @@ class Target:
     known_failures: Mapping[str, str] = field(default_factory=dict)
     time_scale: float = 1.0
     cleanup: Optional[Callable[[], None]] = None
+    sharing: str = "descriptor"
+    share: Optional[Callable[[Any], Any]] = None
+    attach: Optional[Callable[[Any], Any]] = None
 
     @classmethod
     def from_factory(cls, factory: Callable[[int], Any], name: Optional[str] = None) -> Target:
@@ -70,10 +84,34 @@ class Target:
         cleanup = getattr(factory, "cleanup", None)
         if cleanup is not None and not callable(cleanup):
             raise TargetError(f"{label}: cleanup must be callable")
-        return cls(label, factory, caps, dict(known), float(scale), cleanup)
+        sharing, share, attach = _sharing_of(factory, label)
+        return cls(label, factory, caps, dict(known), float(scale), cleanup, sharing, share, attach)
 
     def has(self, capability: str) -> bool:
         return capability in self.capabilities
+
+
+def _sharing_of(factory: Any, label: str) -> tuple[str, Optional[Callable[[Any], Any]], Optional[Callable[[Any], Any]]]:
+    import multiprocessing
+
+    sharing = getattr(factory, "sharing", None)
+    share, attach = getattr(factory, "share", None), getattr(factory, "attach", None)
+    if (share is None) != (attach is None):
+        raise TargetError(f"{label}: share() and attach() go together; the target defines only one")
+    if share is not None:
+        if not callable(share) or not callable(attach):
+            raise TargetError(f"{label}: share and attach must be callable")
+        if sharing not in (None, "hook"):
+            raise TargetError(f"{label}: defines share()/attach() but declares sharing={sharing!r}")
+        sharing = "hook"
+    sharing = "descriptor" if sharing is None else sharing
+    if sharing not in SHARING_KINDS:
+        raise TargetError(f"{label}: sharing must be one of {list(SHARING_KINDS)}, got {sharing!r}")
+    if sharing == "hook" and share is None:
+        raise TargetError(f"{label}: sharing='hook' needs share(handle) -> token and attach(token) -> handle")
+    if sharing in ("fork", "spawn", "forkserver") and sharing not in multiprocessing.get_all_start_methods():
+        raise TargetError(f"{label}: sharing={sharing!r}, a start method this platform does not have")
+    return sharing, share, attach
 
 
 def load_target(spec: str) -> Target:
