@@ -67,6 +67,8 @@ AUTO = "auto"
 _POLL_S = 0.05  # the supervisor's tick; it bounds reaction time, never correctness
 _STOP_POLL_S = 0.2  # how often a thread worker blocked on a queue looks at its stop flag
 _GRACE_S = 3.0  # SIGTERM -> SIGKILL grace for worker processes at teardown
+_PARENT_POLL_S = 0.5  # how often a worker process checks that its manager is alive
+_ORPHAN_EXIT = 70  # exit status of a worker process whose manager is gone
 
 
 # -- end of stream ---------------------------------------------------------------------------------
@@ -361,10 +363,26 @@ def _run_stage(fn: Callable[..., Any], source: Any, sink: Any, stop: Optional[th
     return None
 
 
+def _watch_parent(parent: int) -> None:
+    """Exit this worker process soon after the manager's process is gone, however it died (JOB1).
+
+    Polled rather than PR_SET_PDEATHSIG: that fires when the *thread* that started us
+    exits, and a manager may start workers from a thread that ends before the job does.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch, name="sage-job-parent-watch", daemon=True).start()
+
+
 def _worker_process_main(payload_json: str, conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a worker process: it receives JSON only (descriptors and a function path)."""
     payload = json.loads(payload_json)
     handles: list[Any] = []
+    _watch_parent(os.getppid())
 
     def open_(text: Optional[str]) -> Any:
         if text is None:

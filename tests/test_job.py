@@ -419,12 +419,14 @@ def forever_with_pid() -> Iterator[int]:
 @needs_sage
 @pytest.mark.spec("JOB1")
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
     script = tmp_path / "job_main.py"
     script.write_text(_INTERRUPTED.format(tests=str(ROOT / "tests"), qtype="sage"))
     env = dict(os.environ, SAGE_JOB_TEST_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    descs: list[QueueDescriptor] = []
+    worker_pids: list[int] = []
     try:
         assert proc.stdout is not None
         descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
@@ -433,19 +435,28 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
             assert time.monotonic() < deadline, "the worker never started"
             assert proc.poll() is None, "the manager ended early"
             time.sleep(0.1)
-        worker_pid = int(next(tmp_path.glob("pid-*")).name[4:])
+        worker_pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
-    finally:
+        assert code != 0  # interrupted, not finished
+        deadline = time.monotonic() + 10
+        while any(map(_alive, worker_pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, worker_pids))  # for SIGKILL: the worker saw its manager gone
+        if signum == signal.SIGKILL:  # nothing ran in the manager: the queues are still there
+            assert not any(_gone(d) for d in descs)
+        else:
+            assert all(_gone(d) for d in descs)
+    finally:  # leave nothing behind, whatever failed above
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert code != 0  # interrupted, not finished
-    deadline = time.monotonic() + 10
-    while _alive(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(worker_pid)
-    assert all(_gone(d) for d in descs)
+        for pid in worker_pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for d in descs:
+            if not _gone(d):
+                resolve_descriptor(d).destroy()
 
 
 # -- stats --------------------------------------------------------------------------------------
