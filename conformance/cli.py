@@ -4,6 +4,8 @@
     python -m conformance --backend local                  # a registered queue type
     python -m conformance --backend all --report out.json  # every registered type that is available
     python -m conformance --list-clauses                   # the clause <-> test table
+    python -m conformance --scorecard --scorecard-dir docs # every registered type and every anchor:
+                                                           # docs/scorecard.md and docs/scorecard.json
 
 Exit status 0 if and only if no test failed. The last line of output is the
 summary ``N passed, N failed, N skipped`` (known failures, run as strict xfail,
@@ -114,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", metavar="N", help="run in N processes (pytest-xdist)")
     p.add_argument("--hypothesis-profile", metavar="NAME", default="ci", help="ci (default), dev or thorough")
     p.add_argument("-v", "--verbose", action="store_true", help="show pytest's own output in full")
+    p.add_argument("--scorecard", action="store_true",
+                   help="run every registered queue type and every anchor (conformance.anchors) and write the "
+                        "clause-by-clause table (scorecard.md, scorecard.json) to --scorecard-dir")
+    p.add_argument("--scorecard-dir", metavar="DIR", default="docs", help="where --scorecard writes (default: docs)")
     return p
 
 
@@ -121,6 +127,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_clauses:
         return _list_clauses(args.spec)
+    if args.scorecard:
+        if args.targets or args.backend:
+            print("conformance: --scorecard chooses its own targets (every registered type and every anchor)",
+                  file=sys.stderr)
+            return 2
+        from .scorecard import run_scorecard
+
+        return run_scorecard(args)
     return _run(args)
 
 
@@ -174,15 +188,8 @@ def _select_targets(args: argparse.Namespace) -> tuple[list[tuple[str, list[str]
     return runs, notes, None
 
 
-def _run(args: argparse.Namespace) -> int:
-    import pytest
-
-    from .plugin import SUITE_PATH
-
-    runs, notes, error = _select_targets(args)
-    if error:
-        print(f"conformance: {error}", file=sys.stderr)
-        return 2
+def passthrough_options(args: argparse.Namespace) -> list[str]:
+    """The pytest options every target's run gets from the command line."""
     # The CLI imported the kit before pytest started, so pytest cannot rewrite it: say nothing about that.
     passthrough = ["--hypothesis-profile", args.hypothesis_profile, "-W", "ignore::pytest.PytestAssertRewriteWarning"]
     if args.k:
@@ -192,36 +199,58 @@ def _run(args: argparse.Namespace) -> int:
     if args.n:
         passthrough += ["-n", args.n]
     passthrough += [] if args.verbose else ["-q", "--no-header", "--tb=short", "-p", "no:cacheprovider"]
+    return passthrough
 
+
+def run_target(label: str, options: list[str], passthrough: list[str]) -> dict[str, Any]:
+    """Run the kit on one target in this process; print its table; return its JSON report entry."""
+    import pytest
+
+    from .plugin import SUITE_PATH
+
+    collector = _Collector()
+    started = time.monotonic()
+    # The plugin module itself (not the package): it loads the same however `conformance` is installed.
+    code = pytest.main([str(SUITE_PATH), "-p", "conformance.plugin", *options, *passthrough], plugins=[collector])
+    elapsed = time.monotonic() - started
+    rows = list(collector.rows.values())
+    counts = {o: sum(r.outcome == o for r in rows) for o in _OUTCOMES}
+    broken = bool(collector.errors) or int(code) not in (0, 1, 5)
+    if broken:
+        counts["fail"] += 1
+    _print_table(label, rows, collector.errors, int(code), counts, elapsed)
+    arrival = {r.nodeid: i for i, r in enumerate(rows)}
+    rows = sorted(rows, key=lambda r: (_definition_order(r), arrival[r.nodeid]))
+    return {
+        "target": label,
+        "pytest_exit_code": int(code),
+        "broken_run": broken,
+        "seconds": round(elapsed, 3),
+        "errors": collector.errors,
+        "summary": counts,
+        "results": [
+            {"nodeid": r.nodeid, "test": r.test, "clauses": r.clauses, "outcome": r.outcome,
+             "reason": r.reason, "duration": round(r.duration, 4)}
+            for r in rows
+        ],
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    runs, notes, error = _select_targets(args)
+    if error:
+        print(f"conformance: {error}", file=sys.stderr)
+        return 2
+    passthrough = passthrough_options(args)
     report: dict[str, Any] = {"targets": [], "notes": notes}
     totals = dict.fromkeys(_OUTCOMES, 0)
     broken_run = False
     for label, options in runs:
-        collector = _Collector()
-        started = time.monotonic()
-        # The plugin module itself (not the package): it loads the same however `conformance` is installed.
-        code = pytest.main([str(SUITE_PATH), "-p", "conformance.plugin", *options, *passthrough], plugins=[collector])
-        elapsed = time.monotonic() - started
-        rows = list(collector.rows.values())
-        counts = {o: sum(r.outcome == o for r in rows) for o in _OUTCOMES}
-        if collector.errors or int(code) not in (0, 1, 5):
-            counts["fail"] += 1
-            broken_run = True
+        entry = run_target(label, options, passthrough)
+        broken_run = broken_run or entry["broken_run"]
         for o in _OUTCOMES:
-            totals[o] += counts[o]
-        _print_table(label, rows, collector.errors, int(code), counts, elapsed)
-        report["targets"].append({
-            "target": label,
-            "pytest_exit_code": int(code),
-            "seconds": round(elapsed, 3),
-            "errors": collector.errors,
-            "summary": counts,
-            "results": [
-                {"nodeid": r.nodeid, "test": r.test, "clauses": r.clauses, "outcome": r.outcome,
-                 "reason": r.reason, "duration": round(r.duration, 4)}
-                for r in rows
-            ],
-        })
+            totals[o] += entry["summary"][o]
+        report["targets"].append(entry)
     for note in notes:
         print(note)
     report["summary"] = totals

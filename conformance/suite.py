@@ -1518,7 +1518,10 @@ class QueueConformance:
             got = collector.wait(limit if said == "got" else 0.5)
         finally:
             child.stop(grace=0)
-        detail = child.stderr()[-3000:] if status is not None else "(killed: still running after its limit)"
+        err_lines = [line for line in child.stderr().splitlines() if line.strip()]
+        # The child's last words first (the kit's report shows one line), then the rest of its stderr.
+        detail = (f"{err_lines[-1] if err_lines else '(nothing on stderr)'}\n" + "\n".join(err_lines[-40:])
+                  if status is not None else "(killed: still running after its limit)")
         _returned(feeder.wait(5.0 * self.ts), "putting the samples for the child")
         assert status == 0, f"the child reported (exit {status}): {detail}"
         back = _returned(got, "getting the items the child echoed")
