@@ -481,3 +481,52 @@ def test_stats_where_declared_none_otherwise() -> None:
     finally:
         manager.teardown()
     assert _gone(manager.descriptors["a"])
+
+
+# -- heterogeneous queues: sage, rpc and shm in one job ---------------------------------------------
+
+
+def identity(items: Iterator[Any]) -> Iterator[Any]:
+    yield from items
+
+
+needs_rpc = pytest.mark.skipif(unavailable_reason("rpc") is not None, reason=f"rpc: {unavailable_reason('rpc')}")
+
+
+@needs_sage
+@needs_rpc
+@pytest.mark.spec("JOB1", "JOB2", "JOB12")
+@pytest.mark.timeout(180)
+def test_heterogeneous_job_with_rpc_and_forkserver(tmp_path: Path) -> None:
+    from sage_queue import RPCQueueServer
+    from sage_queue.backends.rpc.wire import generate_key_file
+
+    key_file = str(tmp_path / "rpc.key")
+    generate_key_file(key_file)
+    with RPCQueueServer(key_file=key_file) as server:
+        host, port = server.address
+        job = Job(
+            queues={"a": QueueSpec("sage", maxsize=16),
+                    "b": QueueSpec("rpc", maxsize=16, metadata={"host": host, "port": port, "key_file": key_file}),
+                    "c": QueueSpec("shm", maxsize=16)},
+            stages=[Stage("src", numbers, output="a", where="process"),
+                    Stage("square", square, input="a", output="b", where="process", replicas=2),
+                    Stage("relay", identity, input="b", output="c", where="process"),
+                    Stage("sink", collect, input="c", where="thread")],
+            start_method="forkserver",
+        )
+        manager = JobManager(job)
+        manager.start()
+        try:
+            result = manager.wait(timeout=150)
+            stats = manager.stats()
+        finally:
+            manager.teardown()
+        assert sorted(result.results["sink"][0]) == [x * x for x in range(N)]
+        assert result.queue_types == {"a": "sage", "b": "rpc", "c": "shm"}
+        # N items plus one marker per consumer went through each queue (JOB4, JOB12).
+        for name, consumers in (("a", 2), ("b", 1), ("c", 1)):
+            s = stats[name]
+            assert s is not None and s.puts == N + consumers and s.gets == N + consumers, (name, s)
+        assert server.status()["queues"] == 0  # the rpc queue was destroyed too
+    assert all(_gone(d) for n, d in manager.descriptors.items() if n != "b")
