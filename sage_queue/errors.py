@@ -17,6 +17,7 @@ Hierarchy::
     ├── IncompatibleQueue                    the named queue has another layout/version
     ├── QueuePermissionError (PermissionError) the named queue belongs to another user, or others may write it
     ├── QueueBroken                          the queue's shared state failed a consistency check
+    ├── QueueConnectionError (ConnectionError) a network backend's server stopped answering
     ├── QueueClosed                          this handle was closed
     │   └── QueueDestroyed                  the queue itself was destroyed (through any handle)
     └── BackendUnavailable (ImportError)     an optional dependency of a backend is missing
@@ -36,6 +37,7 @@ __all__ = [
     "IncompatibleQueue",
     "QueuePermissionError",
     "QueueBroken",
+    "QueueConnectionError",
     "QueueClosed",
     "QueueDestroyed",
     "BackendUnavailable",
@@ -98,6 +100,16 @@ class QueueBroken(SageQueueError):
     A bound, index or length read from shared memory was out of range. The queue
     is marked broken: every later operation on it, from any handle, raises this
     too. Nothing more can be taken from it safely; destroy it and create a new one.
+    """
+
+
+class QueueConnectionError(SageQueueError, ConnectionError):
+    """A network backend's server could not be reached, or stopped answering, within the retry deadline.
+
+    The outcome of the call that raises it is unknown, but it executed at most once: a put
+    may or may not have been enqueued; a get that the server executed keeps its item for
+    this handle's channel and puts it back at the head of the queue when the handle is
+    closed (rpc: spec RPC9, RPC13). At resolve time an unreachable server is QueueNotFound.
     """
 
 

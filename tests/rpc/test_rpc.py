@@ -21,6 +21,7 @@ import zmq
 from sage_queue import (
     IncompatibleQueue,
     QueueClosed,
+    QueueConnectionError,
     QueueDescriptor,
     QueueDestroyed,
     QueueNotFound,
@@ -32,7 +33,6 @@ from sage_queue.backends.rpc.server import RPCQueueServer, ServerProcess
 from sage_queue.backends.rpc.wire import (
     REPLY_MAGIC,
     REQUEST_MAGIC,
-    QueueConnectionError,
     generate_key_file,
     load_key,
     seal,
@@ -571,7 +571,7 @@ def test_reconnect_after_a_restart_of_a_memory_server(tmp_path: Path, rpc_key_fi
         server.stop()
 
 
-@pytest.mark.spec("RPC9")
+@pytest.mark.spec("RPC9", "E16")
 @pytest.mark.timeout(60)
 def test_a_dead_server_gives_queue_connection_error_in_bounded_time(rpc_key_file: str) -> None:
     server = RPCQueueServer.spawn(key_file=rpc_key_file)

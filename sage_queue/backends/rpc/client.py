@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NoReturn, Optional
 import zmq
 
 from ...descriptor import QueueDescriptor
-from ...errors import IncompatibleQueue, QueueClosed, QueueDestroyed, QueueNotFound
+from ...errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ...protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ...stub import QueueStub
 from .wire import (
@@ -42,14 +42,13 @@ from .wire import (
     REPLY_MAGIC,
     REQUEST_MAGIC,
     BadFrame,
-    QueueConnectionError,
     load_key,
     seal,
     serializer,
     unseal,
 )
 
-__all__ = ["RPCQueueStub", "QueueConnectionError"]
+__all__ = ["RPCQueueStub"]
 
 RESEND_S = 0.5
 """With no word from the server for this long, reconnect and retransmit."""

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ...errors import QueuePermissionError, SageQueueError
+from ...errors import QueuePermissionError
 
 __all__ = [
-    "QueueConnectionError",
     "REQUEST_MAGIC",
     "REPLY_MAGIC",
     "Header",
@@ -42,19 +41,6 @@ __all__ = [
     "serializer",
     "SERIALIZERS",
 ]
-
-
-class QueueConnectionError(SageQueueError, ConnectionError):
-    """The rpc server could not be reached (or stopped answering) within the retry deadline.
-
-    The outcome of the call that raises it is unknown: a put may or may not have been enqueued
-    (it was sent at most once to a server that executes it at most once), a get that the server
-    executed has its item kept for this channel and put back at the head of the queue when the
-    handle is closed (spec RPC13).
-
-    TODO(lead): move to sage_queue/errors.py and spec/errors.md (proposed clause E16) and re-export
-    from sage_queue; this module then imports it from there.
-    """
 
 
 MAC_SIZE = 32
