@@ -53,6 +53,7 @@ __all__ = [
     "QueueSpec",
     "Stage",
     "WorkerExit",
+    "WorkerInfo",
     "choose_queue_type",
     "queue_stats",
 ]
@@ -274,6 +275,18 @@ class WorkerExit:
     ok: bool
     cause: str
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as :meth:`JobManager.workers` sees it; ``pid`` is None for a thread."""
+
+    stage: str
+    replica: int
+    attempt: int
+    where: Where
+    pid: Optional[int]
+    running: bool
 
 
 @dataclass
@@ -667,6 +680,16 @@ class JobManager:
                     signal.signal(signal.SIGTERM, previous)
 
     # -- monitoring and teardown ----------------------------------------------------------------
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker started so far (restarted ones included), in start order."""
+        return [
+            WorkerInfo(w.stage.name, w.replica, w.attempt, w.stage.where,
+                       w.process.pid if w.process is not None else None,
+                       w.ended is None and (w.thread.is_alive() if w.thread is not None
+                                            else w.process is not None and w.process.is_alive()))
+            for w in self._workers
+        ]
 
     def stats(self) -> dict[str, Optional[QueueStats]]:
         """Each queue's ``stats()``, None where its backend does not declare ``stats`` (JOB12)."""

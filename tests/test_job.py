@@ -530,3 +530,42 @@ def test_heterogeneous_job_with_rpc_and_forkserver(tmp_path: Path) -> None:
             assert s is not None and s.puts == N + consumers and s.gets == N + consumers, (name, s)
         assert server.status()["queues"] == 0  # the rpc queue was destroyed too
     assert all(_gone(d) for n, d in manager.descriptors.items() if n != "b")
+
+
+def slow_numbers() -> Iterator[int]:
+    for i in range(N):
+        time.sleep(0.01)  # paces the stream so that the test's kill lands mid-way
+        yield i
+
+
+@needs_sage
+@pytest.mark.spec("JOB10")
+@pytest.mark.timeout(180)
+def test_worker_sigkilled_from_outside_mid_stream_is_restarted() -> None:
+    job = Job(
+        queues={"a": QueueSpec("sage", maxsize=4), "b": QueueSpec("sage", maxsize=4)},
+        stages=[Stage("src", slow_numbers, output="a", where="process"),
+                Stage("mid", square, input="a", output="b", where="process"),
+                Stage("sink", collect, input="b", where="thread")],
+        policy="restart",
+    )
+    manager = JobManager(job)
+    manager.start()
+    try:
+        stats = manager.stats()
+        deadline = time.monotonic() + 60
+        while (s := manager.stats()["b"]) is not None and s.puts < 10:  # mid has passed items on
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        mid = next(w for w in manager.workers() if w.stage == "mid")
+        assert mid.pid is not None and mid.running
+        os.kill(mid.pid, signal.SIGKILL)
+        result = manager.wait(timeout=150)
+    finally:
+        manager.teardown()
+    got = result.results["sink"][0]
+    assert len(got) == len(set(got)) and set(got) <= {x * x for x in range(N)}  # nothing duplicated or invented
+    assert len(got) >= N - 2, len(got)  # at most the item(s) the dead worker held are lost
+    mids = [e for e in result.exits if e.stage == "mid"]
+    assert [(e.pid, e.cause) for e in mids] == [(mid.pid, "killed by SIGKILL"), (mids[1].pid, "ok")]
+    assert [w.attempt for w in manager.workers() if w.stage == "mid"] == [0, 1]
