@@ -35,7 +35,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import IncompatibleQueue, InvalidMetadata, QueueExists, QueueNotFound, QueuePermissionError
+from .errors import (
+    BackendUnavailable,
+    IncompatibleQueue,
+    InvalidMetadata,
+    QueueExists,
+    QueueNotFound,
+    QueuePermissionError,
+)
 from .metadata import check_segment_name
 
 __all__ = [
@@ -69,7 +76,6 @@ def _posixshmem() -> Any:
     try:
         import _posixshmem
     except ImportError as exc:  # pragma: no cover - Windows
-        from .errors import BackendUnavailable
 
         raise BackendUnavailable("shm", "POSIX shared memory (_posixshmem)", "use Linux or macOS") from exc
     return _posixshmem

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
@@ -66,9 +66,21 @@ def _name(role: str) -> str:
     return f"demo-{os.getpid()}-{uuid.uuid4().hex[:8]}-{role}"
 
 
+_SERVICE_METADATA: dict[str, dict[str, Any]] = {}
+"""queue_type -> the metadata that reaches the throw-away service the demo started for it (rpc: a server)."""
+
+
 def make_descriptor(queue_type: str, role: str, maxsize: int = SMALL_MAXSIZE) -> QueueDescriptor:
     """A descriptor of a new queue of ``queue_type`` (any registered type) through the generic factory."""
-    return QueueDescriptor.create(queue_type, _name(role), maxsize)
+    return QueueDescriptor.create(queue_type, _name(role), maxsize, **_SERVICE_METADATA.get(queue_type, {}))
+
+
+def _start_service(stack: ExitStack, queue_type: str) -> None:
+    """Start the service a backend needs, if it names one (``local_service``, see stub.py), for the whole run."""
+    service = getattr(QUEUE_STUB_MAPPING[queue_type], "local_service", None)
+    if service is not None and queue_type not in _SERVICE_METADATA:
+        _SERVICE_METADATA[queue_type] = dict(stack.enter_context(service()))
+        stack.callback(_SERVICE_METADATA.pop, queue_type, None)
 
 
 def all_types() -> list[str]:
@@ -389,12 +401,23 @@ def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outc
 
 
 def run_all(types: list[str]) -> list[Row]:
+    with ExitStack() as services:  # stopped after every row, mixed pipelines included
+        return _run_all(types, services)
+
+
+def _run_all(types: list[str], services: ExitStack) -> list[Row]:
     rows: list[Row] = []
     cross: list[str] = []
     for queue_type in types:
         reason = unavailable_reason(queue_type)
         if reason is not None:
             rows.append(Row(queue_type, "all", f"skipped: {reason}"[:120]))
+            continue
+        try:
+            _start_service(services, queue_type)
+        except Exception as exc:
+            rows.append(Row(queue_type, "all", f"FAILED: its service did not start: {type(exc).__name__}: {exc}"[:120],
+                            failed=True))
             continue
         if crosses_processes(queue_type):
             cross.append(queue_type)

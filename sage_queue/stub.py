@@ -23,6 +23,13 @@ Hook invariant (what a backend may assume and must guarantee)::
     _destroy()            Remove the underlying queue for everyone.  Called before _close().
     _put_many/_get_many   Optional (capability "batch"); same timeout rules as _put/_get.
 
+Optional class attribute for tools (the demo, the kit's ``--backend TYPE``)::
+
+    local_service()       A context manager that starts a throw-away instance of the service
+                          this backend needs (rpc: a server) and yields the metadata that a
+                          descriptor needs to reach it (host, port, key_file...); it stops the
+                          service on exit. Backends that need nothing (local, shm, sage) omit it.
+
 The hooks are called without any lock held by the front: thread safety of one
 handle is the backend's job, because only it knows which of its words are shared.
 """

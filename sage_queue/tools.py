@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 from . import _segment
 from ._segment import SegmentInfo
+from .descriptor import QueueDescriptor
+from .errors import DescriptorError
 
 __all__ = ["ls_main", "gc_main", "inspect_main", "describe", "collect_orphans", "SEGMENT_MODULES"]
 
@@ -191,8 +193,6 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
             target = f.read()
     out: dict[str, Any] = {}
     if target.lstrip().startswith("{"):
-        from .descriptor import QueueDescriptor
-        from .errors import DescriptorError
 
         try:
             desc = QueueDescriptor.from_json(target)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from sage_queue import cli
+from sage_queue import MetadataField, cli, register_queue_implementation, unregister_queue_implementation
 
 SCRIPT = Path(sys.executable).with_name("sage-queue")
 
@@ -50,7 +51,12 @@ def test_subcommand_that_is_not_installed(monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_subcommand_exit_status_passes_through(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--backends", "rpc"]) == 0  # only a skipped row: nothing failed
+    planned = f"planned_{uuid.uuid4().hex[:8]}"  # known by name and schema only: the demo skips it
+    register_queue_implementation(planned, None, metadata=[MetadataField("host", str)])
+    try:
+        assert cli.main(["demo", "--backends", planned]) == 0  # only a skipped row: nothing failed
+    finally:
+        unregister_queue_implementation(planned)
     assert "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
         cli.main(["demo", "--no-such-option"])

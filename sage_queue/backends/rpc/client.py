@@ -35,6 +35,7 @@ from ...descriptor import QueueDescriptor
 from ...errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ...protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ...stub import QueueStub
+from .server import local_service
 from .wire import (
     HEADER_SIZE,
     MAC_SIZE,
@@ -81,6 +82,8 @@ class RPCQueueStub(QueueStub):
     queue_type: ClassVar[str] = "rpc"
     capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, BATCH, CLOSE,
                                                         STATS})
+    local_service = staticmethod(local_service)
+    """The service this backend needs, for tools (demo, kit): a throw-away server; see stub.py."""
 
     def __init__(self, descriptor: QueueDescriptor) -> None:
         super().__init__(descriptor)
