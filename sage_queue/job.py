@@ -612,7 +612,12 @@ class JobManager:
             restarted = sum(1 for w in self._workers if w.stage.input == name and w.attempt > 0)
             want = live_consumers + restarted
             while self._eos_sent[name] < want:
-                handle.put(EOS)
+                # Bounded wait: on a full queue whose consumer just died, a blocking put would
+                # stop the supervisor forever; the next tick retries after recovering workers.
+                try:
+                    handle.put(EOS, timeout=_POLL_S)
+                except stdqueue.Full:
+                    break
                 self._eos_sent[name] += 1
 
     def wait(self, timeout: Optional[float] = None) -> JobResult:

@@ -569,3 +569,28 @@ def test_worker_sigkilled_from_outside_mid_stream_is_restarted() -> None:
     mids = [e for e in result.exits if e.stage == "mid"]
     assert [(e.pid, e.cause) for e in mids] == [(mid.pid, "killed by SIGKILL"), (mids[1].pid, "ok")]
     assert [w.attempt for w in manager.workers() if w.stage == "mid"] == [0, 1]
+
+
+def take_two_then_die(items: Iterator[int]) -> int:
+    """Takes two items, then SIGKILLs its process, leaving a full queue behind it."""
+    next(items), next(items)
+    time.sleep(2)  # meanwhile src refills "a" and ends, and the manager owes "a" its marker
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+@needs_sage
+@pytest.mark.spec("JOB10")
+@pytest.mark.timeout(120)
+def test_dead_consumer_of_a_full_queue_does_not_block_the_manager() -> None:
+    # src fills "a" (maxsize 2) and ends; the manager must put the marker into a full queue
+    # whose only consumer dies: it must still notice the death and fail fast, not block in put.
+    job = Job(queues={"a": QueueSpec("sage", maxsize=2)},
+              stages=[Stage("src", numbers_short, output="a", where="process"),
+                      Stage("sink", take_two_then_die, input="a", where="process")])
+    with pytest.raises(JobFailed, match=r"sink\[0\] \(pid \d+\) killed by SIGKILL"):
+        JobManager(job).run(timeout=100)
+
+
+def numbers_short() -> range:
+    return range(4)
