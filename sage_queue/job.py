@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional, Union, overload
 from .descriptor import QueueDescriptor
 from .errors import QueueClosed
 from .protocol import CROSS_PROCESS, STATS, QueueStats
-from .registry import backend_class, unavailable_reason
+from .registry import backend_class, canonical_type, unavailable_reason
 from .resolve import resolve_descriptor
 
 __all__ = [
@@ -160,8 +160,6 @@ def choose_queue_type(
     _check_where(consumer_where)
     choice: QueueChoice
     if override is not None and override != AUTO:
-        from .registry import canonical_type
-
         choice = QueueChoice(canonical_type(override), f"override: {override} asked for explicitly")
     else:
         hosts = {_host(w) for w in (producer_where, consumer_where)} - {None, local_host}
