@@ -20,6 +20,7 @@ Importing this module imports no backend; queues are created with the generic
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import logging
@@ -740,3 +741,30 @@ class JobManager:
 
     def __exit__(self, *exc: object) -> None:
         self.teardown()
+
+
+# -- command line: python -m sage_queue.job choose PRODUCER CONSUMER [--explain] --------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sage_queue.job choose thread process --explain``: the type, and why (JOB8)."""
+    parser = argparse.ArgumentParser(prog="python -m sage_queue.job", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    choose = sub.add_parser("choose", help="pick a queue type from where the two ends run")
+    choose.add_argument("producer", help="thread | process | ray | host:NAME")
+    choose.add_argument("consumer", help="thread | process | ray | host:NAME")
+    choose.add_argument("--override", default=None, help="a queue type that wins over the choice")
+    choose.add_argument("--local-host", default="localhost", help="the name of this host in host:NAME")
+    choose.add_argument("--explain", action="store_true", help="print why as well")
+    args = parser.parse_args(argv)
+    try:
+        choice = choose_queue_type(args.producer, args.consumer, override=args.override,
+                                   local_host=args.local_host, explain=True)
+    except ValueError as exc:  # a bad where, an unknown type (UnknownQueueType is a ValueError)
+        parser.error(str(exc))
+    print(f"{choice.queue_type}: {choice.reason}" if args.explain else choice.queue_type)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

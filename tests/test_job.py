@@ -594,3 +594,18 @@ def test_dead_consumer_of_a_full_queue_does_not_block_the_manager() -> None:
 
 def numbers_short() -> range:
     return range(4)
+
+
+@pytest.mark.spec("JOB8")
+@pytest.mark.timeout(60)
+def test_choose_from_the_command_line() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sage_queue.job", "choose", *args], capture_output=True,
+                              text=True, timeout=50)
+
+    explained = run("process", "host:gpu1", "--explain")
+    assert explained.returncode == 0 and explained.stdout.startswith("rpc: ") and "gpu1" in explained.stdout
+    assert run("thread", "thread").stdout.strip() == "local"
+    assert run("thread", "thread", "--override", "shm").stdout.strip() == "shm"
+    bad = run("thread", "nowhere")
+    assert bad.returncode == 2 and "where must be" in bad.stderr
