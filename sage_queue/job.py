@@ -434,6 +434,7 @@ class _Worker:
     conn: Optional[multiprocessing.connection.Connection] = None
     thread: Optional[threading.Thread] = None
     outcome: Optional[dict[str, Any]] = None  # set by a thread worker when it ends
+    message: Optional[dict[str, Any]] = None  # a process worker's result message, once read
     ended: Optional[WorkerExit] = None
     result: Any = None
 
@@ -557,6 +558,16 @@ class JobManager:
 
     # -- supervision ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _read_message(w: _Worker) -> None:
+        """Take the worker's one result message from its pipe if it is there (kept in ``w.message``)."""
+        assert w.conn is not None
+        if w.message is None and not w.conn.closed and w.conn.poll():
+            try:
+                w.message = json.loads(w.conn.recv_bytes())
+            except (EOFError, OSError, ValueError):  # died before (or while) sending it
+                w.conn.close()
+
     def _poll(self, w: _Worker) -> Optional[WorkerExit]:
         """The worker's end if it has ended (its result stored), else None."""
         message: Optional[dict[str, Any]]
@@ -566,22 +577,20 @@ class JobManager:
             message, pid = w.outcome, None
         else:
             proc = w.process
-            assert w.conn is not None
-            message = None
-            if w.conn.poll():
-                try:
-                    message = json.loads(w.conn.recv_bytes())
-                except (EOFError, OSError):
-                    message = None
-            if proc.is_alive() and message is None:
-                return None
-            proc.join(_GRACE_S)  # it sent its result and is closing its handles
-            if proc.exitcode is None:
-                return None
-            pid = proc.pid
+            self._read_message(w)
+            if proc.is_alive():
+                if w.message is None:
+                    return None
+                proc.join(_GRACE_S)  # it sent its result and is closing its handles
+                if proc.exitcode is None:
+                    return None
+            else:
+                self._read_message(w)  # sent just before it exited: still in the pipe
+            message, pid = w.message, proc.pid
             if message is None or (proc.exitcode != 0 and message.get("ok")):
                 message = {"ok": False, "cause": _signal_cause(proc.exitcode),
                            "detail": "" if message is None else message.get("detail", "")}
+            assert w.conn is not None
             w.conn.close()
         assert message is not None
         ok = bool(message["ok"])
