@@ -160,15 +160,17 @@ def _read(handle: IO[bytes]) -> str:
 
 
 def run_isolated(
-    body: Callable[[], None], limit: float, what: str, progress: Optional[Callable[[], str]] = None
+    body: Callable[[], None], limit: float, what: str, progress: Optional[Callable[[], str]] = None,
+    fork: bool = True,
 ) -> None:
     """Run ``body`` where a hang is survivable; raise AssertionError with its failure or the stuck stacks.
 
     ``limit``: seconds the body may take in all. The call returns within about
     ``limit + 8`` s whatever the body does. ``progress()``, called in the child when the
-    watchdog fires, says how far the body got (it must not block).
+    watchdog fires, says how far the body got (it must not block). ``fork=False``: run in a
+    thread as without ``os.fork`` (for handles that do not survive a fork, e.g. a Ray driver's).
     """
-    if not CAN_ISOLATE:
+    if not CAN_ISOLATE or not fork:
         _run_in_thread(body, limit, what, progress)
         return
     with tempfile.TemporaryFile() as result, tempfile.TemporaryFile() as stacks:
