@@ -1523,9 +1523,9 @@ class QueueConformance:
             collector = _Call(lambda: [q.get(timeout=limit) for _ in range(len(items) + 1)])
             status = child.wait(limit)
             got = collector.wait(limit if said == "got" else 0.5)
+            err_lines = [line for line in child.stderr().splitlines() if line.strip()]
         finally:
-            child.stop(grace=0)
-        err_lines = [line for line in child.stderr().splitlines() if line.strip()]
+            child.stop(grace=0)  # removes its output files: read above
         # The child's last words first (the kit's report shows one line), then the rest of its stderr.
         detail = (f"{err_lines[-1] if err_lines else '(nothing on stderr)'}\n" + "\n".join(err_lines[-40:])
                   if status is not None else "(killed: still running after its limit)")
