@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -56,6 +57,15 @@ def clause_cells(results: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]
         outcomes = {t["outcome"] for t in cell["tests"]}
         cell["outcome"] = next((o for o in ("fail", "pass", "xfail") if o in outcomes), "skip")
     return cells
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ADDRESS = re.compile(r"\b0x[0-9a-f]{6,}\b")
+
+
+def clean_reason(text: str) -> str:
+    """A result's reason without terminal colours and object addresses (the card must not churn per run)."""
+    return _ADDRESS.sub("0x...", _ANSI.sub("", text))
 
 
 def _escape(text: str) -> str:
@@ -148,6 +158,8 @@ def run_scorecard(args: argparse.Namespace) -> int:
         if options is not None:
             entry.update(run_target(label if kind == "anchor" else f"--backend {label}", options, passthrough))
             entry["target"] = label
+            for result in entry["results"]:
+                result["reason"] = clean_reason(result["reason"])
             entry["clauses"] = clause_cells(entry["results"])
         else:
             print(f"\n== {label}: not run here: {reason}")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from conformance import Target, TargetError
-from conformance.scorecard import clause_cells, render_markdown
+from conformance.scorecard import clause_cells, clean_reason, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 CROSS = "test_cross_process_spawn or test_processes_no_loss or test_cross_process_subprocess"
@@ -111,6 +111,10 @@ def test_scorecard_cells_and_markdown() -> None:
     assert "| `t` | anchor | Q2 | 1 | 1 | 1 s |" in md
     assert "| Q2 |  | **FAIL** |" in md
     assert "lost \\| an item" in md and "not run here: not here" in md
+
+
+def test_scorecard_reasons_do_not_churn() -> None:
+    assert clean_reason("\x1b[36mray::put()\x1b[39m <lock at 0x7f51457f2880>") == "ray::put() <lock at 0x...>"
 
 
 def test_scorecard_refuses_explicit_targets() -> None:
