@@ -29,8 +29,10 @@ lint: $(STAMP)
 test: lint $(STAMP)
 	$(PY) -m pytest -n auto --dist loadgroup $(PYTEST_ARGS)
 
+# The scorecard: the kit on every built-in backend and on the anchors (multiprocessing's queues,
+# faster-fifo, ray.util.queue, queue.Queue), clause by clause, into docs/scorecard.{md,json}.
 kit: $(STAMP)
-	$(VENV)/bin/sage-queue conformance --backend all --report kit-report.json
+	$(PY) -m conformance --scorecard --scorecard-dir docs
 
 bench: $(STAMP)
 	$(VENV)/bin/sage-queue bench --backend all

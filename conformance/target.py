@@ -24,6 +24,8 @@ creation hook fills in is given it through ``registered_target(queue_type, metad
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import math
 import os
@@ -208,9 +210,21 @@ def registered_target(queue_type: str, metadata: Optional[Mapping[str, Any]] = N
     reason = registry.unavailable_reason(queue_type)
     if reason is not None:
         raise TargetError(f"queue type {queue_type!r} is unavailable: {reason}")
+    cls = registry.backend_class(queue_type)
+    metadata = dict(metadata or {})
+    local_service = getattr(cls, "local_service", None)
+    if local_service is not None and not metadata:
+        # The backend needs a service (rpc: a server) and the caller named none: a throw-away
+        # one for this kit run (sage_queue/stub.py), stopped when the process exits.
+        services = contextlib.ExitStack()
+        try:
+            metadata.update(services.enter_context(local_service()))
+        except Exception as exc:
+            raise TargetError(f"the service a {queue_type} queue needs did not start: {exc}") from exc
+        atexit.register(services.close)
     try:
-        QueueDescriptor.create(queue_type, maxsize=1, **dict(metadata or {}))
+        QueueDescriptor.create(queue_type, maxsize=1, **metadata)
     except ValueError as exc:  # DescriptorError: required metadata missing or out of range
         raise TargetError(f"cannot describe a {queue_type} queue: {exc}") from exc
-    factory = _RegisteredFactory(queue_type, registry.backend_class(queue_type), metadata)
+    factory = _RegisteredFactory(queue_type, cls, metadata)
     return Target.from_factory(factory, name=f"--backend {queue_type}")
