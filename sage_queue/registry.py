@@ -50,8 +50,8 @@ _BUILTIN_TARGETS: dict[str, Optional[str]] = {
     "local": "sage_queue.backends.local:LocalQueueStub",
     "shm": "sage_queue.backends.shm:SharedMemoryQueueStub",
     "sage": "sage_queue.backends.sage:SAGEQueueStub",
-    "ray_queue": None,
-    "ray_actor": None,
+    "ray_queue": "sage_queue.backends.ray_queue:RayQueueStub",
+    "ray_actor": "sage_queue.backends.ray_actor:RayActorQueueStub",
     "rpc": "sage_queue.backends.rpc.client:RPCQueueStub",
 }
 _ALIASES = {"sage_queue": "sage"}
