@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         item = {"id": 1, "payload": "x" * 64}
 
         raw = Queue()
-        ray.get(raw.actor.qsize.remote())  # started
+        raw_actor: Any = raw.actor  # Any: ray's stubs do not know the actor's methods
+        ray.get(raw_actor.qsize.remote())  # started
 
         def raw_pairs() -> None:
             for _ in range(n):
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         for q in handles.values():
             q.destroy()
-        ray.kill(raw.actor)
+        ray.kill(raw_actor)
         return 0 if ok else 1
     finally:
         ray.shutdown()
