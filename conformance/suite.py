@@ -226,6 +226,15 @@ def _shm_entries() -> set[str]:
         return set()
 
 
+def _descriptor_names(q: Any) -> Optional[list[str]]:
+    """The strings a queue's resources may be named after (queue_id, string metadata), or None without a descriptor."""
+    desc = getattr(q, "descriptor", None)
+    if desc is None:
+        return None
+    names = [desc.queue_id, *(v for v in desc.metadata.values() if isinstance(v, str) and len(v) >= 4)]
+    return [n for n in names if n]
+
+
 def _child_pids() -> set[int]:
     pids: set[int] = set()
     try:
@@ -1264,6 +1273,9 @@ class QueueConformance:
         threads0, fds0, shm0, kids0 = set(threading.enumerate()), _open_fds(), _shm_entries(), _child_pids()
         q = self.make(4)
         other = self.open_handle(q)
+        # Other processes (a parallel test run) may create /dev/shm entries meanwhile: when the queue
+        # has a descriptor, only entries named after it (its queue_id or a string in its metadata) count.
+        names = _descriptor_names(q)
         q.put(b"x" * 1000)
         assert other.get(timeout=1.0 * self.ts) == b"x" * 1000
         other.close()
@@ -1272,7 +1284,7 @@ class QueueConformance:
         while True:
             threads = {t for t in set(threading.enumerate()) - threads0 if t.is_alive()}
             fds = None if fds0 is None else (_open_fds() or set()) - fds0
-            shm = _shm_entries() - shm0
+            shm = {e for e in _shm_entries() - shm0 if names is None or any(n in e for n in names)}
             kids = _child_pids() - kids0
             if not (threads or fds or shm or kids) or time.monotonic() > deadline:
                 break

@@ -17,6 +17,7 @@ Hierarchy::
     ├── IncompatibleQueue                    the named queue has another layout/version
     ├── QueuePermissionError (PermissionError) the named queue belongs to another user, or others may write it
     ├── QueueBroken                          the queue's shared state failed a consistency check
+    │   └── QueueActorLost                  the Ray actor holding the queue died or restarted: items gone
     ├── QueueConnectionError (ConnectionError) a network backend's server stopped answering
     ├── QueueClosed                          this handle was closed
     │   └── QueueDestroyed                  the queue itself was destroyed (through any handle)
@@ -37,6 +38,7 @@ __all__ = [
     "IncompatibleQueue",
     "QueuePermissionError",
     "QueueBroken",
+    "QueueActorLost",
     "QueueConnectionError",
     "QueueClosed",
     "QueueDestroyed",
@@ -110,6 +112,15 @@ class QueueConnectionError(SageQueueError, ConnectionError):
     may or may not have been enqueued; a get that the server executed keeps its item for
     this handle's channel and puts it back at the head of the queue when the handle is
     closed (rpc: spec RPC9, RPC13). At resolve time an unreachable server is QueueNotFound.
+    """
+
+
+class QueueActorLost(QueueBroken):
+    """The Ray actor holding the queue died (killed, its node lost) or restarted (spec RAY9-RAY10).
+
+    Its items are gone, as after corruption. Raised at once by every call on a handle of the
+    dead actor (never a hang); after a restart (``max_restarts``) each handle raises it once,
+    then works on the new, empty queue.
     """
 
 

@@ -170,6 +170,8 @@ def _import_target(queue_type: str, target: str) -> Any:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except BackendUnavailable:
+        raise  # the backend said itself what is missing and how to install it
     except ImportError as exc:
         raise BackendUnavailable(queue_type, f"module {module_name} ({exc})", "pip install sage-queue[all]") from exc
     obj = getattr(module, attr, None) if attr else None

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from ..errors import BackendUnavailable, QueueBroken, QueueDestroyed, QueueNotFound
+from ..errors import BackendUnavailable, QueueActorLost, QueueDestroyed, QueueNotFound
 
 try:
     import ray
@@ -85,18 +85,6 @@ def check_not_forked(queue_type: str, name: str) -> None:
             "process connected to Ray, and a Ray connection does not survive fork; start processes "
             "with spawn or as subprocesses (they connect through the descriptor's address)"
         )
-
-
-class QueueActorLost(QueueBroken):
-    """The Ray actor holding the queue died (killed, its node lost) or restarted (spec RAY9-RAY10).
-
-    Its items are gone. Raised at once by every call on a handle of the dead actor (never a
-    hang); after a restart (``max_restarts``) each handle raises it once, then works on the
-    new, empty queue.
-
-    TODO(lead): a proposed clause E16 for spec/errors.md; defined here as a QueueBroken subclass
-    (the queue's state is gone, as after corruption) until the lead decides where it lives.
-    """
 
 
 def connect(queue_type: str, metadata: dict[str, Any]) -> None:

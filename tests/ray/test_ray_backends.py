@@ -241,7 +241,7 @@ def test_destroy_kills_the_actor_and_reaches_every_handle(queue_type: str, ray_a
         fresh.destroy()
 
 
-@pytest.mark.spec("RAY9")
+@pytest.mark.spec("RAY9", "E17")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("queue_type", BOTH)
 def test_killed_actor_fails_fast_with_a_clear_error(queue_type: str, ray_address: str, made: list[Any]) -> None:
