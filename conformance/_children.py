@@ -46,7 +46,7 @@ def open_source(source: Source) -> Any:
     if isinstance(source, Inherited):
         return source.handle
     if source.startswith(HOOK_PREFIX):
-        attach, token = pickle.loads(base64.b64decode(source[len(HOOK_PREFIX):]))
+        attach, token = pickle.loads(base64.b64decode(source[len(HOOK_PREFIX) :]))
         return attach(token)
     from sage_queue import resolve_descriptor
 
@@ -58,6 +58,7 @@ def _close(handle: Any) -> None:
     close = getattr(handle, "close", None)
     if callable(close):
         close()
+
 
 DONE_TAG = "kit-child-done"
 STOP_TAG = "kit-stop"
@@ -198,8 +199,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def mp_entry(source: Source, mode: str, args: tuple[str, ...], out_path: str, err_path: str) -> None:
     """A ``multiprocessing`` child: run ``mode`` with stdout/stderr going to the parent's files."""
-    with open(out_path, "w", buffering=1, encoding="utf-8") as out, open(err_path, "w", buffering=1,
-                                                                          encoding="utf-8") as err:
+    with (
+        open(out_path, "w", buffering=1, encoding="utf-8") as out,
+        open(err_path, "w", buffering=1, encoding="utf-8") as err,
+    ):
         sys.stdout, sys.stderr = out, err
         try:
             _MODES[mode](source, *args)
@@ -233,8 +236,9 @@ class Child:
                 assert isinstance(source, str), "a fresh interpreter needs a descriptor or a hook token"
                 with os.fdopen(out_fd, "w") as out, os.fdopen(err_fd, "w") as err:
                     out_fd = err_fd = -1
-                    proc: Any = subprocess.Popen(child_command(mode, source, *args), stdout=out, stderr=err,
-                                                 text=True, env=child_env())
+                    proc: Any = subprocess.Popen(
+                        child_command(mode, source, *args), stdout=out, stderr=err, text=True, env=child_env()
+                    )
             else:
                 os.close(out_fd)
                 os.close(err_fd)

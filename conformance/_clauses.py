@@ -86,9 +86,7 @@ def parse_spec(spec_dir: Path, files: Optional[Iterable[Path]] = None) -> list[C
 
     Raises ValueError if an id is stated twice (ids are the contract's keys).
     """
-    paths = list(files) if files is not None else sorted(spec_dir.glob("*.md")) + sorted(
-        spec_dir.glob("backends/*.md")
-    )
+    paths = list(files) if files is not None else sorted(spec_dir.glob("*.md")) + sorted(spec_dir.glob("backends/*.md"))
     found: dict[str, Clause] = {}
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():

@@ -90,7 +90,11 @@ def _write_result(out: IO[bytes], ok: bool, message: str) -> None:
 
 
 def _child(
-    body: Callable[[], None], limit: float, what: str, result: IO[bytes], stacks: IO[bytes],
+    body: Callable[[], None],
+    limit: float,
+    what: str,
+    result: IO[bytes],
+    stacks: IO[bytes],
     progress: Optional[Callable[[], str]],
 ) -> None:
     """In the forked child: run ``body`` under layers 2 and 3, report through ``result``, never return."""
@@ -106,10 +110,14 @@ def _child(
                 return
             with report_lock:
                 state = f" {progress()}." if progress is not None else ""
-                _write_result(result, False, _clip(
-                    f"{what}: still running after {limit:.0f}s: deadlock or livelock.{state} "
-                    f"Threads of the child process:\n{describe_threads()}"
-                ))
+                _write_result(
+                    result,
+                    False,
+                    _clip(
+                        f"{what}: still running after {limit:.0f}s: deadlock or livelock.{state} "
+                        f"Threads of the child process:\n{describe_threads()}"
+                    ),
+                )
                 os._exit(3)
 
         threading.Thread(target=watchdog, name=_WATCHDOG_NAME, daemon=True).start()
@@ -141,7 +149,7 @@ def group_faulthandler_dump(text: str) -> str:
         lines = [line for line in block.strip().splitlines() if not line.startswith("Timeout (")]
         if not lines:
             continue
-        header, frames = lines[0], "\n".join(lines[1:_FRAMES_SHOWN + 1])
+        header, frames = lines[0], "\n".join(lines[1 : _FRAMES_SHOWN + 1])
         if len(lines) > _FRAMES_SHOWN + 1:
             frames += f"\n  ... ({len(lines) - 1 - _FRAMES_SHOWN} outer frames)"
         words = header.split()
@@ -160,7 +168,10 @@ def _read(handle: IO[bytes]) -> str:
 
 
 def run_isolated(
-    body: Callable[[], None], limit: float, what: str, progress: Optional[Callable[[], str]] = None,
+    body: Callable[[], None],
+    limit: float,
+    what: str,
+    progress: Optional[Callable[[], str]] = None,
     fork: bool = True,
 ) -> None:
     """Run ``body`` where a hang is survivable; raise AssertionError with its failure or the stuck stacks.
@@ -202,19 +213,22 @@ def run_isolated(
                 return
             raise AssertionError(outcome["message"])
         dumped = group_faulthandler_dump(_read(stacks))
-        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"exit status {os.WEXITSTATUS(status)}")
-        raise AssertionError(_clip(
-            f"{what}: the child process did not report within {limit:.0f}s, and neither the test's own checks "
-            f"nor the kit's watchdog thread could run: a thread holds the GIL for ever ({how}). "
-            f"Stacks at the deadline (faulthandler; the odd one out, "
-            f"listed first, is usually the GIL holder):\n{dumped or '(none written)'}"
-        ))
+        how = (
+            f"killed by signal {os.WTERMSIG(status)}"
+            if os.WIFSIGNALED(status)
+            else f"exit status {os.WEXITSTATUS(status)}"
+        )
+        raise AssertionError(
+            _clip(
+                f"{what}: the child process did not report within {limit:.0f}s, and neither the test's own checks "
+                f"nor the kit's watchdog thread could run: a thread holds the GIL for ever ({how}). "
+                f"Stacks at the deadline (faulthandler; the odd one out, "
+                f"listed first, is usually the GIL holder):\n{dumped or '(none written)'}"
+            )
+        )
 
 
-def _run_in_thread(
-    body: Callable[[], None], limit: float, what: str, progress: Optional[Callable[[], str]]
-) -> None:
+def _run_in_thread(body: Callable[[], None], limit: float, what: str, progress: Optional[Callable[[], str]]) -> None:
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -228,8 +242,12 @@ def _run_in_thread(
     thread.join(limit)
     if thread.is_alive():
         state = f" {progress()}." if progress is not None else ""
-        raise AssertionError(_clip(f"{what}: still running after {limit:.0f}s: deadlock or livelock.{state} "
-                                   f"(No os.fork here, so the stuck threads stay behind as daemons.)\n"
-                                   f"{describe_threads()}"))
+        raise AssertionError(
+            _clip(
+                f"{what}: still running after {limit:.0f}s: deadlock or livelock.{state} "
+                f"(No os.fork here, so the stuck threads stay behind as daemons.)\n"
+                f"{describe_threads()}"
+            )
+        )
     if failure:
         raise failure[0]

@@ -23,8 +23,16 @@ import queue
 from collections.abc import Callable
 from typing import Any, Optional
 
-__all__ = ["ANCHORS", "mp_queue", "mp_joinable_queue", "mp_simple_queue", "faster_fifo", "ray_util_queue",
-           "queue_queue", "unavailable_reason"]
+__all__ = [
+    "ANCHORS",
+    "mp_queue",
+    "mp_joinable_queue",
+    "mp_simple_queue",
+    "faster_fifo",
+    "ray_util_queue",
+    "queue_queue",
+    "unavailable_reason",
+]
 
 _CTX = multiprocessing.get_context("spawn")
 

@@ -110,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the sage-queue conformance kit against a queue factory or a registered queue type.",
     )
     p.add_argument("targets", nargs="*", metavar="MODULE:ATTR", help="factory(maxsize) -> QueueLike")
-    p.add_argument("--backend", action="append", default=[], metavar="TYPE",
-                   help="a registered queue type, or 'all' (repeatable)")
+    p.add_argument(
+        "--backend", action="append", default=[], metavar="TYPE", help="a registered queue type, or 'all' (repeatable)"
+    )
     p.add_argument("--report", metavar="PATH", help="write a JSON report here")
     p.add_argument("--list-clauses", action="store_true", help="print the clause <-> kit test table and exit")
     p.add_argument("--spec", metavar="DIR", help="the spec directory for --list-clauses (default: ./spec of the kit)")
@@ -120,9 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", metavar="N", help="run in N processes (pytest-xdist)")
     p.add_argument("--hypothesis-profile", metavar="NAME", default="ci", help="ci (default), dev or thorough")
     p.add_argument("-v", "--verbose", action="store_true", help="show pytest's own output in full")
-    p.add_argument("--scorecard", action="store_true",
-                   help="run every registered queue type and every anchor (conformance.anchors) and write the "
-                        "clause-by-clause table (scorecard.md, scorecard.json) to --scorecard-dir")
+    p.add_argument(
+        "--scorecard",
+        action="store_true",
+        help="run every registered queue type and every anchor (conformance.anchors) and write the "
+        "clause-by-clause table (scorecard.md, scorecard.json) to --scorecard-dir",
+    )
     p.add_argument("--scorecard-dir", metavar="DIR", default="docs", help="where --scorecard writes (default: docs)")
     return p
 
@@ -133,8 +137,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _list_clauses(args.spec)
     if args.scorecard:
         if args.targets or args.backend:
-            print("conformance: --scorecard chooses its own targets (every registered type and every anchor)",
-                  file=sys.stderr)
+            print(
+                "conformance: --scorecard chooses its own targets (every registered type and every anchor)",
+                file=sys.stderr,
+            )
             return 2
         from .scorecard import run_scorecard
 
@@ -218,8 +224,9 @@ def run_target(label: str, options: list[str], passthrough: list[str]) -> dict[s
         done = set(collector.rows)
         deselect = [arg for nodeid in sorted(done) for arg in ("--deselect", nodeid)]
         # The plugin module itself (not the package): it loads the same however `conformance` is installed.
-        code = pytest.main([str(SUITE_PATH), "-p", "conformance.plugin", *options, *passthrough, *deselect],
-                           plugins=[collector])
+        code = pytest.main(
+            [str(SUITE_PATH), "-p", "conformance.plugin", *options, *passthrough, *deselect], plugins=[collector]
+        )
         if int(code) != int(pytest.ExitCode.INTERNAL_ERROR) or set(collector.rows) == done:
             break
         # pytest itself broke while reporting a test (seen: CPython 3.11's "AST constructor recursion depth
@@ -246,8 +253,14 @@ def run_target(label: str, options: list[str], passthrough: list[str]) -> dict[s
         "errors": collector.errors,
         "summary": counts,
         "results": [
-            {"nodeid": r.nodeid, "test": r.test, "clauses": r.clauses, "outcome": r.outcome,
-             "reason": r.reason, "duration": round(r.duration, 4)}
+            {
+                "nodeid": r.nodeid,
+                "test": r.test,
+                "clauses": r.clauses,
+                "outcome": r.outcome,
+                "reason": r.reason,
+                "duration": round(r.duration, 4),
+            }
             for r in rows
         ],
     }
@@ -281,8 +294,9 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _print_table(label: str, rows: list[_Row], errors: list[str], code: int, counts: dict[str, int],
-                 elapsed: float) -> None:
+def _print_table(
+    label: str, rows: list[_Row], errors: list[str], code: int, counts: dict[str, int], elapsed: float
+) -> None:
     print()
     print(f"== conformance of {label}")
     for err in errors:
@@ -300,5 +314,7 @@ def _print_table(label: str, rows: list[_Row], errors: list[str], code: int, cou
     for r in rows:
         result = r.outcome if not r.reason else f"{r.outcome}: {r.reason}"
         print(f"{','.join(r.clauses) or '-':<{cwidth}}  {r.test:<{width}}  {result}")
-    print(f"-- {label}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped, "
-          f"{counts['xfail']} xfailed in {elapsed:.1f}s")
+    print(
+        f"-- {label}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped, "
+        f"{counts['xfail']} xfailed in {elapsed:.1f}s"
+    )

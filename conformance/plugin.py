@@ -37,10 +37,18 @@ for _name, _examples in _PROFILES.items():
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "sage-queue conformance kit")
-    group.addoption("--queue-factory", metavar="MODULE:ATTR", default=None,
-                    help="run the conformance kit against factory(maxsize) -> QueueLike")
-    group.addoption("--queue-backend", metavar="TYPE", default=None,
-                    help="run the conformance kit against a registered queue type (local, shm, sage, ...)")
+    group.addoption(
+        "--queue-factory",
+        metavar="MODULE:ATTR",
+        default=None,
+        help="run the conformance kit against factory(maxsize) -> QueueLike",
+    )
+    group.addoption(
+        "--queue-backend",
+        metavar="TYPE",
+        default=None,
+        help="run the conformance kit against a registered queue type (local, shm, sage, ...)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

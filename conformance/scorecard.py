@@ -52,7 +52,8 @@ def clause_cells(results: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]
     for r in results:
         for cid in r["clauses"]:
             cells.setdefault(cid, {"outcome": "skip", "tests": []})["tests"].append(
-                {k: r[k] for k in ("test", "outcome", "reason")})
+                {k: r[k] for k in ("test", "outcome", "reason")}
+            )
     for cell in cells.values():
         outcomes = {t["outcome"] for t in cell["tests"]}
         cell["outcome"] = next((o for o in ("fail", "pass", "xfail") if o in outcomes), "skip")
@@ -101,8 +102,10 @@ def render_markdown(card: dict[str, Any]) -> str:
         failed = [cid for cid in card["clause_order"] if cells.get(cid, {}).get("outcome") == "fail"]
         count = {o: sum(c["outcome"] == o for c in cells.values()) for o in ("pass", "skip")}
         extra = " (the run itself broke: see below)" if t["broken_run"] else ""
-        lines.append(f"| `{t['target']}` | {t['kind']} | {', '.join(failed) or 'none'}{extra} | {count['pass']} | "
-                     f"{count['skip']} | {t['seconds']:.0f} s |")
+        lines.append(
+            f"| `{t['target']}` | {t['kind']} | {', '.join(failed) or 'none'}{extra} | {count['pass']} | "
+            f"{count['skip']} | {t['seconds']:.0f} s |"
+        )
     lines += ["", "## Clause by clause", ""]
     lines.append("| clause | level | " + " | ".join(f"`{t['target']}`" for t in ran) + " |")
     lines.append("|---|---|" + "---|" * len(ran))
@@ -165,8 +168,8 @@ def run_scorecard(args: argparse.Namespace) -> int:
             print(f"\n== {label}: not run here: {reason}")
         targets.append(entry)
     card = {
-        "command": "sage-queue conformance --scorecard" + (f" --scorecard-dir {args.scorecard_dir}"
-                                                            if args.scorecard_dir != "docs" else ""),
+        "command": "sage-queue conformance --scorecard"
+        + (f" --scorecard-dir {args.scorecard_dir}" if args.scorecard_dir != "docs" else ""),
         "generated": time.strftime("%Y-%m-%d", time.gmtime()),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",

@@ -339,8 +339,10 @@ class QueueConformance:
     def need_descriptor(self, q: Any) -> Any:
         desc = self.descriptor_of(q)
         if desc is None:
-            pytest.fail("the target declares a capability that needs handles with a `descriptor` attribute "
-                        "(or, for cross_process, a `sharing` other than 'descriptor': see conformance/target.py)")
+            pytest.fail(
+                "the target declares a capability that needs handles with a `descriptor` attribute "
+                "(or, for cross_process, a `sharing` other than 'descriptor': see conformance/target.py)"
+            )
         return desc
 
     def start_child(self, q: Any, mode: str, *args: str, context: Optional[str] = None) -> _children.Child:
@@ -409,8 +411,11 @@ class QueueConformance:
         for name, params in expected.items():
             method = getattr(q, name)
             sig = inspect.signature(method)
-            names = [p for p in sig.parameters if sig.parameters[p].kind not in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            names = [
+                p
+                for p in sig.parameters
+                if sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ]
             assert names[: len(params)] == params, f"{name}{sig}: expected parameters {params}"
             if name in ("put", "get"):
                 assert sig.parameters["block"].default is True, f"{name}: block must default to True"
@@ -611,8 +616,12 @@ class QueueConformance:
         total = MANY_PRODUCERS + MANY_CONSUMERS
         # A hook target's handles are tied to something a forked child does not inherit (a connection, a
         # Ray driver): its body runs in a thread here, as without os.fork.
-        run_isolated(lambda: self._many_threads(attach()[0], budget=0.8 * limit), limit,
-                     f"{total} threads sharing one handle", fork=self.target.sharing != "hook")
+        run_isolated(
+            lambda: self._many_threads(attach()[0], budget=0.8 * limit),
+            limit,
+            f"{total} threads sharing one handle",
+            fork=self.target.sharing != "hook",
+        )
 
     def _many_threads(self, q: Any, budget: float) -> None:
         deadline = time.monotonic() + budget
@@ -652,8 +661,11 @@ class QueueConformance:
             try:
                 while True:
                     try:
-                        item = q.get() if mode == "blocking" else (
-                            q.get(timeout=0.2) if mode == "timed" else q.get_nowait())
+                        item = (
+                            q.get()
+                            if mode == "blocking"
+                            else (q.get(timeout=0.2) if mode == "timed" else q.get_nowait())
+                        )
                     except queue.Empty:
                         if not left():
                             raise AssertionError("no item (nor the stop item) until the deadline") from None
@@ -667,8 +679,10 @@ class QueueConformance:
                 errors.append(f"consumer-{index}: {type(exc).__name__}: {exc}")
 
         def started(role: str, fn: Callable[[int], None], count: int) -> list[threading.Thread]:
-            threads = [threading.Thread(target=fn, args=(i,), daemon=True, name=f"{role}-{i}-{modes[i % 3]}")
-                       for i in range(count)]
+            threads = [
+                threading.Thread(target=fn, args=(i,), daemon=True, name=f"{role}-{i}-{modes[i % 3]}")
+                for i in range(count)
+            ]
             for t in threads:
                 t.start()
             return threads
@@ -767,9 +781,7 @@ class QueueConformance:
         )
         _expect_same("in time", got)
         q.put("fill")
-        self._assert_blocks_until(
-            lambda: q.put("late", timeout=3.0 * self.ts), q.get, "put(timeout=3) on a full queue"
-        )
+        self._assert_blocks_until(lambda: q.put("late", timeout=3.0 * self.ts), q.get, "put(timeout=3) on a full queue")
         assert _drain(q) == ["late"]
 
     @clause("Q9", "Q12", "E3")
@@ -779,8 +791,7 @@ class QueueConformance:
             for item in before:
                 q.put(item)
             _raises(_call(partial(q.get, timeout=-1), 2.0 * self.ts), ValueError, f"get(timeout=-1), {state}")
-            _raises(_call(partial(q.put, "z", timeout=-0.5), 2.0 * self.ts), ValueError,
-                    f"put(timeout=-0.5), {state}")
+            _raises(_call(partial(q.put, "z", timeout=-0.5), 2.0 * self.ts), ValueError, f"put(timeout=-0.5), {state}")
             assert _drain(q) == before, f"a call refused with ValueError changed a {state} queue (Q9, Q12)"
 
     @clause("Q9", "Q12", "E4")
@@ -789,8 +800,7 @@ class QueueConformance:
         q.put("x")
         for bad in ("1", [1], object()):
             _raises(_call(partial(q.get, timeout=bad), 2.0 * self.ts), TypeError, f"get(timeout={bad!r})")
-            _raises(_call(partial(q.put, "y", timeout=bad), 2.0 * self.ts), TypeError,
-                    f"put(timeout={bad!r})")
+            _raises(_call(partial(q.put, "y", timeout=bad), 2.0 * self.ts), TypeError, f"put(timeout={bad!r})")
         assert _drain(q) == ["x"], "a call refused with TypeError changed the queue (Q9, Q12)"
 
     @advisory
@@ -840,7 +850,9 @@ class QueueConformance:
         for item in ("a", "b", "c"):
             q.put(item)
         attempts: list[Callable[[], Any]] = [
-            partial(q.put_nowait, "d"), partial(q.put, "d", timeout=0.05), partial(q.put, "d", block=False)
+            partial(q.put_nowait, "d"),
+            partial(q.put, "d", timeout=0.05),
+            partial(q.put, "d", block=False),
         ]
         for attempt in attempts:
             with pytest.raises(queue.Full):
@@ -974,15 +986,17 @@ class QueueConformance:
         if q.get(timeout=1.0 * self.ts) is probe:
             pytest.skip("the target passes items by reference (get returned the very object put): nothing to decode")
         wait = 1.0 * self.ts
-        self._through_undecodable(q, "get", lambda: [q.get(timeout=wait)], [("good", 0), Undecodable("alone"),
-                                                                          ("good", 1)])
+        self._through_undecodable(
+            q, "get", lambda: [q.get(timeout=wait)], [("good", 0), Undecodable("alone"), ("good", 1)]
+        )
         if self.target.has("batch"):
             # The bad item last in, first in and inside a batch of get_many(4).
             for bad_at in (3, 4, 5):
                 items: list[Any] = [("good", i) for i in range(10)]
                 items.insert(bad_at, Undecodable(f"at {bad_at}"))
-                self._through_undecodable(q, f"get_many(4), bad item at {bad_at}",
-                                          lambda: q.get_many(4, timeout=wait), items)
+                self._through_undecodable(
+                    q, f"get_many(4), bad item at {bad_at}", lambda: q.get_many(4, timeout=wait), items
+                )
         q.put("after")
         assert _drain(q) == ["after"], "the queue is not usable after an undecodable item"
 
@@ -1047,9 +1061,15 @@ class QueueConformance:
         q = self.make(2)
         q.close()
         ops: dict[str, Callable[[], Any]] = {
-            "put": lambda: q.put(1), "get": lambda: q.get(timeout=0.1), "put_nowait": lambda: q.put_nowait(1),
-            "get_nowait": q.get_nowait, "qsize": q.qsize, "empty": q.empty, "full": q.full,
-            "destroy": q.destroy, "with": lambda: q.__enter__(),
+            "put": lambda: q.put(1),
+            "get": lambda: q.get(timeout=0.1),
+            "put_nowait": lambda: q.put_nowait(1),
+            "get_nowait": q.get_nowait,
+            "qsize": q.qsize,
+            "empty": q.empty,
+            "full": q.full,
+            "destroy": q.destroy,
+            "with": lambda: q.__enter__(),
         }
         if self.target.has("batch"):
             ops["put_many"] = lambda: q.put_many([1])
@@ -1112,8 +1132,12 @@ class QueueConformance:
         attach = self.isolated_handles([1, 1])
         bound = CLOSE_WAKEUP_S * self.ts + 0.5
         steps: list[str] = []
-        run_isolated(lambda: self._close_from_signal(attach(), bound, steps), 2 * (bound + 1.0) + 4.0 * self.ts,
-                     "close() from a signal handler", progress=lambda: "; ".join(steps))
+        run_isolated(
+            lambda: self._close_from_signal(attach(), bound, steps),
+            2 * (bound + 1.0) + 4.0 * self.ts,
+            "close() from a signal handler",
+            progress=lambda: "; ".join(steps),
+        )
 
     def _close_from_signal(self, handles: list[Any], bound: float, steps: list[str]) -> None:
         from sage_queue import QueueClosed
@@ -1183,8 +1207,9 @@ class QueueConformance:
         assert waiter.alive(), "a put on a full queue returned at once"
         q.destroy()
         assert q.closed, "destroy() must close the destroying handle"
-        _raises(waiter.wait(1.0 * self.ts + 0.5), (QueueClosed, QueueNotFound),
-                "a put blocked when the queue was destroyed")
+        _raises(
+            waiter.wait(1.0 * self.ts + 0.5), (QueueClosed, QueueNotFound), "a put blocked when the queue was destroyed"
+        )
         _raises(_call(other.qsize, 2.0), (QueueClosed, QueueNotFound), "qsize() on another handle after destroy()")
         creatable = desc.metadata.get("create", True)
         if creatable:
@@ -1218,10 +1243,16 @@ class QueueConformance:
         time.sleep(0.1 * self.ts)
         assert waiter.alive(), "a put on a full queue returned at once"
         q.destroy()
-        _raises(waiter.wait(CLOSE_WAKEUP_S * self.ts + 0.5), QueueDestroyed,
-                "a put blocked when another handle destroyed the queue (E13)")
-        for name, op in (("qsize", other.qsize), ("get_nowait", other.get_nowait),
-                         ("put", lambda: other.put("late", timeout=0.1))):
+        _raises(
+            waiter.wait(CLOSE_WAKEUP_S * self.ts + 0.5),
+            QueueDestroyed,
+            "a put blocked when another handle destroyed the queue (E13)",
+        )
+        for name, op in (
+            ("qsize", other.qsize),
+            ("get_nowait", other.get_nowait),
+            ("put", lambda: other.put("late", timeout=0.1)),
+        ):
             _raises(_call(op, 2.0 * self.ts), QueueDestroyed, f"{name}() on another handle after destroy() (E13)")
         _raises(_call(again.destroy, 2.0 * self.ts), QueueDestroyed, "a second destroy(), through another handle (E13)")
 
@@ -1252,8 +1283,7 @@ class QueueConformance:
             f"more than {bound:.2f}s after the destroy (Q24)"
         )
         assert outcome.get("next_op") == "QueueDestroyed", (
-            f"qsize() in another process after destroy() ended with {outcome.get('next_op')}, not QueueDestroyed "
-            f"(E13)"
+            f"qsize() in another process after destroy() ended with {outcome.get('next_op')}, not QueueDestroyed (E13)"
         )
 
     @requires("close")
@@ -1381,7 +1411,7 @@ class QueueConformance:
         got = _drain(q)
         assert len(got) == 3 * 40 * 5, f"{len(got)} items, expected {3 * 40 * 5}"
         for start in range(0, len(got), 5):
-            chunk = got[start:start + 5]
+            chunk = got[start : start + 5]
             tag, b = chunk[0][0], chunk[0][1]
             assert chunk == [(tag, b, i) for i in range(5)], f"batch {tag}/{b} is not contiguous: {chunk}"
 
@@ -1390,8 +1420,10 @@ class QueueConformance:
     def test_put_many_all_or_nothing(self) -> None:
         q = self.make(5)
         q.put_many(["a", "b", "c"])
-        for label, fn in (("put_many(block=False)", lambda: q.put_many(["x", "y", "z"], block=False)),
-                          ("put_many(timeout=0.1)", lambda: q.put_many(["x", "y", "z"], timeout=0.1))):
+        for label, fn in (
+            ("put_many(block=False)", lambda: q.put_many(["x", "y", "z"], block=False)),
+            ("put_many(timeout=0.1)", lambda: q.put_many(["x", "y", "z"], timeout=0.1)),
+        ):
             outcome = _call(fn, 2.0 * self.ts + 0.1)
             _raises(outcome, queue.Full, f"{label} with room for 2 of 3")
             assert q.qsize() == 3, f"{label} enqueued part of a batch: qsize {q.qsize()}"
@@ -1539,8 +1571,11 @@ class QueueConformance:
         finally:
             child.stop(grace=0)  # removes its output files: read above
         # The child's last words first (the kit's report shows one line), then the rest of its stderr.
-        detail = (f"{err_lines[-1] if err_lines else '(nothing on stderr)'}\n" + "\n".join(err_lines[-40:])
-                  if status is not None else "(killed: still running after its limit)")
+        detail = (
+            f"{err_lines[-1] if err_lines else '(nothing on stderr)'}\n" + "\n".join(err_lines[-40:])
+            if status is not None
+            else "(killed: still running after its limit)"
+        )
         _returned(feeder.wait(5.0 * self.ts), "putting the samples for the child")
         assert status == 0, f"the child reported (exit {status}): {detail}"
         back = _returned(got, "getting the items the child echoed")
@@ -1555,8 +1590,10 @@ class QueueConformance:
     def test_cross_process_subprocess(self) -> None:
         """A fresh interpreter (not a multiprocessing child) reaches the queue: by descriptor or the hook."""
         if self.target.sharing not in ("descriptor", "hook"):
-            pytest.skip(f"the target shares handles through multiprocessing (sharing={self.target.sharing!r}): "
-                        "a fresh interpreter cannot reach them (checked by test_cross_process_spawn)")
+            pytest.skip(
+                f"the target shares handles through multiprocessing (sharing={self.target.sharing!r}): "
+                "a fresh interpreter cannot reach them (checked by test_cross_process_spawn)"
+            )
         self._echo_through_child(self.make(), None)
 
     @requires("cross_process")
@@ -1617,8 +1654,14 @@ class QueueConformance:
         items = sample_items()
         for item in items:
             q.put(item)
-        cmd = [*shlex.split(remote), "-c", "from conformance._children import main; main()",
-               "echo", desc.to_json(), str(len(items))]
+        cmd = [
+            *shlex.split(remote),
+            "-c",
+            "from conformance._children import main; main()",
+            "echo",
+            desc.to_json(),
+            str(len(items)),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60.0 * self.ts)
         assert done.returncode == 0, f"the remote child failed: {done.stderr[-2000:]}"
         back = [q.get(timeout=5.0 * self.ts) for _ in range(len(items) + 1)]
@@ -1668,7 +1711,6 @@ class QueueConformance:
         # Every example makes a queue: destroyed after the example when the target can (close),
         # else by the target's cleanup() after the test.
         run_state_machine_as_test(machine, settings=settings(settings(), stateful_step_count=25, deadline=None))
-
 
 
 def kit_clause_map() -> dict[str, list[str]]:

@@ -35,8 +35,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["Target", "TargetError", "load_target", "registered_target", "builtin_types", "registered_types",
-           "SHARING_KINDS"]
+__all__ = [
+    "Target",
+    "TargetError",
+    "load_target",
+    "registered_target",
+    "builtin_types",
+    "registered_types",
+    "SHARING_KINDS",
+]
 
 SHARING_KINDS = ("descriptor", "fork", "spawn", "forkserver", "hook")
 """How a target's handle reaches another process; see the module docstring."""
@@ -73,12 +80,11 @@ class Target:
             raise TargetError(f"{label}: capabilities must be strings, got {sorted(map(repr, caps))}")
         unknown = sorted(caps - KNOWN_CAPABILITIES)
         if unknown:
-            raise TargetError(
-                f"{label}: unknown capabilities {unknown}; the kit knows {sorted(KNOWN_CAPABILITIES)}"
-            )
+            raise TargetError(f"{label}: unknown capabilities {unknown}; the kit knows {sorted(KNOWN_CAPABILITIES)}")
         known = getattr(factory, "known_failures", None) or {}
-        if not isinstance(known, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                      for k, v in known.items()):
+        if not isinstance(known, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in known.items()
+        ):
             raise TargetError(f"{label}: known_failures must map test ids (str) to reasons (str)")
         scale = getattr(factory, "time_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:

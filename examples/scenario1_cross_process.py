@@ -50,8 +50,16 @@ def process_a(queue_type: str) -> None:
                 child.kill()
                 child.wait()
         assert [r["echo"] for r in replies] == items
-        print(json.dumps({"queue_type": queue_type, "items": len(replies), "child_pid": replies[0]["by"],
-                          "parent_pid": os.getpid()}))
+        print(
+            json.dumps(
+                {
+                    "queue_type": queue_type,
+                    "items": len(replies),
+                    "child_pid": replies[0]["by"],
+                    "parent_pid": os.getpid(),
+                }
+            )
+        )
     finally:
         qin.destroy()
         qout.destroy()

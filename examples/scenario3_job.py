@@ -65,8 +65,10 @@ def main(argv: list[str]) -> int:
     for name, choice in manager.choices.items():
         print(f"queue {name:<10} {choice.queue_type:<6} {choice.reason}")
     expected = sum(x * x + 1 for x in range(COUNT))
-    print(f"total = {result.results['total'][0]} (expected {expected}), "
-          f"{len(result.exits)} workers, {result.restarts} restarts, {time.monotonic() - started:.2f} s")
+    print(
+        f"total = {result.results['total'][0]} (expected {expected}), "
+        f"{len(result.exits)} workers, {result.restarts} restarts, {time.monotonic() - started:.2f} s"
+    )
     return 0 if result.results["total"] == [expected] else 1
 
 

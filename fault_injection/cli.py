@@ -16,13 +16,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = harness_parser("sage-queue faults", __doc__, producers=2, consumers=2, capacity=64 * 1024)
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--scenario", default="kill-any", help="a scenario name, or 'all'")
-    parser.add_argument("-k", "--faults", "--kills", type=int, default=None,
-                        help="faults per run (default: the scenario's short count, or its soak count)")
+    parser.add_argument(
+        "-k",
+        "--faults",
+        "--kills",
+        type=int,
+        default=None,
+        help="faults per run (default: the scenario's short count, or its soak count)",
+    )
     parser.add_argument("--soak", action="store_true", help="the scenarios' long fault counts")
-    parser.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="seconds the end phase may take before the workers still running are reported")
-    parser.add_argument("--stall-timeout", type=float, default=30.0,
-                        help="seconds a scenario may wait for a worker ready to be hit")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds the end phase may take before the workers still running are reported",
+    )
+    parser.add_argument(
+        "--stall-timeout", type=float, default=30.0, help="seconds a scenario may wait for a worker ready to be hit"
+    )
     args = parser.parse_args(argv)
     known = all_scenarios()
     if args.list:
@@ -47,9 +58,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             seed = seed_for(args)
             print(f"{name}: {scenario}, seed {seed}", flush=True)
             result = run_scenario(
-                target, scenario, faults=args.faults, soak=args.soak, producers=args.producers,
-                consumers=args.consumers, batch=args.batch, seed=seed, drain_timeout=args.drain_timeout,
-                stall_timeout=args.stall_timeout, progress=False if args.no_progress else None)
+                target,
+                scenario,
+                faults=args.faults,
+                soak=args.soak,
+                producers=args.producers,
+                consumers=args.consumers,
+                batch=args.batch,
+                seed=seed,
+                drain_timeout=args.drain_timeout,
+                stall_timeout=args.stall_timeout,
+                progress=False if args.no_progress else None,
+            )
             print(f"{name}: {result.summary()}", flush=True)
             results.append(result)
     return finish(results, skipped, args.report)

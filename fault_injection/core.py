@@ -20,8 +20,9 @@ from .scenarios import get_scenario
 __all__ = ["run_faults", "run_scenario"]
 
 
-def run_scenario(target: Target, scenario: str, *, faults: Optional[int] = None, soak: bool = False,
-                 **options: Any) -> RunResult:
+def run_scenario(
+    target: Target, scenario: str, *, faults: Optional[int] = None, soak: bool = False, **options: Any
+) -> RunResult:
     """Run scenario ``scenario`` (a registered name) on ``target``; ``options`` go to :func:`stress.runner.run`.
 
     ``faults`` None: the scenario's short default, or its soak default with ``soak``.
@@ -47,7 +48,18 @@ def run_faults(
 ) -> RunResult:
     """``kills`` faults of ``scenario`` on a queue from ``descriptor_factory`` (a registered type)."""
     queue_type = descriptor_factory().queue_type
-    target = Target(queue_type, "descriptor", promise_for(queue_type), make_descriptor=descriptor_factory,
-                    batch=batch > 1)
-    return run_scenario(target, scenario, faults=kills, producers=producers, consumers=consumers, batch=batch,
-                        seed=seed, drain_timeout=drain_timeout, stall_timeout=stall_timeout, hook=worker_hook)
+    target = Target(
+        queue_type, "descriptor", promise_for(queue_type), make_descriptor=descriptor_factory, batch=batch > 1
+    )
+    return run_scenario(
+        target,
+        scenario,
+        faults=kills,
+        producers=producers,
+        consumers=consumers,
+        batch=batch,
+        seed=seed,
+        drain_timeout=drain_timeout,
+        stall_timeout=stall_timeout,
+        hook=worker_hook,
+    )

@@ -46,8 +46,16 @@ from .errors import (
 from .metadata import check_segment_name
 
 __all__ = [
-    "SEGMENT_PREFIX", "SHM_DIR", "Segment", "SegmentInfo", "check_name", "check_trusted", "list_segments",
-    "open_trusted", "pid_alive", "segment_path",
+    "SEGMENT_PREFIX",
+    "SHM_DIR",
+    "Segment",
+    "SegmentInfo",
+    "check_name",
+    "check_trusted",
+    "list_segments",
+    "open_trusted",
+    "pid_alive",
+    "segment_path",
 ]
 
 SEGMENT_PREFIX = "sageq-"
@@ -76,7 +84,6 @@ def _posixshmem() -> Any:
     try:
         import _posixshmem
     except ImportError as exc:  # pragma: no cover - Windows
-
         raise BackendUnavailable("shm", "POSIX shared memory (_posixshmem)", "use Linux or macOS") from exc
     return _posixshmem
 
@@ -177,9 +184,7 @@ def _open_existing(shm: Any, kind: str, name: str) -> int:
     try:
         fd: int = shm.shm_open(pname, os.O_RDWR | _O_NOFOLLOW, mode=0o600)
     except FileNotFoundError:
-        raise QueueNotFound(
-            f"no {kind} queue named {name!r} on this host (segment {pname} does not exist)"
-        ) from None
+        raise QueueNotFound(f"no {kind} queue named {name!r} on this host (segment {pname} does not exist)") from None
     except PermissionError as exc:  # another user's segment we may not open
         raise _refused(kind, name, f"cannot open it ({exc.strerror})") from None
     except OSError as exc:
@@ -253,7 +258,7 @@ def list_segments(kind: Optional[str] = None) -> Iterator[tuple[str, str]]:
     for entry in sorted(os.listdir(SHM_DIR)):
         if not entry.startswith(SEGMENT_PREFIX):
             continue
-        entry_kind, sep, name = entry[len(SEGMENT_PREFIX):].partition("-")
+        entry_kind, sep, name = entry[len(SEGMENT_PREFIX) :].partition("-")
         if sep and (kind is None or entry_kind == kind):
             yield entry_kind, name
 

@@ -99,6 +99,7 @@ def choose_descriptor(maxsize: int, allowed: Optional[frozenset[str]] = None) ->
     Ray is looked up in ``sys.modules``, never imported: a program that has not started Ray has
     not imported it.
     """
+
     def ok(queue_type: str) -> bool:
         return (allowed is None or queue_type in allowed) and QUEUE_STUB_MAPPING.available(queue_type)
 
@@ -149,7 +150,10 @@ class _Children:
     def start(self, role: str, payload: dict[str, Any]) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sage_queue.demo", "--child", role, "--wait", str(WAIT_S)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.procs.append(proc)
         assert proc.stdin is not None
@@ -258,8 +262,9 @@ def scenario_cross_process(queue_type: str, tracker: _Tracker, children: _Childr
             raise AssertionError(f"a {queue_type} queue resolved in another process: {report}")
         # Same JSON, a thread of this process: that is where a local queue lives.
         echoer = threading.Thread(
-            target=echo_loop, args=(resolve_descriptor(inbox.to_json()), resolve_descriptor(outbox.to_json()),
-                                    ECHO_ITEMS), daemon=True,
+            target=echo_loop,
+            args=(resolve_descriptor(inbox.to_json()), resolve_descriptor(outbox.to_json()), ECHO_ITEMS),
+            daemon=True,
         )
         echoer.start()
         far_pid = os.getpid()
@@ -395,8 +400,13 @@ def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outc
             message = f"no progress within {WAIT_S:g}s (items lost or a peer stuck)"
         else:
             message = " ".join(str(exc).split())  # one line, whatever the exception says
-        return Row(backend, scenario, f"FAILED: {type(exc).__name__}: {message}"[:120],
-                   seconds=f"{time.perf_counter() - started:.2f}s", failed=True)
+        return Row(
+            backend,
+            scenario,
+            f"FAILED: {type(exc).__name__}: {message}"[:120],
+            seconds=f"{time.perf_counter() - started:.2f}s",
+            failed=True,
+        )
     return Row(backend, scenario, "ok", str(outcome.items), f"{time.perf_counter() - started:.2f}s", outcome.detail)
 
 
@@ -416,8 +426,14 @@ def _run_all(types: list[str], services: ExitStack) -> list[Row]:
         try:
             _start_service(services, queue_type)
         except Exception as exc:
-            rows.append(Row(queue_type, "all", f"FAILED: its service did not start: {type(exc).__name__}: {exc}"[:120],
-                            failed=True))
+            rows.append(
+                Row(
+                    queue_type,
+                    "all",
+                    f"FAILED: its service did not start: {type(exc).__name__}: {exc}"[:120],
+                    failed=True,
+                )
+            )
             continue
         if crosses_processes(queue_type):
             cross.append(queue_type)
@@ -447,10 +463,15 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="sage-queue demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated queue types to run (default: every registered type)")
-    parser.add_argument("--wait", type=float, default=WAIT_S,
-                        help=f"longest single wait in seconds before a scenario fails (default {WAIT_S:g})")
+    parser.add_argument(
+        "--backends", default=None, help="comma-separated queue types to run (default: every registered type)"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=WAIT_S,
+        help=f"longest single wait in seconds before a scenario fails (default {WAIT_S:g})",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _set_wait(args.wait)
@@ -463,8 +484,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = run_all(types)
     print(format_table(rows))
     failed = [r for r in rows if r.failed]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} rows without failure in {time.perf_counter() - started:.1f}s"
-          + (f"; {len(failed)} FAILED" if failed else ""))
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} rows without failure in {time.perf_counter() - started:.1f}s"
+        + (f"; {len(failed)} FAILED" if failed else "")
+    )
     return 1 if failed else 0
 
 

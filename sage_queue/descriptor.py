@@ -22,8 +22,14 @@ from .metadata import MAXSIZE_MAX, MetadataField, QueueTypeSchema, is_kind, non_
 # MetadataField, non_negative and positive live in .metadata; they are re-exported here for
 # code written before the schema left this module.
 __all__ = [
-    "DESCRIPTOR_VERSION", "MAXSIZE_MAX", "QueueDescriptor", "MetadataField", "QueueTypeSchema", "DescriptorLike",
-    "non_negative", "positive",
+    "DESCRIPTOR_VERSION",
+    "MAXSIZE_MAX",
+    "QueueDescriptor",
+    "MetadataField",
+    "QueueTypeSchema",
+    "DescriptorLike",
+    "non_negative",
+    "positive",
 ]
 
 DESCRIPTOR_VERSION = 1
@@ -127,9 +133,7 @@ class QueueDescriptor:
                 f"version {DESCRIPTOR_VERSION} (upgrade sage-queue to read newer descriptors)"
             )
         if not isinstance(self.queue_id, str) or not _QUEUE_ID_RE.fullmatch(self.queue_id):
-            raise MalformedDescriptor(
-                f"queue_id must be a string of 1-255 printable characters, got {self.queue_id!r}"
-            )
+            raise MalformedDescriptor(f"queue_id must be a string of 1-255 printable characters, got {self.queue_id!r}")
         if not isinstance(self.queue_type, str):
             raise MalformedDescriptor(f"queue_type must be a string, got {self.queue_type!r}")
         ts = self.created_timestamp
@@ -218,9 +222,7 @@ class QueueDescriptor:
     # -- factories (spec D20-D22) ---------------------------------------------------------
 
     @classmethod
-    def create(
-        cls, queue_type: str, name: Optional[str] = None, maxsize: int = 0, **metadata: Any
-    ) -> QueueDescriptor:
+    def create(cls, queue_type: str, name: Optional[str] = None, maxsize: int = 0, **metadata: Any) -> QueueDescriptor:
         """A descriptor of a new queue of any registered type (spec D22).
 
         ``name`` becomes the queue_id (and the type's name key, e.g. ``shm_name``); None
@@ -286,9 +288,7 @@ class QueueDescriptor:
         return cls.create("ray_actor", actor_name, maxsize)
 
     @classmethod
-    def create_rpc_queue(
-        cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0
-    ) -> QueueDescriptor:
+    def create_rpc_queue(cls, host: str, port: int, name: Optional[str] = None, maxsize: int = 0) -> QueueDescriptor:
         """A queue served over ZeroMQ by ``sage-queue serve`` at ``host:port``.
 
         Other rpc metadata (``key_file`` or ``key_env``, ``serializer``, ``durable``...; spec/backends/rpc.md)

@@ -129,14 +129,22 @@ def _same_host_type() -> QueueChoice:
 
 @overload
 def choose_queue_type(
-    producer_where: Where, consumer_where: Where, *, override: Optional[str] = ..., local_host: str = ...,
+    producer_where: Where,
+    consumer_where: Where,
+    *,
+    override: Optional[str] = ...,
+    local_host: str = ...,
     explain: Literal[False] = ...,
 ) -> str: ...
 
 
 @overload
 def choose_queue_type(
-    producer_where: Where, consumer_where: Where, *, override: Optional[str] = ..., local_host: str = ...,
+    producer_where: Where,
+    consumer_where: Where,
+    *,
+    override: Optional[str] = ...,
+    local_host: str = ...,
     explain: Literal[True],
 ) -> QueueChoice: ...
 
@@ -165,8 +173,11 @@ def choose_queue_type(
     else:
         hosts = {_host(w) for w in (producer_where, consumer_where)} - {None, local_host}
         if hosts:
-            choice = QueueChoice("rpc", f"an end runs on another host ({', '.join(sorted(h for h in hosts if h))}): "
-                                        "rpc (a sage-queue server reachable by both)")
+            choice = QueueChoice(
+                "rpc",
+                f"an end runs on another host ({', '.join(sorted(h for h in hosts if h))}): "
+                "rpc (a sage-queue server reachable by both)",
+            )
         elif "ray" in (producer_where, consumer_where):
             why = unavailable_reason("ray_actor")
             note = "" if why is None else f"; not resolvable here: {why}"
@@ -407,8 +418,7 @@ def _worker_process_main(payload_json: str, conn: multiprocessing.connection.Con
             result = _run_stage(_load_fn(payload["fn"]), open_(payload["input"]), open_(payload["output"]), None)
             message = {"ok": True, "result": result}
         except BaseException as exc:  # reported to the manager, then the process exits with 1
-            message = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}",
-                       "detail": traceback.format_exc()}
+            message = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
         try:
             text = json.dumps(message)
         except (TypeError, ValueError) as exc:
@@ -491,8 +501,9 @@ class JobManager:
         if isinstance(spec, str):
             spec = QueueSpec(spec)
         if spec.queue_type in (AUTO, None):
-            choice = _choose_for_many([s.where for s in self._producers(name)],
-                                      [s.where for s in self._consumers(name)])
+            choice = _choose_for_many(
+                [s.where for s in self._producers(name)], [s.where for s in self._consumers(name)]
+            )
         else:
             choice = QueueChoice(spec.queue_type, "declared by the job")
             ends = [s for s in (*self._producers(name), *self._consumers(name)) if s.where != "thread"]
@@ -529,28 +540,34 @@ class JobManager:
             # Only what this worker needs, as JSON (JOB2); the pipe carries its result back.
             payload = json.dumps({"fn": _fn_ref(stage.fn), "input": in_json, "output": out_json})
             parent_conn, child_conn = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(target=_worker_process_main, args=(payload, child_conn),
-                                     name=f"sage-job-{stage.name}-{replica}", daemon=True)
+            proc = self._ctx.Process(
+                target=_worker_process_main,
+                args=(payload, child_conn),
+                name=f"sage-job-{stage.name}-{replica}",
+                daemon=True,
+            )
             proc.start()
             child_conn.close()
             w.process, w.conn = proc, parent_conn
         else:
             fn = _load_fn(stage.fn) if isinstance(stage.fn, str) else stage.fn
-            w.thread = threading.Thread(target=self._thread_main, args=(w, fn, in_json, out_json),
-                                        name=f"sage-job-{stage.name}-{replica}", daemon=True)
+            w.thread = threading.Thread(
+                target=self._thread_main,
+                args=(w, fn, in_json, out_json),
+                name=f"sage-job-{stage.name}-{replica}",
+                daemon=True,
+            )
             w.thread.start()
         self._workers.append(w)
         log.info("started %s[%d] attempt %d (%s)", stage.name, replica, attempt, stage.where)
         return w
 
-    def _thread_main(self, w: _Worker, fn: Callable[..., Any], in_json: Optional[str],
-                     out_json: Optional[str]) -> None:
+    def _thread_main(self, w: _Worker, fn: Callable[..., Any], in_json: Optional[str], out_json: Optional[str]) -> None:
         handles = [resolve_descriptor(j) if j is not None else None for j in (in_json, out_json)]
         try:
             w.outcome = {"ok": True, "result": _run_stage(fn, handles[0], handles[1], self._stop)}
         except BaseException as exc:  # reported by the supervisor
-            w.outcome = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}",
-                         "detail": traceback.format_exc()}
+            w.outcome = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
         finally:
             for h in handles:
                 if h is not None:
@@ -588,15 +605,19 @@ class JobManager:
                 self._read_message(w)  # sent just before it exited: still in the pipe
             message, pid = w.message, proc.pid
             if message is None or (proc.exitcode != 0 and message.get("ok")):
-                message = {"ok": False, "cause": _signal_cause(proc.exitcode),
-                           "detail": "" if message is None else message.get("detail", "")}
+                message = {
+                    "ok": False,
+                    "cause": _signal_cause(proc.exitcode),
+                    "detail": "" if message is None else message.get("detail", ""),
+                }
             assert w.conn is not None
             w.conn.close()
         assert message is not None
         ok = bool(message["ok"])
         w.result = message.get("result")
-        return WorkerExit(w.stage.name, w.replica, w.attempt, pid, ok, "ok" if ok else message["cause"],
-                          message.get("detail", ""))
+        return WorkerExit(
+            w.stage.name, w.replica, w.attempt, pid, ok, "ok" if ok else message["cause"], message.get("detail", "")
+        )
 
     def _finished(self, stage: Stage) -> bool:
         """Every replica of ``stage`` has ended well (a replica's last attempt counts)."""
@@ -657,8 +678,9 @@ class JobManager:
             if stage.output is None:
                 last = {w.replica: w.result for w in self._workers if w.stage is stage and w.ended and w.ended.ok}
                 results[stage.name] = [last[r] for r in sorted(last)]
-        return JobResult(results, list(self._exits), {n: d.queue_type for n, d in self.descriptors.items()},
-                         self._restarts)
+        return JobResult(
+            results, list(self._exits), {n: d.queue_type for n, d in self.descriptors.items()}, self._restarts
+        )
 
     def _recover(self, w: _Worker, ended: WorkerExit) -> None:
         if self.job.policy == "restart" and self._restarts < self.job.max_restarts:
@@ -666,10 +688,14 @@ class JobManager:
             # The new worker re-resolves the same descriptors: same queues, new handles.
             self._start_worker(w.stage, w.replica, w.attempt + 1)
             return
-        why = ("fail_fast" if self.job.policy == "fail_fast"
-               else f"restart limit reached ({self.job.max_restarts} restarts)")
-        message = (f"worker {ended.stage}[{ended.replica}] (pid {ended.pid}) {ended.cause}; job stopped: {why}"
-                   + (f"\n{ended.detail}" if ended.detail else ""))
+        why = (
+            "fail_fast"
+            if self.job.policy == "fail_fast"
+            else f"restart limit reached ({self.job.max_restarts} restarts)"
+        )
+        message = f"worker {ended.stage}[{ended.replica}] (pid {ended.pid}) {ended.cause}; job stopped: {why}" + (
+            f"\n{ended.detail}" if ended.detail else ""
+        )
         self.teardown()
         raise JobFailed(message, self._exits)
 
@@ -678,6 +704,7 @@ class JobManager:
         previous: Any = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
+
             def on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
                 raise KeyboardInterrupt("SIGTERM")
 
@@ -697,10 +724,15 @@ class JobManager:
     def workers(self) -> list[WorkerInfo]:
         """Every worker started so far (restarted ones included), in start order."""
         return [
-            WorkerInfo(w.stage.name, w.replica, w.attempt, w.stage.where,
-                       w.process.pid if w.process is not None else None,
-                       w.ended is None and (w.thread.is_alive() if w.thread is not None
-                                            else w.process is not None and w.process.is_alive()))
+            WorkerInfo(
+                w.stage.name,
+                w.replica,
+                w.attempt,
+                w.stage.where,
+                w.process.pid if w.process is not None else None,
+                w.ended is None
+                and (w.thread.is_alive() if w.thread is not None else w.process is not None and w.process.is_alive()),
+            )
             for w in self._workers
         ]
 
@@ -767,8 +799,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     choose.add_argument("--explain", action="store_true", help="print why as well")
     args = parser.parse_args(argv)
     try:
-        choice = choose_queue_type(args.producer, args.consumer, override=args.override,
-                                   local_host=args.local_host, explain=True)
+        choice = choose_queue_type(
+            args.producer, args.consumer, override=args.override, local_host=args.local_host, explain=True
+        )
     except ValueError as exc:  # a bad where, an unknown type (UnknownQueueType is a ValueError)
         parser.error(str(exc))
     print(f"{choice.queue_type}: {choice.reason}" if args.explain else choice.queue_type)

@@ -181,8 +181,13 @@ def _segment_schema(default_capacity: int, min_capacity: int, max_capacity: int,
         fields=(
             MetadataField("shm_name", str, required=True, check=check_segment_name, doc="segment name"),
             maxsize_field("maximum items, 0 = bounded by bytes"),
-            MetadataField("capacity_bytes", int, default=default_capacity,
-                          check=in_range(min_capacity, max_capacity), doc=capacity_doc),
+            MetadataField(
+                "capacity_bytes",
+                int,
+                default=default_capacity,
+                check=in_range(min_capacity, max_capacity),
+                doc=capacity_doc,
+            ),
             MetadataField("create", bool, default=True, doc="create on first resolve (true) or attach only (false)"),
         ),
         name_key="shm_name",
@@ -210,23 +215,33 @@ _RAY_FIELDS = (
     MetadataField("actor_name", str, required=True, check=_non_empty, doc="name of the Ray actor holding the queue"),
     maxsize_field("maximum items, 0 = unbounded"),
     MetadataField("namespace", str, check=_non_empty, doc="Ray namespace of the actor (absent: 'sage_queue')"),
-    MetadataField("lifetime", str, check=_lifetime,
-                  doc="'detached' (absent: lives until destroyed) or 'non_detached' (dies with its creator)"),
-    MetadataField("address", str, check=_non_empty,
-                  doc="Ray cluster to connect to (absent: $RAY_ADDRESS, else a local instance)"),
+    MetadataField(
+        "lifetime",
+        str,
+        check=_lifetime,
+        doc="'detached' (absent: lives until destroyed) or 'non_detached' (dies with its creator)",
+    ),
+    MetadataField(
+        "address", str, check=_non_empty, doc="Ray cluster to connect to (absent: $RAY_ADDRESS, else a local instance)"
+    ),
 )
 _RAY_ACTOR_FIELDS = (
     *_RAY_FIELDS,
-    MetadataField("max_restarts", int, check=in_range(-1, 1000),
-                  doc="times Ray restarts a dead queue actor, empty (absent: 0; -1 = forever)"),
+    MetadataField(
+        "max_restarts",
+        int,
+        check=in_range(-1, 1000),
+        doc="times Ray restarts a dead queue actor, empty (absent: 0; -1 = forever)",
+    ),
 )
 
 BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
     "local": QueueTypeSchema(
         fields=(
             maxsize_field("maximum items, 0 = unbounded"),
-            MetadataField("owner_pid", int, required=True, check=positive,
-                          doc="pid of the only process that can resolve it"),
+            MetadataField(
+                "owner_pid", int, required=True, check=positive, doc="pid of the only process that can resolve it"
+            ),
         ),
         create_hook=_local_create,
         doc="an in-process queue.Queue",
@@ -247,19 +262,40 @@ BUILTIN_SCHEMAS: Mapping[str, QueueTypeSchema] = {
             # spec/backends/rpc.md. No key has a default filled in (the client applies the defaults named
             # here): a descriptor keeps only what was given. The key itself never travels in a
             # descriptor, only where to find it (RPC4).
-            MetadataField("key_file", str, check=_non_empty,
-                          doc="path of the shared key file (hex, mode 0600); absent: the default key file"),
-            MetadataField("key_env", str, check=_non_empty,
-                          doc="environment variable holding the shared key (hex); wins over key_file"),
+            MetadataField(
+                "key_file",
+                str,
+                check=_non_empty,
+                doc="path of the shared key file (hex, mode 0600); absent: the default key file",
+            ),
+            MetadataField(
+                "key_env",
+                str,
+                check=_non_empty,
+                doc="environment variable holding the shared key (hex); wins over key_file",
+            ),
             MetadataField("create", bool, doc="create on first resolve (absent: true) or attach only (false)"),
-            MetadataField("serializer", str, check=_one_of("pickle", "json", "msgpack"),
-                          doc="how clients encode items (absent: pickle); the server never decodes them"),
-            MetadataField("durable", bool,
-                          doc="true: the server must keep queues durably (--data-dir), else IncompatibleQueue"),
-            MetadataField("connect_timeout", float, check=positive,
-                          doc="seconds resolve waits for the server, then QueueNotFound (absent: 10)"),
-            MetadataField("retry_timeout", float, check=positive,
-                          doc="seconds of server silence before a call raises QueueConnectionError (absent: 30)"),
+            MetadataField(
+                "serializer",
+                str,
+                check=_one_of("pickle", "json", "msgpack"),
+                doc="how clients encode items (absent: pickle); the server never decodes them",
+            ),
+            MetadataField(
+                "durable", bool, doc="true: the server must keep queues durably (--data-dir), else IncompatibleQueue"
+            ),
+            MetadataField(
+                "connect_timeout",
+                float,
+                check=positive,
+                doc="seconds resolve waits for the server, then QueueNotFound (absent: 10)",
+            ),
+            MetadataField(
+                "retry_timeout",
+                float,
+                check=positive,
+                doc="seconds of server silence before a call raises QueueConnectionError (absent: 30)",
+            ),
         ),
         name_key="name",
         doc="a queue served over ZeroMQ by sage-queue serve",

@@ -126,7 +126,8 @@ class _BackendRegistry(MutableMapping[str, type]):
                 if queue_type in _BUILTIN_TARGETS:
                     raise BackendUnavailable(queue_type, f"the {queue_type} backend", _PLANNED_HINT)
                 raise BackendUnavailable(
-                    queue_type, "an implementation (the type is registered by name and schema only)",
+                    queue_type,
+                    "an implementation (the type is registered by name and schema only)",
                     "install the package that implements it",
                 )
             if isinstance(target, str):

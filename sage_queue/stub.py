@@ -239,9 +239,7 @@ class QueueStub:
     def _check_open(self) -> None:
         if self._closed:
             if self._destroyed:  # a second destroy(), or any call after one (E13)
-                raise QueueDestroyed(
-                    f"{self._descriptor.queue_type} queue {self._descriptor.queue_id!r} was destroyed"
-                )
+                raise QueueDestroyed(f"{self._descriptor.queue_type} queue {self._descriptor.queue_id!r} was destroyed")
             raise QueueClosed(f"{self._descriptor.queue_type} queue handle {self._descriptor.queue_id!r} is closed")
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:

@@ -115,10 +115,18 @@ def _format_table(infos: list[SegmentInfo]) -> str:
     rows = [("KIND", "NAME", "SIZE", "DEPTH", "PIDS (* = alive)", "CREATOR", "VER", "NOTE")]
     for info in infos:
         pids = ",".join(f"{p}{'*' if _segment.pid_alive(p) else ''}" for p in info.attached_pids) or "-"
-        rows.append((
-            info.kind, info.name, str(info.size), "?" if info.depth is None else str(info.depth), pids,
-            str(info.creator_pid or "-"), str(info.format_version or "-"), info.note,
-        ))
+        rows.append(
+            (
+                info.kind,
+                info.name,
+                str(info.size),
+                "?" if info.depth is None else str(info.depth),
+                pids,
+                str(info.creator_pid or "-"),
+                str(info.format_version or "-"),
+                info.note,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
@@ -193,7 +201,6 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
             target = f.read()
     out: dict[str, Any] = {}
     if target.lstrip().startswith("{"):
-
         try:
             desc = QueueDescriptor.from_json(target)
         except DescriptorError as exc:
@@ -207,8 +214,10 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
     else:
         kind, sep, name = target.partition(":")
         if not sep or kind not in SEGMENT_MODULES or _segment.check_name(name):
-            print(f"sage-queue inspect: expected descriptor JSON or KIND:NAME with KIND in {sorted(SEGMENT_MODULES)}",
-                  file=sys.stderr)
+            print(
+                f"sage-queue inspect: expected descriptor JSON or KIND:NAME with KIND in {sorted(SEGMENT_MODULES)}",
+                file=sys.stderr,
+            )
             return 2
     if not os.path.exists(_segment.segment_path(kind, name)):
         out["segment"] = None

@@ -18,8 +18,14 @@ from sage_queue.protocol import CROSS_PROCESS
 from sage_queue.registry import QUEUE_STUB_MAPPING, backend_class
 from sage_queue.registry import unavailable_reason as _registry_unavailable_reason
 
-__all__ = ["HARNESS_BACKENDS", "SEGMENT_BACKENDS", "harness_backends", "descriptor_factory", "unavailable_reason",
-           "backends_for"]
+__all__ = [
+    "HARNESS_BACKENDS",
+    "SEGMENT_BACKENDS",
+    "harness_backends",
+    "descriptor_factory",
+    "unavailable_reason",
+    "backends_for",
+]
 
 
 def _in_process_only(queue_type: str) -> bool:

@@ -111,6 +111,7 @@ def _rss_sample() -> tuple[int, int]:
 
 # -- child processes (top level: spawn imports them) --------------------------------------
 
+
 def _producer(endpoint: Endpoint, count: int, batch: int, payload: Any, go: Any, report: Any) -> None:
     ops = _Ops(endpoint)
     go.wait()
@@ -175,6 +176,7 @@ def _sleeper(endpoint: Endpoint, idle: float, wakes: int, ready: Any, report: An
 
 # -- contenders -----------------------------------------------------------------------------
 
+
 class _Contender:
     """Makes a fresh queue per run and tears it down after."""
 
@@ -217,6 +219,7 @@ def _ff_contender(capacity: int) -> Optional[_Contender]:
 
 
 # -- scenario runners ----------------------------------------------------------------------
+
 
 def _join(procs: list[Any], timeout: float) -> None:
     end = time.monotonic() + timeout
@@ -339,6 +342,7 @@ def memcpy_mb_s(span: int, size: int = LARGE, rounds: int = 500) -> float:
 
 # -- floors: the issues' targets, judged from the numbers of this run ---------------------
 
+
 @dataclass(frozen=True)
 class Floor:
     """One target of a backend's issue: ``metric(results)`` compared with ``limit``."""
@@ -386,32 +390,79 @@ def floors_for(backend: str) -> list[Floor]:
     """The floors of ``backend``'s issue (issue 4: shm, issue 5: sage); [] for others."""
     if backend == "shm":
         return [
-            Floor("issue 4", "shm single-item put/get >= 1.0x mp.Queue",
-                  lambda out: _ratio(out, "single", "shm", "mp.Queue"), 1.0, True, "x"),
-            Floor("issue 4", "shm blocked-waiter CPU < 5% of a core",
-                  lambda out: out["idle"]["shm"]["cpu_percent"], 5.0, False, "%"),
+            Floor(
+                "issue 4",
+                "shm single-item put/get >= 1.0x mp.Queue",
+                lambda out: _ratio(out, "single", "shm", "mp.Queue"),
+                1.0,
+                True,
+                "x",
+            ),
+            Floor(
+                "issue 4",
+                "shm blocked-waiter CPU < 5% of a core",
+                lambda out: out["idle"]["shm"]["cpu_percent"],
+                5.0,
+                False,
+                "%",
+            ),
         ]
     if backend == "sage":
         return [
-            Floor("issue 5", "sage single-item put/get >= 5x mp.Queue",
-                  lambda out: _ratio(out, "single", "sage", "mp.Queue"), 5.0, True, "x"),
-            Floor("issue 5", "sage single-item put/get >= 3x faster-fifo",
-                  lambda out: _ratio(out, "single", "sage", "faster-fifo"), 3.0, True, "x"),
-            Floor("issue 5", "sage put_many/get_many of 100 >= 5x faster-fifo's",
-                  lambda out: _ratio(out, "batch", "sage", "faster-fifo"), 5.0, True, "x"),
-            Floor("issue 5", "sage ping-pong round trip p50 <= 10 us",
-                  lambda out: out["pingpong"]["sage"]["p50_us"], 10.0, False, " us"),
-            Floor("issue 5", "sage 1 MiB payloads >= 40% of cache-hot memcpy",
-                  lambda out: 100 * out["large"]["mb_per_s"]["sage"] / out["large"]["memcpy_cache_hot_mb_per_s"],
-                  40.0, True, "%"),
-            Floor("issue 5", "sage consumer RSS flat over the rss run (VmRSS growth after the first 10% <= 1 MiB)",
-                  lambda out: (out["rss"]["vm_rss_bytes"][-1] - out["rss"]["vm_rss_bytes"][0]) / (1 << 20),
-                  RSS_FLAT_BYTES / (1 << 20), False, " MiB"),
+            Floor(
+                "issue 5",
+                "sage single-item put/get >= 5x mp.Queue",
+                lambda out: _ratio(out, "single", "sage", "mp.Queue"),
+                5.0,
+                True,
+                "x",
+            ),
+            Floor(
+                "issue 5",
+                "sage single-item put/get >= 3x faster-fifo",
+                lambda out: _ratio(out, "single", "sage", "faster-fifo"),
+                3.0,
+                True,
+                "x",
+            ),
+            Floor(
+                "issue 5",
+                "sage put_many/get_many of 100 >= 5x faster-fifo's",
+                lambda out: _ratio(out, "batch", "sage", "faster-fifo"),
+                5.0,
+                True,
+                "x",
+            ),
+            Floor(
+                "issue 5",
+                "sage ping-pong round trip p50 <= 10 us",
+                lambda out: out["pingpong"]["sage"]["p50_us"],
+                10.0,
+                False,
+                " us",
+            ),
+            Floor(
+                "issue 5",
+                "sage 1 MiB payloads >= 40% of cache-hot memcpy",
+                lambda out: 100 * out["large"]["mb_per_s"]["sage"] / out["large"]["memcpy_cache_hot_mb_per_s"],
+                40.0,
+                True,
+                "%",
+            ),
+            Floor(
+                "issue 5",
+                "sage consumer RSS flat over the rss run (VmRSS growth after the first 10% <= 1 MiB)",
+                lambda out: (out["rss"]["vm_rss_bytes"][-1] - out["rss"]["vm_rss_bytes"][0]) / (1 << 20),
+                RSS_FLAT_BYTES / (1 << 20),
+                False,
+                " MiB",
+            ),
         ]
     return []
 
 
 # -- driver ---------------------------------------------------------------------------------
+
 
 def _median_runs(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r[key])
@@ -467,8 +518,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     load = os.getloadavg()[0]
     results: dict[str, Any] = {
-        "python": sys.version.split()[0], "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else argv,
-        "load_average_1min_at_start": load, "backends": {},
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "load_average_1min_at_start": load,
+        "backends": {},
     }
     backends = []
     for backend in backends_for(args.backend):
@@ -495,8 +549,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         capabilities: frozenset[str] = getattr(_queue_class(backend), "capabilities", frozenset())
 
         if "single" in scenarios:
-            runs = _interleaved([small, *anchors], args.repeat,
-                                lambda c: _throughput(ctx, c, args.messages, 1, MESSAGE))
+            runs = _interleaved(
+                [small, *anchors], args.repeat, lambda c: _throughput(ctx, c, args.messages, 1, MESSAGE)
+            )
             med = {name: _median_runs(r, "msgs_per_s")["msgs_per_s"] for name, r in runs.items()}
             out["single"] = {"msgs_per_s": med, "runs": {k: [r["msgs_per_s"] for r in v] for k, v in runs.items()}}
             line = f"[single] {backend}: {med[backend]:,.0f} msgs/s"
@@ -510,8 +565,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif ff_anchor is None:
                 print("[batch] skipped (faster-fifo not installed)")
             else:
-                runs = _interleaved([small, ff_anchor], args.repeat,
-                                    lambda c: _throughput(ctx, c, args.batch_messages, BATCH, MESSAGE))
+                runs = _interleaved(
+                    [small, ff_anchor], args.repeat, lambda c: _throughput(ctx, c, args.batch_messages, BATCH, MESSAGE)
+                )
                 med = {name: _median_runs(r, "msgs_per_s")["msgs_per_s"] for name, r in runs.items()}
                 out["batch"] = {"msgs_per_s": med, "runs": {k: [r["msgs_per_s"] for r in v] for k, v in runs.items()}}
                 print(
@@ -548,7 +604,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             hot, stream = statistics.median(memcpy["cache-hot"]), statistics.median(memcpy["streaming"])
             med = {name: _median_runs(r, "msgs_per_s")["msgs_per_s"] * LARGE / 1e6 for name, r in runs.items()}
             out["large"] = {
-                "mb_per_s": med, "memcpy_cache_hot_mb_per_s": hot, "memcpy_streaming_mb_per_s": stream,
+                "mb_per_s": med,
+                "memcpy_cache_hot_mb_per_s": hot,
+                "memcpy_streaming_mb_per_s": stream,
                 "memcpy_runs": memcpy,
             }
             line = (
@@ -578,8 +636,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             vm = [s[0] for s in run["rss"]]
             anon = [s[1] for s in run["rss"]]
             out["rss"] = {
-                "messages": run["count"], "batch": rss_batch, "seconds": run["seconds"],
-                "vm_rss_bytes": vm, "rss_anon_bytes": anon,
+                "messages": run["count"],
+                "batch": rss_batch,
+                "seconds": run["seconds"],
+                "vm_rss_bytes": vm,
+                "rss_anon_bytes": anon,
             }
             print(
                 f"[rss] {backend} consumer over {run['count']:,} messages (get_many of {rss_batch}, "

@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             items = batch_items(desc("batch"), args.seconds)
             print(f"rpc put_many/get_many  {items:12,.0f} items/s        (floor 200,000)")
             out, go = ctx.Queue(), ctx.Event()
-            workers = [ctx.Process(target=_rpc_worker, args=(desc(f"par{i}"), payload, args.seconds, out, go))
-                       for i in range(4)]
+            workers = [
+                ctx.Process(target=_rpc_worker, args=(desc(f"par{i}"), payload, args.seconds, out, go))
+                for i in range(4)
+            ]
             for w in workers:
                 w.start()
             time.sleep(1.0)

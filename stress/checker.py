@@ -138,10 +138,12 @@ class CheckReport:
         return out
 
     def counts(self) -> str:
-        return (f"{self.acked} acked, {self.got} got, {self.lost} lost (bound {self.lost_bound}), "
-                f"{self.duplicated} duplicated, {self.unexpected} unexpected, {self.corrupt} corrupt, "
-                f"{self.out_of_order} out of order, {self.overruns} overruns, {self.stuck} stuck calls"
-                f"{', DEADLOCK' if self.deadlock else ''}; {self.throughput:,.0f} items/s")
+        return (
+            f"{self.acked} acked, {self.got} got, {self.lost} lost (bound {self.lost_bound}), "
+            f"{self.duplicated} duplicated, {self.unexpected} unexpected, {self.corrupt} corrupt, "
+            f"{self.out_of_order} out of order, {self.overruns} overruns, {self.stuck} stuck calls"
+            f"{', DEADLOCK' if self.deadlock else ''}; {self.throughput:,.0f} items/s"
+        )
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -202,8 +204,9 @@ def check(
             invoke, pending = pending, None
             took = op.time - invoke.time
             if op.timeout is not None and took > op.timeout + slack:
-                overruns.append(f"{process} {'put' if op.op == PUT else 'get'} took {took:.2f} s "
-                                f"(timeout {op.timeout:g} s)")
+                overruns.append(
+                    f"{process} {'put' if op.op == PUT else 'get'} took {took:.2f} s (timeout {op.timeout:g} s)"
+                )
             if op.kind == OK:
                 durations["put" if op.op == PUT else "get"].append(took)
             if op.op == PUT:
@@ -230,8 +233,10 @@ def check(
                 report.problems.append(f"{process}: a call never completed and the worker was not killed")
             elif end is not None and pending.timeout is not None and end - pending.time > pending.timeout + slack:
                 report.stuck += 1
-                overruns.append(f"{process} {'put' if pending.op == PUT else 'get'} never returned "
-                                f"({end - pending.time:.1f} s, timeout {pending.timeout:g} s)")
+                overruns.append(
+                    f"{process} {'put' if pending.op == PUT else 'get'} never returned "
+                    f"({end - pending.time:.1f} s, timeout {pending.timeout:g} s)"
+                )
     states = Counter(offered.values())
     report.attempted = len(offered)
     report.acked = states["acked"]
@@ -244,8 +249,11 @@ def check(
     report.indeterminate_delivered = sum(1 for t in got if offered.get(t) in ("indeterminate", "in flight"))
     report.lost, report.duplicated, report.unexpected = len(lost), len(dups), len(unexpected)
     report.overruns = len(overruns) - report.stuck
-    report.examples = {name: sorted(_tag(t) for t in items)[:5] for name, items in
-                       (("lost", lost), ("duplicated", dups), ("unexpected", unexpected)) if items}
+    report.examples = {
+        name: sorted(_tag(t) for t in items)[:5]
+        for name, items in (("lost", lost), ("duplicated", dups), ("unexpected", unexpected))
+        if items
+    }
     if order_breaks:
         report.examples["out_of_order"] = order_breaks[:5]
     if overruns:
@@ -263,8 +271,10 @@ def _judge(report: CheckReport, promise: Promise) -> None:
     if report.deadlock:
         broken.append("the run did not finish (deadlock or stall)")
     if report.lost > report.lost_bound:
-        broken.append(f"{report.lost} acked items lost, more than the {report.lost_bound} allowed "
-                      f"(items taken by calls in flight in killed workers)")
+        broken.append(
+            f"{report.lost} acked items lost, more than the {report.lost_bound} allowed "
+            f"(items taken by calls in flight in killed workers)"
+        )
     if report.duplicated and not promise.duplicates:
         broken.append(f"{report.duplicated} items delivered more than once")
     if report.unexpected:
@@ -277,7 +287,8 @@ def _judge(report: CheckReport, promise: Promise) -> None:
         broken.append(f"{report.stuck} calls never returned, long past their timeout")
     if report.overruns:
         (broken if promise.bounded_waits else report.notes).append(
-            f"{report.overruns} calls returned later than their timeout + slack")
+            f"{report.overruns} calls returned later than their timeout + slack"
+        )
     if promise.judged:
         report.problems.extend(broken)
     else:

@@ -23,10 +23,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         seed = seed_for(args)
         print(f"{name}: stress, seed {seed}", flush=True)
-        result = run(target, producers=args.producers, consumers=args.consumers,
-                     items_per_producer=max(1, args.items // args.producers), payload_bytes=args.payload,
-                     batch=args.batch, timeout=args.timeout, drain_timeout=args.timeout, seed=seed,
-                     progress=False if args.no_progress else None)
+        result = run(
+            target,
+            producers=args.producers,
+            consumers=args.consumers,
+            items_per_producer=max(1, args.items // args.producers),
+            payload_bytes=args.payload,
+            batch=args.batch,
+            timeout=args.timeout,
+            drain_timeout=args.timeout,
+            seed=seed,
+            progress=False if args.no_progress else None,
+        )
         print(f"{name}: {result.summary()}", flush=True)
         results.append(result)
     return finish(results, skipped, args.report)

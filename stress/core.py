@@ -24,8 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["Verdict", "make_payload", "ChildHook", "Child", "child_main", "describe_exit", "death_report",
-           "stuck_reports", "abnormal_exits", "wait_for_any", "stop_children", "POLL_SECONDS"]
+__all__ = [
+    "Verdict",
+    "make_payload",
+    "ChildHook",
+    "Child",
+    "child_main",
+    "describe_exit",
+    "death_report",
+    "stuck_reports",
+    "abnormal_exits",
+    "wait_for_any",
+    "stop_children",
+    "POLL_SECONDS",
+]
 
 ChildHook = Callable[[str, int, int], None]
 """``hook(role, index, done)``, called in a child after each put/get call with the count of

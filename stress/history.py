@@ -30,8 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["INVOKE", "OK", "FAIL", "TIMEOUT", "PUT", "GET", "Tag", "Op", "HistoryLog", "read_history",
-           "process_name"]
+__all__ = ["INVOKE", "OK", "FAIL", "TIMEOUT", "PUT", "GET", "Tag", "Op", "HistoryLog", "read_history", "process_name"]
 
 INVOKE, OK, FAIL, TIMEOUT = 1, 2, 3, 4
 KIND_NAMES = {INVOKE: "invoke", OK: "ok", FAIL: "fail", TIMEOUT: "timeout"}
@@ -129,7 +128,16 @@ def read_history(path: str, process: str) -> list[Op]:
     ops = []
     for (kind, op, n, _, t, timeout), tags in _records(data):
         items = tuple((s, i, q) for s, i, q, _good in tags)
-        ops.append(Op(process, kind, op, t, None if timeout < 0 else timeout, items,
-                      corrupt=sum(1 for *_, good in tags if not good),
-                      asked=n if (kind, op) == (INVOKE, GET) else 0))
+        ops.append(
+            Op(
+                process,
+                kind,
+                op,
+                t,
+                None if timeout < 0 else timeout,
+                items,
+                corrupt=sum(1 for *_, good in tags if not good),
+                asked=n if (kind, op) == (INVOKE, GET) else 0,
+            )
+        )
     return ops

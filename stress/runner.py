@@ -113,25 +113,36 @@ class Target:
         return q, q, lambda: getattr(q, "close", lambda: None)()
 
 
-def target_for(spec: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = None, threads: bool = False,
-               prefix: str = "harness") -> Target:
+def target_for(
+    spec: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = None, threads: bool = False, prefix: str = "harness"
+) -> Target:
     """``TYPE`` (registered backend) or ``MODULE:ATTR`` (a kit-style factory) -> Target."""
     if ":" in spec:
         from conformance.target import load_target
 
         loaded = load_target(spec)
-        return Target(spec, "thread" if threads else "object", promise_for(spec, loaded.factory),
-                      factory=loaded.factory, batch=loaded.has("batch"), maxsize=maxsize,
-                      processes=str(getattr(loaded.factory, "harness_processes", "multiprocess")))
+        return Target(
+            spec,
+            "thread" if threads else "object",
+            promise_for(spec, loaded.factory),
+            factory=loaded.factory,
+            batch=loaded.has("batch"),
+            maxsize=maxsize,
+            processes=str(getattr(loaded.factory, "harness_processes", "multiprocess")),
+        )
     from sage_queue.registry import backend_class
 
     from .backends import descriptor_factory
 
     caps = getattr(backend_class(spec), "capabilities", ())
-    return Target(spec, "thread" if threads else "descriptor", promise_for(spec),
-                  make_descriptor=descriptor_factory(spec, maxsize=maxsize, capacity_bytes=capacity_bytes,
-                                                     prefix=prefix),
-                  batch="batch" in caps, maxsize=maxsize)
+    return Target(
+        spec,
+        "thread" if threads else "descriptor",
+        promise_for(spec),
+        make_descriptor=descriptor_factory(spec, maxsize=maxsize, capacity_bytes=capacity_bytes, prefix=prefix),
+        batch="batch" in caps,
+        maxsize=maxsize,
+    )
 
 
 # -- workers (module level: forkserver children import them) ---------------------------------
@@ -154,8 +165,14 @@ def _give_up(parent: int, abort: str) -> bool:
 
 
 def producer_main(
-    endpoint: Any, workdir: str, slot: int, incarnation: int, count: Optional[int], payload_bytes: int,
-    batch: int, hook: Optional[ChildHook],
+    endpoint: Any,
+    workdir: str,
+    slot: int,
+    incarnation: int,
+    count: Optional[int],
+    payload_bytes: int,
+    batch: int,
+    hook: Optional[ChildHook],
 ) -> None:
     """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion)."""
     parent = os.getppid()
@@ -201,7 +218,12 @@ def producer_main(
 
 
 def consumer_main(
-    endpoint: Any, workdir: str, slot: int, incarnation: int, batch: int, handback_timeout: float,
+    endpoint: Any,
+    workdir: str,
+    slot: int,
+    incarnation: int,
+    batch: int,
+    handback_timeout: float,
     hook: Optional[ChildHook],
 ) -> None:
     """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum."""
@@ -359,7 +381,8 @@ class FaultContext:
         while not all(self.ready(w) for w in workers):
             if time.monotonic() > end:
                 self._run.result.problems.append(
-                    f"no worker ready within {self._run.stall_timeout} s (stuck starting up?)")
+                    f"no worker ready within {self._run.stall_timeout} s (stuck starting up?)"
+                )
                 self._run.result.problems.extend(stuck_reports(self._run.children(), progress=self._run.logged))
                 raise _Abort
             self.sleep(0.01)
@@ -460,23 +483,46 @@ class RunResult(Verdict):
         return f"{self.scenario} seed={self.seed}: {faults}{self.seconds:.1f} s; {body}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"target": self.target, "scenario": self.scenario, "seed": self.seed, "verdict": self.verdict,
-                "ok": self.ok, "kills": self.kills, "stops": self.stops, "seconds": self.seconds,
-                "problems": self.problems, "report": self.report.to_json() if self.report else None}
+        return {
+            "target": self.target,
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "verdict": self.verdict,
+            "ok": self.ok,
+            "kills": self.kills,
+            "stops": self.stops,
+            "seconds": self.seconds,
+            "problems": self.problems,
+            "report": self.report.to_json() if self.report else None,
+        }
 
 
 class _Run:
-    def __init__(self, target: Target, endpoint: Any, workdir: str, result: RunResult, *, producers: int,
-                 consumers: int, items_per_producer: Optional[int], batch: int, payload_bytes: int,
-                 drain_timeout: float, stall_timeout: float, hook: Optional[ChildHook],
-                 progress: Optional[Callable[..., None]]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        endpoint: Any,
+        workdir: str,
+        result: RunResult,
+        *,
+        producers: int,
+        consumers: int,
+        items_per_producer: Optional[int],
+        batch: int,
+        payload_bytes: int,
+        drain_timeout: float,
+        stall_timeout: float,
+        hook: Optional[ChildHook],
+        progress: Optional[Callable[..., None]],
+    ) -> None:
         self.target, self.endpoint, self.workdir, self.result = target, endpoint, workdir, result
         self.count, self.batch, self.payload_bytes = items_per_producer, batch, payload_bytes
         self.drain_timeout, self.stall_timeout, self.hook = drain_timeout, stall_timeout, hook
         self.progress: Optional[Callable[..., None]] = progress
         self.shown = 0
         self.workers = [Worker("producer", i) for i in range(producers)] + [
-            Worker("consumer", i) for i in range(consumers)]
+            Worker("consumer", i) for i in range(consumers)
+        ]
         self.killed: set[str] = set()
         self.faulting = False
         """True during a scenario's fault phase, when every worker must stay up until the drain."""
@@ -504,13 +550,20 @@ class _Run:
         if worker.role == "producer":
             target: Callable[..., None] = producer_main
             batch = self.batch if self.target.batch else 1
-            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, self.count, self.payload_bytes,
-                    batch, self.hook)
+            args = (
+                self.endpoint,
+                self.workdir,
+                worker.slot,
+                worker.incarnation,
+                self.count,
+                self.payload_bytes,
+                batch,
+                self.hook,
+            )
         else:
             target = consumer_main
             batch = self.batch if self.target.batch else 1
-            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, batch, self.drain_timeout,
-                    self.hook)
+            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, batch, self.drain_timeout, self.hook)
         if self.ctx is None:
             worker.process = _ThreadProcess(target, args, worker.stderr_path)
         else:
@@ -528,8 +581,11 @@ class _Run:
     def fail_if_dead(self, when: str) -> None:
         # The current incarnation is never one we killed (a kill respawns at once, or the scenario
         # respawns before sleeping), so an abnormal exit here is a death on its own.
-        dead = [c for c in abnormal_exits(self.children())
-                if process_name(c.role, c.index, c.incarnation or 0) not in self.killed]
+        dead = [
+            c
+            for c in abnormal_exits(self.children())
+            if process_name(c.role, c.index, c.incarnation or 0) not in self.killed
+        ]
         if dead:
             self.result.problems.extend(f"{death_report(c)} ({when})" for c in dead)
             raise _Abort
@@ -545,8 +601,11 @@ class _Run:
             return
         batch = self.batch if self.target.batch else 1
         per_call = 2 * HEADER.size + batch * TAG.size  # invoke put with its tags + ok put (a retry adds more)
-        logged = sum(os.path.getsize(w.log_path) for w in self.workers
-                     if w.role == "producer" and w.process is not None and os.path.exists(w.log_path))
+        logged = sum(
+            os.path.getsize(w.log_path)
+            for w in self.workers
+            if w.role == "producer" and w.process is not None and os.path.exists(w.log_path)
+        )
         done = logged // per_call * batch
         if done > self.shown:
             self.progress("", done - self.shown)
@@ -582,7 +641,8 @@ class _Run:
             left = end - time.monotonic()
             if left <= 0:
                 self.result.problems.append(
-                    f"only {put}/{consumers} sentinels put within {self.drain_timeout} s (deadlock?)")
+                    f"only {put}/{consumers} sentinels put within {self.drain_timeout} s (deadlock?)"
+                )
                 self.result.problems.extend(stuck_reports(self.children(), progress=self.logged))
                 return False
             try:
@@ -663,10 +723,21 @@ def run(
         raise ValueError("a run without a scenario needs items_per_producer")
     endpoint, handle, teardown = target.open()
     workdir = tempfile.mkdtemp(prefix="sageq-harness-")
-    r = _Run(target, endpoint, workdir, result, producers=producers, consumers=consumers,
-             items_per_producer=None if scenario is not None else items_per_producer, batch=batch,
-             payload_bytes=payload_bytes, drain_timeout=drain_timeout, stall_timeout=stall_timeout, hook=hook,
-             progress=None)
+    r = _Run(
+        target,
+        endpoint,
+        workdir,
+        result,
+        producers=producers,
+        consumers=consumers,
+        items_per_producer=None if scenario is not None else items_per_producer,
+        batch=batch,
+        payload_bytes=payload_bytes,
+        drain_timeout=drain_timeout,
+        stall_timeout=stall_timeout,
+        hook=hook,
+        progress=None,
+    )
     start = time.monotonic()
     drained = False
     try:
@@ -700,8 +771,9 @@ def run(
         deadlocked = not drained and any("deadlock" in p for p in result.problems)
         if drained or deadlocked:
             # A deadlocked run is still checked (an anchor's counts), its deadlock being the verdict.
-            result.report = check(r.history(), target.promise, killed=frozenset(r.killed),
-                                  deadlock=deadlocked, seed=seed, end=stopped_at)
+            result.report = check(
+                r.history(), target.promise, killed=frozenset(r.killed), deadlock=deadlocked, seed=seed, end=stopped_at
+            )
             result.report.kills, result.report.stops = result.kills, result.stops
             if drained:
                 result.problems.extend(result.report.problems)
@@ -724,8 +796,22 @@ def run_stress(
 ) -> RunResult:
     """The stress run (no faults) on a queue from ``descriptor_factory`` (see :func:`run`)."""
     probe = descriptor_factory()
-    target = Target(probe.queue_type, "descriptor", promise_for(probe.queue_type),
-                    make_descriptor=descriptor_factory, batch=batch > 1)
-    return run(target, producers=producers, consumers=consumers, items_per_producer=items_per_producer,
-               batch=batch, payload_bytes=payload_bytes, timeout=timeout, drain_timeout=timeout, hook=child_hook,
-               seed=seed)
+    target = Target(
+        probe.queue_type,
+        "descriptor",
+        promise_for(probe.queue_type),
+        make_descriptor=descriptor_factory,
+        batch=batch > 1,
+    )
+    return run(
+        target,
+        producers=producers,
+        consumers=consumers,
+        items_per_producer=items_per_producer,
+        batch=batch,
+        payload_bytes=payload_bytes,
+        timeout=timeout,
+        drain_timeout=timeout,
+        hook=child_hook,
+        seed=seed,
+    )

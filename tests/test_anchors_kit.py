@@ -32,8 +32,14 @@ def _kit(tmp_path: Path, *args: str, timeout: float = 150) -> dict[str, Any]:
     env.pop("PYTEST_CURRENT_TEST", None)
     env.pop("PYTEST_XDIST_WORKER", None)
     report = tmp_path / "kit.json"
-    done = subprocess.run([sys.executable, "-m", "conformance", *args, "--report", str(report)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "conformance", *args, "--report", str(report)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert report.exists(), f"no report; exit {done.returncode}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
     data: dict[str, Any] = json.loads(report.read_text())
     return data
@@ -86,8 +92,13 @@ def test_sharing_declarations() -> None:
     assert Target.from_factory(_factory(sharing="spawn")).sharing == "spawn"
     hooked = Target.from_factory(_factory(share=lambda h: h, attach=_attach))
     assert hooked.sharing == "hook" and hooked.attach is _attach
-    for bad in ({"sharing": "telepathy"}, {"sharing": "hook"}, {"share": lambda h: h},
-                {"sharing": "fork", "share": lambda h: h, "attach": _attach}, {"share": 1, "attach": 2}):
+    for bad in (
+        {"sharing": "telepathy"},
+        {"sharing": "hook"},
+        {"share": lambda h: h},
+        {"sharing": "fork", "share": lambda h: h, "attach": _attach},
+        {"share": 1, "attach": 2},
+    ):
         with pytest.raises(TargetError):
             Target.from_factory(_factory(**bad))
 
@@ -100,13 +111,29 @@ def test_scorecard_cells_and_markdown() -> None:
         {"test": "d", "clauses": ["Q13"], "outcome": "xfail", "reason": "SHOULD"},
     ]
     cells = clause_cells(results)
-    assert {cid: c["outcome"] for cid, c in cells.items()} == {"Q1": "pass", "Q2": "fail", "Q3": "skip",
-                                                              "Q13": "xfail"}
-    card = {"command": "x", "generated": "today", "python": "3", "platform": "p",
-            "clause_order": ["Q1", "Q2", "Q3", "Q13"], "clause_levels": {"Q1": "MUST"},
-            "targets": [{"target": "t", "kind": "anchor", "available": True, "reason": "", "broken_run": False,
-                         "seconds": 1.0, "errors": [], "results": results, "clauses": cells},
-                        {"target": "u", "kind": "backend", "available": False, "reason": "not here"}]}
+    assert {cid: c["outcome"] for cid, c in cells.items()} == {"Q1": "pass", "Q2": "fail", "Q3": "skip", "Q13": "xfail"}
+    card = {
+        "command": "x",
+        "generated": "today",
+        "python": "3",
+        "platform": "p",
+        "clause_order": ["Q1", "Q2", "Q3", "Q13"],
+        "clause_levels": {"Q1": "MUST"},
+        "targets": [
+            {
+                "target": "t",
+                "kind": "anchor",
+                "available": True,
+                "reason": "",
+                "broken_run": False,
+                "seconds": 1.0,
+                "errors": [],
+                "results": results,
+                "clauses": cells,
+            },
+            {"target": "u", "kind": "backend", "available": False, "reason": "not here"},
+        ],
+    }
     md = render_markdown(card)
     assert "| `t` | anchor | Q2 | 1 | 1 | 1 s |" in md
     assert "| Q2 |  | **FAIL** |" in md

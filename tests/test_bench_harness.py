@@ -18,8 +18,23 @@ from stress.backends import unavailable_reason
 from stress.bench import floors_for, main
 
 TINY = [
-    "-n", "300", "--batch-messages", "300", "--repeat", "1", "--rounds", "20", "--large", "4",
-    "--idle", "0.1", "--wakes", "3", "--rss", "--rss-messages", "2000",
+    "-n",
+    "300",
+    "--batch-messages",
+    "300",
+    "--repeat",
+    "1",
+    "--rounds",
+    "20",
+    "--large",
+    "4",
+    "--idle",
+    "0.1",
+    "--wakes",
+    "3",
+    "--rss",
+    "--rss-messages",
+    "2000",
 ]
 
 
@@ -81,12 +96,16 @@ def test_the_plot_has_one_panel_per_measured_scenario(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from stress.plot import _series, plot_results
 
-    results = {"backends": {
-        "shm": {"single": {"msgs_per_s": {"shm": 5.0, "mp.Queue": 1.0}, "runs": {}},
-                "pingpong": {"shm": {"p50_us": 9.0}, "faster-fifo": {"p50_us": 20.0}, "runs": {}}},
-        "sage": {"single": {"msgs_per_s": {"sage": 7.0, "mp.Queue": 2.0}}},
-        "rpc": {"skipped": "no server"},
-    }}
+    results = {
+        "backends": {
+            "shm": {
+                "single": {"msgs_per_s": {"shm": 5.0, "mp.Queue": 1.0}, "runs": {}},
+                "pingpong": {"shm": {"p50_us": 9.0}, "faster-fifo": {"p50_us": 20.0}, "runs": {}},
+            },
+            "sage": {"single": {"msgs_per_s": {"sage": 7.0, "mp.Queue": 2.0}}},
+            "rpc": {"skipped": "no server"},
+        }
+    }
     assert _series(results, "single", "msgs_per_s") == {"shm": 5.0, "mp.Queue": 1.0, "sage": 7.0}
     assert _series(results, "pingpong", "p50_us") == {"shm": 9.0, "faster-fifo": 20.0}
     out = tmp_path / "p.png"

@@ -30,8 +30,11 @@ def _kit_class(queue_type: str) -> type:
     return type(name, (QueueConformance,), {"factory": target.factory, "__module__": __name__})
 
 
-KIT_RUNS_ELSEWHERE = {"rpc": "tests/rpc/test_rpc_kit.py", "ray_queue": "tests/ray/test_ray_kit.py",
-                      "ray_actor": "tests/ray/test_ray_kit.py"}
+KIT_RUNS_ELSEWHERE = {
+    "rpc": "tests/rpc/test_rpc_kit.py",
+    "ray_queue": "tests/ray/test_ray_kit.py",
+    "ray_actor": "tests/ray/test_ray_kit.py",
+}
 
 for _queue_type in builtin_types():
     if _queue_type in KIT_RUNS_ELSEWHERE:

@@ -46,9 +46,7 @@ def _rows(table: str) -> dict[tuple[str, str], list[str]]:
 @pytest.mark.timeout(120)
 def test_demo_runs_every_available_backend_with_real_processes() -> None:
     before = _demo_segments()
-    out = subprocess.run(
-        [sys.executable, "-m", "sage_queue.cli", "demo"], capture_output=True, text=True, timeout=100
-    )
+    out = subprocess.run([sys.executable, "-m", "sage_queue.cli", "demo"], capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = _rows(out.stdout)
     available = [t for t in all_types() if QUEUE_STUB_MAPPING.available(t)]

@@ -108,8 +108,13 @@ valid_descriptors = local_descriptors() | shm_descriptors() | remote_descriptors
 
 
 def local_dict(**overrides: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"version": 1, "queue_id": "q1", "queue_type": "local",
-                            "metadata": local_meta(maxsize=3), "created_timestamp": 12.5}
+    data: dict[str, Any] = {
+        "version": 1,
+        "queue_id": "q1",
+        "queue_type": "local",
+        "metadata": local_meta(maxsize=3),
+        "created_timestamp": 12.5,
+    }
     data.update(overrides)
     return data
 
@@ -120,10 +125,18 @@ def local_dict(**overrides: Any) -> dict[str, Any]:
 @pytest.mark.spec("D1")
 def test_exactly_the_five_fields() -> None:
     assert [f.name for f in dataclasses.fields(QueueDescriptor)] == [
-        "queue_id", "queue_type", "metadata", "created_timestamp", "version"
+        "queue_id",
+        "queue_type",
+        "metadata",
+        "created_timestamp",
+        "version",
     ]
     assert set(QueueDescriptor.from_dict(local_dict()).to_dict()) == {
-        "version", "queue_id", "queue_type", "metadata", "created_timestamp"
+        "version",
+        "queue_id",
+        "queue_type",
+        "metadata",
+        "created_timestamp",
     }
 
 
@@ -155,15 +168,18 @@ def test_optional_fields_may_be_absent_or_null() -> None:
     assert minimal.version == 1
     assert minimal.created_timestamp is None
     assert minimal.metadata == {"maxsize": 0, "owner_pid": os.getpid()}  # plus the filled-in default (D10)
-    nulls = QueueDescriptor.from_dict({"queue_id": "q1", "queue_type": "local", "metadata": local_meta(),
-                                       "created_timestamp": None})
+    nulls = QueueDescriptor.from_dict(
+        {"queue_id": "q1", "queue_type": "local", "metadata": local_meta(), "created_timestamp": None}
+    )
     assert nulls == minimal
 
 
 @pytest.mark.spec("D1")
 def test_absent_or_null_metadata_reads_as_empty(rule_free_type: str) -> None:
-    for data in ({"queue_id": "q1", "queue_type": rule_free_type},
-                 {"queue_id": "q1", "queue_type": rule_free_type, "metadata": None}):
+    for data in (
+        {"queue_id": "q1", "queue_type": rule_free_type},
+        {"queue_id": "q1", "queue_type": rule_free_type, "metadata": None},
+    ):
         desc = QueueDescriptor.from_dict(data)
         assert desc.metadata == {}
         assert json.loads(desc.to_json())["metadata"] == {}
@@ -386,8 +402,16 @@ def test_to_dict_is_a_fresh_json_ready_copy() -> None:
 def test_equality_is_by_value() -> None:
     pid = os.getpid()
     a = QueueDescriptor("q", "local", {"maxsize": 3, "b": [1], "a": {"x": 1}, "owner_pid": pid}, 5.0)
-    b = QueueDescriptor.from_json(json.dumps({"metadata": {"owner_pid": pid, "a": {"x": 1}, "b": [1], "maxsize": 3},
-                                              "queue_type": "local", "queue_id": "q", "created_timestamp": 5}))
+    b = QueueDescriptor.from_json(
+        json.dumps(
+            {
+                "metadata": {"owner_pid": pid, "a": {"x": 1}, "b": [1], "maxsize": 3},
+                "queue_type": "local",
+                "queue_id": "q",
+                "created_timestamp": 5,
+            }
+        )
+    )
     assert a == b and hash(a) == hash(b)
     assert len({a, b}) == 1
     assert a != QueueDescriptor("q", "local", {"maxsize": 4, "b": [1], "a": {"x": 1}, "owner_pid": pid}, 5.0)
@@ -532,7 +556,8 @@ def test_local_defaults_are_filled_in() -> None:
     assert QueueDescriptor("q", "local", {"owner_pid": 7}).metadata == {"maxsize": 0, "owner_pid": 7}
     # owner_pid is kept as given, also when it is not this process: only resolving checks it (R8).
     assert QueueDescriptor("q", "local", {"owner_pid": os.getpid() + 1, "maxsize": 5}).metadata == {
-        "maxsize": 5, "owner_pid": os.getpid() + 1
+        "maxsize": 5,
+        "owner_pid": os.getpid() + 1,
     }
 
 

@@ -79,9 +79,16 @@ def test_hierarchy_and_reexport(cls: type[Exception], bases: tuple[type[BaseExce
 
 def _instances() -> list[Exception]:
     return [
-        DescriptorError("d"), MalformedDescriptor("m"), UnknownQueueType("u"), InvalidMetadata("i"),
-        UnsupportedVersion("v"), QueueNotFound("nf"), QueueExists("ex"), IncompatibleQueue("inc"),
-        QueueClosed("closed"), BackendUnavailable("ray_queue", "module ray", "pip install sage-queue[ray]"),
+        DescriptorError("d"),
+        MalformedDescriptor("m"),
+        UnknownQueueType("u"),
+        InvalidMetadata("i"),
+        UnsupportedVersion("v"),
+        QueueNotFound("nf"),
+        QueueExists("ex"),
+        IncompatibleQueue("inc"),
+        QueueClosed("closed"),
+        BackendUnavailable("ray_queue", "module ray", "pip install sage-queue[ray]"),
         SageQueueError("base"),
     ]
 
@@ -114,7 +121,9 @@ def test_empty_is_the_standard_class(q: LocalQueueStub) -> None:
 def test_full_is_the_standard_class(q: LocalQueueStub) -> None:
     q.put_many([1, 2])
     calls: list[Callable[[], None]] = [
-        lambda: q.put_nowait(3), lambda: q.put(3, timeout=0.01), lambda: q.put_many([3], block=False)
+        lambda: q.put_nowait(3),
+        lambda: q.put(3, timeout=0.01),
+        lambda: q.put_many([3], block=False),
     ]
     for call in calls:
         with pytest.raises(queue.Full) as info:
@@ -322,15 +331,33 @@ def test_serialising_backend_raises_the_serialisers_error(queue_type: str, make_
 
 _DOCUMENTED = (SageQueueError, queue.Empty, queue.Full, ValueError, TypeError)
 _arguments = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), st.text(max_size=3), st.just([1]),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True),
+    st.text(max_size=3),
+    st.just([1]),
 )
 # Timeouts that never wait long: a valid timeout of 1e300 s is a real wait (forever, in effect).
 _timeouts = st.one_of(
     st.floats(max_value=0.01), st.integers(-(10**400), 0), st.booleans(), st.text(max_size=2), st.just([0.0])
 )
 _operations = st.sampled_from(
-    ["put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full", "put_many", "get_many", "task_done",
-     "stats", "close", "resolve_again"]
+    [
+        "put",
+        "get",
+        "put_nowait",
+        "get_nowait",
+        "qsize",
+        "empty",
+        "full",
+        "put_many",
+        "get_many",
+        "task_done",
+        "stats",
+        "close",
+        "resolve_again",
+    ]
 )
 
 

@@ -22,8 +22,13 @@ def _segments() -> set[str]:
 
 def _run(*args: str) -> str:
     before = _segments()
-    proc = subprocess.run([sys.executable, str(EXAMPLES / args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=150, cwd=EXAMPLES.parent)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=EXAMPLES.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Nothing left behind in /dev/shm by the example (ids are random, so any new entry of
     # these types would be the example's).
@@ -65,6 +70,7 @@ def test_scenario3_job(types: list[str]) -> None:
 
 @pytest.mark.timeout(60)
 def test_scenario3_rejects_bad_arguments() -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "scenario3_job.py"), "nope=sage"], capture_output=True,
-                          text=True, timeout=50)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "scenario3_job.py"), "nope=sage"], capture_output=True, text=True, timeout=50
+    )
     assert proc.returncode == 2 and "usage" in proc.stderr

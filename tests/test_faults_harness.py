@@ -41,8 +41,9 @@ def test_scenario_on_backend_keeps_its_promise(backend: str, scenario: str) -> N
     if unavailable_reason(backend):
         pytest.skip(f"{backend}: {unavailable_reason(backend)}")
     target = target_for(backend, capacity_bytes=16 * 1024, prefix="tscen")
-    result = run_scenario(target, scenario, soak=SOAK, seed=1234, batch=4 if scenario == "kill-consumers" else 1,
-                          drain_timeout=60)
+    result = run_scenario(
+        target, scenario, soak=SOAK, seed=1234, batch=4 if scenario == "kill-consumers" else 1, drain_timeout=60
+    )
     assert result.ok, result.summary()
     report = result.report
     assert report is not None and report.seed == 1234 and report.got > 0
@@ -54,13 +55,29 @@ def test_scenario_on_backend_keeps_its_promise(backend: str, scenario: str) -> N
 
 
 @pytest.mark.timeout(60)
-def test_an_anchor_through_module_attr_is_counted_not_judged(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_anchor_through_module_attr_is_counted_not_judged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # multiprocessing.Queue, kill-consumers: a consumer killed inside get holds the queue's
     # reader lock for ever, so the run stalls; the report still has the counts.
     report = tmp_path / "r.json"
-    status = faults_main(["--backend", "stress.anchors:mp_queue", "--scenario", "kill-consumers", "-k", "6",
-                          "--seed", "3", "--drain-timeout", "3", "--no-progress", "--report", str(report)])
+    status = faults_main(
+        [
+            "--backend",
+            "stress.anchors:mp_queue",
+            "--scenario",
+            "kill-consumers",
+            "-k",
+            "6",
+            "--seed",
+            "3",
+            "--drain-timeout",
+            "3",
+            "--no-progress",
+            "--report",
+            str(report),
+        ]
+    )
     assert status == 0  # no promise, so nothing broken
     [run] = json.loads(report.read_text())["runs"]
     assert run["seed"] == 3 and run["verdict"] == "no promise" and run["kills"] == 6
@@ -69,14 +86,29 @@ def test_an_anchor_through_module_attr_is_counted_not_judged(tmp_path: Path,
 
 
 @pytest.mark.timeout(60)
-def test_the_cli_lists_scenarios_and_reports_a_seeded_run(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_lists_scenarios_and_reports_a_seeded_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert faults_main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in SCENARIOS)
     report = tmp_path / "r.json"
-    assert faults_main(["--backend", "shm", "--scenario", "kill-producers", "-k", "3", "--seed", "11",
-                        "--no-progress", "--report", str(report)]) == 0
+    assert (
+        faults_main(
+            [
+                "--backend",
+                "shm",
+                "--scenario",
+                "kill-producers",
+                "-k",
+                "3",
+                "--seed",
+                "11",
+                "--no-progress",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     out = json.loads(report.read_text())
     assert out["verdict"] == "OK" and out["runs"][0]["seed"] == 11
     assert "seed 11" in capsys.readouterr().out
@@ -89,7 +121,11 @@ def _run(hook: functools.partial[None], *, kills: int, drain_timeout: float = 60
     start = time.monotonic()
     result = run_faults(
         descriptor_factory("shm", capacity_bytes=4096, prefix="tfaultfast"),
-        producers=2, consumers=2, kills=kills, drain_timeout=drain_timeout, worker_hook=hook,
+        producers=2,
+        consumers=2,
+        kills=kills,
+        drain_timeout=drain_timeout,
+        worker_hook=hook,
     )
     return result, time.monotonic() - start
 
@@ -142,8 +178,10 @@ def _leave_quietly(role: str, index: int, done: int) -> None:
 @pytest.mark.timeout(30)
 def test_a_worker_leaving_with_code_0_before_the_drain_fails_fast() -> None:
     start = time.monotonic()
-    result = run_faults(descriptor_factory("shm", capacity_bytes=4096, prefix="tfaultfast"), kills=2000,
-                        worker_hook=_leave_quietly)
+    result = run_faults(
+        descriptor_factory("shm", capacity_bytes=4096, prefix="tfaultfast"), kills=2000, worker_hook=_leave_quietly
+    )
     assert time.monotonic() - start < FAIL_FAST_SECONDS, result.summary()
-    assert any(p.startswith("consumer 0.") and "exited early with code 0" in p for p in result.problems), \
+    assert any(p.startswith("consumer 0.") and "exited early with code 0" in p for p in result.problems), (
         result.problems
+    )

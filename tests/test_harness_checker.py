@@ -33,8 +33,13 @@ def consumer(tags: list[Tag], name: str = "c0.0") -> list[Op]:
     return [op for i, tag in enumerate(tags) for op in get(name, 1 + i * 0.01, [tag])]
 
 
-def judge(history: dict[str, list[Op]], promise: Promise = CONTRACT, killed: Optional[set[str]] = None,
-          deadlock: bool = False, end: Optional[float] = None) -> CheckReport:
+def judge(
+    history: dict[str, list[Op]],
+    promise: Promise = CONTRACT,
+    killed: Optional[set[str]] = None,
+    deadlock: bool = False,
+    end: Optional[float] = None,
+) -> CheckReport:
     return check(history, promise, killed=frozenset(killed or ()), deadlock=deadlock, end=end, seed=7)
 
 

@@ -171,7 +171,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
             if nxt.startswith(node + "."):
                 continue
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -297,7 +297,14 @@ def test_every_builtin_type_parses_with_every_transport_blocked() -> None:
         """
     )
     report = json.loads(_run(script).stdout)
-    assert report["types"] == {"local": "local", "shm": "shm", "sage": "sage", "sage_queue": "sage",
-                               "ray_queue": "ray_queue", "ray_actor": "ray_actor", "rpc": "rpc"}
+    assert report["types"] == {
+        "local": "local",
+        "shm": "shm",
+        "sage": "sage",
+        "sage_queue": "sage",
+        "ray_queue": "ray_queue",
+        "ray_actor": "ray_actor",
+        "rpc": "rpc",
+    }
     assert report["loaded"] == [], f"parsing imported {report['loaded']}"
     assert report["resolved"] == "BackendUnavailable"  # only resolving says the backend is missing

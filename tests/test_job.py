@@ -271,9 +271,14 @@ def test_choose_queue_type_table() -> None:
 @pytest.mark.spec("JOB8")
 @pytest.mark.timeout(60)
 def test_auto_queue_is_most_general_choice_and_explained() -> None:
-    job = Job(queues={"t": "auto", "p": "auto"},
-              stages=[Stage("a", numbers, output="t"), Stage("b", square, input="t", output="p"),
-                      Stage("c", count, input="p", where="thread")])
+    job = Job(
+        queues={"t": "auto", "p": "auto"},
+        stages=[
+            Stage("a", numbers, output="t"),
+            Stage("b", square, input="t", output="p"),
+            Stage("c", count, input="p", where="thread"),
+        ],
+    )
     manager = JobManager(job)
     result = manager.run(timeout=30)
     assert result.queue_types == {"t": "local", "p": "local"}
@@ -333,10 +338,14 @@ def test_consumer_killed_after_its_marker_gets_another(tmp_path: Path, monkeypat
     # The first sink takes all items and its marker, then dies: the restarted sink must get a
     # marker of its own (JOB5), else it would block forever and the job would hit its timeout.
     monkeypatch.setenv("SAGE_JOB_TEST_DIR", str(tmp_path))
-    job = Job(queues={"a": QueueSpec("auto", maxsize=N + 1)},
-              stages=[Stage("src", numbers, output="a", where="process"),
-                      Stage("sink", count_then_die_once, input="a", where="process")],
-              policy="restart")
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=N + 1)},
+        stages=[
+            Stage("src", numbers, output="a", where="process"),
+            Stage("sink", count_then_die_once, input="a", where="process"),
+        ],
+        policy="restart",
+    )
     result = JobManager(job).run(timeout=60)
     assert (tmp_path / "died-after-eos").read_text() == str(N)  # the first one had everything
     assert result.results["sink"] == [0]  # its replacement found only the extra marker
@@ -367,9 +376,14 @@ def test_exit_code_and_exception_causes() -> None:
 @pytest.mark.timeout(60)
 def test_thread_worker_failure_stops_the_others() -> None:
     # The sink blocks in get; the failing transform ends the job; teardown must wake the sink.
-    job = Job(queues={"a": QueueSpec("local", maxsize=2), "b": "local"},
-              stages=[Stage("src", numbers, output="a"), Stage("mid", raise_value_error, input="a", output="b"),
-                      Stage("sink", count, input="b")])
+    job = Job(
+        queues={"a": QueueSpec("local", maxsize=2), "b": "local"},
+        stages=[
+            Stage("src", numbers, output="a"),
+            Stage("mid", raise_value_error, input="a", output="b"),
+            Stage("sink", count, input="b"),
+        ],
+    )
     manager = JobManager(job)
     with pytest.raises(JobFailed, match="bad item 3"):
         manager.run(timeout=30)
@@ -380,8 +394,10 @@ def test_thread_worker_failure_stops_the_others() -> None:
 @pytest.mark.timeout(60)
 def test_manager_timeout_tears_down() -> None:
     # No stage writes "a" except a source that never ends: the job cannot finish.
-    job = Job(queues={"a": QueueSpec("local", maxsize=1)},
-              stages=[Stage("src", forever, output="a"), Stage("sink", count, input="a")])
+    job = Job(
+        queues={"a": QueueSpec("local", maxsize=1)},
+        stages=[Stage("src", forever, output="a"), Stage("sink", count, input="a")],
+    )
     manager = JobManager(job)
     with pytest.raises(JobFailed, match=r"not finished after 1\.0 s"):
         manager.run(timeout=1.0)
@@ -506,13 +522,17 @@ def test_heterogeneous_job_with_rpc_and_forkserver(tmp_path: Path) -> None:
     with RPCQueueServer(key_file=key_file) as server:
         host, port = server.address
         job = Job(
-            queues={"a": QueueSpec("sage", maxsize=16),
-                    "b": QueueSpec("rpc", maxsize=16, metadata={"host": host, "port": port, "key_file": key_file}),
-                    "c": QueueSpec("shm", maxsize=16)},
-            stages=[Stage("src", numbers, output="a", where="process"),
-                    Stage("square", square, input="a", output="b", where="process", replicas=2),
-                    Stage("relay", identity, input="b", output="c", where="process"),
-                    Stage("sink", collect, input="c", where="thread")],
+            queues={
+                "a": QueueSpec("sage", maxsize=16),
+                "b": QueueSpec("rpc", maxsize=16, metadata={"host": host, "port": port, "key_file": key_file}),
+                "c": QueueSpec("shm", maxsize=16),
+            },
+            stages=[
+                Stage("src", numbers, output="a", where="process"),
+                Stage("square", square, input="a", output="b", where="process", replicas=2),
+                Stage("relay", identity, input="b", output="c", where="process"),
+                Stage("sink", collect, input="c", where="thread"),
+            ],
             start_method="forkserver",
         )
         manager = JobManager(job)
@@ -544,9 +564,11 @@ def slow_numbers() -> Iterator[int]:
 def test_worker_sigkilled_from_outside_mid_stream_is_restarted() -> None:
     job = Job(
         queues={"a": QueueSpec("sage", maxsize=4), "b": QueueSpec("sage", maxsize=4)},
-        stages=[Stage("src", slow_numbers, output="a", where="process"),
-                Stage("mid", square, input="a", output="b", where="process"),
-                Stage("sink", collect, input="b", where="thread")],
+        stages=[
+            Stage("src", slow_numbers, output="a", where="process"),
+            Stage("mid", square, input="a", output="b", where="process"),
+            Stage("sink", collect, input="b", where="thread"),
+        ],
         policy="restart",
     )
     manager = JobManager(job)
@@ -585,9 +607,13 @@ def take_two_then_die(items: Iterator[int]) -> int:
 def test_dead_consumer_of_a_full_queue_does_not_block_the_manager() -> None:
     # src fills "a" (maxsize 2) and ends; the manager must put the marker into a full queue
     # whose only consumer dies: it must still notice the death and fail fast, not block in put.
-    job = Job(queues={"a": QueueSpec("sage", maxsize=2)},
-              stages=[Stage("src", numbers_short, output="a", where="process"),
-                      Stage("sink", take_two_then_die, input="a", where="process")])
+    job = Job(
+        queues={"a": QueueSpec("sage", maxsize=2)},
+        stages=[
+            Stage("src", numbers_short, output="a", where="process"),
+            Stage("sink", take_two_then_die, input="a", where="process"),
+        ],
+    )
     with pytest.raises(JobFailed, match=r"sink\[0\] \(pid \d+\) killed by SIGKILL"):
         JobManager(job).run(timeout=100)
 
@@ -600,8 +626,9 @@ def numbers_short() -> range:
 @pytest.mark.timeout(60)
 def test_choose_from_the_command_line() -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sage_queue.job", "choose", *args], capture_output=True,
-                              text=True, timeout=50)
+        return subprocess.run(
+            [sys.executable, "-m", "sage_queue.job", "choose", *args], capture_output=True, text=True, timeout=50
+        )
 
     explained = run("process", "host:gpu1", "--explain")
     assert explained.returncode == 0 and explained.stdout.startswith("rpc: ") and "gpu1" in explained.stdout

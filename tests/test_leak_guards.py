@@ -29,13 +29,16 @@ def _inner(pytester: pytest.Pytester, body: str) -> pytest.RunResult:
 @pytest.mark.timeout(120)
 def test_a_leaked_segment_fails_the_run(pytester: pytest.Pytester) -> None:
     name = f"leakguard-{uuid.uuid4().hex[:10]}"
-    result = _inner(pytester, f"""
+    result = _inner(
+        pytester,
+        f"""
 from sage_queue import QueueDescriptor, resolve_descriptor
 
 def test_leaks_a_segment():
     q = resolve_descriptor(QueueDescriptor.create_shm_queue({name!r}))
     q.close()  # closed, never destroyed
-""")
+""",
+    )
     try:
         assert result.ret == pytest.ExitCode.TESTS_FAILED
         result.stdout.fnmatch_lines(["*shared-memory leak*", f"*sageq-shm-{name}*"])
@@ -50,13 +53,16 @@ def test_leaks_a_segment():
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="the process guard reads /proc (Linux)")
 def test_a_leaked_process_fails_the_run(pytester: pytest.Pytester) -> None:
     pid_file = pytester.path / "leaked.pid"
-    result = _inner(pytester, f"""
+    result = _inner(
+        pytester,
+        f"""
 import subprocess, sys
 
 def test_leaks_a_process():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     open({str(pid_file)!r}, "w").write(str(child.pid))
-""")
+""",
+    )
     try:
         assert result.ret == pytest.ExitCode.TESTS_FAILED
         pid = int(pid_file.read_text())

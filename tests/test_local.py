@@ -383,9 +383,20 @@ def test_close_is_idempotent_and_per_handle(q: LocalQueueStub) -> None:
     other.close()
     assert other.closed and not q.closed
     for operation in (
-        lambda: other.put(2), other.get, other.get_nowait, lambda: other.put_nowait(2), other.qsize, other.empty,
-        other.full, lambda: other.put_many([1]), lambda: other.get_many(1), other.stats, other.task_done,
-        other.join, other.destroy, other.__enter__,
+        lambda: other.put(2),
+        other.get,
+        other.get_nowait,
+        lambda: other.put_nowait(2),
+        other.qsize,
+        other.empty,
+        other.full,
+        lambda: other.put_many([1]),
+        lambda: other.get_many(1),
+        other.stats,
+        other.task_done,
+        other.join,
+        other.destroy,
+        other.__enter__,
     ):
         with pytest.raises(QueueClosed) as info:
             operation()
@@ -437,9 +448,18 @@ def test_destroy_removes_the_queue_for_every_handle() -> None:
     assert first.closed
     assert desc.queue_id not in live_queue_ids()
     # Destroyed through another handle: QueueDestroyed (a QueueClosed), on every operation (E13).
-    for operation in (second.get_nowait, lambda: second.put(1), second.qsize, second.empty, second.full,
-                      second.stats, second.task_done, second.join, lambda: second.get_many(2),
-                      lambda: second.put_many([1])):
+    for operation in (
+        second.get_nowait,
+        lambda: second.put(1),
+        second.qsize,
+        second.empty,
+        second.full,
+        second.stats,
+        second.task_done,
+        second.join,
+        lambda: second.get_many(2),
+        lambda: second.put_many([1]),
+    ):
         with pytest.raises(QueueDestroyed):
             operation()
     with pytest.raises(QueueDestroyed):
@@ -615,6 +635,7 @@ def test_put_many_is_contiguous_under_concurrent_producers() -> None:
     handle = get_local_queue(maxsize=16)
     producers, batches, size = 4, 50, 5
     try:
+
         def produce(tag: int) -> None:
             for b in range(batches):
                 handle.put_many([(tag, b, i) for i in range(size)], timeout=10)
@@ -628,7 +649,7 @@ def test_put_many_is_contiguous_under_concurrent_producers() -> None:
         for thread in threads:
             thread.join(5)
         for start in range(0, len(got), size):
-            chunk = got[start:start + size]
+            chunk = got[start : start + size]
             tags = {(t, b) for t, b, _ in chunk}
             assert len(tags) == 1, f"a batch was interleaved: {chunk}"
             assert [i for *_, i in chunk] == list(range(size))

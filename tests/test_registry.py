@@ -112,8 +112,11 @@ def near_valid(draw: st.DrawFn) -> dict[str, Any]:
     for _ in range(draw(st.integers(0, 2))):
         target = draw(st.sampled_from(["top", "metadata"]))
         where = data if target == "top" or not isinstance(data.get("metadata"), dict) else data["metadata"]
-        key = draw(_field_names if where is data else st.sampled_from(
-            ["maxsize", "owner_pid", "shm_name", "capacity_bytes", "create", "other"]))
+        key = draw(
+            _field_names
+            if where is data
+            else st.sampled_from(["maxsize", "owner_pid", "shm_name", "capacity_bytes", "create", "other"])
+        )
         if draw(st.booleans()) and key in where:
             del where[key]
         else:
@@ -362,8 +365,9 @@ def test_register_twice_needs_replace(fresh_type: str) -> None:
 def test_register_a_dotted_path(fresh_type: str) -> None:
     register_queue_implementation(fresh_type, "sage_queue.backends.local:LocalQueueStub")
     assert QUEUE_STUB_MAPPING[fresh_type] is LocalQueueStub
-    handle = resolve_descriptor({"queue_id": f"r4-{uuid.uuid4().hex}", "queue_type": fresh_type,
-                                 "metadata": local_meta()})
+    handle = resolve_descriptor(
+        {"queue_id": f"r4-{uuid.uuid4().hex}", "queue_type": fresh_type, "metadata": local_meta()}
+    )
     try:
         handle.put(1)
         assert handle.get_nowait() == 1
@@ -380,12 +384,15 @@ def test_register_a_path_that_does_not_import(fresh_type: str) -> None:
 
 
 @pytest.mark.spec("R4")
-@pytest.mark.parametrize(("queue_type", "cls", "error"), [
-    ("", ColouredQueue, ValueError),
-    ("sage_queue", ColouredQueue, ValueError),
-    ("fine_name", 42, TypeError),
-    ("fine_name", ColouredQueue(QueueDescriptor("q", "local", local_meta())), TypeError),
-])
+@pytest.mark.parametrize(
+    ("queue_type", "cls", "error"),
+    [
+        ("", ColouredQueue, ValueError),
+        ("sage_queue", ColouredQueue, ValueError),
+        ("fine_name", 42, TypeError),
+        ("fine_name", ColouredQueue(QueueDescriptor("q", "local", local_meta())), TypeError),
+    ],
+)
 def test_register_refuses_bad_arguments(queue_type: str, cls: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         register_queue_implementation(queue_type, cls)
@@ -409,8 +416,9 @@ def _install_dummy_distribution(site: Path) -> None:
     """A distribution on sys.path with a dist-info: what `pip install` leaves, read by importlib.metadata."""
     pkg = site / "dummy_sage_backend"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(
-        """
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent(
+            """
         import queue
 
         from sage_queue import InvalidMetadata
@@ -448,10 +456,12 @@ def _install_dummy_distribution(site: Path) -> None:
             def qsize(self):
                 return self._q.qsize()
         """
-    ))
+        )
+    )
     # A schema in a module of its own: the type's descriptors parse without importing the backend (R5, D13).
-    (site / "dummy_sage_meta.py").write_text(textwrap.dedent(
-        """
+    (site / "dummy_sage_meta.py").write_text(
+        textwrap.dedent(
+            """
         from sage_queue import MetadataField, QueueTypeSchema
 
         SCHEMA = QueueTypeSchema(
@@ -463,7 +473,8 @@ def _install_dummy_distribution(site: Path) -> None:
         NOWHERE = QueueTypeSchema(fields=(MetadataField("flavour", str, required=True),),
                                   target="dummy_sage_missing_xyz:Q")
         """
-    ))
+        )
+    )
     info = site / "dummy_sage_backend-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dummy-sage-backend\nVersion: 0.1\n")
@@ -696,10 +707,18 @@ def test_get_local_queue_gives_a_new_queue_each_time() -> None:
 
 
 @pytest.mark.spec("D22", "D21")
-@pytest.mark.parametrize(("queue_type", "name_key"), [
-    ("local", None), ("shm", "shm_name"), ("sage", "shm_name"), ("sage_queue", "shm_name"),
-    ("ray_queue", "actor_name"), ("ray_actor", "actor_name"), ("rpc", "name"),
-])
+@pytest.mark.parametrize(
+    ("queue_type", "name_key"),
+    [
+        ("local", None),
+        ("shm", "shm_name"),
+        ("sage", "shm_name"),
+        ("sage_queue", "shm_name"),
+        ("ray_queue", "actor_name"),
+        ("ray_actor", "actor_name"),
+        ("rpc", "name"),
+    ],
+)
 def test_generic_factory_for_every_builtin_type(queue_type: str, name_key: str | None) -> None:
     extra: dict[str, Any] = {"host": "h", "port": 1} if queue_type == "rpc" else {}
     named = QueueDescriptor.create(queue_type, "jobs", 7, **extra)
@@ -730,8 +749,10 @@ def test_seed_factories_keep_their_call_shapes() -> None:
     assert QueueDescriptor.create_local_queue(maxsize=3, queue_id="lid").metadata == local.metadata
     shm = QueueDescriptor.create_shm_queue("sn", 5, 4096, False)
     assert shm.metadata == {"shm_name": "sn", "maxsize": 5, "capacity_bytes": 4096, "create": False}
-    assert QueueDescriptor.create_shm_queue(name="sn", maxsize=5, capacity_bytes=4096, create=False).metadata == \
-        shm.metadata
+    assert (
+        QueueDescriptor.create_shm_queue(name="sn", maxsize=5, capacity_bytes=4096, create=False).metadata
+        == shm.metadata
+    )
     sage = QueueDescriptor.create_sage_queue(5, "gn", 4096, False)
     assert sage.metadata == {"shm_name": "gn", "maxsize": 5, "capacity_bytes": 4096, "create": False}
     assert QueueDescriptor.create_sage_queue(maxsize=5).metadata["capacity_bytes"] == 16 << 20
@@ -797,8 +818,9 @@ def test_a_type_known_by_schema_only_parses_and_fails_only_at_resolve(fresh_type
     from sage_queue import MetadataField
 
     register_queue_implementation(fresh_type, None, metadata=[MetadataField("region", str, required=True)])
-    desc = QueueDescriptor.from_json(json.dumps({"queue_id": "q", "queue_type": fresh_type,
-                                                 "metadata": {"region": "eu", "extra": [1]}}))
+    desc = QueueDescriptor.from_json(
+        json.dumps({"queue_id": "q", "queue_type": fresh_type, "metadata": {"region": "eu", "extra": [1]}})
+    )
     assert QueueDescriptor.from_json(desc.to_json()) == desc and desc.metadata["extra"] == [1]  # D7
     with pytest.raises(InvalidMetadata, match="region"):
         QueueDescriptor("q", fresh_type, {})

@@ -98,8 +98,9 @@ def test_attach_only_and_incompatible(make: Any) -> None:
     q = make(name=name, capacity_bytes=1 << 16, maxsize=3)
     with pytest.raises(IncompatibleQueue, match="capacity_bytes"):
         resolve_descriptor(QueueDescriptor.create_sage_queue(name=name, capacity_bytes=1 << 17, maxsize=3))
-    attached = resolve_descriptor(QueueDescriptor.create_sage_queue(name=name, capacity_bytes=1 << 16, maxsize=3,
-                                                                    create=False))
+    attached = resolve_descriptor(
+        QueueDescriptor.create_sage_queue(name=name, capacity_bytes=1 << 16, maxsize=3, create=False)
+    )
     q.put("hello")
     assert attached.get(timeout=1) == "hello"
     attached.close()
@@ -228,7 +229,8 @@ def test_subprocess_with_only_the_json(make: Any) -> None:
     replies = make()
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, q.descriptor.to_json(), "2000", replies.descriptor.to_json()],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         got = [q.get(timeout=10) for _ in range(2050)]
@@ -421,9 +423,15 @@ def run_kill_storm(desc: QueueDescriptor, kills: int, tmp_path: Path, seed: int)
             received.setdefault(inc, []).append(seq)
     gaps = sum(max(seqs) + 1 - len(set(seqs)) for seqs in received.values())
     return {
-        "corrupt": corrupt, "duplicates": dup, "gaps": gaps, "probe": probe, "items": len(seen),
-        "consumer_kills": killed["consumer"], "producer_kills": killed["producer"],
-        "abandoned": stats.abandoned or 0, "depth_after": stats.depth,
+        "corrupt": corrupt,
+        "duplicates": dup,
+        "gaps": gaps,
+        "probe": probe,
+        "items": len(seen),
+        "consumer_kills": killed["consumer"],
+        "producer_kills": killed["producer"],
+        "abandoned": stats.abandoned or 0,
+        "depth_after": stats.depth,
     }
 
 
@@ -456,8 +464,9 @@ def test_sigkill_storm_100_kills(make: Any, tmp_path: Path) -> None:
 def test_sigkill_soak_1000_kills(make: Any, tmp_path: Path) -> None:
     q = make(capacity_bytes=1 << 14)
     q.close()
-    result = run_kill_storm(q.descriptor, kills=int(os.environ.get("SAGE_SOAK_KILLS", "1000")),
-                            tmp_path=tmp_path, seed=int(time.time()))
+    result = run_kill_storm(
+        q.descriptor, kills=int(os.environ.get("SAGE_SOAK_KILLS", "1000")), tmp_path=tmp_path, seed=int(time.time())
+    )
     print(json.dumps(result))
     _check_storm(result)
 
@@ -480,8 +489,7 @@ def test_killed_mid_put_of_a_huge_item_is_abandoned(make: Any) -> None:
             q.put_bytes(big)
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", code, q.descriptor.to_json()], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, "-c", code, q.descriptor.to_json()], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         assert other.get(timeout=10) == b"before"
@@ -526,8 +534,9 @@ def test_blocked_waiter_sleeps(make: Any) -> None:
         print(wall, cpu)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code, q.descriptor.to_json()], capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", code, q.descriptor.to_json()], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     wall, cpu = map(float, out.stdout.split())
     assert 1.0 <= wall < 1.5

@@ -66,7 +66,7 @@ LENS = (1, 2)
 
 
 def _set(t: tuple, i: int, v: object) -> tuple:
-    return (*t[:i], v, *t[i + 1:])
+    return (*t[:i], v, *t[i + 1 :])
 
 
 def _confirm(s: S, idx: int, cpos: int) -> S:
@@ -90,8 +90,15 @@ def producer_moves(s: S, me: int) -> list[S]:
         else:
             out.append(replace(s, pp=_set(s.pp, me, s.tpos), pprev=_set(s.pprev, me, s.tidx), ppc=_set(s.ppc, me, 1)))
     elif pc == 1:  # announce()
-        out.append(replace(s, eph=_set(s.eph, me, ANNOUNCED), epos=_set(s.epos, me, p), elen=_set(s.elen, me, ln),
-                           ppc=_set(s.ppc, me, 2)))
+        out.append(
+            replace(
+                s,
+                eph=_set(s.eph, me, ANNOUNCED),
+                epos=_set(s.epos, me, p),
+                elen=_set(s.elen, me, ln),
+                ppc=_set(s.ppc, me, 2),
+            )
+        )
     elif pc == 2:  # confirm(prev)
         out.append(replace(_confirm(s, prev, p), ppc=_set(s.ppc, me, 3)))
     elif pc == 3:  # cas128(T)
@@ -104,12 +111,25 @@ def producer_moves(s: S, me: int) -> list[S]:
         out.append(replace(t, ppc=_set(s.ppc, me, 5)))
     elif pc == 5:  # commit: info, then the state word
         assert s.rec[p] == EMPTY, f"producer {me} commits over a non-empty record: {s}"
-        out.append(replace(s, rlen=_set(s.rlen, p, ln), rec=_set(s.rec, p, COMMITTED),
-                           committed=_set(s.committed, p, s.committed[p] + 1), ppc=_set(s.ppc, me, 6)))
+        out.append(
+            replace(
+                s,
+                rlen=_set(s.rlen, p, ln),
+                rec=_set(s.rec, p, COMMITTED),
+                committed=_set(s.committed, p, s.committed[p] + 1),
+                ppc=_set(s.ppc, me, 6),
+            )
+        )
     elif pc == 6:  # finish_entry(), then the next put or the end
         left = s.puts_left[me] - 1
-        out.append(replace(s, eph=_set(s.eph, me, IDLE), ppc=_set(s.ppc, me, 0 if left else DONE),
-                           puts_left=_set(s.puts_left, me, left)))
+        out.append(
+            replace(
+                s,
+                eph=_set(s.eph, me, IDLE),
+                ppc=_set(s.ppc, me, 0 if left else DONE),
+                puts_left=_set(s.puts_left, me, left),
+            )
+        )
     return out
 
 
@@ -146,8 +166,12 @@ def consumer_moves(s: S) -> list[S]:
         j = s.cj
         start = s.epos[j]
         if s.rec[start] == EMPTY:
-            t = replace(s, rlen=_set(s.rlen, start, s.elen[j]), rec=_set(s.rec, start, ABANDONED),
-                        abandoned=_set(s.abandoned, start, s.abandoned[start] + 1))
+            t = replace(
+                s,
+                rlen=_set(s.rlen, start, s.elen[j]),
+                rec=_set(s.rec, start, ABANDONED),
+                abandoned=_set(s.abandoned, start, s.abandoned[start] + 1),
+            )
         else:
             t = s
         return [replace(t, cpc=2, cj=j + 1)]
@@ -212,8 +236,12 @@ def test_the_model_catches_a_missing_recheck(monkeypatch: pytest.MonkeyPatch) ->
             return original(s)
         j = s.cj
         start = s.epos[j]
-        t = replace(s, rlen=_set(s.rlen, start, s.elen[j]), rec=_set(s.rec, start, ABANDONED),
-                    abandoned=_set(s.abandoned, start, s.abandoned[start] + 1))
+        t = replace(
+            s,
+            rlen=_set(s.rlen, start, s.elen[j]),
+            rec=_set(s.rec, start, ABANDONED),
+            abandoned=_set(s.abandoned, start, s.abandoned[start] + 1),
+        )
         return [replace(t, cpc=2, cj=j + 1)]
 
     original = consumer_moves

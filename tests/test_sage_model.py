@@ -36,8 +36,9 @@ def test_claim_protocol_model(mode: str, cflags: list[str], pan_args: list[str],
     model = tmp_path / MODEL.name
     model.write_text(MODEL.read_text())
     subprocess.run([spin, "-a", model.name], cwd=tmp_path, check=True, capture_output=True, timeout=60)
-    subprocess.run([cc, "-O2", "-w", *cflags, "-o", "pan", "pan.c"], cwd=tmp_path, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [cc, "-O2", "-w", *cflags, "-o", "pan", "pan.c"], cwd=tmp_path, check=True, capture_output=True, timeout=120
+    )
     run = subprocess.run(["./pan", *pan_args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert "errors: 0" in run.stdout, f"{mode} check failed:\n{run.stdout}\n{run.stderr}"
     assert "Search not completed" not in run.stdout, run.stdout

@@ -362,8 +362,12 @@ def test_more_threads_than_claim_entries_on_one_handle(make: Callable[[], Any], 
     # good, immune to Ctrl-C). In a child, so that a hang is a failure, not a stuck run.
     q = make(capacity_bytes=1 << 20, maxsize=4)  # full and empty often: threads wait, then claim
     try:
-        out = subprocess.run([sys.executable, "-c", _CROWD, q.descriptor.to_json(), "32", "40", str(nowait_every)],
-                             capture_output=True, text=True, timeout=90)
+        out = subprocess.run(
+            [sys.executable, "-c", _CROWD, q.descriptor.to_json(), "32", "40", str(nowait_every)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("64 threads on one handle hung (still running after 90 s)")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -403,8 +407,12 @@ def test_close_from_a_signal_handler_ends_the_blocked_call(make: Callable[[], An
     # get() the handler had interrupted, in the same thread, so close() never returned.
     q = make()
     try:
-        out = subprocess.run([sys.executable, "-c", _CLOSE_IN_HANDLER, q.descriptor.to_json()],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [sys.executable, "-c", _CLOSE_IN_HANDLER, q.descriptor.to_json()],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("close() called by a signal handler during a blocked get() hung")
     assert out.returncode == 0, out.stderr[-3000:]

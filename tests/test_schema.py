@@ -56,16 +56,21 @@ _names = st.sampled_from(["q1", "a.b-c_d", "x" * 200, "x" * 201, "", "a/b", "a b
     "ab1_.-/ \n", min_size=0, max_size=6
 )
 _scalars = st.one_of(st.none(), st.booleans(), _ints, _non_integral_floats, _names)
-_json = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
-                     max_leaves=6)
+_json = st.recursive(
+    _scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6
+)
 _queue_ids = st.one_of(
     st.text(min_size=0, max_size=8),
     st.sampled_from(["q", "a" * 255, "a" * 256, "ok\n", "\x00", "tab\t", "del\x7f", "\u2028", "☃"]),
-    st.integers(), st.none(),
+    st.integers(),
+    st.none(),
 )
 _timestamps = st.one_of(
-    st.none(), st.floats(min_value=-10, max_value=2e9, allow_nan=False), st.integers(-5, 2**53),
-    st.booleans(), st.text(max_size=3),
+    st.none(),
+    st.floats(min_value=-10, max_value=2e9, allow_nan=False),
+    st.integers(-5, 2**53),
+    st.booleans(),
+    st.text(max_size=3),
 )
 _versions = st.sampled_from([1, 0, 2, -1, "1", None, True, False, 1.5, [1]])
 
@@ -74,8 +79,24 @@ _versions = st.sampled_from([1, 0, 2, -1, "1", None, True, False, 1.5, [1]])
 def _metadata(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(st.one_of(st.none(), st.lists(_scalars, max_size=2), _scalars))
-    keys = draw(st.sets(st.sampled_from(["maxsize", "shm_name", "capacity_bytes", "create", "other",
-                                         "actor_name", "namespace", "host", "port", "name"])))
+    keys = draw(
+        st.sets(
+            st.sampled_from(
+                [
+                    "maxsize",
+                    "shm_name",
+                    "capacity_bytes",
+                    "create",
+                    "other",
+                    "actor_name",
+                    "namespace",
+                    "host",
+                    "port",
+                    "name",
+                ]
+            )
+        )
+    )
     if draw(st.booleans()):  # required for local: present about half the time
         keys.add("owner_pid")
     metadata: dict[str, Any] = {}
@@ -136,8 +157,10 @@ def test_schema_and_code_agree(data: dict[str, Any]) -> None:
 @pytest.mark.parametrize("queue_type", TYPES)
 def test_every_factory_output_is_schema_valid(queue_type: str) -> None:
     extra = {"host": "localhost", "port": 5555} if queue_type == "rpc" else {}
-    for desc in (QueueDescriptor.create(queue_type, maxsize=3, **extra),
-                 QueueDescriptor.create(queue_type, "schema_check", MAXSIZE_MAX, **extra)):
+    for desc in (
+        QueueDescriptor.create(queue_type, maxsize=3, **extra),
+        QueueDescriptor.create(queue_type, "schema_check", MAXSIZE_MAX, **extra),
+    ):
         VALIDATOR.validate(desc.to_dict())
         VALIDATOR.validate(json.loads(desc.to_json()))
 
@@ -196,8 +219,12 @@ for _t in SHM_LIKE:
 
 for _t in TYPES:
     # D14: every type's maxsize is an int in [0, 2**63 - 1], in the schema and in the code.
-    _meta = {"local": {"owner_pid": 1}, "ray_queue": {"actor_name": "a"}, "ray_actor": {"actor_name": "a"},
-             "rpc": {"host": "h", "port": 1, "name": "n"}}.get(_t, {"shm_name": "ok"})
+    _meta = {
+        "local": {"owner_pid": 1},
+        "ray_queue": {"actor_name": "a"},
+        "ray_actor": {"actor_name": "a"},
+        "rpc": {"host": "h", "port": 1, "name": "n"},
+    }.get(_t, {"shm_name": "ok"})
     for _maxsize in (0, MAXSIZE_MAX, MAXSIZE_MAX + 1, 2**64, -1):
         BOUNDARIES.append({"queue_id": "q", "queue_type": _t, "metadata": {**_meta, "maxsize": _maxsize}})
 for _t in ("ray_queue", "ray_actor"):

@@ -108,9 +108,7 @@ class _MakesDirectory:
 
 @needs_root
 @pytest.mark.spec("SEG1", "SEG2", "SEG4", "E14")
-def test_a_queue_planted_by_another_user_is_never_unpickled(
-    names: list[tuple[str, str]], tmp_path: Path
-) -> None:
+def test_a_queue_planted_by_another_user_is_never_unpickled(names: list[tuple[str, str]], tmp_path: Path) -> None:
     # The attack of issue 9: another local user creates the name first, with a valid header,
     # a crafted pickle and mode 0666, and waits for the victim to attach and get.
     name, desc = _new(names)
@@ -138,9 +136,7 @@ def test_a_queue_planted_by_another_user_is_never_unpickled(
 @needs_root
 @pytest.mark.spec("SEG1", "E14")
 @pytest.mark.parametrize("kind", ["shm", "sage"])
-def test_a_segment_owned_by_another_uid_is_refused_even_with_mode_0600(
-    names: list[tuple[str, str]], kind: str
-) -> None:
+def test_a_segment_owned_by_another_uid_is_refused_even_with_mode_0600(names: list[tuple[str, str]], kind: str) -> None:
     name, desc = _new(names, kind)
     resolve_descriptor(desc).close()
     fd = os.open(_segment.segment_path(kind, name), os.O_RDONLY)

@@ -26,7 +26,7 @@ SEEDS = range(40) if SOAK else range(3)
 ROUNDS = 200 if SOAK else 25
 
 CHILD = textwrap.dedent(
-    r'''
+    r"""
     import os, pickle, queue, random, sys, traceback, uuid
     from sage_queue import QueueBroken, QueueClosed, QueueDescriptor, QueueDestroyed, resolve_descriptor
     from sage_queue.errors import IncompatibleQueue
@@ -147,7 +147,7 @@ CHILD = textwrap.dedent(
         finally:
             shm.remove_segment(name)
     print("outcomes", sorted(outcomes.items()))
-    '''
+    """
 )
 
 
@@ -157,7 +157,9 @@ def test_a_corrupted_segment_gives_documented_errors_never_a_crash_or_hang(seed:
     try:
         child = subprocess.run(
             [sys.executable, "-c", CHILD, str(seed), str(ROUNDS)],
-            capture_output=True, text=True, timeout=1200 if SOAK else 120,
+            capture_output=True,
+            text=True,
+            timeout=1200 if SOAK else 120,
         )
     except subprocess.TimeoutExpired as exc:  # run() killed the child
         pytest.fail(f"seed {seed}: the fuzzed queue hung; output so far: {exc.stdout!r} {exc.stderr!r}")

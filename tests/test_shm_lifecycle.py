@@ -179,8 +179,11 @@ def test_a_signal_handler_that_closes_the_queue_ends_a_blocked_get(desc: QueueDe
     holder = None
     if where == "lock":
         holder = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(
-                """
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    """
                 import sys, time
                 from sage_queue import resolve_descriptor
                 from sage_queue.backends.shm import CONSUMER
@@ -189,8 +192,11 @@ def test_a_signal_handler_that_closes_the_queue_ends_a_blocked_get(desc: QueueDe
                 print("holding", flush=True)
                 time.sleep(2)  # then exits: the kernel releases the lock
                 """
-            )],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                ),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert holder.stdin is not None and holder.stdout is not None
         holder.stdin.write(desc.to_json() + "\n")

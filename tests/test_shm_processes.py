@@ -47,7 +47,10 @@ def desc() -> Iterator[QueueDescriptor]:
 def test_4_producer_x_4_consumer_processes_100k_items() -> None:
     result = run_stress(
         descriptor_factory("shm", capacity_bytes=256 * 1024, prefix="t4x4"),
-        producers=4, consumers=4, items_per_producer=25_000, timeout=100,
+        producers=4,
+        consumers=4,
+        items_per_producer=25_000,
+        timeout=100,
     )
     assert result.ok, result.summary()
     assert result.consumed == 100_000
@@ -58,7 +61,11 @@ def test_4_producer_x_4_consumer_processes_100k_items() -> None:
 def test_batches_from_several_processes_small_ring_and_maxsize() -> None:
     result = run_stress(
         descriptor_factory("shm", capacity_bytes=4096, maxsize=50, prefix="tbatch"),
-        producers=3, consumers=2, items_per_producer=3_000, batch=16, timeout=100,
+        producers=3,
+        consumers=2,
+        items_per_producer=3_000,
+        batch=16,
+        timeout=100,
     )
     assert result.ok, result.summary()
 
@@ -85,7 +92,7 @@ def test_put_many_is_contiguous_across_processes(desc: QueueDescriptor) -> None:
         q.destroy()
     assert all(p.exitcode == 0 for p in procs)
     for start in range(0, len(got), 20):
-        run = got[start:start + 20]
+        run = got[start : start + 20]
         assert {(t, b) for t, b, _ in run} == {run[0][:2]}, f"batch split at {start}: {run}"
         assert [i for _, _, i in run] == list(range(20))
 
@@ -95,7 +102,11 @@ def test_put_many_is_contiguous_across_processes(desc: QueueDescriptor) -> None:
 def test_50_sigkills_of_producers_and_consumers_mid_operation() -> None:
     result = run_faults(
         descriptor_factory("shm", capacity_bytes=16 * 1024, prefix="tfault"),
-        producers=2, consumers=2, kills=50, seed=os.getpid(), drain_timeout=60,
+        producers=2,
+        consumers=2,
+        kills=50,
+        seed=os.getpid(),
+        drain_timeout=60,
     )
     assert result.ok, result.summary()
     assert result.kills == 50 and result.producer_kills and result.consumer_kills
@@ -107,7 +118,12 @@ def test_50_sigkills_of_producers_and_consumers_mid_operation() -> None:
 def test_sigkills_with_get_many_and_a_tiny_ring() -> None:
     result = run_faults(
         descriptor_factory("shm", capacity_bytes=1024, maxsize=8, prefix="tfault"),
-        producers=2, consumers=2, kills=30, batch=4, seed=os.getpid() + 1, drain_timeout=60,
+        producers=2,
+        consumers=2,
+        kills=30,
+        batch=4,
+        seed=os.getpid() + 1,
+        drain_timeout=60,
     )
     assert result.ok, result.summary()
 
@@ -119,7 +135,7 @@ def _hold_lock_then_wait(text: str, side: int, half_put: bool, ready: Any) -> No
         # A producer killed between writing its record and its commit store.
         buf = q._buf
         tail = (layout.U64.unpack_from(buf, layout.P_WORD_OFFSET)[0] & layout.MASK32) << 3
-        buf[shm.DATA_OFFSET + tail:shm.DATA_OFFSET + tail + 16] = b"\xff" * 16
+        buf[shm.DATA_OFFSET + tail : shm.DATA_OFFSET + tail + 16] = b"\xff" * 16
     ready.set()
     time.sleep(60)
 
@@ -256,7 +272,11 @@ def test_blocked_getter_is_woken_by_the_put_not_by_its_sleep_cap(desc: QueueDesc
 def test_soak_1000_sigkills() -> None:
     result = run_faults(
         descriptor_factory("shm", capacity_bytes=8 * 1024, prefix="soak"),
-        producers=3, consumers=3, kills=1000, seed=12345, drain_timeout=120,
+        producers=3,
+        consumers=3,
+        kills=1000,
+        seed=12345,
+        drain_timeout=120,
     )
     assert result.ok, result.summary()
 
@@ -265,6 +285,9 @@ def test_soak_1000_sigkills() -> None:
 def test_soak_stress_8x8_one_million() -> None:
     result = run_stress(
         descriptor_factory("shm", capacity_bytes=1 << 20, prefix="soak"),
-        producers=8, consumers=8, items_per_producer=125_000, timeout=800,
+        producers=8,
+        consumers=8,
+        items_per_producer=125_000,
+        timeout=800,
     )
     assert result.ok, result.summary()

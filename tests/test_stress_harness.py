@@ -42,15 +42,24 @@ def _run(hook: functools.partial[None], *, consumers: int = 2, timeout: float = 
     result = run_stress(
         # A small ring: with a consumer gone, producers block on a full queue (the old deadlock).
         descriptor_factory("shm", capacity_bytes=4096, maxsize=16, prefix="tfailfast"),
-        producers=2, consumers=consumers, items_per_producer=3000, timeout=timeout, child_hook=hook,
+        producers=2,
+        consumers=consumers,
+        items_per_producer=3000,
+        timeout=timeout,
+        child_hook=hook,
     )
     return result, time.monotonic() - start
 
 
 @pytest.mark.timeout(30)
 def test_a_healthy_run_passes_the_ledger_check() -> None:
-    result = run_stress(descriptor_factory("shm", capacity_bytes=4096, prefix="tfailfast"),
-                        producers=2, consumers=2, items_per_producer=500, timeout=25)
+    result = run_stress(
+        descriptor_factory("shm", capacity_bytes=4096, prefix="tfailfast"),
+        producers=2,
+        consumers=2,
+        items_per_producer=500,
+        timeout=25,
+    )
     assert result.ok, result.summary()
     assert result.consumed == result.produced == 1000
     assert result.report is not None and result.report.verdict == "OK"

@@ -140,9 +140,7 @@ class LocalQueueStub(QueueStub):
             raise InvalidMetadata(f"maxsize={maxsize!r} disagrees with the queue's maxsize {q.maxsize}")
         desc = QueueDescriptor.create_local_queue(maxsize=q.maxsize)
         if metadata:
-            desc = QueueDescriptor(
-                desc.queue_id, "local", {**metadata, **desc.metadata}, desc.created_timestamp
-            )
+            desc = QueueDescriptor(desc.queue_id, "local", {**metadata, **desc.metadata}, desc.created_timestamp)
         with _registry_lock:
             _registry[desc.queue_id] = _LocalState(q)
         return desc
@@ -257,8 +255,11 @@ class LocalQueueStub(QueueStub):
         with self._q.mutex:
             self._raise_if_closed()
             return QueueStats(
-                scope="queue", puts=self._state.puts, gets=self._state.gets,
-                depth=self._q._qsize(), waits=self._state.waits,
+                scope="queue",
+                puts=self._state.puts,
+                gets=self._state.gets,
+                depth=self._q._qsize(),
+                waits=self._state.waits,
             )
 
     # -- task tracking (capability "task_done") ----------------------------------------

@@ -149,7 +149,7 @@ class _QueueActor:
     async def put(self, request: Any) -> Any:
         if type(request) is bytes:
             epoch, handle, number, t = _HEADER.unpack_from(request)
-            key, blobs, timeout = (handle, number), [request[_HEADER.size:]], (None if t < 0 else t)
+            key, blobs, timeout = (handle, number), [request[_HEADER.size :]], (None if t < 0 else t)
         else:
             epoch, key, blobs, timeout = request
         if epoch != self.epoch:
@@ -215,8 +215,14 @@ class _QueueActor:
             return _RESTARTED, self.epoch
         if self.destroyed:
             return _DESTROYED, None
-        return {"puts": self.puts, "gets": self.gets, "depth": len(self.items), "waits": self.waits,
-                     "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        return {
+            "puts": self.puts,
+            "gets": self.gets,
+            "depth": len(self.items),
+            "waits": self.waits,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
 
     async def task_done(self, epoch: int) -> Any:
         if epoch != self.epoch:
@@ -423,7 +429,7 @@ class RayActorQueueStub(QueueStub):
                 # An undecodable item: the items before it are returned; the rest go back to the
                 # head (the bad one first only if good ones are returned now), so that the bad
                 # item raises exactly once and every good one is delivered (as SHM8).
-                rest = blobs[i + 1:] if i == 0 else blobs[i:]
+                rest = blobs[i + 1 :] if i == 0 else blobs[i:]
                 if rest:
                     ray.get(self._actor.unget.remote(rest))
                 if i == 0:
@@ -437,8 +443,15 @@ class RayActorQueueStub(QueueStub):
 
     def _stats(self) -> QueueStats:
         s = self._call("stats")
-        return QueueStats(scope="queue", puts=s["puts"], gets=s["gets"], depth=s["depth"], waits=s["waits"],
-                          bytes_in=s["bytes_in"], bytes_out=s["bytes_out"])
+        return QueueStats(
+            scope="queue",
+            puts=s["puts"],
+            gets=s["gets"],
+            depth=s["depth"],
+            waits=s["waits"],
+            bytes_in=s["bytes_in"],
+            bytes_out=s["bytes_out"],
+        )
 
     def _close(self) -> None:
         """Nothing remote: a call blocked on this handle sees ``_closed`` within _SLICE_S and cancels itself."""

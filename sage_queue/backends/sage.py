@@ -81,7 +81,8 @@ def _core() -> Any:
                     _sage_core = importlib.import_module("sage_queue._sage_core")
                 except ImportError as exc:
                     raise BackendUnavailable(
-                        "sage", f"the C core sage_queue._sage_core ({exc})",
+                        "sage",
+                        f"the C core sage_queue._sage_core ({exc})",
                         "build it with 'pip install .' or 'python setup.py build_ext --inplace'; "
                         "a C11 compiler is needed (apt-get install gcc python3-dev)",
                     ) from exc
@@ -90,7 +91,6 @@ def _core() -> Any:
                 FLAG_PARTS, FLAG_RAW = _sage_core.FLAG_PARTS, _sage_core.FLAG_RAW
                 _core_module = _sage_core
     return _core_module
-
 
 
 _open_handles: weakref.WeakSet[SAGEQueueStub] = weakref.WeakSet()
@@ -240,8 +240,15 @@ class SAGEQueueStub(QueueStub):
     def _stats(self) -> QueueStats:
         puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity = self._ring.stats()
         return QueueStats(
-            scope="queue", puts=puts, gets=gets, depth=depth, bytes_in=bytes_in, bytes_out=bytes_out,
-            waits=waits, abandoned=abandoned, capacity_bytes=capacity,
+            scope="queue",
+            puts=puts,
+            gets=gets,
+            depth=depth,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            waits=waits,
+            abandoned=abandoned,
+            capacity_bytes=capacity,
         )
 
     def _close(self) -> None:
@@ -318,8 +325,14 @@ def describe_segment(name: str) -> _segment.SegmentInfo:
             notes.append("broken: corrupt header (spec E15)")
         depth = info["depth"]
         return _segment.SegmentInfo(
-            SEGMENT_KIND, name, seg.size, None if depth is None else int(depth), tuple(info["pids"]),
-            creator_pid=int(info["creator_pid"]), format_version=int(info["version"]), note="; ".join(notes),
+            SEGMENT_KIND,
+            name,
+            seg.size,
+            None if depth is None else int(depth),
+            tuple(info["pids"]),
+            creator_pid=int(info["creator_pid"]),
+            format_version=int(info["version"]),
+            note="; ".join(notes),
         )
     finally:
         seg.close()

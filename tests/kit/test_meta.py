@@ -35,11 +35,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, tmp_path: Path, timeout: float = 100) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:  # noqa: E501
+def run_cli(
+    *args: str, tmp_path: Path, timeout: float = 100
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     report = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "conformance", *args, "--report", str(report)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     data = json.loads(report.read_text()) if report.exists() else {}
     return done, data
@@ -75,8 +81,7 @@ def test_kit_fails_broken_backend(broken: Broken, tmp_path: Path) -> None:
             f"caught by {list(broken.expected)} only\n{done.stdout[-3000:]}"
         )
     assert broken.shows in done.stdout, (
-        f"{broken.name}: the failure does not explain itself (no {broken.shows!r} in the output)\n"
-        f"{done.stdout[-3000:]}"
+        f"{broken.name}: the failure does not explain itself (no {broken.shows!r} in the output)\n{done.stdout[-3000:]}"
     )
     failed_rows = [r for t in report["targets"] for r in t["results"] if r["outcome"] == "fail"]
     _, n_failed, _ = _summary(done.stdout)
@@ -132,12 +137,24 @@ def test_known_failures_are_strict_xfail(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_pytest_plugin_way_in(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "pytest", "-p", "conformance", "-q", "-p", "no:cacheprovider", "-k", "fifo"]
-    good = subprocess.run([*base, "--queue-factory", "tests.kit.targets:stdlib_queue"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=50)
+    good = subprocess.run(
+        [*base, "--queue-factory", "tests.kit.targets:stdlib_queue"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-2000:]
     assert re.search(r"\b2 passed\b", good.stdout), good.stdout[-2000:]  # the two FIFO tests
-    bad = subprocess.run([*base, "--queue-factory", "tests.kit.broken:make_reorder_after_7"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=50)
+    bad = subprocess.run(
+        [*base, "--queue-factory", "tests.kit.broken:make_reorder_after_7"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "test_fifo_one_producer FAILED" in bad.stdout or "FAILED" in bad.stdout
 
@@ -145,7 +162,8 @@ def test_pytest_plugin_way_in(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_subclass_way_in(tmp_path: Path) -> None:
     suite = tmp_path / "test_mine.py"
-    suite.write_text(textwrap.dedent("""
+    suite.write_text(
+        textwrap.dedent("""
         import pytest
 
         import conformance
@@ -164,11 +182,27 @@ def test_subclass_way_in(tmp_path: Path) -> None:
             @pytest.fixture
             def make_queue(self):
                 return make_bools_become_ints
-    """))
+    """)
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider", "-k", "test_item_fidelity",
-         "--rootdir", str(tmp_path)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=50,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(suite),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "test_item_fidelity",
+            "--rootdir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
     )
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
     assert "FAILED test_mine.py::TestBroken::test_item_fidelity " in done.stdout, done.stdout[-3000:]
@@ -178,8 +212,14 @@ def test_subclass_way_in(tmp_path: Path) -> None:
 
 
 def test_list_clauses() -> None:
-    done = subprocess.run([sys.executable, "-m", "conformance", "--list-clauses"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "conformance", "--list-clauses"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
     assert re.match(r"Q9\s+MUST\s+.*test_negative_timeout", rows["Q9"]), rows.get("Q9")

@@ -397,9 +397,13 @@ def test_close_from_signal_handler_in_the_blocked_thread(queue_type: str, ray_ad
             times["closed"] = time.monotonic()
 
         previous = signal.signal(signal.SIGUSR1, handler)
-        sender = threading.Timer(0.3, lambda times=times: (times.__setitem__("sent", time.monotonic()),
-                                               signal.pthread_kill(threading.main_thread().ident or 0,
-                                                                   signal.SIGUSR1)))
+        sender = threading.Timer(
+            0.3,
+            lambda times=times: (
+                times.__setitem__("sent", time.monotonic()),
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1),
+            ),
+        )
         sender.start()
         try:
             with pytest.raises(QueueClosed) as info:

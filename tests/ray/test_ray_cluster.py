@@ -84,8 +84,17 @@ def head_node(ray_address: str) -> Iterator[str]:
     """``host:port`` of a separate single-node cluster started with ``ray start --head``."""
     temp_dir = tempfile.mkdtemp(prefix="sqr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
-    cmd = [str(RAY_BIN), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-           "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd = [
+        str(RAY_BIN),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
@@ -125,8 +134,9 @@ def _child(desc: QueueDescriptor, action: str, env_address: Any = None) -> dict[
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if env_address is not None:
         env["RAY_ADDRESS"] = env_address
-    proc = subprocess.run([sys.executable, "-c", _CHILD, desc.to_json(), action], env=env,
-                          capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, desc.to_json(), action], env=env, capture_output=True, text=True, timeout=90
+    )
     assert proc.returncode == 0, f"child {action} failed: {proc.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -173,8 +183,13 @@ def test_lifetime_detached_outlives_its_creator_non_detached_does_not(head_node:
             print(json.dumps(out))
             """
         )
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
-                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         # the detached queue kept its item after its creator exited; the owned one died with it (a new, empty one)
         assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["left behind", 0]
@@ -210,8 +225,10 @@ def test_without_ray_parse_works_and_resolve_names_the_install(tmp_path: Path) -
 @pytest.mark.spec("RAY4")
 def test_the_queue_actor_reserves_no_cpu(ray_address: str) -> None:
     """The session has 2 CPUs; 4 queues must all start (a queue holding a CPU would block the 3rd)."""
-    handles = [resolve_descriptor(QueueDescriptor.create("ray_actor", f"t_{uuid.uuid4().hex[:12]}", 0,
-                                                         address=ray_address)) for _ in range(4)]
+    handles = [
+        resolve_descriptor(QueueDescriptor.create("ray_actor", f"t_{uuid.uuid4().hex[:12]}", 0, address=ray_address))
+        for _ in range(4)
+    ]
     try:
         for h in handles:
             h.put(1)
@@ -243,8 +260,13 @@ def test_bad_ray_metadata_is_refused_when_described(queue_type: str, metadata: d
 
 def test_ray_metadata_keeps_only_what_was_given() -> None:
     d = QueueDescriptor.create("ray_actor", "n", 2, lifetime="non_detached", max_restarts=-1, address="h:1")
-    assert dict(d.metadata) == {"actor_name": "n", "maxsize": 2, "lifetime": "non_detached", "max_restarts": -1,
-                                "address": "h:1"}
+    assert dict(d.metadata) == {
+        "actor_name": "n",
+        "maxsize": 2,
+        "lifetime": "non_detached",
+        "max_restarts": -1,
+        "address": "h:1",
+    }
     assert dict(QueueDescriptor.create_ray_queue(3, "q").metadata) == {"actor_name": "q", "maxsize": 3}
 
 

@@ -20,8 +20,10 @@ import conformance
 from conformance.target import Target
 from sage_queue import QueueClosed, QueueDescriptor, registry, resolve_descriptor
 
-_FORKED = ("the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY11); "
-           "checked without fork in tests/ray/test_ray_backends.py")
+_FORKED = (
+    "the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY11); "
+    "checked without fork in tests/ray/test_ray_backends.py"
+)
 KNOWN_FAILURES = {
     "test_many_threads_one_handle": _FORKED,
     "test_close_from_signal_handler": _FORKED,

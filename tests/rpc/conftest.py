@@ -64,10 +64,16 @@ def remote_host(rpc_key_file: str) -> Iterator[tuple[ServerProcess, str] | str]:
     made_ns = made_link = False
     server = None
     try:
-        for step in (("netns", "add", ns), ("link", "add", here, "type", "veth", "peer", "name", there),
-                     ("link", "set", there, "netns", ns), ("addr", "add", f"10.214.{octet}.1/30", "dev", here),
-                     ("link", "set", here, "up"), ("-n", ns, "addr", "add", f"10.214.{octet}.2/30", "dev", there),
-                     ("-n", ns, "link", "set", there, "up"), ("-n", ns, "link", "set", "lo", "up")):
+        for step in (
+            ("netns", "add", ns),
+            ("link", "add", here, "type", "veth", "peer", "name", there),
+            ("link", "set", there, "netns", ns),
+            ("addr", "add", f"10.214.{octet}.1/30", "dev", here),
+            ("link", "set", here, "up"),
+            ("-n", ns, "addr", "add", f"10.214.{octet}.2/30", "dev", there),
+            ("-n", ns, "link", "set", there, "up"),
+            ("-n", ns, "link", "set", "lo", "up"),
+        ):
             out = _ip(*step)
             if out.returncode != 0:
                 yield f"cannot make a network namespace pair here (`ip {' '.join(step)}`: {out.stderr.strip()})"
@@ -97,7 +103,12 @@ class RpcFactory:
     def describe(self, maxsize: int = 0, name: str | None = None, **extra: Any) -> QueueDescriptor:
         host, port = self.address
         return QueueDescriptor.create(
-            "rpc", name or f"t_{uuid.uuid4().hex[:12]}", maxsize, host=host, port=port, key_file=self.key_file,
+            "rpc",
+            name or f"t_{uuid.uuid4().hex[:12]}",
+            maxsize,
+            host=host,
+            port=port,
+            key_file=self.key_file,
             **{**self.metadata, **extra},
         )
 

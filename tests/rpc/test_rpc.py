@@ -57,8 +57,9 @@ class RawClient:
         self.instance = bytes(16)
 
     def frame(self, seq: int, body: list[Any], ts: float | None = None, key: bytes | None = None) -> bytes:
-        return seal(key or self.key, REQUEST_MAGIC, self.client_id, seq, time.time() if ts is None else ts,
-                    self.instance, body)
+        return seal(
+            key or self.key, REQUEST_MAGIC, self.client_id, seq, time.time() if ts is None else ts, self.instance, body
+        )
 
     def send_raw(self, *parts: bytes) -> None:
         self.sock.send_multipart(list(parts))
@@ -98,7 +99,9 @@ def test_serve_cli_port_zero_generated_key_and_clean_sigterm(tmp_path: Path) -> 
     key_file = tmp_path / "keys" / "k"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sage_queue.cli", "serve", "--port", "0", "--key-file", str(key_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -109,8 +112,9 @@ def test_serve_cli_port_zero_generated_key_and_clean_sigterm(tmp_path: Path) -> 
         assert line.startswith("listening on tcp://127.0.0.1:"), line
         port = int(line.rsplit(":", 1)[1])
         assert port > 0
-        with resolve_descriptor(QueueDescriptor.create("rpc", "cli", host="127.0.0.1", port=port,
-                                                       key_file=str(key_file))) as q:
+        with resolve_descriptor(
+            QueueDescriptor.create("rpc", "cli", host="127.0.0.1", port=port, key_file=str(key_file))
+        ) as q:
             q.put({"x": 1})
             assert q.get(timeout=5) == {"x": 1}
         proc.send_signal(signal.SIGTERM)
@@ -131,9 +135,12 @@ def test_serve_cli_port_zero_generated_key_and_clean_sigterm(tmp_path: Path) -> 
 @pytest.mark.spec("RPC1")
 @pytest.mark.timeout(60)
 def test_serve_sigint_exits_zero(rpc_key_file: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "sage_queue.backends.rpc.server", "--port", "0",
-                             "--key-file", rpc_key_file], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sage_queue.backends.rpc.server", "--port", "0", "--key-file", rpc_key_file],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("listening on tcp://127.0.0.1:")
@@ -235,8 +242,11 @@ def test_bad_frames_are_dropped_counted_and_the_server_keeps_serving(tmp_path: P
     bomb = pickle.dumps(Exploit())
     key = load_key(rpc_key_file)
     with RPCQueueServer.spawn(key_file=rpc_key_file, max_frame=1 << 20) as server:
-        q = resolve_descriptor(QueueDescriptor.create("rpc", "victim", host=server.address[0],
-                                                      port=server.address[1], key_file=rpc_key_file))
+        q = resolve_descriptor(
+            QueueDescriptor.create(
+                "rpc", "victim", host=server.address[0], port=server.address[1], key_file=rpc_key_file
+            )
+        )
         raw = RawClient(server.address, key)
         raw.hello()
         before = status(q)
@@ -306,8 +316,11 @@ def test_retransmission_executes_once_and_replays_are_dropped(rpc_server: Server
     assert raw.recv() == ["ok", [b"one"]]
     assert raw.call(5, ["qsize", "dedupe", uid]) == ["ok", 0]
     # A replay of an older request (seq 2 < 5): dropped without an answer, counted.
-    with resolve_descriptor(QueueDescriptor.create("rpc", "dedupe", host=rpc_server.address[0],
-                                                   port=rpc_server.address[1], key_file=rpc_key_file)) as q:
+    with resolve_descriptor(
+        QueueDescriptor.create(
+            "rpc", "dedupe", host=rpc_server.address[0], port=rpc_server.address[1], key_file=rpc_key_file
+        )
+    ) as q:
         before = status(q)["rejected_replay"]
         raw.send_raw(put)
         assert raw.recv(timeout=0.5) is None
@@ -327,28 +340,30 @@ def test_keys_wrong_key_and_key_file_permissions(tmp_path: Path, rpc_server: Ser
     host, port = rpc_server.address
     wrong, _ = generate_key_file(str(tmp_path / "wrong.key"))
     with pytest.raises(QueueNotFound, match="does not share our key"):
-        resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(wrong),
-                                                  connect_timeout=1.0))
+        resolve_descriptor(
+            QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(wrong), connect_timeout=1.0)
+        )
     loose = tmp_path / "loose.key"
     loose.write_text(os.urandom(32).hex())
     loose.chmod(0o644)
     with pytest.raises(QueuePermissionError, match="group and others"):
         resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(loose)))
     with pytest.raises(QueuePermissionError, match="cannot read"):
-        resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port,
-                                                  key_file=str(tmp_path / "absent")))
+        resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(tmp_path / "absent")))
     with pytest.raises(QueuePermissionError, match="unset"):
         resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_env="SAGEQ_NO_SUCH_VAR"))
 
 
 @pytest.mark.spec("RPC4")
 @pytest.mark.timeout(60)
-def test_key_env_and_the_key_never_in_the_descriptor(rpc_server: ServerProcess, rpc_key_file: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_env_and_the_key_never_in_the_descriptor(
+    rpc_server: ServerProcess, rpc_key_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_hex = Path(rpc_key_file).read_text().strip()
     monkeypatch.setenv("SAGEQ_TEST_RPC_KEY", key_hex)
-    d = QueueDescriptor.create("rpc", "envkey", host=rpc_server.address[0], port=rpc_server.address[1],
-                               key_env="SAGEQ_TEST_RPC_KEY")
+    d = QueueDescriptor.create(
+        "rpc", "envkey", host=rpc_server.address[0], port=rpc_server.address[1], key_env="SAGEQ_TEST_RPC_KEY"
+    )
     assert key_hex not in d.to_json()
     with resolve_descriptor(d) as q:
         q.put(b"k")
@@ -533,8 +548,9 @@ def test_subprocess_child_with_only_the_descriptor_json(rpc: RpcFactory) -> None
         "q.put(('back', [i['n'] for i in items]))\n"
         "q.close()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=q.descriptor.to_json(), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=q.descriptor.to_json(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert q.get(timeout=10) == ("back", [0, 1, 2, 3, 4])
     assert json.loads(q.descriptor.to_json())["queue_type"] == "rpc"
@@ -549,8 +565,9 @@ def test_reconnect_after_a_restart_of_a_memory_server(tmp_path: Path, rpc_key_fi
     server = RPCQueueServer.spawn(key_file=rpc_key_file)
     host, port = server.address
     try:
-        q = resolve_descriptor(QueueDescriptor.create("rpc", "rs", host=host, port=port, key_file=rpc_key_file,
-                                                      retry_timeout=20.0))
+        q = resolve_descriptor(
+            QueueDescriptor.create("rpc", "rs", host=host, port=port, key_file=rpc_key_file, retry_timeout=20.0)
+        )
         q.put("lost with the instance")
         got: list[Any] = []
         t = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
@@ -576,8 +593,9 @@ def test_reconnect_after_a_restart_of_a_memory_server(tmp_path: Path, rpc_key_fi
 def test_a_dead_server_gives_queue_connection_error_in_bounded_time(rpc_key_file: str) -> None:
     server = RPCQueueServer.spawn(key_file=rpc_key_file)
     host, port = server.address
-    q = resolve_descriptor(QueueDescriptor.create("rpc", "dead", host=host, port=port, key_file=rpc_key_file,
-                                                  retry_timeout=1.5))
+    q = resolve_descriptor(
+        QueueDescriptor.create("rpc", "dead", host=host, port=port, key_file=rpc_key_file, retry_timeout=1.5)
+    )
     server.kill()
     t0 = time.monotonic()
     with pytest.raises(QueueConnectionError):
@@ -589,8 +607,9 @@ def test_a_dead_server_gives_queue_connection_error_in_bounded_time(rpc_key_file
     assert time.monotonic() - t0 < 10
     q.close()
     with pytest.raises(QueueNotFound):
-        resolve_descriptor(QueueDescriptor.create("rpc", "dead", host=host, port=port, key_file=rpc_key_file,
-                                                  connect_timeout=0.5))
+        resolve_descriptor(
+            QueueDescriptor.create("rpc", "dead", host=host, port=port, key_file=rpc_key_file, connect_timeout=0.5)
+        )
 
 
 @pytest.mark.spec("RPC14", "RPC10")
@@ -660,8 +679,7 @@ def test_durable_store_file_mode_and_restart_keeps_items(tmp_path: Path, rpc_key
     data = tmp_path / "d"
     with RPCQueueServer(key_file=rpc_key_file, data_dir=str(data)) as server:
         host, port = server.address
-        q = resolve_descriptor(QueueDescriptor.create("rpc", "keep", 2, host=host, port=port,
-                                                      key_file=rpc_key_file))
+        q = resolve_descriptor(QueueDescriptor.create("rpc", "keep", 2, host=host, port=port, key_file=rpc_key_file))
         q.put_many(["a", "b"])
         assert q.get() == "a"
         q.put("c")
@@ -669,8 +687,9 @@ def test_durable_store_file_mode_and_restart_keeps_items(tmp_path: Path, rpc_key
     assert stat.S_IMODE((data / "queues.sqlite3").stat().st_mode) == 0o600
     with RPCQueueServer(key_file=rpc_key_file, data_dir=str(data)) as server:
         host, port = server.address
-        q = resolve_descriptor(QueueDescriptor.create("rpc", "keep", 2, host=host, port=port,
-                                                      key_file=rpc_key_file, create=False))
+        q = resolve_descriptor(
+            QueueDescriptor.create("rpc", "keep", 2, host=host, port=port, key_file=rpc_key_file, create=False)
+        )
         assert q.get_many(5) == ["b", "c"]
         s = q.stats()
         assert (s.puts, s.gets) == (3, 3)
@@ -780,8 +799,9 @@ def test_a_spawned_server_never_outlives_its_parent(rpc_key_file: str) -> None:
 
 @pytest.mark.spec("RPC2", "RPC10")
 @pytest.mark.timeout(60)
-def test_a_silent_parked_client_is_handed_no_item(rpc: RpcFactory, rpc_server: ServerProcess,
-                                                  rpc_key_file: str) -> None:
+def test_a_silent_parked_client_is_handed_no_item(
+    rpc: RpcFactory, rpc_server: ServerProcess, rpc_key_file: str
+) -> None:
     q = rpc()
     name, uid = q.descriptor.metadata["name"], q._uid
     raw = RawClient(rpc_server.address, load_key(rpc_key_file))
@@ -801,9 +821,9 @@ def test_a_silent_parked_client_is_handed_no_item(rpc: RpcFactory, rpc_server: S
 
 @pytest.mark.spec("RPC5")
 @pytest.mark.timeout(60)
-def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(rpc: RpcFactory,
-                                                                                rpc_server: ServerProcess,
-                                                                                rpc_key_file: str) -> None:
+def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(
+    rpc: RpcFactory, rpc_server: ServerProcess, rpc_key_file: str
+) -> None:
     q = rpc(2)
     q.put("kept")
     name, uid = q.descriptor.metadata["name"], q._uid

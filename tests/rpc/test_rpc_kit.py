@@ -19,8 +19,13 @@ class TestRpcKit(conformance.QueueConformance):
     close, stats); the queues are made by the kit's own factory for registered types."""
 
     @pytest.fixture
-    def queue_target(self, rpc_server: ServerProcess, rpc_key_file: str,
-                     remote_host: tuple[ServerProcess, str] | str, monkeypatch: pytest.MonkeyPatch) -> Target:
+    def queue_target(
+        self,
+        rpc_server: ServerProcess,
+        rpc_key_file: str,
+        remote_host: tuple[ServerProcess, str] | str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> Target:
         server = rpc_server
         if isinstance(remote_host, tuple):
             server, remote_python = remote_host

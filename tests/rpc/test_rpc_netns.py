@@ -90,9 +90,24 @@ q.close()
 def test_server_and_clients_on_two_hosts(two_hosts: tuple[str, str, str], rpc_key_file: str) -> None:
     srv_ns, cli_ns, address = two_hosts
     server = subprocess.Popen(
-        ["ip", "netns", "exec", srv_ns, sys.executable, "-m", "sage_queue.backends.rpc.server",
-         "--host", address, "--port", "0", "--key-file", rpc_key_file],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            srv_ns,
+            sys.executable,
+            "-m",
+            "sage_queue.backends.rpc.server",
+            "--host",
+            address,
+            "--port",
+            "0",
+            "--key-file",
+            rpc_key_file,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert server.stdout is not None
@@ -102,11 +117,19 @@ def test_server_and_clients_on_two_hosts(two_hosts: tuple[str, str, str], rpc_ke
         desc = QueueDescriptor.create("rpc", "two-hosts", host=address, port=port, key_file=rpc_key_file)
         # The server is another host: not reachable from this namespace, only from the client one.
         with pytest.raises(QueueNotFound):
-            resolve_descriptor(QueueDescriptor.create("rpc", "two-hosts", host=address, port=port,
-                                                      key_file=rpc_key_file, connect_timeout=0.5))
+            resolve_descriptor(
+                QueueDescriptor.create(
+                    "rpc", "two-hosts", host=address, port=port, key_file=rpc_key_file, connect_timeout=0.5
+                )
+            )
         clients = [
-            subprocess.Popen(["ip", "netns", "exec", cli_ns, sys.executable, "-c", CLIENT, role],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                ["ip", "netns", "exec", cli_ns, sys.executable, "-c", CLIENT, role],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for role in ("consume", "produce")
         ]
         for c in clients:  # both get the descriptor before either is waited for

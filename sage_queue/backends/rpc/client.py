@@ -80,8 +80,9 @@ class RPCQueueStub(QueueStub):
     """A handle on queue ``metadata["name"]`` of the server at ``host:port``."""
 
     queue_type: ClassVar[str] = "rpc"
-    capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, BATCH, CLOSE,
-                                                        STATS})
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, BATCH, CLOSE, STATS}
+    )
     local_service = staticmethod(local_service)
     """The service this backend needs, for tools (demo, kit): a throw-away server; see stub.py."""
 
@@ -377,7 +378,7 @@ class RPCQueueStub(QueueStub):
             except Exception:
                 # Q34: the bad item is lost alone. Items after it go back to the head; the bad one too if
                 # good items come before it (they are returned now, the next call meets it).
-                back = data[i + 1:] if i == 0 else data[i:]
+                back = data[i + 1 :] if i == 0 else data[i:]
                 if back:
                     self._request(["unget", back], 0.0)
                 if i == 0:
@@ -393,8 +394,7 @@ class RPCQueueStub(QueueStub):
 
     def _stats(self) -> QueueStats:
         _, puts, gets, depth, b_in, b_out, waits = self._request(["stats"], 0.0)
-        return QueueStats(scope="queue", puts=puts, gets=gets, depth=depth, bytes_in=b_in, bytes_out=b_out,
-                          waits=waits)
+        return QueueStats(scope="queue", puts=puts, gets=gets, depth=depth, bytes_in=b_in, bytes_out=b_out, waits=waits)
 
     def server_status(self) -> dict[str, Any]:
         """The server's own counters: clients, queues, items, bytes, requests, rejected frames by reason."""

@@ -150,8 +150,15 @@ class RPCQueueServer:
         self._timers: list[tuple[float, int, _Waiter]] = []
         self._timer_seq = 0
         self.counters: dict[str, int] = {
-            "requests": 0, "rejected_auth": 0, "rejected_malformed": 0, "rejected_oversized": 0,
-            "rejected_replay": 0, "rejected_stale": 0, "bytes_in": 0, "bytes_out": 0, "internal_errors": 0,
+            "requests": 0,
+            "rejected_auth": 0,
+            "rejected_malformed": 0,
+            "rejected_oversized": 0,
+            "rejected_replay": 0,
+            "rejected_stale": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "internal_errors": 0,
         }
         if self._store is not None:
             self._load()
@@ -268,8 +275,9 @@ class RPCQueueServer:
         self.counters["bytes_in"] += len(frame)
         op = body[0]
         if op == "hello":
-            self._send(route, header.client_id, header.seq, ["ok", self.instance, self.max_frame,
-                                                              self._store is not None])
+            self._send(
+                route, header.client_id, header.seq, ["ok", self.instance, self.max_frame, self._store is not None]
+            )
             return
         if header.instance != self.instance:
             # Not for this server instance (it restarted without its state): the client says hello
@@ -286,8 +294,9 @@ class RPCQueueServer:
                 self._cancel(client)
                 self._send(route, client.client_id, header.seq, ["ok"])
             return
-        if header.seq < client.seq or (header.seq == client.seq and client.reply is None and client.pending is None
-                                       and client.unparked is None):
+        if header.seq < client.seq or (
+            header.seq == client.seq and client.reply is None and client.pending is None and client.unparked is None
+        ):
             self.counters["rejected_replay"] += 1
             return
         client.route = route
@@ -322,8 +331,13 @@ class RPCQueueServer:
         except zmq.ZMQError:  # the peer is gone: it will retransmit and get the stored reply
             pass
 
-    def _finish(self, client: _Client, waiter: Optional[_Waiter], reply: list[Any],
-                held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None) -> None:
+    def _finish(
+        self,
+        client: _Client,
+        waiter: Optional[_Waiter],
+        reply: list[Any],
+        held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None,
+    ) -> None:
         """Record ``reply`` as the answer to the client's current request and send it."""
         if waiter is not None:
             waiter.done = True
@@ -354,8 +368,10 @@ class RPCQueueServer:
                     self._store.create_queue(name, q.uid, maxsize)
                     return self._commit(client, ["ok", q.uid], in_txn=True)
             elif q.maxsize != maxsize:
-                return self._commit(client, ["err", "incompatible",
-                                             f"queue {name!r} has maxsize {q.maxsize}, the descriptor says {maxsize}"])
+                return self._commit(
+                    client,
+                    ["err", "incompatible", f"queue {name!r} has maxsize {q.maxsize}, the descriptor says {maxsize}"],
+                )
             return self._commit(client, ["ok", q.uid])
         if op == "status":
             return self._commit(client, ["ok", self.status()])
@@ -385,8 +401,9 @@ class RPCQueueServer:
                 return self._pump(q)
             if timeout == 0:
                 return self._commit(client, ["empty"])
-            self._park(_Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items, body=body),
-                       q.getters)
+            self._park(
+                _Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items, body=body), q.getters
+            )
         elif op == "unget":  # items a client could not decode after them: back to the head (Q34)
             items = args[2]
             if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
@@ -413,17 +430,26 @@ class RPCQueueServer:
         else:
             raise ValueError
 
-    def _commit(self, client: _Client, reply: list[Any], in_txn: bool = False,
-                held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None,
-                waiter: Optional[_Waiter] = None) -> None:
+    def _commit(
+        self,
+        client: _Client,
+        reply: list[Any],
+        in_txn: bool = False,
+        held: Optional[tuple[str, bytes, list[tuple[int, bytes]]]] = None,
+        waiter: Optional[_Waiter] = None,
+    ) -> None:
         """Persist the client's record (with any mutation already in the open transaction), then reply."""
         if self._store is not None:
             msgpack = msgpack_module()
             if not in_txn:
                 self._store.begin()
-            self._store.client(client.client_id, client.seq, msgpack.packb(reply, use_bin_type=True),
-                               None if held is None else held[0],
-                               None if held is None else msgpack.packb([held[1], held[2]], use_bin_type=True))
+            self._store.client(
+                client.client_id,
+                client.seq,
+                msgpack.packb(reply, use_bin_type=True),
+                None if held is None else held[0],
+                None if held is None else msgpack.packb([held[1], held[2]], use_bin_type=True),
+            )
             self._store.commit()
         self._finish(client, waiter, reply, held)
 
@@ -457,8 +483,13 @@ class RPCQueueServer:
             self._store.begin()
             self._store.remove_items(q.name, [p for p, _ in taken])
             self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
-        self._commit(client, ["ok", [d for _, d in taken]], in_txn=self._store is not None,
-                     held=(q.name, q.uid, taken), waiter=waiter)
+        self._commit(
+            client,
+            ["ok", [d for _, d in taken]],
+            in_txn=self._store is not None,
+            held=(q.name, q.uid, taken),
+            waiter=waiter,
+        )
 
     def _pump(self, q: _Queue) -> None:
         """Answer parked waiters of ``q`` while they can proceed (a loop, not a recursion)."""
@@ -557,8 +588,17 @@ class RPCQueueServer:
         msgpack = msgpack_module()
         assert self._store is not None
         for name, uid, maxsize, puts, gets, b_in, b_out, items in self._store.load_queues():
-            q = _Queue(name, uid, maxsize, deque(items), (items[-1][0] + 1) if items else 0,
-                       puts=puts, gets=gets, bytes_in=b_in, bytes_out=b_out)
+            q = _Queue(
+                name,
+                uid,
+                maxsize,
+                deque(items),
+                (items[-1][0] + 1) if items else 0,
+                puts=puts,
+                gets=gets,
+                bytes_in=b_in,
+                bytes_out=b_out,
+            )
             self._queues[name] = q
         now = time.monotonic()
         for client_id, seq, reply, held, held_items in self._store.load_clients():
@@ -572,11 +612,30 @@ class RPCQueueServer:
     # -- a child process -------------------------------------------------------------------
 
     @classmethod
-    def spawn(cls, host: str = "127.0.0.1", port: int = 0, *, key_file: str, data_dir: Optional[str] = None,
-              max_frame: Optional[int] = None, timeout: float = 20.0) -> ServerProcess:
+    def spawn(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        key_file: str,
+        data_dir: Optional[str] = None,
+        max_frame: Optional[int] = None,
+        timeout: float = 20.0,
+    ) -> ServerProcess:
         """Start ``sage-queue serve`` in a child process; returns once it listens."""
-        cmd = [sys.executable, "-m", "sage_queue.backends.rpc.server", "--host", host, "--port", str(port),
-               "--key-file", key_file, "--exit-with-parent", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sage_queue.backends.rpc.server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--key-file",
+            key_file,
+            "--exit-with-parent",
+            str(os.getpid()),
+        ]
         if data_dir is not None:
             cmd += ["--data-dir", data_dir]
         if max_frame is not None:
@@ -599,7 +658,7 @@ class ServerProcess:
         if not line.startswith("listening on tcp://"):
             self.kill()
             raise RuntimeError(f"rpc server did not start: {' '.join(cmd)} (exit {self.proc.poll()})")
-        host, _, port = line.strip()[len("listening on tcp://"):].rpartition(":")
+        host, _, port = line.strip()[len("listening on tcp://") :].rpartition(":")
         self.address = (host, int(port))
 
     @property
@@ -670,19 +729,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="sage-queue serve", description="serve rpc queues over ZeroMQ")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port; 0 picks a free one (printed)")
-    parser.add_argument("--key-file", default=None,
-                        help=f"shared key file (hex); created 0600 if absent (default {default_key_path()})")
+    parser.add_argument(
+        "--key-file", default=None, help=f"shared key file (hex); created 0600 if absent (default {default_key_path()})"
+    )
     parser.add_argument("--data-dir", default=None, help="keep queues durably in SQLite (WAL) in this directory")
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest request in bytes")
-    parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
-                        help="stop when process PID is no longer our parent")
+    parser.add_argument(
+        "--exit-with-parent",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="stop when process PID is no longer our parent",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        server = RPCQueueServer(args.host, args.port, key_file=args.key_file, data_dir=args.data_dir,
-                                max_frame=args.max_frame)
+        server = RPCQueueServer(
+            args.host, args.port, key_file=args.key_file, data_dir=args.data_dir, max_frame=args.max_frame
+        )
     except (OSError, zmq.ZMQError) as exc:
         print(f"sage-queue serve: {exc}", file=sys.stderr)
         return 1

@@ -58,14 +58,18 @@ class Store:
         for name, uid, maxsize, puts, gets, b_in, b_out in self.db.execute(
             "SELECT name, uid, maxsize, puts, gets, bytes_in, bytes_out FROM queues"
         ).fetchall():
-            items = [(int(p), bytes(d)) for p, d in self.db.execute(
-                "SELECT pos, data FROM items WHERE name=? ORDER BY pos", (name,))]
+            items = [
+                (int(p), bytes(d))
+                for p, d in self.db.execute("SELECT pos, data FROM items WHERE name=? ORDER BY pos", (name,))
+            ]
             out.append((name, bytes(uid), maxsize, puts, gets, b_in, b_out, items))
         return out
 
     def load_clients(self) -> list[tuple[bytes, int, Optional[bytes], Optional[str], Optional[bytes]]]:
-        return [(bytes(c), s, None if r is None else bytes(r), h, None if hi is None else bytes(hi))
-                for c, s, r, h, hi in self.db.execute("SELECT client_id, seq, reply, held, held_items FROM clients")]
+        return [
+            (bytes(c), s, None if r is None else bytes(r), h, None if hi is None else bytes(hi))
+            for c, s, r, h, hi in self.db.execute("SELECT client_id, seq, reply, held, held_items FROM clients")
+        ]
 
     # Each of the following is one transaction.
 
@@ -83,20 +87,22 @@ class Store:
         self.db.execute("DELETE FROM items WHERE name=?", (name,))
 
     def add_items(self, name: str, items: Iterable[tuple[int, bytes]]) -> None:
-        self.db.executemany("INSERT INTO items (name, pos, data) VALUES (?, ?, ?)",
-                            [(name, p, d) for p, d in items])
+        self.db.executemany("INSERT INTO items (name, pos, data) VALUES (?, ?, ?)", [(name, p, d) for p, d in items])
 
     def remove_items(self, name: str, positions: list[int]) -> None:
         self.db.executemany("DELETE FROM items WHERE name=? AND pos=?", [(name, p) for p in positions])
 
     def counters(self, name: str, puts: int, gets: int, b_in: int, b_out: int) -> None:
-        self.db.execute("UPDATE queues SET puts=?, gets=?, bytes_in=?, bytes_out=? WHERE name=?",
-                        (puts, gets, b_in, b_out, name))
+        self.db.execute(
+            "UPDATE queues SET puts=?, gets=?, bytes_in=?, bytes_out=? WHERE name=?", (puts, gets, b_in, b_out, name)
+        )
 
-    def client(self, client_id: bytes, seq: int, reply: Optional[bytes], held: Optional[str],
-               held_items: Optional[bytes]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)",
-                        (client_id, seq, reply, held, held_items))
+    def client(
+        self, client_id: bytes, seq: int, reply: Optional[bytes], held: Optional[str], held_items: Optional[bytes]
+    ) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)", (client_id, seq, reply, held, held_items)
+        )
 
     def forget_clients(self, client_ids: list[bytes]) -> None:
         self.db.executemany("DELETE FROM clients WHERE client_id=?", [(c,) for c in client_ids])

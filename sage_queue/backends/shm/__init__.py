@@ -34,8 +34,21 @@ from .locks import CONSUMER, PRODUCER
 from .segments import describe_segment, remove_segment
 
 __all__ = [
-    "SharedMemoryQueueStub", "describe_segment", "remove_segment",
-    "DEFAULT_CAPACITY_BYTES", "LAYOUT_VERSION", "SEGMENT_KIND",
-    "C_WORD_OFFSET", "CONSUMER", "DATA_OFFSET", "MAGIC", "MAX_CAPACITY_BYTES", "MIN_CAPACITY_BYTES",
-    "P_WORD_OFFSET", "PID_OVERFLOW_OFFSET", "PRODUCER", "STATE_OFFSET", "VERSION_OFFSET",
+    "SharedMemoryQueueStub",
+    "describe_segment",
+    "remove_segment",
+    "DEFAULT_CAPACITY_BYTES",
+    "LAYOUT_VERSION",
+    "SEGMENT_KIND",
+    "C_WORD_OFFSET",
+    "CONSUMER",
+    "DATA_OFFSET",
+    "MAGIC",
+    "MAX_CAPACITY_BYTES",
+    "MIN_CAPACITY_BYTES",
+    "P_WORD_OFFSET",
+    "PID_OVERFLOW_OFFSET",
+    "PRODUCER",
+    "STATE_OFFSET",
+    "VERSION_OFFSET",
 ]

@@ -34,8 +34,13 @@ class Futex:
         self._syscall = libc.syscall
         self._syscall.restype = ctypes.c_long
         self._syscall.argtypes = [
-            ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_uint,
         ]
         self._number = number
 

@@ -208,7 +208,7 @@ class SharedMemoryQueueStub(QueueStub):
             lock_fd = self._open_lock_fd(seg.file_id)
         except BaseException:
             # A segment we created but never marked usable is ours alone: do not leave it behind.
-            abandoned = seg.created and seg.buf[MAGIC_OFFSET:MAGIC_OFFSET + 8] != MAGIC
+            abandoned = seg.created and seg.buf[MAGIC_OFFSET : MAGIC_OFFSET + 8] != MAGIC
             seg.close()
             if abandoned:
                 seg.unlink()
@@ -231,16 +231,24 @@ class SharedMemoryQueueStub(QueueStub):
         # The segment is zero-filled by ftruncate (both commit words 0 = empty); write the
         # fixed fields, then the magic last: attachers use the segment only once it is set.
         FIXED.pack_into(
-            seg.buf, 0, b"\0" * 8, LAYOUT_VERSION, DATA_OFFSET, self._want_capacity, self._want_maxsize,
-            secrets.randbits(64), os.getpid(), 0,
+            seg.buf,
+            0,
+            b"\0" * 8,
+            LAYOUT_VERSION,
+            DATA_OFFSET,
+            self._want_capacity,
+            self._want_maxsize,
+            secrets.randbits(64),
+            os.getpid(),
+            0,
         )
         if not OFD:
             os.close(os.open(lock_path(self._name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
-        seg.buf[MAGIC_OFFSET:MAGIC_OFFSET + 8] = MAGIC
+        seg.buf[MAGIC_OFFSET : MAGIC_OFFSET + 8] = MAGIC
 
     def _wait_initialised(self, seg: Segment) -> None:
         deadline = time.monotonic() + _INIT_WAIT_S
-        while seg.size >= DATA_OFFSET and seg.buf[MAGIC_OFFSET:MAGIC_OFFSET + 8] == b"\0" * 8:
+        while seg.size >= DATA_OFFSET and seg.buf[MAGIC_OFFSET : MAGIC_OFFSET + 8] == b"\0" * 8:
             if time.monotonic() >= deadline:
                 raise IncompatibleQueue(
                     f"shm queue {self._name!r} exists but its creator never finished initialising it "
@@ -400,7 +408,8 @@ class SharedMemoryQueueStub(QueueStub):
         buf = self._buf
         other_word = C_WORD_OFFSET if side == PRODUCER else P_WORD_OFFSET
         seq_offset, waiters_offset, epoch_offset, stats_offset = (
-            (GET_SEQ_OFFSET, PUT_WAITERS_OFFSET, PUT_SLEEP_EPOCH_OFFSET, PUT_STATS_OFFSET) if side == PRODUCER
+            (GET_SEQ_OFFSET, PUT_WAITERS_OFFSET, PUT_SLEEP_EPOCH_OFFSET, PUT_STATS_OFFSET)
+            if side == PRODUCER
             else (PUT_SEQ_OFFSET, GET_WAITERS_OFFSET, GET_SLEEP_EPOCH_OFFSET, GET_STATS_OFFSET)
         )
         unpack_from = U64.unpack_from
@@ -510,14 +519,18 @@ class SharedMemoryQueueStub(QueueStub):
                     used = (tail - head) % capacity if (tail != head or not count) else capacity
                     maxsize = self._maxsize_bound
                     if (
-                        tail + size <= capacity and head < capacity and used + size <= capacity
-                        and count << 3 <= used and (count or not used) and not 0 < maxsize <= count
+                        tail + size <= capacity
+                        and head < capacity
+                        and used + size <= capacity
+                        and count << 3 <= used
+                        and (count or not used)
+                        and not 0 < maxsize <= count
                     ):
                         _pack_u64_into(buf, DATA_OFFSET + tail, length)  # free space: not yet visible
                         start = DATA_OFFSET + tail + RECORD_HEADER
-                        buf[start:start + length] = payload
+                        buf[start : start + length] = payload
                         # Commit: one aligned 8-byte store publishes the record.
-                        buf[P_WORD_OFFSET:P_WORD_OFFSET + 8] = commit_word(puts + 1, (tail + size) % capacity)
+                        buf[P_WORD_OFFSET : P_WORD_OFFSET + 8] = commit_word(puts + 1, (tail + size) % capacity)
                         if puts == MASK32:  # the 32-bit count wrapped: keep the 64-bit statistic
                             store64(buf, PUT_STATS_OFFSET, _unpack_u64(buf, PUT_STATS_OFFSET)[0] + 1)
                         done = True
@@ -539,9 +552,7 @@ class SharedMemoryQueueStub(QueueStub):
                 f"{self._capacity} (capacity_bytes)"
             )
         if 0 < self._maxsize_bound < len(items):
-            raise ValueError(
-                f"a batch of {len(items)} items can never fit in a queue of maxsize {self._maxsize_bound}"
-            )
+            raise ValueError(f"a batch of {len(items)} items can never fit in a queue of maxsize {self._maxsize_bound}")
         self._put_records(payloads, size, timeout)
 
     def _put_records(self, payloads: Any, size: int, timeout: Optional[float]) -> None:
@@ -572,8 +583,12 @@ class SharedMemoryQueueStub(QueueStub):
                     head = (c_word & MASK32) << 3
                     count = (puts - (c_word >> 32)) & MASK32
                     used = (tail - head) % capacity if (tail != head or not count) else capacity
-                    if tail >= capacity or head >= capacity or count << 3 > used or (used and not count) or (
-                        0 < maxsize < count
+                    if (
+                        tail >= capacity
+                        or head >= capacity
+                        or count << 3 > used
+                        or (used and not count)
+                        or (0 < maxsize < count)
                     ):
                         self._break(f"producer saw tail {tail}, head {head}, count {count} in a {capacity}-byte ring")
                     if used + size <= capacity and not 0 < maxsize < count + n:
@@ -581,7 +596,7 @@ class SharedMemoryQueueStub(QueueStub):
                         for payload in payloads:
                             pos = self._write_record(pos, payload)
                         # Commit: one aligned 8-byte store publishes every record above.
-                        buf[P_WORD_OFFSET:P_WORD_OFFSET + 8] = commit_word(puts + n, pos)
+                        buf[P_WORD_OFFSET : P_WORD_OFFSET + 8] = commit_word(puts + n, pos)
                         if puts + n > MASK32:  # the 32-bit count wrapped: keep the 64-bit statistic
                             store64(buf, PUT_STATS_OFFSET, unpack_u64(buf, PUT_STATS_OFFSET)[0] + 1)
                         committed = True
@@ -617,12 +632,12 @@ class SharedMemoryQueueStub(QueueStub):
             start = 0
         end = start + length
         if end <= capacity:
-            buf[DATA_OFFSET + start:DATA_OFFSET + end] = payload
+            buf[DATA_OFFSET + start : DATA_OFFSET + end] = payload
         else:
             first = capacity - start
             view = memoryview(payload)
-            buf[DATA_OFFSET + start:DATA_OFFSET + capacity] = view[:first]
-            buf[DATA_OFFSET:DATA_OFFSET + length - first] = view[first:]
+            buf[DATA_OFFSET + start : DATA_OFFSET + capacity] = view[:first]
+            buf[DATA_OFFSET : DATA_OFFSET + length - first] = view[first:]
         return (pos + record_size(length)) % capacity
 
     # -- hooks: get ----------------------------------------------------------------------
@@ -653,17 +668,21 @@ class SharedMemoryQueueStub(QueueStub):
                     tail = (p_word & MASK32) << 3
                     count = ((p_word >> 32) - gets) & MASK32
                     used = (tail - head) % capacity if (tail != head or not count) else capacity
-                    if count and tail < capacity and head < capacity and count << 3 <= used and not (
-                        0 < self._maxsize_bound < count
+                    if (
+                        count
+                        and tail < capacity
+                        and head < capacity
+                        and count << 3 <= used
+                        and not (0 < self._maxsize_bound < count)
                     ):
                         at = DATA_OFFSET + head
                         length = _unpack_u64(buf, at)[0]
                         rsize = RECORD_HEADER + ((length + 7) & ~7)
                         pos = head + rsize
                         if rsize <= used and pos <= capacity and (count > 1 or rsize == used):
-                            data = buf[at + RECORD_HEADER:at + RECORD_HEADER + length]
+                            data = buf[at + RECORD_HEADER : at + RECORD_HEADER + length]
                             # Commit: from this store on, producers may reuse the bytes copied out.
-                            buf[C_WORD_OFFSET:C_WORD_OFFSET + 8] = commit_word(gets + 1, pos % capacity)
+                            buf[C_WORD_OFFSET : C_WORD_OFFSET + 8] = commit_word(gets + 1, pos % capacity)
                             if gets == MASK32:
                                 store64(buf, GET_STATS_OFFSET, _unpack_u64(buf, GET_STATS_OFFSET)[0] + 1)
                 finally:
@@ -715,8 +734,12 @@ class SharedMemoryQueueStub(QueueStub):
                     tail = (p_word & MASK32) << 3
                     count = ((p_word >> 32) - gets) & MASK32
                     used = (tail - head) % capacity if (tail != head or not count) else capacity
-                    if tail >= capacity or head >= capacity or count << 3 > used or (used and not count) or (
-                        0 < maxsize < count
+                    if (
+                        tail >= capacity
+                        or head >= capacity
+                        or count << 3 > used
+                        or (used and not count)
+                        or (0 < maxsize < count)
                     ):
                         self._break(f"consumer saw tail {tail}, head {head}, count {count} in a {capacity}-byte ring")
                     if count:
@@ -729,18 +752,19 @@ class SharedMemoryQueueStub(QueueStub):
                             if rsize > left:
                                 self._break(f"record at {pos} claims {length} bytes, only {left} are in use")
                             if pos + rsize <= capacity:  # the record does not wrap (the common case)
-                                data = buf[at + RECORD_HEADER:at + RECORD_HEADER + length]
+                                data = buf[at + RECORD_HEADER : at + RECORD_HEADER + length]
                             else:
                                 start = pos + RECORD_HEADER
                                 if start == capacity:
                                     start = 0
                                 end = start + length
                                 if end <= capacity:  # only the length word was before the end
-                                    data = buf[DATA_OFFSET + start:DATA_OFFSET + end]
+                                    data = buf[DATA_OFFSET + start : DATA_OFFSET + end]
                                 else:
-                                    data = buf[DATA_OFFSET + start:DATA_OFFSET + capacity] + buf[
-                                        DATA_OFFSET:DATA_OFFSET + end - capacity
-                                    ]
+                                    data = (
+                                        buf[DATA_OFFSET + start : DATA_OFFSET + capacity]
+                                        + buf[DATA_OFFSET : DATA_OFFSET + end - capacity]
+                                    )
                             if decode:
                                 try:
                                     data = pickle.loads(data)
@@ -758,7 +782,7 @@ class SharedMemoryQueueStub(QueueStub):
                             if taken == count and left:
                                 self._break(f"{count} records end {left} bytes before the tail")
                         # Commit: from this store on, producers may reuse the bytes copied out.
-                        buf[C_WORD_OFFSET:C_WORD_OFFSET + 8] = commit_word(gets + taken, pos)
+                        buf[C_WORD_OFFSET : C_WORD_OFFSET + 8] = commit_word(gets + taken, pos)
                         if gets + taken > MASK32:
                             store64(buf, GET_STATS_OFFSET, unpack_u64(buf, GET_STATS_OFFSET)[0] + 1)
                         committed = True
@@ -814,8 +838,13 @@ class SharedMemoryQueueStub(QueueStub):
             gets = gets_wraps << 32 | U64.unpack_from(self._buf, C_WORD_OFFSET)[0] >> 32
             puts = puts_wraps << 32 | U64.unpack_from(self._buf, P_WORD_OFFSET)[0] >> 32
         return QueueStats(
-            scope="queue", puts=puts, gets=gets, depth=depth,
-            waits=put_waits + get_waits, abandoned=None, capacity_bytes=self._capacity,
+            scope="queue",
+            puts=puts,
+            gets=gets,
+            depth=depth,
+            waits=put_waits + get_waits,
+            abandoned=None,
+            capacity_bytes=self._capacity,
         )
 
     @property

@@ -65,29 +65,29 @@ MAX_CAPACITY_BYTES = 1 << 32
 RECORD_HEADER = 8
 """Bytes of the length word in front of every record; records are padded to 8."""
 
-MAGIC_OFFSET = 0             # 8s  magic, written last by the creator
-VERSION_OFFSET = 8           # u32 LAYOUT_VERSION
-HEADER_SIZE_OFFSET = 12      # u32 DATA_OFFSET
-CAPACITY_OFFSET = 16         # u64 ring bytes
-MAXSIZE_OFFSET = 24          # u64 item bound (0 = bytes only)
-INSTANCE_OFFSET = 32         # u64 random id of this incarnation
-CREATOR_PID_OFFSET = 40      # u32
-STATE_OFFSET = 44            # u32 DESTROYED | BROKEN bits, only ever set
-PID_OVERFLOW_OFFSET = 48     # u32 1 = the pid table is incomplete
-P_WORD_OFFSET = 64           # u64 producer commit word
+MAGIC_OFFSET = 0  # 8s  magic, written last by the creator
+VERSION_OFFSET = 8  # u32 LAYOUT_VERSION
+HEADER_SIZE_OFFSET = 12  # u32 DATA_OFFSET
+CAPACITY_OFFSET = 16  # u64 ring bytes
+MAXSIZE_OFFSET = 24  # u64 item bound (0 = bytes only)
+INSTANCE_OFFSET = 32  # u64 random id of this incarnation
+CREATOR_PID_OFFSET = 40  # u32
+STATE_OFFSET = 44  # u32 DESTROYED | BROKEN bits, only ever set
+PID_OVERFLOW_OFFSET = 48  # u32 1 = the pid table is incomplete
+P_WORD_OFFSET = 64  # u64 producer commit word
 PUT_SLEEP_EPOCH_OFFSET = 72  # u32
-PUT_WAITERS_OFFSET = 76      # u32
-PUT_STATS_OFFSET = 80        # u64 puts_wraps, u64 pad, u64 put_waits
-PUT_WOKEN_OFFSET = 104       # u64 1 << 32 | last consumer sleep epoch producers woke (0: none yet)
-C_WORD_OFFSET = 128          # u64 consumer commit word
+PUT_WAITERS_OFFSET = 76  # u32
+PUT_STATS_OFFSET = 80  # u64 puts_wraps, u64 pad, u64 put_waits
+PUT_WOKEN_OFFSET = 104  # u64 1 << 32 | last consumer sleep epoch producers woke (0: none yet)
+C_WORD_OFFSET = 128  # u64 consumer commit word
 GET_SLEEP_EPOCH_OFFSET = 136  # u32
-GET_WAITERS_OFFSET = 140     # u32
-GET_STATS_OFFSET = 144       # u64 gets_wraps, u64 pad, u64 get_waits
-GET_WOKEN_OFFSET = 168       # u64, as PUT_WOKEN_OFFSET
-PID_TABLE_OFFSET = 320       # PID_SLOTS x u32
+GET_WAITERS_OFFSET = 140  # u32
+GET_STATS_OFFSET = 144  # u64 gets_wraps, u64 pad, u64 get_waits
+GET_WOKEN_OFFSET = 168  # u64, as PUT_WOKEN_OFFSET
+PID_TABLE_OFFSET = 320  # PID_SLOTS x u32
 PID_SLOTS = 256
-DATA_OFFSET = 4096           # first byte of the ring
-WAITS_IN_STATS = 16          # offset of the waits counter inside a stats block
+DATA_OFFSET = 4096  # first byte of the ring
+WAITS_IN_STATS = 16  # offset of the waits counter inside a stats block
 
 DESTROYED = 1
 BROKEN = 2
@@ -149,11 +149,11 @@ def record_size(payload_len: int) -> int:
 # each carrying final values). Values are masked: a counter that wraps wraps, it never
 # raises struct.error (a corrupt segment may hold any value).
 def store32(buf: Any, offset: int, value: int) -> None:
-    buf[offset:offset + 4] = U32.pack(value & MASK32)
+    buf[offset : offset + 4] = U32.pack(value & MASK32)
 
 
 def store64(buf: Any, offset: int, value: int) -> None:
-    buf[offset:offset + 8] = U64.pack(value & MASK64)
+    buf[offset : offset + 8] = U64.pack(value & MASK64)
 
 
 def commit_word(count: int, offset: int) -> bytes:

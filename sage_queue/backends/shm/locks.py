@@ -35,8 +35,14 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "CONSUMER", "OFD", "PRODUCER", "SIDE_LOCKS", "TWO_LOCKS",
-    "lock_path", "os_lock", "os_unlock",
+    "CONSUMER",
+    "OFD",
+    "PRODUCER",
+    "SIDE_LOCKS",
+    "TWO_LOCKS",
+    "lock_path",
+    "os_lock",
+    "os_unlock",
 ]
 
 _TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -61,7 +67,8 @@ _fcntl_call: Any = getattr(fcntl, "fcntl", None)
 # fcntl(fd, F_OFD_SETLKW, struct flock)).
 SIDE_LOCKS: Any = (
     (_flock, (_LOCK_EX,), (_LOCK_UN,)),
-    (_fcntl_call, (_F_OFD_SETLKW, _LOCK_REQ), (_F_OFD_SETLKW, _UNLOCK_REQ)) if TWO_LOCKS
+    (_fcntl_call, (_F_OFD_SETLKW, _LOCK_REQ), (_F_OFD_SETLKW, _UNLOCK_REQ))
+    if TWO_LOCKS
     else (_flock, (_LOCK_EX,), (_LOCK_UN,)),
 )
 

@@ -47,14 +47,25 @@ def describe_segment(name: str) -> SegmentInfo:
         magic, version, _hsize, capacity, _maxsize, _instance, creator, state = FIXED.unpack_from(buf, 0)
         if magic == b"\0" * 8:
             return SegmentInfo(
-                SEGMENT_KIND, name, seg.size, None, (), creator_pid=creator or None,
+                SEGMENT_KIND,
+                name,
+                seg.size,
+                None,
+                (),
+                creator_pid=creator or None,
                 note="uninitialised (its creator died while creating it, or is creating it now)",
             )
         if magic != MAGIC:
             return SegmentInfo(SEGMENT_KIND, name, seg.size, None, (), note=f"not an shm queue (magic {magic!r})")
         if version != LAYOUT_VERSION:
             return SegmentInfo(
-                SEGMENT_KIND, name, seg.size, None, (), creator_pid=creator, format_version=version,
+                SEGMENT_KIND,
+                name,
+                seg.size,
+                None,
+                (),
+                creator_pid=creator,
+                format_version=version,
                 note=f"layout version {version}; this library reads {LAYOUT_VERSION}",
             )
         gets = U64.unpack_from(buf, C_WORD_OFFSET)[0] >> 32
@@ -70,8 +81,14 @@ def describe_segment(name: str) -> SegmentInfo:
         if U32.unpack_from(buf, PID_OVERFLOW_OFFSET)[0]:
             notes.append("pid table overflowed: the attached pids are incomplete")
         return SegmentInfo(
-            SEGMENT_KIND, name, seg.size, depth, pids, creator_pid=creator,
-            format_version=version, note="; ".join(notes),
+            SEGMENT_KIND,
+            name,
+            seg.size,
+            depth,
+            pids,
+            creator_pid=creator,
+            format_version=version,
+            note="; ".join(notes),
         )
     finally:
         seg.close()
