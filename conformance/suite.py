@@ -363,6 +363,10 @@ class QueueConformance:
             return _children.Child.start(_children.Inherited(q), mode, *args, context=sharing)
         return _children.Child.start(source, mode, *args, context=context)
 
+    def _forks(self) -> bool:
+        """Whether deadlock-prone bodies run in a forked child (else in a thread of this process)."""
+        return self.target.sharing != "hook" and self.target.survives_fork
+
     def isolated_handles(self, maxsizes: list[int]) -> Callable[[], list[Any]]:
         """For a body run by :func:`~conformance._isolation.run_isolated`: what the child calls to get one
         handle per entry of ``maxsizes``.
@@ -371,7 +375,7 @@ class QueueConformance:
         descriptors in the child, so that the target's cleanup destroys them even when the child had to
         be killed. Other targets' queues are made in the child and die with it.
         """
-        if self.target.sharing == "hook":
+        if not self._forks():
             made = [self.make(m) for m in maxsizes]  # the body runs in a thread here (see run_isolated(fork=))
             return lambda: made
         if self.target.has("cross_process") and self.target.sharing != "descriptor":
@@ -620,7 +624,7 @@ class QueueConformance:
             lambda: self._many_threads(attach()[0], budget=0.8 * limit),
             limit,
             f"{total} threads sharing one handle",
-            fork=self.target.sharing != "hook",
+            fork=self._forks(),
         )
 
     def _many_threads(self, q: Any, budget: float) -> None:
@@ -1127,8 +1131,11 @@ class QueueConformance:
         """
         if not (CAN_ISOLATE and hasattr(signal, "pthread_kill")):
             pytest.skip("needs os.fork and signal.pthread_kill (POSIX) to run a main thread that may hang")
-        if self.target.sharing == "hook":
-            pytest.skip("runs in a forked child, and a hook target's handles are not assumed to survive a fork")
+        if not self._forks():
+            pytest.skip(
+                "runs in a forked child, and this target's handles do not survive a fork (a hook target's "
+                "are not assumed to; others say so with survives_fork = False)"
+            )
         attach = self.isolated_handles([1, 1])
         bound = CLOSE_WAKEUP_S * self.ts + 0.5
         steps: list[str] = []

@@ -66,6 +66,9 @@ class Target:
     sharing: str = "descriptor"
     share: Optional[Callable[[Any], Any]] = None
     attach: Optional[Callable[[Any], Any]] = None
+    survives_fork: bool = True
+    """False when a handle (or the connection under it, e.g. a Ray driver's) is unusable in a forked
+    child: the kit then runs its deadlock-prone bodies in a thread (see conformance/_isolation.py)."""
 
     @classmethod
     def from_factory(cls, factory: Callable[[int], Any], name: Optional[str] = None) -> Target:
@@ -93,7 +96,10 @@ class Target:
         if cleanup is not None and not callable(cleanup):
             raise TargetError(f"{label}: cleanup must be callable")
         sharing, share, attach = _sharing_of(factory, label)
-        return cls(label, factory, caps, dict(known), float(scale), cleanup, sharing, share, attach)
+        survives_fork = getattr(factory, "survives_fork", True)
+        if not isinstance(survives_fork, bool):
+            raise TargetError(f"{label}: survives_fork must be a bool, got {survives_fork!r}")
+        return cls(label, factory, caps, dict(known), float(scale), cleanup, sharing, share, attach, survives_fork)
 
     def has(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -154,6 +160,7 @@ class _RegisteredFactory:
     def __init__(self, queue_type: str, cls: type, metadata: Optional[Mapping[str, Any]] = None) -> None:
         self.queue_type = queue_type
         self.capabilities = frozenset(getattr(cls, "capabilities", frozenset()))
+        self.survives_fork = bool(getattr(cls, "survives_fork", True))
         self._metadata = dict(metadata or {})
         self._made: list[Any] = []
 

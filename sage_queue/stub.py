@@ -23,7 +23,11 @@ Hook invariant (what a backend may assume and must guarantee)::
     _destroy()            Remove the underlying queue for everyone.  Called before _close().
     _put_many/_get_many   Optional (capability "batch"); same timeout rules as _put/_get.
 
-Optional class attribute for tools (the demo, the kit's ``--backend TYPE``)::
+Optional class attributes for tools (the demo, the kit's ``--backend TYPE``)::
+
+    survives_fork         False when a handle (or the connection under it) is unusable in a
+                          forked child (Ray): the kit then runs no test body in a forked child.
+
 
     local_service()       A context manager that starts a throw-away instance of the service
                           this backend needs (rpc: a server) and yields the metadata that a

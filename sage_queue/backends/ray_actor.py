@@ -270,6 +270,7 @@ class RayActorQueueStub(QueueStub):
     """A handle on a queue held by this library's named async Ray actor (see the module docstring)."""
 
     queue_type: ClassVar[str] = "ray_actor"
+    survives_fork: ClassVar[bool] = False  # a Ray connection does not survive os.fork (RAY11)
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, BATCH, TASK_DONE, CLOSE, STATS}
     )

@@ -47,6 +47,7 @@ class RayQueueStub(QueueStub):
     """A handle on a named ``ray.util.queue.Queue`` (see the module docstring)."""
 
     queue_type: ClassVar[str] = "ray_queue"
+    survives_fork: ClassVar[bool] = False  # a Ray connection does not survive os.fork (RAY11)
     capabilities: ClassVar[frozenset[str]] = frozenset({CROSS_PROCESS, CROSS_HOST, PICKLABLE_HANDLE, CLOSE})
 
     def __init__(self, descriptor: QueueDescriptor) -> None:

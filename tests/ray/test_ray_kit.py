@@ -1,10 +1,10 @@
 """The conformance kit against ray_actor and ray_queue, on this session's Ray instance.
 
 Descriptors carry the session's address, so the kit's subprocess and spawn children connect to
-the same cluster (Q41). Two kit tests run their body in a *forked* child (conformance/_isolation.py),
-where a Ray connection cannot be used (RAY11: resolve raises QueueNotFound there rather than hang):
-they are declared known failures (strict xfail) and their clauses are checked without fork in
-test_ray_backends.py (64 threads on one handle; close() from a signal handler).
+the same cluster (Q41). A Ray connection cannot be used in a forked child (RAY11), and the backends
+say so (``survives_fork = False``): the kit runs its deadlock-prone bodies in a thread instead
+(64 threads on one handle) and skips the one that needs a forked main thread (close() from a signal
+handler), which test_ray_backends.py checks without fork.
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ import conformance
 from conformance.target import Target
 from sage_queue import QueueClosed, QueueDescriptor, registry, resolve_descriptor
 
-_FORKED = (
-    "the kit runs this body in a forked child, and a Ray connection does not survive fork (RAY11); "
-    "checked without fork in tests/ray/test_ray_backends.py"
-)
-KNOWN_FAILURES = {
-    "test_many_threads_one_handle": _FORKED,
-    "test_close_from_signal_handler": _FORKED,
-}
 STATE_MACHINE_EXAMPLES = 6
 """Each state-machine example makes a queue, which is a new actor (a worker process, ~0.2 s here)."""
 
@@ -43,7 +35,7 @@ class RayFactory:
         self.queue_type = queue_type
         self.address = address
         self.capabilities = registry.backend_class(queue_type).capabilities
-        self.known_failures = dict(KNOWN_FAILURES)
+        self.survives_fork = registry.backend_class(queue_type).survives_fork
         self.time_scale = 2.0  # every call is an actor round trip, on 2 shared cores
         self._made: list[Any] = []
 
