@@ -194,12 +194,7 @@ def _open_existing(shm: Any, kind: str, name: str) -> int:
         if exc.errno in (errno.EISDIR, errno.EINVAL) and os.path.isdir(segment_path(kind, name)):
             raise _refused(kind, name, "it is a directory") from None
         raise
-    try:
-        check_trusted(fd, kind, name)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _trusted_or_closed(fd, kind, name)
 
 
 def open_trusted(path: str, kind: str, name: str) -> int:
@@ -218,6 +213,11 @@ def open_trusted(path: str, kind: str, name: str) -> int:
         if exc.errno == errno.ELOOP:
             raise _refused(kind, name, f"{path} is a symbolic link") from None
         raise
+    return _trusted_or_closed(fd, kind, name)
+
+
+def _trusted_or_closed(fd: int, kind: str, name: str) -> int:
+    """``fd`` if :func:`check_trusted` accepts its file; else the fd is closed and the refusal raised."""
     try:
         check_trusted(fd, kind, name)
     except BaseException:
