@@ -897,3 +897,25 @@ def test_a_forked_child_uses_an_inherited_handle_with_its_own_sockets(rpc: RpcFa
     assert q.get(timeout=10) == ("child got", "before fork")
     q.put("parent still works")
     assert q.get(timeout=10) == "parent still works"
+
+
+@pytest.mark.spec("RPC9", "E16")
+@pytest.mark.timeout(60)
+def test_a_get_that_gave_up_on_a_stopped_server_takes_no_item(rpc_key_file: str) -> None:
+    # The get reaches a SIGSTOPped server, gives up with QueueConnectionError, and the server executes
+    # it after SIGCONT: the item must come back to the queue, not stay with the abandoned request.
+    server = RPCQueueServer.spawn(key_file=rpc_key_file)
+    try:
+        host, port = server.address
+        q = resolve_descriptor(QueueDescriptor.create("rpc", "stopped", host=host, port=port, key_file=rpc_key_file))
+        q.put("kept")
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(QueueConnectionError):
+                q.get(timeout=0.5)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert q.get(timeout=10) == "kept"
+        q.destroy()
+    finally:
+        server.stop()

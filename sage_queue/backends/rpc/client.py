@@ -226,6 +226,10 @@ class RPCQueueStub(QueueStub):
                 self._raise_closed()
             now = time.monotonic()
             if now - last_heard > give_up or (end is not None and now > end):
+                # The server may still execute the request later (it was only stopped or slow): the
+                # cancel, queued behind it, makes it unpark the request or put a get's items back at
+                # the head, so a call that gave up never takes items with it (RPC9, RPC13).
+                self._abandon(ch, seq)
                 raise QueueConnectionError(
                     f"rpc server {self._endpoint} did not answer within {give_up:g} s (request {body[0]!r}); "
                     "it is down, unreachable, or does not share our key"
