@@ -22,6 +22,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("sage_queue.tools:gc_main", "remove shared-memory queues whose processes are all dead"),
     "inspect": ("sage_queue.tools:inspect_main", "show a descriptor (JSON) or a named segment's header"),
     "serve": ("sage_queue.backends.rpc.server:main", "serve rpc queues over ZeroMQ (authenticated)"),
+    "choose": ("sage_queue.job:choose_main", "pick a queue type from where producer and consumer run (--explain)"),
+    "top": ("sage_queue.monitor:top_main", "watch the queues of running jobs live (depth, rates, stalls)"),
+    "metrics": ("sage_queue.monitor:metrics_main", "export queue stats as Prometheus/OpenMetrics text"),
 }
 
 

@@ -99,3 +99,6 @@ class QueueStats:
     """Records abandoned because their writer or reader died mid-operation (items lost)."""
     capacity_bytes: Optional[int] = None
     """Size of the byte ring, for byte-capacity backends."""
+    errors: Optional[int] = None
+    """Operations that failed for a reason other than Empty, Full or a closed queue (an undecodable
+    item, a rejected frame, a corrupt record), if the backend counts them."""
