@@ -106,12 +106,13 @@ class QueueBroken(SageQueueError):
 
 
 class QueueConnectionError(SageQueueError, ConnectionError):
-    """A network backend's server could not be reached, or stopped answering, within the retry deadline.
+    """A network backend's server (or a Ray queue's live actor) stopped answering within the deadline.
 
     The outcome of the call that raises it is unknown, but it executed at most once: a put
-    may or may not have been enqueued; a get that the server executed keeps its item for
-    this handle's channel and puts it back at the head of the queue when the handle is
-    closed (rpc: spec RPC9, RPC13). At resolve time an unreachable server is QueueNotFound.
+    may or may not have been enqueued (so it is never reported as ``queue.Full``); a get
+    that the server executed keeps its item for this handle's channel and puts it back at
+    the head of the queue when the handle is closed (rpc: spec RPC9, RPC13; Ray: RAY7).
+    At resolve time an unreachable server is QueueNotFound.
     """
 
 
