@@ -705,9 +705,9 @@ def test_handle_class_is_registered() -> None:
 @pytest.mark.spec("RPC9", "RPC10")
 @pytest.mark.timeout(120)
 def test_cut_connections_lose_and_duplicate_nothing(rpc_server: ServerProcess, rpc_key_file: str) -> None:
-    from _rpc_proxy import CuttingProxy
+    from fault_injection.proxy import Proxy
 
-    proxy = CuttingProxy(rpc_server.address)
+    proxy = Proxy(rpc_server.address).start()
     try:
         host, port = proxy.address
         d = QueueDescriptor.create("rpc", f"cut_{os.getpid()}", 5, host=host, port=port, key_file=rpc_key_file)
@@ -765,7 +765,7 @@ def test_cut_connections_lose_and_duplicate_nothing(rpc_server: ServerProcess, r
         consumer_q.destroy()
         producer_q.close()
     finally:
-        proxy.close()
+        proxy.stop()
 
 
 @pytest.mark.spec("RPC1")
