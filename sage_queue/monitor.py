@@ -24,30 +24,56 @@ Importing this module imports no backend: queues are resolved when they are samp
 
 from __future__ import annotations
 
+import argparse
 import errno
+import http.server
+import importlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import signal
 import stat
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from types import FrameType
+from typing import Any, Optional, TextIO, Union
 
 from ._segment import pid_alive
 from .descriptor import QueueDescriptor
-from .errors import QueuePermissionError
+from .errors import (
+    BackendUnavailable,
+    DescriptorError,
+    QueueDestroyed,
+    QueueNotFound,
+    QueuePermissionError,
+    SageQueueError,
+)
+from .protocol import STATS, QueueStats
+from .registry import type_schema
+from .resolve import resolve_descriptor
 
 __all__ = [
     "JobEntry",
+    "QueueSample",
+    "Sampler",
+    "Source",
     "jobs_dir",
+    "metrics_main",
     "publish_job",
     "read_job",
+    "render_openmetrics",
     "running_jobs",
+    "sample_queue",
+    "sources",
+    "top_main",
     "unpublish_job",
 ]
 
@@ -80,6 +106,8 @@ class JobEntry:
     pid_start: Optional[int] = None
     """The process's start time in clock ticks since boot (Linux), so that a reused pid is not
     taken for the job's process; None where unknown."""
+    consumers: Mapping[str, int] = field(default_factory=dict)
+    """Queue name -> number of consumer workers, for the queues whose publisher said."""
 
 
 def _refuse(path: Union[str, Path], why: str) -> QueuePermissionError:
@@ -150,11 +178,18 @@ def _alive(pid: int, pid_start: Optional[int]) -> bool:
     return now is None or now == pid_start
 
 
-def publish_job(name: str, descriptors: Mapping[str, QueueDescriptor], *, pid: Optional[int] = None) -> Path:
+def publish_job(
+    name: str,
+    descriptors: Mapping[str, QueueDescriptor],
+    *,
+    pid: Optional[int] = None,
+    consumers: Optional[Mapping[str, int]] = None,
+) -> Path:
     """Publish job ``name`` and its queues' descriptors; return the registry file's path.
 
     ``pid`` is the job's process (default: this one); the entry counts as running while it
-    lives. The file appears whole (written aside, then renamed) with mode 0600. Raises
+    lives. ``consumers`` optionally says how many consumer workers read each queue (shown by
+    ``sage-queue top``). The file appears whole (written aside, then renamed) with mode 0600. Raises
     QueuePermissionError when the registry directory is not trusted, ValueError for an
     empty name, TypeError when a value is not a QueueDescriptor.
     """
@@ -173,6 +208,7 @@ def publish_job(name: str, descriptors: Mapping[str, QueueDescriptor], *, pid: O
         "pid_start": _start_time(pid),
         "started": time.time(),
         "queues": queues,
+        "consumers": {str(k): int(v) for k, v in (consumers or {}).items()},
     }
     directory = jobs_dir(create=True)
     assert directory is not None
@@ -225,6 +261,11 @@ def read_job(path: Union[str, Path]) -> JobEntry:
             raise ValueError(f"not a version-{REGISTRY_VERSION} job file")
         name, pid, started, queues = data["name"], data["pid"], data["started"], data["queues"]
         pid_start = data.get("pid_start")
+        consumers = data.get("consumers") or {}
+        if not isinstance(consumers, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in consumers.values()
+        ):
+            raise ValueError("bad consumers")
         if not isinstance(name, str) or isinstance(pid, bool) or not isinstance(pid, int):
             raise ValueError("bad name or pid")
         if not isinstance(started, (int, float)) or not isinstance(queues, dict):
@@ -234,7 +275,7 @@ def read_job(path: Union[str, Path]) -> JobEntry:
         texts = {str(k): json.dumps(v) for k, v in queues.items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a job file: {exc}") from None
-    return JobEntry(name, pid, float(started), texts, path, pid_start)
+    return JobEntry(name, pid, float(started), texts, path, pid_start, {str(k): v for k, v in consumers.items()})
 
 
 def running_jobs(name: Optional[str] = None, *, refused: Optional[list[str]] = None) -> list[JobEntry]:
@@ -308,3 +349,588 @@ def unpublish_job(path_or_name: Union[str, os.PathLike[str]]) -> int:
     if count:
         log.info("unpublished job %s (%d entries)", path_or_name, count)
     return count
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A queue to watch: its job (None for a descriptor given directly), its name and descriptor JSON."""
+
+    job: Optional[str]
+    queue: str
+    descriptor: str
+    consumers: Optional[int] = None
+    """Consumer workers reading the queue, when its job published the number."""
+    pid: Optional[int] = None
+    """The job's process (None for a descriptor given directly)."""
+
+
+OK, GONE, NO_STATS, UNAVAILABLE, ERROR = "ok", "gone", "no stats", "unavailable", "error"
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """One look at one queue. ``stats`` is None unless ``state`` is ``"ok"``.
+
+    ``state``: ``ok``; ``gone`` (the queue does not exist, or was destroyed); ``no stats``
+    (its backend does not declare the capability); ``unavailable`` (its backend cannot be
+    loaded, or looking would create the queue); ``error`` (anything else; see ``detail``).
+    Rates and ``stalled`` compare with the previous sample of the same queue
+    (:class:`Sampler`); they are None for a first sample, across a restart of the counters,
+    and for counters kept per handle (``scope == "handle"``: a monitor's own handle saw nothing).
+    """
+
+    source: Source
+    queue_type: str
+    time: float
+    """``time.monotonic()`` when the sample was taken."""
+    state: str
+    stats: Optional[QueueStats] = None
+    detail: str = ""
+    puts_per_s: Optional[float] = None
+    gets_per_s: Optional[float] = None
+    stalled: Optional[bool] = None
+    """True when items waited (depth > 0) and no get happened since the previous sample."""
+
+
+def _queue_type(text: str) -> str:
+    try:
+        value = json.loads(text).get("queue_type", "?")
+    except (ValueError, AttributeError):
+        return "?"
+    return str(value)
+
+
+def _attach_only(desc: QueueDescriptor) -> tuple[Optional[QueueDescriptor], str]:
+    """``desc`` changed so that resolving it never creates the queue, or (None, why) if no such change exists.
+
+    A type whose schema has a ``create`` key (shm, sage, rpc) gets ``create=False``. A
+    ``local`` queue is reachable only in its own process and is looked up there first. A Ray
+    queue is looked up by name in the cluster first (never starting a cluster to look).
+    """
+    schema = type_schema(desc.queue_type)
+    if schema is not None and any(f.name == "create" for f in schema.fields):
+        data = desc.to_dict()
+        data["metadata"] = {**data["metadata"], "create": False}
+        return QueueDescriptor.from_dict(data), ""
+    if desc.queue_type == "local":
+        if desc.metadata.get("owner_pid") != os.getpid():
+            return desc, ""  # resolving raises QueueNotFound: nothing is created in another process
+        local = importlib.import_module("sage_queue.backends.local")
+        if desc.queue_id in local.live_queue_ids():
+            return desc, ""
+        raise QueueNotFound(f"local queue {desc.queue_id!r} does not exist in this process")
+    if desc.queue_type in ("ray_queue", "ray_actor"):
+        _ray_exists(desc)
+        return desc, ""
+    return None, f"a {desc.queue_type} queue cannot be looked at without possibly creating it"
+
+
+def _ray_exists(desc: QueueDescriptor) -> None:
+    """QueueNotFound unless the queue's named actor exists; never starts a Ray instance to look."""
+    rayb = importlib.import_module("sage_queue.backends._ray")  # BackendUnavailable without Ray
+    md = dict(desc.metadata)
+    if not rayb.ray.is_initialized() and not (md.get("address") or os.environ.get("RAY_ADDRESS")):
+        raise BackendUnavailable(
+            desc.queue_type, "a Ray cluster to look in", "set RAY_ADDRESS (or the descriptor's address)"
+        )
+    rayb.connect(desc.queue_type, md)
+    try:
+        rayb.ray.get_actor(rayb.full_name(desc.queue_type, md), namespace=rayb.namespace_of(md))
+    except ValueError:  # Ray's answer for "no actor of that name"
+        raise QueueNotFound(f"{desc.queue_type} queue {md.get('actor_name')!r}: no such actor") from None
+
+
+def sample_queue(source: Source) -> QueueSample:
+    """Look at one queue: attach without creating it, take ``stats()``, close the handle."""
+    now = time.monotonic()
+    queue_type = _queue_type(source.descriptor)
+    try:
+        desc, why = _attach_only(QueueDescriptor.from_json(source.descriptor))
+        if desc is None:
+            return QueueSample(source, queue_type, now, UNAVAILABLE, detail=why)
+        queue_type = desc.queue_type
+        handle = resolve_descriptor(desc)
+        try:
+            if STATS not in getattr(handle, "capabilities", frozenset()):
+                return QueueSample(source, queue_type, now, NO_STATS, detail=f"{queue_type} keeps no statistics")
+            stats: QueueStats = handle.stats()
+        finally:
+            handle.close()  # close, never destroy: the queue is the job's
+    except (QueueNotFound, QueueDestroyed) as exc:
+        return QueueSample(source, queue_type, now, GONE, detail=str(exc))
+    except BackendUnavailable as exc:
+        return QueueSample(source, queue_type, now, UNAVAILABLE, detail=str(exc))
+    except (SageQueueError, OSError) as exc:  # DescriptorError, QueueBroken, a connection refused...
+        log.info("sampling %s/%s failed: %s", source.job, source.queue, exc)
+        return QueueSample(source, queue_type, now, ERROR, detail=f"{type(exc).__name__}: {exc}")
+    return QueueSample(source, queue_type, now, OK, stats=stats)
+
+
+def _with_rates(sample: QueueSample, previous: Optional[QueueSample]) -> QueueSample:
+    cur, old = sample.stats, None if previous is None else previous.stats
+    if cur is None or old is None or cur.scope != "queue" or old.scope != "queue":
+        return sample
+    dt = sample.time - previous.time  # type: ignore[union-attr]
+    if dt <= 0 or cur.puts < old.puts or cur.gets < old.gets:  # counters restarted: a new queue
+        return sample
+    return QueueSample(
+        sample.source,
+        sample.queue_type,
+        sample.time,
+        sample.state,
+        cur,
+        sample.detail,
+        (cur.puts - old.puts) / dt,
+        (cur.gets - old.gets) / dt,
+        cur.depth > 0 and cur.gets == old.gets,
+    )
+
+
+def sources(
+    job: Optional[str] = None, descriptors: Sequence[str] = (), *, refused: Optional[list[str]] = None
+) -> list[Source]:
+    """The queues to watch: each descriptor JSON given, else the queues of the running jobs (named ``job``)."""
+    if descriptors:
+        out = []
+        for text in descriptors:
+            try:
+                queue = QueueDescriptor.from_json(text).queue_id
+            except DescriptorError:
+                queue = "?"  # reported as an error when sampled
+            out.append(Source(None, queue, text))
+        return out
+    return [
+        Source(entry.name, queue, text, entry.consumers.get(queue), entry.pid)
+        for entry in running_jobs(job, refused=refused)
+        for queue, text in entry.descriptors.items()
+    ]
+
+
+class Sampler:
+    """Samples queues repeatedly and computes rates and stalls between consecutive samples.
+
+    Each :meth:`sample` resolves every queue anew and closes its handle again, so a monitor
+    holds nothing open between samples (a job's teardown never waits for it). Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[tuple[Optional[str], str, str], QueueSample] = {}
+
+    def sample(self, watch: Iterable[Source]) -> list[QueueSample]:
+        out = []
+        seen = {}
+        for source in watch:
+            key = (source.job, source.queue, source.descriptor)
+            sample = _with_rates(sample_queue(source), self._previous.get(key))
+            seen[key] = sample
+            out.append(sample)
+        self._previous = seen  # queues no longer watched are forgotten
+        return out
+
+
+# -- OpenMetrics / Prometheus text -------------------------------------------------------------------
+
+
+def _field(name: str) -> Callable[[QueueSample], Optional[float]]:
+    def value(sample: QueueSample) -> Optional[float]:
+        return None if sample.stats is None else getattr(sample.stats, name)
+
+    return value
+
+
+# (family, kind, help, value of a sample or None); counters' samples are named family + "_total".
+_FAMILIES: tuple[tuple[str, str, str, Callable[[QueueSample], Optional[float]]], ...] = (
+    (
+        "sage_queue_up",
+        "gauge",
+        "1 if the queue could be sampled, 0 if it is gone or unreachable",
+        lambda s: float(s.state in (OK, NO_STATS)),
+    ),
+    ("sage_queue_puts", "counter", "Items successfully enqueued", _field("puts")),
+    ("sage_queue_gets", "counter", "Items successfully dequeued", _field("gets")),
+    ("sage_queue_depth", "gauge", "Items in the queue", _field("depth")),
+    (
+        "sage_queue_bytes",
+        "gauge",
+        "Payload bytes in the queue (enqueued minus dequeued)",
+        lambda s: _queued_bytes(s.stats),
+    ),
+    ("sage_queue_bytes_in", "counter", "Payload bytes enqueued", _field("bytes_in")),
+    ("sage_queue_bytes_out", "counter", "Payload bytes dequeued", _field("bytes_out")),
+    ("sage_queue_capacity_bytes", "gauge", "Size of the byte ring", _field("capacity_bytes")),
+    ("sage_queue_waits", "counter", "Puts or gets that had to block", _field("waits")),
+    (
+        "sage_queue_errors",
+        "counter",
+        "Operations failed for a reason other than Empty, Full or closed",
+        _field("errors"),
+    ),
+    ("sage_queue_abandoned", "counter", "Records abandoned by a dead writer or reader", _field("abandoned")),
+    (
+        "sage_queue_stalled",
+        "gauge",
+        "1 if items waited and nothing was got since the previous sample",
+        lambda s: None if s.stalled is None else float(s.stalled),
+    ),
+)
+
+
+def _queued_bytes(stats: Optional[QueueStats]) -> Optional[int]:
+    if stats is None or stats.scope != "queue" or stats.bytes_in is None or stats.bytes_out is None:
+        return None
+    return max(0, stats.bytes_in - stats.bytes_out)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(sample: QueueSample, with_pid: bool) -> str:
+    pairs = [] if sample.source.job is None else [("job", sample.source.job)]
+    pairs += [("queue", sample.source.queue), ("type", sample.queue_type)]
+    if with_pid:
+        pairs.append(("pid", str(sample.source.pid)))
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and math.isfinite(value)):
+        return str(int(value))
+    return repr(float(value))
+
+
+def render_openmetrics(samples: Iterable[QueueSample], *, openmetrics: bool = True) -> str:
+    """The samples as OpenMetrics text (``openmetrics=False``: Prometheus text format 0.0.4).
+
+    One family per field; a field that is None (unknown to the backend, or the queue not
+    sampled) is left out, never written as 0. Labels: ``job`` (absent for a queue given by
+    its descriptor), ``queue``, ``type``, and ``pid`` for jobs running twice under one name.
+    OpenMetrics text ends with ``# EOF``.
+    """
+    samples = list(samples)
+    # Two running jobs of one name would give two series the same labels (which a scraper
+    # rejects): their samples get a ``pid`` label as well.
+    keys = [(s.source.job, s.source.queue, s.queue_type) for s in samples]
+    clash = {k for k in keys if keys.count(k) > 1}
+    lines = []
+    for family, kind, text, value_of in _FAMILIES:
+        rows = []
+        for s in samples:
+            value = value_of(s)
+            if value is None:
+                continue
+            rows.append((_labels(s, (s.source.job, s.source.queue, s.queue_type) in clash), value))
+        if not rows:
+            continue
+        name = family + "_total" if kind == "counter" else family
+        type_name = family if openmetrics else name
+        lines.append(f"# TYPE {type_name} {kind}")
+        lines.append(f"# HELP {type_name} {text}.")
+        lines += [f"{name}{labels} {_number(value)}" for labels, value in rows]
+    if openmetrics:
+        lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# -- sage-queue metrics ----------------------------------------------------------------------------
+
+
+def _read_descriptor_args(values: Sequence[str]) -> list[str]:
+    """DESCRIPTOR_JSON arguments: JSON text, or @FILE holding it (as ``sage-queue inspect``)."""
+    out = []
+    for value in values:
+        if value.startswith("@"):
+            with open(value[1:], encoding="utf-8") as f:
+                value = f.read()
+        out.append(value.strip())
+    return out
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: a reader (a textfile
+    collector) sees the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".sage-queue-metrics-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # metrics are for the collector to read
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def serve_metrics(
+    port: int, watch: Callable[[], list[Source]], *, openmetrics: bool = True, host: str = "127.0.0.1"
+) -> http.server.ThreadingHTTPServer:
+    """An HTTP server (not yet serving: call ``serve_forever``) answering ``GET /metrics`` with a fresh sample
+    of ``watch()``'s queues. Binds ``host`` (loopback unless told otherwise); port 0 picks a free port."""
+    sampler = Sampler()
+    lock = threading.Lock()  # one scrape samples at a time: the Sampler keeps the previous samples
+    content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] not in ("/metrics", "/metrics/"):
+                self.send_error(404, "only /metrics is served")
+                return
+            try:
+                with lock:
+                    body = render_openmetrics(sampler.sample(watch()), openmetrics=openmetrics).encode()
+            except Exception as exc:  # a registry refused, say: the scraper sees a 500, the server lives on
+                log.warning("metrics: sampling failed: %s", exc)
+                self.send_error(500, f"sampling failed: {exc}")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet by default: the logging module decides
+            log.debug("metrics: %s - %s", self.address_string(), format % args)
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def _until_signalled(server: http.server.ThreadingHTTPServer) -> None:
+    """Serve in a thread until SIGINT or SIGTERM, then stop and close the server."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=server.serve_forever, name="sage-queue-metrics", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(0.2):  # a bounded wait: the handler runs in this thread between waits
+            if not thread.is_alive():
+                break
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def metrics_main(argv: Optional[list[str]] = None) -> int:
+    """``sage-queue metrics [--job NAME | DESCRIPTOR_JSON ...] [--file PATH | --serve PORT]``."""
+    parser = argparse.ArgumentParser(
+        prog="sage-queue metrics",
+        description="Export the stats of running jobs' queues (or of the queues given by descriptor) as "
+        "OpenMetrics text: on stdout, into a file, or served over HTTP on 127.0.0.1.",
+    )
+    parser.add_argument("descriptors", nargs="*", metavar="DESCRIPTOR_JSON", help="descriptor JSON text or @FILE")
+    parser.add_argument("--job", metavar="NAME", help="only the queues of the running job(s) of this name")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--file", metavar="PATH", help="write the text to PATH (atomically) instead of stdout")
+    out.add_argument(
+        "--serve", metavar="PORT", type=int, help="serve GET /metrics on 127.0.0.1:PORT until SIGINT/SIGTERM"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("openmetrics", "prometheus"),
+        default="openmetrics",
+        help="OpenMetrics 1.0 (default) or Prometheus text format 0.0.4 (node_exporter's textfile collector)",
+    )
+    args = parser.parse_args(argv)
+    if args.job is not None and args.descriptors:
+        parser.error("give --job NAME or descriptors, not both")
+    if args.serve is not None and not 0 <= args.serve <= 65535:
+        parser.error(f"--serve PORT must be in 0..65535, got {args.serve}")
+    openmetrics = args.format == "openmetrics"
+    try:
+        descriptors = _read_descriptor_args(args.descriptors)
+    except OSError as exc:
+        print(f"sage-queue metrics: {exc}", file=sys.stderr)
+        return 2
+    refused: list[str] = []
+
+    def watch() -> list[Source]:
+        return sources(args.job, descriptors, refused=refused)
+
+    if args.serve is not None:
+        try:
+            server = serve_metrics(args.serve, watch, openmetrics=openmetrics)
+        except OSError as exc:
+            print(f"sage-queue metrics: cannot listen on 127.0.0.1:{args.serve}: {exc}", file=sys.stderr)
+            return 2
+        port = server.server_address[1]
+        print(f"serving {args.format} metrics on http://127.0.0.1:{port}/metrics (Ctrl-C stops)", flush=True)
+        _until_signalled(server)
+        return 0
+    try:
+        watched = watch()
+    except QueuePermissionError as exc:
+        print(f"sage-queue metrics: {exc}", file=sys.stderr)
+        return 2
+    for why in refused:
+        print(f"sage-queue metrics: skipped: {why}", file=sys.stderr)
+    if not watched:
+        if args.job is not None:
+            print(f"sage-queue metrics: no running job named {args.job!r}", file=sys.stderr)
+            return 1
+        print("sage-queue metrics: no running job and no descriptor given: nothing to export", file=sys.stderr)
+    text = render_openmetrics(Sampler().sample(watched), openmetrics=openmetrics)
+    if args.file:
+        try:
+            _write_atomically(args.file, text)
+        except OSError as exc:
+            print(f"sage-queue metrics: cannot write {args.file}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# -- sage-queue top --------------------------------------------------------------------------------
+
+_COLUMNS = ("JOB", "QUEUE", "TYPE", "STATE", "DEPTH", "PUTS/S", "GETS/S", "CONS", "STALLED", "ERRORS")
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: the frame is redrawn in place
+_HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "STALLED" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def format_table(samples: Sequence[QueueSample], *, width: Optional[int] = None) -> str:
+    """The ``top`` table: one row per sample (``-`` where a value is unknown); lines cut at ``width``."""
+    rows = [_COLUMNS]
+    notes = []
+    for s in samples:
+        st = s.stats
+        rows.append(
+            (
+                s.source.job or "-",
+                s.source.queue,
+                s.queue_type,
+                s.state,
+                _cell(None if st is None else st.depth),
+                _cell(s.puts_per_s),
+                _cell(s.gets_per_s),
+                _cell(s.source.consumers),
+                _cell(s.stalled),
+                _cell(None if st is None else st.errors),
+            )
+        )
+        notes.append(s.detail if s.state != OK else "")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = []
+    for i, row in enumerate(rows):
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        if i and notes[i - 1]:
+            line += f"  ({notes[i - 1]})"
+        lines.append(line if width is None else line[:width])
+    return "\n".join(lines)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def top_main(argv: Optional[list[str]] = None, *, out: Optional[TextIO] = None) -> int:
+    """``sage-queue top [--job NAME] [DESCRIPTOR_JSON ...] [--interval S] [--once] [--iterations N]``."""
+    parser = argparse.ArgumentParser(
+        prog="sage-queue top",
+        description="Watch the queues of running jobs (or the queues given by descriptor) live: depth, rates, "
+        "consumers, stalls. Redraws in place on a terminal, prints one table per interval otherwise.",
+    )
+    parser.add_argument("descriptors", nargs="*", metavar="DESCRIPTOR_JSON", help="descriptor JSON text or @FILE")
+    parser.add_argument("--job", metavar="NAME", help="only the queues of the running job(s) of this name")
+    parser.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
+    parser.add_argument("--once", action="store_true", help="print one sample and exit (rates need two: shown as -)")
+    parser.add_argument("--iterations", type=_positive_int, metavar="N", help="stop after N samples")
+    args = parser.parse_args(argv)
+    if args.job is not None and args.descriptors:
+        parser.error("give --job NAME or descriptors, not both")
+    stream = sys.stdout if out is None else out
+    try:
+        descriptors = _read_descriptor_args(args.descriptors)
+        refused: list[str] = []
+        watch = sources(args.job, descriptors, refused=refused)
+    except (OSError, QueuePermissionError) as exc:
+        print(f"sage-queue top: {exc}", file=sys.stderr)
+        return 2
+    for why in refused:
+        print(f"sage-queue top: skipped: {why}", file=sys.stderr)
+    if not watch:
+        if args.job is not None:
+            print(f"sage-queue top: no running job named {args.job!r}", file=sys.stderr)
+            return 1
+        directory = _registry_root() / "jobs"
+        print(f"no running sage-queue job (running jobs publish their queues in {directory})", file=stream)
+        return 0
+    iterations = 1 if args.once else args.iterations
+    tty = stream.isatty()
+    previous_term: Any = None
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+
+        def on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+            raise KeyboardInterrupt("SIGTERM")
+
+        previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+    sampler = Sampler()
+    done = 0
+    try:
+        if tty:
+            stream.write(_HIDE_CURSOR)
+        while True:
+            samples = sampler.sample(watch)
+            width = os.get_terminal_size(stream.fileno()).columns if tty else None
+            title = f"sage-queue top  {time.strftime('%H:%M:%S')}  every {args.interval:g} s  {len(samples)} queue(s)"
+            frame = title + "\n" + format_table(samples, width=width)
+            stream.write(_CLEAR + frame + "\n" if tty else frame + "\n\n")
+            stream.flush()
+            done += 1
+            if iterations is not None and done >= iterations:
+                break
+            time.sleep(args.interval)
+            if not descriptors:  # jobs come and go: look at the registry again
+                watch = sources(args.job)
+                if not watch:
+                    stream.write("the watched job(s) ended\n" if args.job else "no running sage-queue job left\n")
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if tty:
+            stream.write(_SHOW_CURSOR)
+            stream.flush()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_term)
+    return 0

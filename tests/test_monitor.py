@@ -8,13 +8,41 @@ import stat
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _helpers import registered_queue_type
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families as prometheus_text
 
-from sage_queue import QueueDescriptor, QueuePermissionError, monitor
-from sage_queue.monitor import jobs_dir, publish_job, read_job, running_jobs, unpublish_job
+from sage_queue import (
+    QueueClosed,
+    QueueDescriptor,
+    QueueNotFound,
+    QueuePermissionError,
+    _segment,
+    get_local_queue,
+    monitor,
+    register_queue_implementation,
+    resolve_descriptor,
+    unregister_queue_implementation,
+)
+from sage_queue.backends import local, shm
+from sage_queue.metadata import BUILTIN_SCHEMAS
+from sage_queue.monitor import (
+    Sampler,
+    Source,
+    jobs_dir,
+    publish_job,
+    read_job,
+    render_openmetrics,
+    running_jobs,
+    sample_queue,
+    unpublish_job,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,3 +246,186 @@ def test_without_xdg_runtime_dir_the_registry_is_under_tmp(monkeypatch: pytest.M
     assert monitor._registry_root() == Path(f"/tmp/sage-queue-{os.geteuid()}")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # not an absolute directory: ignored
     assert monitor._registry_root() == Path(f"/tmp/sage-queue-{os.geteuid()}")
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def queues() -> Iterator[list[Any]]:
+    """Handles a test creates; each queue destroyed (or its handle closed) afterwards."""
+    made: list[Any] = []
+    yield made
+    for q in made:
+        try:
+            q.destroy()
+        except (QueueClosed, QueueNotFound):
+            q.close()
+
+
+def _sage(queues: list[Any], **kw: Any) -> Any:
+    q = resolve_descriptor(QueueDescriptor.create_sage_queue(name=f"mon-{uuid.uuid4().hex[:10]}", **kw))
+    queues.append(q)
+    return q
+
+
+def _shm(queues: list[Any], **kw: Any) -> Any:
+    q = resolve_descriptor(QueueDescriptor.create_shm_queue(f"mon-{uuid.uuid4().hex[:10]}", **kw))
+    queues.append(q)
+    return q
+
+
+def _src(q: Any, job: str | None = "j", name: str = "q") -> Source:
+    return Source(job, name, q.descriptor.to_json())
+
+
+@pytest.mark.parametrize("kind", ["shm", "sage"])
+def test_looking_at_a_missing_segment_queue_creates_nothing(kind: str) -> None:
+    name = f"mon-missing-{uuid.uuid4().hex[:10]}"
+    desc = (
+        QueueDescriptor.create_shm_queue(name)
+        if kind == "shm"
+        else QueueDescriptor.create_sage_queue(name=name)  # create=True in the descriptor: the job's intent
+    )
+    sample = sample_queue(Source("j", "q", desc.to_json()))
+    assert sample.state == monitor.GONE and sample.stats is None
+    assert name in sample.detail
+    assert not os.path.exists(_segment.segment_path(kind, name))
+
+
+def test_looking_at_a_missing_local_queue_creates_nothing() -> None:
+    desc = QueueDescriptor.create_local_queue(maxsize=3)
+    before = local.live_queue_ids()
+    sample = sample_queue(Source(None, desc.queue_id, desc.to_json()))
+    assert sample.state == monitor.GONE
+    assert local.live_queue_ids() == before
+    other = QueueDescriptor.from_dict({**desc.to_dict(), "metadata": {"maxsize": 3, "owner_pid": 1}})
+    assert sample_queue(Source(None, "x", other.to_json())).state == monitor.GONE  # another process's
+
+
+def test_a_destroyed_queue_shows_as_gone(queues: list[Any]) -> None:
+    q = _sage(queues)
+    assert sample_queue(_src(q)).state == monitor.OK
+    resolve_descriptor(q.descriptor).destroy()
+    sample = sample_queue(_src(q))
+    assert sample.state == monitor.GONE
+    assert not os.path.exists(_segment.segment_path("sage", q.descriptor.metadata["shm_name"]))
+
+
+@pytest.mark.parametrize("make", [_sage, _shm])
+def test_rates_and_stalls_between_two_samples(queues: list[Any], make: Any) -> None:
+    q = make(queues, maxsize=100)
+    sampler = Sampler()
+    [first] = sampler.sample([_src(q)])
+    assert first.stats is not None and first.puts_per_s is None and first.stalled is None  # one sample: no rate
+    q.put_many(list(range(5)))
+    [second] = sampler.sample([_src(q)])
+    dt = second.time - first.time
+    assert second.puts_per_s is not None and second.gets_per_s == 0.0
+    assert second.puts_per_s * dt == pytest.approx(5)
+    assert second.stalled is True  # 5 items waited, nobody got one
+    q.get()
+    q.get()
+    [third] = sampler.sample([_src(q)])
+    assert third.gets_per_s is not None and third.gets_per_s * (third.time - second.time) == pytest.approx(2)
+    assert third.stalled is False
+    for _ in range(3):
+        q.get()
+    sampler.sample([_src(q)])
+    [empty] = sampler.sample([_src(q)])
+    assert empty.stats is not None and empty.stats.depth == 0 and empty.stalled is False  # empty is not stalled
+
+
+def test_a_queue_recreated_under_the_same_name_gets_no_rate(queues: list[Any]) -> None:
+    q = _sage(queues)
+    q.put_many([1, 2, 3])
+    sampler = Sampler()
+    sampler.sample([_src(q)])
+    resolve_descriptor(q.descriptor).destroy()
+    again = resolve_descriptor(q.descriptor)  # same name, counters from 0
+    queues.append(again)
+    [sample] = sampler.sample([_src(again)])
+    assert sample.state == monitor.OK and sample.puts_per_s is None and sample.stalled is None
+
+
+def test_a_type_without_stats_and_a_type_that_cannot_be_looked_at(queues: list[Any]) -> None:
+    class NoStats(shm.SharedMemoryQueueStub):
+        capabilities = shm.SharedMemoryQueueStub.capabilities - {"stats"}
+
+    with registered_queue_type("nostats", NoStats) as name:
+        unregister_queue_implementation(name)
+        register_queue_implementation(name, NoStats, metadata=BUILTIN_SCHEMAS["shm"])
+        q = resolve_descriptor(QueueDescriptor.create(name, f"mon-{uuid.uuid4().hex[:10]}"))
+        queues.append(q)
+        assert sample_queue(_src(q)).state == monitor.NO_STATS
+
+    class Plain(local.LocalQueueStub):  # no 'create' key: resolving might create the queue
+        pass
+
+    with registered_queue_type("plain", Plain) as name:
+        desc = QueueDescriptor.from_dict({"queue_type": name, "queue_id": "p", "metadata": {"owner_pid": os.getpid()}})
+        sample = sample_queue(Source(None, "p", desc.to_json()))
+        assert sample.state == monitor.UNAVAILABLE and "without possibly creating" in sample.detail
+        assert "p" not in local.live_queue_ids()
+
+
+def test_a_bad_descriptor_is_an_error_row() -> None:
+    [sample] = Sampler().sample([Source(None, "?", "{not json")])
+    assert sample.state == monitor.ERROR and "MalformedDescriptor" in sample.detail
+
+
+# -- OpenMetrics -----------------------------------------------------------------------------------
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_openmetrics_text_parses_and_leaves_unknown_fields_out(queues: list[Any]) -> None:
+    sq = _sage(queues)
+    sq.put_many([b"x" * 10, "y"])
+    lq = get_local_queue()
+    queues.append(lq)
+    lq.put(1)
+    gone = QueueDescriptor.create_shm_queue(f"mon-gone-{uuid.uuid4().hex[:8]}")
+    samples = Sampler().sample(
+        [_src(sq, "etl", "in"), _src(lq, "etl", "mid"), Source(None, gone.queue_id, gone.to_json())]
+    )
+    text = render_openmetrics(samples)
+    assert text.endswith("# EOF\n")
+    fams = _families(text)
+    assert fams["sage_queue_puts"].type == "counter" and fams["sage_queue_depth"].type == "gauge"
+
+    def values(family: str) -> dict[tuple[str, ...], float]:
+        return {(s.labels.get("job", ""), s.labels["queue"], s.labels["type"]): s.value for s in fams[family].samples}
+
+    assert values("sage_queue_puts") == {("etl", "in", "sage"): 2, ("etl", "mid", "local"): 1}
+    assert values("sage_queue_depth") == {("etl", "in", "sage"): 2, ("etl", "mid", "local"): 1}
+    assert values("sage_queue_up") == {
+        ("etl", "in", "sage"): 1,
+        ("etl", "mid", "local"): 1,
+        ("", gone.queue_id, "shm"): 0,
+    }
+    # local counts no bytes and no errors: absent, not 0; sage counts bytes
+    assert set(values("sage_queue_bytes_in")) == {("etl", "in", "sage")}
+    assert "sage_queue_errors" not in fams or ("etl", "mid", "local") not in values("sage_queue_errors")
+    assert [s.name for s in fams["sage_queue_puts"].samples] == ["sage_queue_puts_total"] * 2
+    # the Prometheus 0.0.4 flavour parses with that format's parser
+    prom = {f.name: f for f in prometheus_text(render_openmetrics(samples, openmetrics=False))}
+    assert prom["sage_queue_puts"].type == "counter"  # the parser names a counter family without _total
+    assert [s.value for s in prom["sage_queue_puts"].samples] == [2, 1]
+    assert "# EOF" not in render_openmetrics(samples, openmetrics=False)
+
+
+def test_label_values_are_escaped_and_same_named_jobs_get_a_pid_label(queues: list[Any]) -> None:
+    q = _sage(queues)
+    odd = 'a "job"\\with\nnewline'
+    samples = Sampler().sample(
+        [Source(odd, "q", q.descriptor.to_json(), pid=1), Source(odd, "q", q.descriptor.to_json(), pid=2)]
+    )
+    fams = _families(render_openmetrics(samples))
+    labels = [s.labels for s in fams["sage_queue_depth"].samples]
+    assert labels == [
+        {"job": odd, "queue": "q", "type": "sage", "pid": "1"},
+        {"job": odd, "queue": "q", "type": "sage", "pid": "2"},
+    ]
