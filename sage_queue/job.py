@@ -28,10 +28,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue as stdqueue
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -46,6 +51,7 @@ from .resolve import resolve_descriptor
 __all__ = [
     "EOS",
     "EndOfStream",
+    "HostSpec",
     "Job",
     "JobFailed",
     "JobManager",
@@ -53,8 +59,10 @@ __all__ = [
     "QueueChoice",
     "QueueSpec",
     "Stage",
+    "StageCounts",
     "WorkerExit",
     "WorkerInfo",
+    "choose_main",
     "choose_queue_type",
     "queue_stats",
 ]
@@ -190,13 +198,15 @@ def choose_queue_type(
     return choice if explain else choice.queue_type
 
 
-def _choose_for_many(producers: Sequence[Where], consumers: Sequence[Where]) -> QueueChoice:
+def _choose_for_many(
+    producers: Sequence[Where], consumers: Sequence[Where], pick: Callable[[Where, Where], QueueChoice]
+) -> QueueChoice:
     """The type for a queue with several ends: the most general of the pairwise choices."""
     order = ["local", "shm", "sage", "ray_actor", "rpc"]
     best: Optional[QueueChoice] = None
     for p in producers or ["thread"]:  # the manager itself is a thread-end (it writes EOS)
         for c in consumers or ["thread"]:
-            choice = choose_queue_type(p, c, explain=True)
+            choice = pick(p, c)
             if best is None or order.index(choice.queue_type) > order.index(best.queue_type):
                 best = choice
     # The manager writes the end-of-stream markers, so a queue between two threads of a
@@ -245,13 +255,15 @@ Policy = Literal["fail_fast", "restart"]
 
 @dataclass(frozen=True)
 class Job:
-    """Stages and the queues between them; ``policy`` says what a dead worker causes (JOB10)."""
+    """Stages and the queues between them; ``policy`` says what a dead worker causes (JOB10).
+    ``name`` names the job for monitoring (``sage-queue top``); None: one is made up at start."""
 
     queues: Mapping[str, Union[str, QueueSpec, QueueDescriptor]]
     stages: Sequence[Stage]
     policy: Policy = "fail_fast"
     max_restarts: int = 3
     start_method: str = "spawn"
+    name: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.policy not in ("fail_fast", "restart"):
@@ -263,11 +275,24 @@ class Job:
             for q in (stage.input, stage.output):
                 if q is not None and q not in self.queues:
                     raise ValueError(f"stage {stage.name!r} names queue {q!r}, which the job does not declare")
-            if stage.where == "ray" or _host(stage.where) is not None:
-                raise NotImplementedError(
-                    f"stage {stage.name!r}: where={stage.where!r} workers are not started by this JobManager yet "
-                    "(thread and process are); run them yourself with the job's descriptors"
-                )
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """How the manager starts a worker on another host, and how that host reaches this one (JOB14).
+
+    ``launcher``: the argv prefix that runs a command there (``["ssh", "gpu7"]``,
+    ``["ip", "netns", "exec", "ns-b"]``; ``[]`` runs it here); ``python`` is appended, then
+    ``-m sage_queue.job worker``. ``address``: the address of *this* host as that host reaches
+    it; the rpc server the manager starts for the job's rpc queues binds it. ``env``: extra
+    environment variables for the launcher process (``ssh`` does not forward them; ``ip netns
+    exec`` and ``[]`` do).
+    """
+
+    launcher: Sequence[str] = ()
+    address: str = "127.0.0.1"
+    python: str = sys.executable
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 # -- outcome ---------------------------------------------------------------------------------------
@@ -275,8 +300,12 @@ class Job:
 
 @dataclass(frozen=True)
 class WorkerExit:
-    """How one worker ended: ``cause`` is ``"ok"``, ``"exit code N"``, ``"killed by SIGKILL"`` or
-    ``"raised ExcType: message"``; ``detail`` holds a traceback when there is one."""
+    """How one worker ended: ``cause`` is ``"ok"``, ``"exit code N"``, ``"killed by SIGKILL"``,
+    ``"raised ExcType: message"`` or, for a Ray worker, ``"Ray worker died: ..."``, ``"Ray task
+    cancelled"``, ``"Ray task failed: ..."``; ``detail`` holds a traceback (or a host worker's last
+    stderr lines) when there is one. ``items_in``/``items_out``: items the worker took from its
+    input and put into its output, as it reported them when it ended (None: it could not, e.g.
+    killed; JOB15)."""
 
     stage: str
     replica: int
@@ -285,11 +314,15 @@ class WorkerExit:
     ok: bool
     cause: str
     detail: str = ""
+    items_in: Optional[int] = None
+    items_out: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One worker as :meth:`JobManager.workers` sees it; ``pid`` is None for a thread."""
+    """One worker as :meth:`JobManager.workers` sees it; ``pid`` is None for a thread and a Ray
+    task (a host worker's is its pid on that host, once it said so); ``ref`` is a Ray worker's
+    ``ObjectRef`` (``ray.cancel(ref, force=True)`` kills it), else None."""
 
     stage: str
     replica: int
@@ -297,16 +330,32 @@ class WorkerInfo:
     where: Where
     pid: Optional[int]
     running: bool
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    """Items through one stage, summed over its workers' reports (JOB15). ``unreported``: worker
+    ends that carried no counts (killed workers): their items are not in the sums."""
+
+    stage: str
+    where: Where
+    workers: int
+    items_in: int
+    items_out: int
+    unreported: int
 
 
 @dataclass
 class JobResult:
-    """``results[stage]``: the sink's return value per replica (a list); ``exits``: every worker's end."""
+    """``results[stage]``: the sink's return value per replica (a list); ``exits``: every worker's end;
+    ``stages[stage]``: items in and out per stage (JOB15)."""
 
     results: dict[str, list[Any]]
     exits: list[WorkerExit]
     queue_types: dict[str, str]
     restarts: int
+    stages: dict[str, StageCounts] = field(default_factory=dict)
 
 
 class JobFailed(RuntimeError):
@@ -342,7 +391,17 @@ def _load_fn(ref: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _items(q: Any, stop: Optional[threading.Event]) -> Iterator[Any]:
+class _Counts:
+    """Items one worker took (markers excluded) and put; written by that worker only."""
+
+    __slots__ = ("items_in", "items_out")
+
+    def __init__(self) -> None:
+        self.items_in = 0
+        self.items_out = 0
+
+
+def _items(q: Any, stop: Optional[threading.Event], counts: _Counts) -> Iterator[Any]:
     """Items of ``q`` up to (not including) the first end-of-stream marker (JOB4)."""
     while True:
         if stop is None:
@@ -356,34 +415,78 @@ def _items(q: Any, stop: Optional[threading.Event]) -> Iterator[Any]:
                 continue
         if is_eos(item):
             return
+        counts.items_in += 1
         yield item
 
 
-def _put(q: Any, item: Any, stop: Optional[threading.Event]) -> None:
+def _put(q: Any, item: Any, stop: Optional[threading.Event], counts: _Counts) -> None:
     if stop is None:
         q.put(item)
-        return
-    while True:
-        try:
-            q.put(item, timeout=_STOP_POLL_S)
-            return
-        except stdqueue.Full:
-            if stop.is_set():
-                raise QueueClosed("the job is stopping") from None
+    else:
+        while True:
+            try:
+                q.put(item, timeout=_STOP_POLL_S)
+                break
+            except stdqueue.Full:
+                if stop.is_set():
+                    raise QueueClosed("the job is stopping") from None
+    counts.items_out += 1
 
 
-def _run_stage(fn: Callable[..., Any], source: Any, sink: Any, stop: Optional[threading.Event]) -> Any:
+def _run_stage(fn: Callable[..., Any], source: Any, sink: Any, stop: Optional[threading.Event], counts: _Counts) -> Any:
     """Run one worker's function between its handles; the sink's result, else None."""
     if source is None:
         for item in fn():
-            _put(sink, item, stop)
+            _put(sink, item, stop, counts)
         return None
-    items = _items(source, stop)
+    items = _items(source, stop, counts)
     if sink is None:
         return fn(items)
     for item in fn(items):
-        _put(sink, item, stop)
+        _put(sink, item, stop, counts)
     return None
+
+
+def _work(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """One out-of-process worker's life (process, host or Ray): resolve its queues from the
+    payload's JSON, run the stage, close (never destroy) its handles; the result message."""
+    handles: list[Any] = []
+    counts = _Counts()
+
+    def open_(text: Optional[str]) -> Any:
+        if text is None:
+            return None
+        handles.append(resolve_descriptor(QueueDescriptor.from_json(text)))
+        return handles[-1]
+
+    try:
+        try:
+            result = _run_stage(
+                _load_fn(payload["fn"]), open_(payload["input"]), open_(payload["output"]), None, counts
+            )
+            message: dict[str, Any] = {"ok": True, "result": result}
+        except BaseException as exc:  # reported to the manager
+            message = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
+    finally:
+        for handle in handles:
+            handle.close()  # close, never destroy: the queues belong to the manager
+    message["items_in"], message["items_out"] = counts.items_in, counts.items_out
+    return message
+
+
+def _encode(message: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(message)
+    except (TypeError, ValueError) as exc:
+        return json.dumps(
+            {
+                "ok": False,
+                "cause": f"result is not JSON-serialisable: {exc}",
+                "detail": "",
+                "items_in": message.get("items_in"),
+                "items_out": message.get("items_out"),
+            }
+        )
 
 
 def _watch_parent(parent: int) -> None:
@@ -403,33 +506,50 @@ def _watch_parent(parent: int) -> None:
 
 def _worker_process_main(payload_json: str, conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a worker process: it receives JSON only (descriptors and a function path)."""
-    payload = json.loads(payload_json)
-    handles: list[Any] = []
     _watch_parent(os.getppid())
-
-    def open_(text: Optional[str]) -> Any:
-        if text is None:
-            return None
-        handles.append(resolve_descriptor(QueueDescriptor.from_json(text)))
-        return handles[-1]
-
     try:
-        try:
-            result = _run_stage(_load_fn(payload["fn"]), open_(payload["input"]), open_(payload["output"]), None)
-            message = {"ok": True, "result": result}
-        except BaseException as exc:  # reported to the manager, then the process exits with 1
-            message = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
-        try:
-            text = json.dumps(message)
-        except (TypeError, ValueError) as exc:
-            text = json.dumps({"ok": False, "cause": f"result is not JSON-serialisable: {exc}", "detail": ""})
-        conn.send_bytes(text.encode())
+        message = _work(json.loads(payload_json))
+        conn.send_bytes(_encode(message).encode())
     finally:
-        for handle in handles:
-            handle.close()  # close, never destroy: the queues belong to the manager
         conn.close()
     if not message["ok"]:
         os._exit(1)
+
+
+def _ray_task_main(payload_json: str) -> str:
+    """Body of a Ray worker (JOB13): JSON in (descriptors, function reference), JSON out."""
+    return _encode(_work(json.loads(payload_json)))
+
+
+def _host_worker_main() -> int:
+    """``python -m sage_queue.job worker``: a worker on another host (the protocol of JOB14).
+
+    stdin: one line, the payload JSON; then stdin stays open, and its end (the manager, or the
+    ssh carrying it, is gone) makes the worker exit with status 70 at once. stdout: JSON lines,
+    ``{"event": "started", "pid": P}`` first, the result message last; the stage's own prints go
+    to stderr (file descriptor 1 is pointed there), so they cannot corrupt the protocol.
+    """
+    proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return _ORPHAN_EXIT
+    payload = json.loads(line)
+    # The rpc key travels here, never in a descriptor (RPC4): the descriptors name the variable.
+    os.environ.update({str(k): str(v) for k, v in payload.get("env", {}).items()})
+    proto.write(json.dumps({"event": "started", "pid": os.getpid()}) + "\n")
+    proto.flush()
+
+    def watch_stdin() -> None:
+        while os.read(0, 4096):
+            pass
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=watch_stdin, name="sage-job-stdin-watch", daemon=True).start()
+    message = _work(payload)
+    proto.write(_encode(message) + "\n")
+    proto.flush()
+    return 0 if message["ok"] else 1
 
 
 # -- the manager -----------------------------------------------------------------------------------
@@ -443,10 +563,25 @@ class _Worker:
     process: Any = None  # multiprocessing.Process
     conn: Optional[multiprocessing.connection.Connection] = None
     thread: Optional[threading.Thread] = None
+    popen: Optional[subprocess.Popen[bytes]] = None  # a host worker (its launcher)
+    readers: list[threading.Thread] = field(default_factory=list)
+    remote_pid: Optional[int] = None  # a host worker's pid, as it reported it
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    ray_ref: Any = None  # a Ray worker's ObjectRef
+    counts: _Counts = field(default_factory=_Counts)  # a thread worker's counts
     outcome: Optional[dict[str, Any]] = None  # set by a thread worker when it ends
-    message: Optional[dict[str, Any]] = None  # a process worker's result message, once read
+    message: Optional[dict[str, Any]] = None  # a process or host worker's result message, once read
     ended: Optional[WorkerExit] = None
     result: Any = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        if self.process is not None:
+            pid: Optional[int] = self.process.pid
+            return pid
+        if self.popen is not None:
+            return self.remote_pid if self.remote_pid is not None else self.popen.pid
+        return None
 
 
 def _signal_cause(code: int) -> str:
@@ -466,17 +601,29 @@ def queue_stats(handle: Any) -> Optional[QueueStats]:
     return None
 
 
+_RPC_KEY_ENV = "SAGE_QUEUE_JOB_RPC_KEY"
+"""The variable a host worker's rpc descriptors name (key_env) for the key of the manager's server."""
+
+
 class JobManager:
     """Creates a job's queues, runs its workers, delivers end-of-stream, recovers or fails, tears down.
 
     Use :meth:`run` (which tears down on every exit path, JOB1) or the context manager with
     :meth:`start` / :meth:`wait`. The manager's thread supervises; workers never block it.
+    ``hosts`` says how to start ``host:NAME`` stages (JOB14); ``local_host`` is the name of this
+    host in ``host:NAME`` (such a stage needs no entry in ``hosts``: it runs with ``HostSpec()``).
     """
 
-    def __init__(self, job: Job) -> None:
+    def __init__(
+        self, job: Job, *, hosts: Optional[Mapping[str, HostSpec]] = None, local_host: str = "localhost"
+    ) -> None:
         self.job = job
+        self.hosts: dict[str, HostSpec] = dict(hosts or {})
+        self.local_host = local_host
         self.descriptors: dict[str, QueueDescriptor] = {}
         self.choices: dict[str, QueueChoice] = {}
+        self.rpc_address: Optional[tuple[str, int]] = None
+        """The address of the rpc server this manager started for the job (JOB14), else None."""
         self._handles: dict[str, Any] = {}
         self._workers: list[_Worker] = []
         self._exits: list[WorkerExit] = []
@@ -485,6 +632,12 @@ class JobManager:
         self._stop = threading.Event()
         self._torn_down = False
         self._ctx: Any = multiprocessing.get_context(job.start_method)
+        self._rpc_server: Any = None  # a ServerProcess
+        self._rpc_dir: Optional[str] = None  # holds its key file
+        self._rpc_key_hex: Optional[str] = None
+        self._managed_rpc: set[str] = set()  # queues on the manager's server
+        self._ray_remote: Any = None
+        self._published: Optional[Any] = None
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -494,36 +647,117 @@ class JobManager:
     def _consumers(self, q: str) -> list[Stage]:
         return [s for s in self.job.stages if s.input == q]
 
+    def _host_spec(self, stage: Stage) -> HostSpec:
+        name = _host(stage.where)
+        assert name is not None
+        if name in self.hosts:
+            return self.hosts[name]
+        if name == self.local_host:
+            return HostSpec()
+        raise ValueError(
+            f"stage {stage.name!r} runs on host {name!r}, which JobManager(hosts=...) does not describe "
+            f"(known: {sorted(self.hosts) or 'none'})"
+        )
+
+    def _choose(self, name: str, spec: Union[str, QueueSpec]) -> QueueChoice:
+        spec = QueueSpec(spec) if isinstance(spec, str) else spec
+        if spec.queue_type in (AUTO, None):
+
+            def pick(producer: Where, consumer: Where) -> QueueChoice:
+                return choose_queue_type(producer, consumer, local_host=self.local_host, explain=True)
+
+            return _choose_for_many(
+                [s.where for s in self._producers(name)], [s.where for s in self._consumers(name)], pick
+            )
+        choice = QueueChoice(spec.queue_type, "declared by the job")
+        ends = [s for s in (*self._producers(name), *self._consumers(name)) if s.where != "thread"]
+        if ends and CROSS_PROCESS not in getattr(backend_class(choice.queue_type), "capabilities", ()):
+            raise ValueError(
+                f"queue {name!r} is declared {choice.queue_type!r}, which cannot cross processes, but stage "
+                f"{ends[0].name!r} runs in a {ends[0].where}; declare it 'auto' or a cross-process type"
+            )
+        return choice
+
+    def _rpc_metadata(self) -> dict[str, Any]:
+        """host, port, key_file of the job's own rpc server, started on first need (JOB14).
+
+        It binds the address the job's remote hosts reach this host at (127.0.0.1 when no
+        stage runs on another host); it runs in a child process that exits with this one.
+        """
+        # Imported here: the rpc server needs pyzmq, which a job without rpc queues must not need.
+        from .backends.rpc.server import RPCQueueServer
+        from .backends.rpc.wire import generate_key_file
+
+        if self._rpc_server is None:
+            addresses = {self._host_spec(s).address for s in self.job.stages if _host(s.where) is not None}
+            if len(addresses) > 1:
+                raise ValueError(
+                    f"the job's hosts reach this host at different addresses {sorted(addresses)}; the manager's "
+                    "rpc server binds one: give the rpc queues as descriptors of a server you run"
+                )
+            address = addresses.pop() if addresses else "127.0.0.1"
+            self._rpc_dir = tempfile.mkdtemp(prefix="sageq-job-")  # mode 0700
+            key_file = os.path.join(self._rpc_dir, "rpc.key")
+            self._rpc_key_hex = generate_key_file(key_file)[1].hex()
+            self._rpc_server = RPCQueueServer.spawn(host=address, key_file=key_file)
+            self.rpc_address = self._rpc_server.address
+            log.info("rpc server for the job on tcp://%s:%d", *self._rpc_server.address)
+        assert self.rpc_address is not None and self._rpc_dir is not None
+        host, port = self.rpc_address
+        return {"host": host, "port": port, "key_file": os.path.join(self._rpc_dir, "rpc.key")}
+
     def _descriptor(self, name: str, spec: Union[str, QueueSpec, QueueDescriptor]) -> QueueDescriptor:
         if isinstance(spec, QueueDescriptor):
             self.choices[name] = QueueChoice(spec.queue_type, "given as a descriptor")
             return spec
-        if isinstance(spec, str):
-            spec = QueueSpec(spec)
-        if spec.queue_type in (AUTO, None):
-            choice = _choose_for_many(
-                [s.where for s in self._producers(name)], [s.where for s in self._consumers(name)]
-            )
-        else:
-            choice = QueueChoice(spec.queue_type, "declared by the job")
-            ends = [s for s in (*self._producers(name), *self._consumers(name)) if s.where != "thread"]
-            if ends and CROSS_PROCESS not in getattr(backend_class(choice.queue_type), "capabilities", ()):
-                raise ValueError(
-                    f"queue {name!r} is declared {choice.queue_type!r}, which cannot cross processes, but stage "
-                    f"{ends[0].name!r} runs in a {ends[0].where}; declare it 'auto' or a cross-process type"
-                )
-        self.choices[name] = choice
-        return QueueDescriptor.create(choice.queue_type, None, spec.maxsize, **dict(spec.metadata))
+        choice = self.choices[name] = self._choose(name, spec)
+        spec = QueueSpec(spec) if isinstance(spec, str) else spec
+        metadata = dict(spec.metadata)
+        if canonical_type(choice.queue_type) == "rpc" and "port" not in metadata:
+            metadata.update(self._rpc_metadata())
+            self._managed_rpc.add(name)
+        return QueueDescriptor.create(choice.queue_type, None, spec.maxsize, **metadata)
+
+    def _publish(self) -> None:
+        """Announce the running job to monitors (``sage-queue top``), when sage_queue.monitor exists."""
+        try:
+            # Imported here: monitoring is optional and must not weigh on importing the job module.
+            from .monitor import publish_job
+        except ImportError:
+            return
+        name = self.job.name or f"job-{os.getpid()}-{id(self):x}"
+        try:
+            self._published = publish_job(name, dict(self.descriptors), pid=os.getpid())
+        except Exception:  # monitoring must never stop a job
+            log.exception("publishing job %s for monitoring", name)
+
+    def _unpublish(self) -> None:
+        if self._published is None:
+            return
+        from .monitor import unpublish_job
+
+        try:
+            unpublish_job(self._published)
+        except Exception:
+            log.exception("unpublishing job %s", self._published)
+        self._published = None
 
     def start(self) -> JobManager:
         """Create every queue, then start every worker."""
         try:
+            for stage in self.job.stages:  # unknown hosts are refused before anything is created
+                if _host(stage.where) is not None:
+                    self._host_spec(stage)
+            for name, spec in self.job.queues.items():  # every declared type checked (JOB8) before
+                if not isinstance(spec, QueueDescriptor):  # any queue or rpc server exists
+                    self._choose(name, spec)
             for name, spec in self.job.queues.items():
                 desc = self._descriptor(name, spec)
                 self._handles[name] = resolve_descriptor(desc)  # creates it; the manager owns it
                 self.descriptors[name] = desc
                 self._eos_sent[name] = 0
                 log.info("queue %s: %s (%s)", name, desc.queue_type, self.choices[name].reason)
+            self._publish()
             for stage in self.job.stages:
                 for replica in range(stage.replicas):
                     self._start_worker(stage, replica, 0)
@@ -532,24 +766,23 @@ class JobManager:
             raise
         return self
 
+    def _worker_json(self, queue: Optional[str], remote: bool) -> Optional[str]:
+        """The descriptor a worker gets for ``queue``; a host worker's rpc descriptors on the manager's
+        server name the key by ``key_env`` (the key travels in the payload, RPC4), not the manager's file."""
+        if queue is None:
+            return None
+        desc = self.descriptors[queue]
+        if remote and queue in self._managed_rpc:
+            meta = {k: v for k, v in desc.metadata.items() if k != "key_file"}
+            meta["key_env"] = _RPC_KEY_ENV
+            desc = QueueDescriptor(desc.queue_id, desc.queue_type, meta, desc.created_timestamp)
+        return desc.to_json()
+
     def _start_worker(self, stage: Stage, replica: int, attempt: int) -> _Worker:
         w = _Worker(stage, replica, attempt)
-        in_json = self.descriptors[stage.input].to_json() if stage.input else None
-        out_json = self.descriptors[stage.output].to_json() if stage.output else None
-        if stage.where == "process":
-            # Only what this worker needs, as JSON (JOB2); the pipe carries its result back.
-            payload = json.dumps({"fn": _fn_ref(stage.fn), "input": in_json, "output": out_json})
-            parent_conn, child_conn = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(
-                target=_worker_process_main,
-                args=(payload, child_conn),
-                name=f"sage-job-{stage.name}-{replica}",
-                daemon=True,
-            )
-            proc.start()
-            child_conn.close()
-            w.process, w.conn = proc, parent_conn
-        else:
+        remote = _host(stage.where) is not None
+        in_json, out_json = self._worker_json(stage.input, remote), self._worker_json(stage.output, remote)
+        if stage.where == "thread":
             fn = _load_fn(stage.fn) if isinstance(stage.fn, str) else stage.fn
             w.thread = threading.Thread(
                 target=self._thread_main,
@@ -558,20 +791,97 @@ class JobManager:
                 daemon=True,
             )
             w.thread.start()
+        else:
+            # Only what this worker needs, as JSON (JOB2); the function by reference.
+            payload: dict[str, Any] = {"fn": _fn_ref(stage.fn), "input": in_json, "output": out_json}
+            if stage.where == "process":
+                parent_conn, child_conn = self._ctx.Pipe(duplex=False)
+                proc = self._ctx.Process(
+                    target=_worker_process_main,
+                    args=(json.dumps(payload), child_conn),
+                    name=f"sage-job-{stage.name}-{replica}",
+                    daemon=True,
+                )
+                proc.start()
+                child_conn.close()
+                w.process, w.conn = proc, parent_conn
+            elif stage.where == "ray":
+                w.ray_ref = (
+                    self._ray_task().options(name=f"sage-job-{stage.name}-{replica}").remote(json.dumps(payload))
+                )
+            else:
+                self._start_host_worker(w, payload)
         self._workers.append(w)
         log.info("started %s[%d] attempt %d (%s)", stage.name, replica, attempt, stage.where)
         return w
 
+    def _ray_task(self) -> Any:
+        """The Ray remote function of this manager's Ray workers (JOB13), connecting Ray if needed."""
+        if self._ray_remote is None:
+            # Imported here: only a job with a Ray stage needs Ray (importing this module never does).
+            from .backends._ray import connect, ray
+
+            connect("ray_actor", {})  # RAY1: the cluster this process uses, or a local instance
+            # max_retries=0: Ray must not re-run a dead worker behind the manager's back (that would
+            # re-read items, and escape max_restarts); num_cpus=0: a stage waiting for a free CPU
+            # while its neighbours wait for it would deadlock the pipeline.
+            self._ray_remote = ray.remote(num_cpus=0, max_retries=0)(_ray_task_main)
+        return self._ray_remote
+
+    def _start_host_worker(self, w: _Worker, payload: dict[str, Any]) -> None:
+        spec = self._host_spec(w.stage)
+        if self._rpc_key_hex is not None and {w.stage.input, w.stage.output} & self._managed_rpc:
+            payload["env"] = {_RPC_KEY_ENV: self._rpc_key_hex}
+        argv = [*spec.launcher, spec.python, "-m", "sage_queue.job", "worker"]
+        w.popen = popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **spec.env},
+        )
+        assert popen.stdin is not None and popen.stdout is not None and popen.stderr is not None
+        out, err = popen.stdout, popen.stderr
+
+        def read_stdout() -> None:
+            for raw in out:
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    w.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+                    continue
+                if isinstance(msg, dict) and msg.get("event") == "started":
+                    w.remote_pid = int(msg["pid"])
+                elif isinstance(msg, dict):
+                    w.message = msg
+
+        def read_stderr() -> None:
+            for raw in err:
+                w.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+
+        for target in (read_stdout, read_stderr):
+            t = threading.Thread(target=target, name=f"sage-job-{w.stage.name}-{w.replica}-io", daemon=True)
+            t.start()
+            w.readers.append(t)
+        try:
+            # The payload, then stdin stays open: its end tells the worker that the manager is gone.
+            popen.stdin.write((json.dumps(payload) + "\n").encode())
+            popen.stdin.flush()
+        except OSError:  # it died at once (bad launcher): the supervisor reports its exit
+            pass
+
     def _thread_main(self, w: _Worker, fn: Callable[..., Any], in_json: Optional[str], out_json: Optional[str]) -> None:
         handles = [resolve_descriptor(j) if j is not None else None for j in (in_json, out_json)]
         try:
-            w.outcome = {"ok": True, "result": _run_stage(fn, handles[0], handles[1], self._stop)}
+            w.outcome = {"ok": True, "result": _run_stage(fn, handles[0], handles[1], self._stop, w.counts)}
         except BaseException as exc:  # reported by the supervisor
             w.outcome = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
         finally:
             for h in handles:
                 if h is not None:
                     h.close()
+            if w.outcome is not None:
+                w.outcome["items_in"], w.outcome["items_out"] = w.counts.items_in, w.counts.items_out
 
     # -- supervision ----------------------------------------------------------------------------
 
@@ -585,38 +895,88 @@ class JobManager:
             except (EOFError, OSError, ValueError):  # died before (or while) sending it
                 w.conn.close()
 
+    def _poll_process(self, w: _Worker) -> Optional[dict[str, Any]]:
+        proc = w.process
+        self._read_message(w)
+        if proc.is_alive():
+            if w.message is None:
+                return None
+            proc.join(_GRACE_S)  # it sent its result and is closing its handles
+            if proc.exitcode is None:
+                return None
+        else:
+            self._read_message(w)  # sent just before it exited: still in the pipe
+        message = w.message
+        if message is None or (proc.exitcode != 0 and message.get("ok")):
+            message = {
+                "ok": False,
+                "cause": _signal_cause(proc.exitcode),
+                "detail": "" if message is None else message.get("detail", ""),
+            }
+        assert w.conn is not None
+        w.conn.close()
+        return message
+
+    def _poll_host(self, w: _Worker) -> Optional[dict[str, Any]]:
+        assert w.popen is not None
+        code = w.popen.poll()
+        if code is None:
+            return None
+        for t in w.readers:  # the pipes reach their end once the process is gone
+            t.join(_GRACE_S)
+        message = w.message
+        if message is None or (code != 0 and message.get("ok")):
+            cause = _signal_cause(code)
+            if code == _ORPHAN_EXIT:
+                cause += " (it lost its manager: stdin closed)"
+            message = {"ok": False, "cause": cause, "detail": "\n".join(w.stderr_tail)}
+        elif not message.get("ok") and not message.get("detail"):
+            message["detail"] = "\n".join(w.stderr_tail)
+        return message
+
+    def _poll_ray(self, w: _Worker) -> Optional[dict[str, Any]]:
+        from .backends._ray import ray  # imported already: the task was started through it
+
+        ready, _ = ray.wait([w.ray_ref], timeout=0)
+        if not ready:
+            return None
+        try:
+            message: dict[str, Any] = json.loads(ray.get(w.ray_ref))
+            return message
+        except ray.exceptions.TaskCancelledError:
+            cause = "Ray task cancelled"
+        except ray.exceptions.WorkerCrashedError as exc:
+            cause = f"Ray worker died: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        except ray.exceptions.RayError as exc:
+            first = str(exc).strip().splitlines()
+            cause = f"Ray task failed: {type(exc).__name__}: {first[0] if first else ''}"
+        return {"ok": False, "cause": cause, "detail": traceback.format_exc()}
+
     def _poll(self, w: _Worker) -> Optional[WorkerExit]:
         """The worker's end if it has ended (its result stored), else None."""
         message: Optional[dict[str, Any]]
         if w.thread is not None:
-            if w.thread.is_alive() or w.outcome is None:
-                return None
-            message, pid = w.outcome, None
+            message = None if w.thread.is_alive() else w.outcome
+        elif w.process is not None:
+            message = self._poll_process(w)
+        elif w.popen is not None:
+            message = self._poll_host(w)
         else:
-            proc = w.process
-            self._read_message(w)
-            if proc.is_alive():
-                if w.message is None:
-                    return None
-                proc.join(_GRACE_S)  # it sent its result and is closing its handles
-                if proc.exitcode is None:
-                    return None
-            else:
-                self._read_message(w)  # sent just before it exited: still in the pipe
-            message, pid = w.message, proc.pid
-            if message is None or (proc.exitcode != 0 and message.get("ok")):
-                message = {
-                    "ok": False,
-                    "cause": _signal_cause(proc.exitcode),
-                    "detail": "" if message is None else message.get("detail", ""),
-                }
-            assert w.conn is not None
-            w.conn.close()
-        assert message is not None
+            message = self._poll_ray(w)
+        if message is None:
+            return None
         ok = bool(message["ok"])
         w.result = message.get("result")
         return WorkerExit(
-            w.stage.name, w.replica, w.attempt, pid, ok, "ok" if ok else message["cause"], message.get("detail", "")
+            w.stage.name,
+            w.replica,
+            w.attempt,
+            w.pid,
+            ok,
+            "ok" if ok else message["cause"],
+            message.get("detail", ""),
+            message.get("items_in"),
+            message.get("items_out"),
         )
 
     def _finished(self, stage: Stage) -> bool:
@@ -679,8 +1039,28 @@ class JobManager:
                 last = {w.replica: w.result for w in self._workers if w.stage is stage and w.ended and w.ended.ok}
                 results[stage.name] = [last[r] for r in sorted(last)]
         return JobResult(
-            results, list(self._exits), {n: d.queue_type for n, d in self.descriptors.items()}, self._restarts
+            results,
+            list(self._exits),
+            {n: d.queue_type for n, d in self.descriptors.items()},
+            self._restarts,
+            self.stage_counts(),
         )
+
+    def stage_counts(self) -> dict[str, StageCounts]:
+        """Items in and out per stage over the workers that have ended so far (JOB15)."""
+        out: dict[str, StageCounts] = {}
+        for stage in self.job.stages:
+            ends = [e for e in self._exits if e.stage == stage.name]
+            known = [e for e in ends if e.items_in is not None and e.items_out is not None]
+            out[stage.name] = StageCounts(
+                stage.name,
+                stage.where,
+                len(ends),
+                sum(e.items_in or 0 for e in known),
+                sum(e.items_out or 0 for e in known),
+                len(ends) - len(known),
+            )
+        return out
 
     def _recover(self, w: _Worker, ended: WorkerExit) -> None:
         if self.job.policy == "restart" and self._restarts < self.job.max_restarts:
@@ -693,7 +1073,8 @@ class JobManager:
             if self.job.policy == "fail_fast"
             else f"restart limit reached ({self.job.max_restarts} restarts)"
         )
-        message = f"worker {ended.stage}[{ended.replica}] (pid {ended.pid}) {ended.cause}; job stopped: {why}" + (
+        where = f"pid {ended.pid}" if ended.pid is not None else w.stage.where
+        message = f"worker {ended.stage}[{ended.replica}] ({where}) {ended.cause}; job stopped: {why}" + (
             f"\n{ended.detail}" if ended.detail else ""
         )
         self.teardown()
@@ -721,18 +1102,21 @@ class JobManager:
 
     # -- monitoring and teardown ----------------------------------------------------------------
 
+    def _running(self, w: _Worker) -> bool:
+        if w.ended is not None:
+            return False
+        if w.thread is not None:
+            return w.thread.is_alive()
+        if w.process is not None:
+            return bool(w.process.is_alive())
+        if w.popen is not None:
+            return w.popen.poll() is None
+        return w.ray_ref is not None  # not seen ended by the supervisor
+
     def workers(self) -> list[WorkerInfo]:
         """Every worker started so far (restarted ones included), in start order."""
         return [
-            WorkerInfo(
-                w.stage.name,
-                w.replica,
-                w.attempt,
-                w.stage.where,
-                w.process.pid if w.process is not None else None,
-                w.ended is None
-                and (w.thread.is_alive() if w.thread is not None else w.process is not None and w.process.is_alive()),
-            )
+            WorkerInfo(w.stage.name, w.replica, w.attempt, w.stage.where, w.pid, self._running(w), w.ray_ref)
             for w in self._workers
         ]
 
@@ -741,24 +1125,13 @@ class JobManager:
         return {name: queue_stats(h) for name, h in self._handles.items()}
 
     def teardown(self) -> None:
-        """Stop every worker, then destroy every queue. Idempotent; never raises for a worker."""
+        """Stop every worker, then destroy every queue, then stop the job's rpc server.
+        Idempotent; never raises for a worker."""
         if self._torn_down:
             return
         self._torn_down = True
         self._stop.set()
-        procs = [w.process for w in self._workers if w.process is not None]
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        deadline = time.monotonic() + _GRACE_S
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for w in self._workers:
-            if w.conn is not None:
-                w.conn.close()
+        self._stop_workers()
         # Destroying wakes any thread worker still blocked in a backend's get/put (E13);
         # the others see the stop flag within _STOP_POLL_S.
         for name, handle in self._handles.items():
@@ -776,6 +1149,67 @@ class JobManager:
             if w.process is not None:
                 w.process.close()
                 w.process = None
+        if self._rpc_server is not None:
+            self._rpc_server.stop()
+            self._rpc_server = None
+        if self._rpc_dir is not None:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            self._rpc_dir = None
+        self._unpublish()
+
+    def _stop_workers(self) -> None:
+        """Processes and host launchers: SIGTERM, then SIGKILL after the grace (a host worker also
+        sees its stdin end); Ray tasks: ``ray.cancel(force=True)``, which kills their worker process."""
+        refs = [w.ray_ref for w in self._workers if w.ray_ref is not None and w.ended is None]
+        if refs:
+            from .backends._ray import ray
+
+            for ref in refs:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # finished meanwhile, or Ray is going down: nothing left to stop
+                    log.debug("ray.cancel", exc_info=True)
+        procs = [w.process for w in self._workers if w.process is not None]
+        popens = [w.popen for w in self._workers if w.popen is not None]
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for pp in popens:
+            if pp.stdin is not None:
+                try:
+                    pp.stdin.close()
+                except OSError:  # broken pipe: it is gone already
+                    pass
+            if pp.poll() is None:
+                pp.terminate()
+        deadline = time.monotonic() + _GRACE_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for pp in popens:
+            try:
+                pp.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pp.kill()
+                pp.wait()
+        for w in self._workers:
+            for t in w.readers:
+                t.join(_GRACE_S)
+            if w.popen is not None:
+                for f in (w.popen.stdout, w.popen.stderr):
+                    if f is not None:
+                        f.close()
+            if w.conn is not None:
+                w.conn.close()
+        if refs:
+            from .backends._ray import ray
+
+            try:  # the cancelled tasks' workers are killed: wait until Ray says so
+                ray.wait(refs, num_returns=len(refs), timeout=_GRACE_S)
+            except Exception:
+                log.debug("ray.wait at teardown", exc_info=True)
 
     def __enter__(self) -> JobManager:
         return self
@@ -784,29 +1218,50 @@ class JobManager:
         self.teardown()
 
 
-# -- command line: python -m sage_queue.job choose PRODUCER CONSUMER [--explain] --------------------
+# -- command line: python -m sage_queue.job choose PRODUCER CONSUMER [--explain] | worker ----------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sage_queue.job choose thread process --explain``: the type, and why (JOB8)."""
-    parser = argparse.ArgumentParser(prog="python -m sage_queue.job", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    choose = sub.add_parser("choose", help="pick a queue type from where the two ends run")
-    choose.add_argument("producer", help="thread | process | ray | host:NAME")
-    choose.add_argument("consumer", help="thread | process | ray | host:NAME")
-    choose.add_argument("--override", default=None, help="a queue type that wins over the choice")
-    choose.add_argument("--local-host", default="localhost", help="the name of this host in host:NAME")
-    choose.add_argument("--explain", action="store_true", help="print why as well")
-    args = parser.parse_args(argv)
+def _add_choose_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("producer", help="thread | process | ray | host:NAME")
+    parser.add_argument("consumer", help="thread | process | ray | host:NAME")
+    parser.add_argument("--override", default=None, help="a queue type that wins over the choice")
+    parser.add_argument("--local-host", default="localhost", help="the name of this host in host:NAME")
+    parser.add_argument("--explain", action="store_true", help="print why as well")
+
+
+def _choose(args: argparse.Namespace, prog: str) -> int:
     try:
         choice = choose_queue_type(
             args.producer, args.consumer, override=args.override, local_host=args.local_host, explain=True
         )
     except ValueError as exc:  # a bad where, an unknown type (UnknownQueueType is a ValueError)
-        parser.error(str(exc))
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{choice.queue_type}: {choice.reason}" if args.explain else choice.queue_type)
     return 0
 
 
+def choose_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sage-queue choose PRODUCER CONSUMER [--override T] [--explain]``: the type, and why (JOB8)."""
+    parser = argparse.ArgumentParser(prog="sage-queue choose", description=choose_main.__doc__)
+    _add_choose_arguments(parser)
+    return _choose(parser.parse_args(argv), parser.prog)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sage_queue.job choose thread process --explain``: the type, and why (JOB8);
+    ``python -m sage_queue.job worker``: a host worker (JOB14; payload JSON on stdin)."""
+    parser = argparse.ArgumentParser(prog="python -m sage_queue.job", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_choose_arguments(sub.add_parser("choose", help="pick a queue type from where the two ends run"))
+    sub.add_parser("worker", help="run one host worker: payload JSON on stdin, result JSON on stdout")
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _host_worker_main()
+    return _choose(args, "python -m sage_queue.job choose")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the module's importable copy, not this __main__ one: EOS unpickles to
+    # sage_queue.job.EOS, which must be the class the worker's is_eos checks (JOB3).
+    raise SystemExit(importlib.import_module("sage_queue.job").main())

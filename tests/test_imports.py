@@ -214,6 +214,10 @@ FUNCTION_LEVEL_IMPORTS = {
     ("__init__.py", "sage_queue.backends.rpc.server"): "RPCQueueServer needs pyzmq: imported on first use",
     ("backends/ray_actor.py", "asyncio"): "inside the actor class's methods, which run in the Ray worker",
     ("backends/ray_queue.py", "ray.util.queue"): "Ray is imported when a ray_queue is first resolved",
+    ("job.py", "sage_queue.backends._ray"): "Ray is imported only when a job has a Ray stage (JOB13)",
+    ("job.py", "sage_queue.backends.rpc.server"): "the job's own rpc server needs pyzmq: only for rpc queues (JOB14)",
+    ("job.py", "sage_queue.backends.rpc.wire"): "the rpc key file of the job's server: only for rpc queues (JOB14)",
+    ("job.py", "sage_queue.monitor"): "monitoring is optional; importing sage_queue.job stays light",
 }
 
 

@@ -636,3 +636,44 @@ def test_choose_from_the_command_line() -> None:
     assert run("thread", "thread", "--override", "shm").stdout.strip() == "shm"
     bad = run("thread", "nowhere")
     assert bad.returncode == 2 and "where must be" in bad.stderr
+
+
+@pytest.mark.spec("JOB8")
+@pytest.mark.timeout(60)
+def test_choose_through_the_sage_queue_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from sage_queue.cli import main as cli_main
+
+    assert cli_main(["choose", "process", "host:gpu1", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rpc: ") and "gpu1" in out
+    assert cli_main(["choose", "thread", "thread", "--override", "shm"]) == 0
+    assert capsys.readouterr().out.strip() == "shm"
+    assert cli_main(["choose", "thread", "nowhere"]) == 2
+    assert "where must be" in capsys.readouterr().err
+
+
+# -- per-stage counters -------------------------------------------------------------------------
+
+
+def keep_even(items: Iterator[int]) -> Iterator[int]:
+    return (x for x in items if x % 2 == 0)
+
+
+@pytest.mark.spec("JOB15")
+@pytest.mark.timeout(60)
+def test_stage_counts_come_back_with_the_result() -> None:
+    job = Job(
+        queues={"a": QueueSpec("local", maxsize=8), "b": QueueSpec("local", maxsize=8)},
+        stages=[
+            Stage("src", numbers, output="a"),
+            Stage("even", keep_even, input="a", output="b", replicas=2),
+            Stage("sink", count, input="b"),
+        ],
+        name="counts",
+    )
+    result = JobManager(job).run(timeout=30)
+    assert result.results["sink"] == [N // 2]
+    stages = {s: (c.workers, c.items_in, c.items_out, c.unreported) for s, c in result.stages.items()}
+    assert stages == {"src": (1, 0, N, 0), "even": (2, N, N // 2, 0), "sink": (1, N // 2, 0, 0)}
+    even = [e for e in result.exits if e.stage == "even"]
+    assert sum(e.items_in or 0 for e in even) == N  # each replica reported its own share

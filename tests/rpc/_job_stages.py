@@ -1,0 +1,53 @@
+"""Stage functions of tests/rpc/test_rpc_job.py, in a module of their own: a host worker imports
+them by ``module:name`` (its PYTHONPATH names this directory), without importing pytest."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+N = 200
+
+
+def numbers() -> range:
+    return range(N)
+
+
+def slow_numbers() -> Iterator[int]:
+    for i in range(N):
+        time.sleep(0.01)  # paces the stream so that a test's kill lands mid-way
+        yield i
+
+
+def square(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        yield x * x
+
+
+def collect(items: Iterator[Any]) -> list[Any]:
+    return list(items)
+
+
+def netns() -> str:
+    """The network namespace of this process (``net:[inode]``): tells which "host" ran a stage."""
+    return os.readlink("/proc/self/ns/net")
+
+
+def square_where(items: Iterator[int]) -> Iterator[list[Any]]:
+    here = netns()
+    for x in items:
+        yield [here, x * x]
+
+
+def noisy_square(items: Iterator[int]) -> Iterator[int]:
+    print("a stage may print: this must not corrupt the worker protocol", flush=True)
+    yield from square(items)
+
+
+def fail_on_3(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        if x == 3:
+            raise ValueError("bad item 3")
+        yield x
