@@ -848,6 +848,15 @@ def format_table(samples: Sequence[QueueSample], *, width: Optional[int] = None)
     return "\n".join(lines)
 
 
+def _terminal_width(stream: TextIO) -> Optional[int]:
+    """Columns of the terminal (lines longer than that would wrap and spoil the redraw); None if unknown."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return None
+    return columns if columns > 0 else None  # a pseudo-terminal nobody sized says 0
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
@@ -911,7 +920,7 @@ def top_main(argv: Optional[list[str]] = None, *, out: Optional[TextIO] = None) 
             stream.write(_HIDE_CURSOR)
         while True:
             samples = sampler.sample(watch)
-            width = os.get_terminal_size(stream.fileno()).columns if tty else None
+            width = _terminal_width(stream) if tty else None
             title = f"sage-queue top  {time.strftime('%H:%M:%S')}  every {args.interval:g} s  {len(samples)} queue(s)"
             frame = title + "\n" + format_table(samples, width=width)
             stream.write(_CLEAR + frame + "\n" if tty else frame + "\n\n")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
+import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +33,14 @@ from sage_queue import (
     QueueNotFound,
     QueuePermissionError,
     _segment,
+    cli,
     get_local_queue,
     monitor,
     register_queue_implementation,
     resolve_descriptor,
     unregister_queue_implementation,
 )
-from sage_queue.backends import local, shm
+from sage_queue.backends import local, sage, shm
 from sage_queue.metadata import BUILTIN_SCHEMAS
 from sage_queue.monitor import (
     Sampler,
@@ -429,3 +439,258 @@ def test_label_values_are_escaped_and_same_named_jobs_get_a_pid_label(queues: li
         {"job": odd, "queue": "q", "type": "sage", "pid": "1"},
         {"job": odd, "queue": "q", "type": "sage", "pid": "2"},
     ]
+
+
+# -- sage-queue top and metrics, against a real job process -----------------------------------------
+
+JOB_SCRIPT = """
+import sys
+from sage_queue import QueueDescriptor, resolve_descriptor
+from sage_queue.monitor import publish_job, unpublish_job
+
+job, prefix = sys.argv[1], sys.argv[2]
+queues = {
+    "input": resolve_descriptor(QueueDescriptor.create_sage_queue(name=prefix + "-in", maxsize=100)),
+    "output": resolve_descriptor(QueueDescriptor.create_shm_queue(prefix + "-out", maxsize=100)),
+}
+queues["input"].put_many(list(range(3)))
+path = publish_job(job, {k: q.descriptor for k, q in queues.items()}, consumers={"input": 2})
+print("ready", flush=True)
+try:
+    for line in sys.stdin:  # commands from the test: "destroy NAME", "put NAME N", "get NAME N"
+        verb, name, *rest = line.split()
+        if verb == "destroy":
+            queues.pop(name).destroy()
+        elif verb == "put":
+            queues[name].put_many(list(range(int(rest[0]))))
+        elif verb == "get":
+            for _ in range(int(rest[0])):
+                queues[name].get(timeout=10)
+        print("done", flush=True)
+finally:
+    unpublish_job(path)
+    for q in queues.values():
+        q.destroy()
+"""
+
+
+class JobProcess:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.prefix = f"mon-job-{uuid.uuid4().hex[:10]}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", JOB_SCRIPT, name, self.prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.readline() == "ready"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        assert self.readline() == "done"
+
+    def segments(self) -> list[tuple[str, str]]:
+        return [("sage", self.prefix + "-in"), ("shm", self.prefix + "-out")]
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.proc.stdout.close()
+        for kind, name in self.segments():  # the job destroys them; a failed test must not leak them
+            _segment.unlink(kind, name)
+
+
+@pytest.fixture
+def job(registry: Path) -> Iterator[JobProcess]:
+    j = JobProcess(f"job-{uuid.uuid4().hex[:6]}")
+    try:
+        yield j
+    finally:
+        j.stop()
+
+
+def _sage_queue_cmd(*args: str, env_dir: Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("sage-queue")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sage_queue.cli"]
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(env_dir)}
+    kw.setdefault("stdout", subprocess.PIPE)
+    return subprocess.run([*command, *args], stderr=subprocess.PIPE, text=True, timeout=60, env=env, **kw)
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """queue name -> cells of its row in the last table of ``top`` output."""
+    tables = text.split("sage-queue top")
+    rows = {}
+    for line in tables[-1].splitlines()[2:]:
+        cells = line.split()
+        if len(cells) >= 10:
+            rows[cells[1]] = cells
+    return rows
+
+
+def test_top_once_shows_a_running_jobs_queues(job: JobProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["top", "--once"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["input"][:5] == [job.name, "input", "sage", "ok", "3"]
+    assert rows["input"][7] == "2"  # consumers, as the job published them
+    assert rows["output"][:5] == [job.name, "output", "shm", "ok", "0"]
+    # the monitor closed what it opened: no pid of ours left in the segment's header
+    info = sage.describe_segment(job.prefix + "-in")
+    assert os.getpid() not in info.attached_pids and job.proc.pid in info.attached_pids
+
+
+def test_top_follows_rates_stalls_and_a_queue_that_goes(job: JobProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    sampler = Sampler()
+    watch = monitor.sources(job.name)
+    sampler.sample(watch)
+    job.command("put input 4")
+    samples = {s.source.queue: s for s in sampler.sample(watch)}
+    assert samples["input"].stats is not None and samples["input"].stats.depth == 7
+    assert samples["input"].stalled is True and samples["output"].stalled is False
+    job.command("get input 7")
+    samples = {s.source.queue: s for s in sampler.sample(watch)}
+    assert samples["input"].stalled is False
+    gets = samples["input"].gets_per_s
+    assert gets is not None and gets > 0
+    job.command("destroy output")
+    assert cli.main(["top", "--once", "--job", job.name]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["output"][3] == "gone" and rows["input"][3] == "ok"
+    assert not os.path.exists(_segment.segment_path("shm", job.prefix + "-out"))  # looking did not create it
+
+
+@pytest.mark.timeout(90)
+def test_top_in_a_subprocess(job: JobProcess, registry: Path) -> None:
+    out = _sage_queue_cmd(
+        "top", "--job", job.name, "--iterations", "2", "--interval", "0.2", env_dir=registry.parent.parent
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("sage-queue top") == 2
+    assert "\x1b[" not in out.stdout  # not a terminal: plain lines
+    rows = _rows(out.stdout)
+    assert rows["input"][:7] == [job.name, "input", "sage", "ok", "3", "0.0", "0.0"]
+    assert rows["input"][8] == "STALLED"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("columns", [0, 60])  # 0: a pseudo-terminal nobody sized (the width is unknown)
+def test_top_redraws_in_place_on_a_terminal(job: JobProcess, registry: Path, columns: int) -> None:
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    try:
+        out = _sage_queue_cmd(
+            "top", "--iterations", "2", "--interval", "0.1", env_dir=registry.parent.parent, stdout=follower
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while select.select([leader], [], [], 1.0)[0]:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the other end is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    text = b"".join(chunks).decode()
+    assert out.returncode == 0, out.stderr
+    assert text.count("\x1b[H\x1b[2J") == 2  # each frame redrawn from the top
+    assert text.startswith("\x1b[?25l") and text.rstrip().endswith("\x1b[?25h")  # cursor hidden, then restored
+    assert "input" in text and "output" in text
+    if columns:  # lines cut to the width: a wrapped line would spoil the redraw
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+        assert max(len(line) for line in plain.splitlines()) <= columns
+
+
+def test_top_with_descriptors_and_without_any_job(
+    registry: Path, queues: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["top", "--once"]) == 0
+    assert "no running sage-queue job" in capsys.readouterr().out
+    assert cli.main(["top", "--once", "--job", "nope"]) == 1
+    assert "no running job named 'nope'" in capsys.readouterr().err
+    q = _sage(queues)
+    q.put(1)
+    assert cli.main(["top", "--once", q.descriptor.to_json()]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows[q.descriptor.queue_id][:5] == ["-", q.descriptor.queue_id, "sage", "ok", "1"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["top", "--interval", "0"])
+    assert info.value.code == 2
+
+
+def test_metrics_to_stdout_and_to_a_file(job: JobProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["metrics", "--job", job.name]) == 0
+    fams = _families(capsys.readouterr().out)
+    depth = {s.labels["queue"]: s.value for s in fams["sage_queue_depth"].samples}
+    assert depth == {"input": 3, "output": 0}
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "sage_queue.prom"
+    assert cli.main(["metrics", "--file", str(target)]) == 0
+    assert capsys.readouterr().out == ""
+    fams = _families(target.read_text())
+    assert {s.labels["job"] for s in fams["sage_queue_puts"].samples} == {job.name}
+    assert [p.name for p in target.parent.iterdir()] == ["sage_queue.prom"]  # the temporary file was renamed
+    assert cli.main(["metrics", "--job", "nope"]) == 1
+
+
+def test_metrics_without_a_job(registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["metrics"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "# EOF\n" and "nothing to export" in captured.err
+    assert list(text_string_to_metric_families(captured.out)) == []
+
+
+@pytest.mark.timeout(90)
+def test_metrics_served_over_http_until_sigterm(job: JobProcess, registry: Path) -> None:
+    script = Path(sys.executable).with_name("sage-queue")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sage_queue.cli"]
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(registry.parent.parent)}
+    server = subprocess.Popen(
+        [*command, "metrics", "--serve", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line)
+        assert match, line
+        url = f"http://127.0.0.1:{match.group(1)}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            body = response.read().decode()
+        fams = _families(body)
+        assert {s.labels["queue"]: s.value for s in fams["sage_queue_depth"].samples} == {"input": 3, "output": 0}
+        job.command("get input 1")
+        with urllib.request.urlopen(url, timeout=30) as response:  # a second scrape samples afresh
+            fams = _families(response.read().decode())
+        assert {s.labels["queue"]: s.value for s in fams["sage_queue_gets"].samples}["input"] == 1
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=30)
+        assert info.value.code == 404
+        info.value.close()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        assert server.stderr is not None and server.stderr.read() == ""  # quiet: no request log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(30)
+        for stream in (server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()
