@@ -713,9 +713,14 @@ class JobManager:
         choice = self.choices[name] = self._choose(name, spec)
         spec = QueueSpec(spec) if isinstance(spec, str) else spec
         metadata = dict(spec.metadata)
-        if canonical_type(choice.queue_type) == "rpc" and "port" not in metadata:
+        queue_type = canonical_type(choice.queue_type)
+        if queue_type == "rpc" and "port" not in metadata:
             metadata.update(self._rpc_metadata())
             self._managed_rpc.add(name)
+        elif queue_type in ("ray_actor", "ray_queue") and "address" not in metadata:
+            # The cluster the manager uses, named in the descriptor: a worker process joins it
+            # through the descriptor (RAY1) instead of starting an instance of its own.
+            metadata["address"] = self._ray_address()
         return QueueDescriptor.create(choice.queue_type, None, spec.maxsize, **metadata)
 
     def _publish(self) -> None:
@@ -815,13 +820,21 @@ class JobManager:
         log.info("started %s[%d] attempt %d (%s)", stage.name, replica, attempt, stage.where)
         return w
 
+    @staticmethod
+    def _ray_address() -> str:
+        """The address of the Ray cluster this process uses, connecting first if needed (RAY1)."""
+        # Imported here: only a job with a Ray stage or queue needs Ray (importing this module never does).
+        from .backends._ray import connect, ray
+
+        connect("ray_actor", {})  # RAY1: the cluster this process uses, else $RAY_ADDRESS, else a local one
+        return str(ray.get_runtime_context().gcs_address)
+
     def _ray_task(self) -> Any:
         """The Ray remote function of this manager's Ray workers (JOB13), connecting Ray if needed."""
         if self._ray_remote is None:
-            # Imported here: only a job with a Ray stage needs Ray (importing this module never does).
-            from .backends._ray import connect, ray
+            from .backends._ray import ray
 
-            connect("ray_actor", {})  # RAY1: the cluster this process uses, or a local instance
+            self._ray_address()
             # max_retries=0: Ray must not re-run a dead worker behind the manager's back (that would
             # re-read items, and escape max_restarts); num_cpus=0: a stage waiting for a free CPU
             # while its neighbours wait for it would deadlock the pipeline.
