@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -677,3 +678,70 @@ def test_stage_counts_come_back_with_the_result() -> None:
     assert stages == {"src": (1, 0, N, 0), "even": (2, N, N // 2, 0), "sink": (1, N // 2, 0, 0)}
     even = [e for e in result.exits if e.stage == "even"]
     assert sum(e.items_in or 0 for e in even) == N  # each replica reported its own share
+
+
+# -- recovery under repeated kills (JOB10's at-most-once, checked on the items) ------------------------
+
+
+def paced_numbers() -> Iterator[int]:
+    for i in range(2 * N):
+        time.sleep(0.005)  # a stream that lasts ~2 s, so that the kills land while it flows
+        yield i
+
+
+@needs_sage
+@pytest.mark.spec("JOB10", "JOB5")
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", [7, 2024])
+def test_transforms_sigkilled_repeatedly_lose_at_most_their_items_in_flight(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    job = Job(
+        queues={"a": QueueSpec("sage", maxsize=4), "b": QueueSpec("sage", maxsize=4)},
+        stages=[
+            Stage("src", paced_numbers, output="a", where="process"),
+            Stage("mid", square, input="a", output="b", where="process", replicas=2),
+            Stage("sink", collect, input="b", where="thread"),
+        ],
+        policy="restart",
+        max_restarts=50,
+    )
+    manager = JobManager(job)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        # Seeded: which replica and when. Only transforms: a restarted source would run again from
+        # its start, and a restarted sink would forget what it had collected (spec JOB10).
+        while not done.is_set() and len(killed) < 8:
+            done.wait(rng.uniform(0.1, 0.4))
+            running = [w for w in manager.workers() if w.stage == "mid" and w.running and w.pid is not None]
+            if running and not done.is_set():
+                victim = rng.choice(running)
+                assert victim.pid is not None
+                try:
+                    os.kill(victim.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile
+                    continue
+                killed.append(victim.pid)
+
+    manager.start()
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        result = manager.wait(timeout=200)
+    finally:
+        done.set()
+        thread.join(10)
+        manager.teardown()
+    got = result.results["sink"][0]
+    produced = {x * x for x in range(2 * N)}
+    assert len(got) == len(set(got)), "an item was delivered twice"
+    assert set(got) <= produced, "an item that was never produced"
+    dead = [e for e in result.exits if not e.ok]
+    assert all(e.stage == "mid" and e.cause == "killed by SIGKILL" for e in dead)
+    assert {e.pid for e in dead} <= set(killed) and result.restarts == len(dead) >= 1
+    # Each dead transform held at most one item: taken from "a", its square not yet in "b".
+    assert len(produced) - len(got) <= len(dead), (len(produced) - len(got), len(dead))
+    assert all(not _alive(p) for p in killed) and multiprocessing.active_children() == []
