@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1533,6 +1534,54 @@ class QueueConformance:
             assert (s3.puts - s2.puts, s3.gets - s2.gets) == (3, len(got)), (
                 f"stats must count items, not calls: put_many(3) and get_many -> {len(got)} items gave {s2} -> {s3}"
             )
+
+    @requires("stats")
+    @clause("Q37")
+    def test_stats_shape(self) -> None:
+        from sage_queue import QueueStats
+
+        q = self.make()
+        snaps: list[QueueStats] = []
+
+        def snap() -> None:
+            s = q.stats()
+            assert isinstance(s, QueueStats), f"stats() returned a {type(s).__name__}"
+            assert s.scope in ("queue", "handle"), f"stats().scope is {s.scope!r}, not 'queue' or 'handle'"
+            for f in dataclasses.fields(s):
+                if f.name == "scope":
+                    continue
+                value = getattr(s, f.name)
+                if value is None and f.name not in ("puts", "gets", "depth"):
+                    continue
+                assert isinstance(value, int) and not isinstance(value, bool) and value >= 0, (
+                    f"stats().{f.name} is {value!r}: it must be a non-negative int"
+                    + ("" if f.name in ("puts", "gets", "depth") else " or None (unknown to the backend)")
+                )
+            snaps.append(s)
+
+        snap()
+        q.put(1)
+        snap()
+        q.put("two")
+        q.get()
+        snap()
+        q.get()
+        snap()
+        for f in dataclasses.fields(QueueStats):
+            known = [getattr(s, f.name) is not None for s in snaps]
+            assert all(known) or not any(known), (
+                f"stats().{f.name} is None in some snapshots and not in others: {[getattr(s, f.name) for s in snaps]}"
+            )
+        counters = ("puts", "gets", "bytes_in", "bytes_out", "waits", "abandoned", "errors")
+        for before, after in itertools.pairwise(snaps):
+            for name in counters:
+                a, b = getattr(before, name), getattr(after, name)
+                assert a is None or b >= a, f"stats().{name} went down from {a} to {b}: counters never decrease"
+        first, after_put, after_get = snaps[0], snaps[1], snaps[2]
+        if first.bytes_in is not None and after_put.bytes_in is not None:
+            assert after_put.bytes_in > first.bytes_in, f"put(1) left bytes_in at {first.bytes_in}"
+        if after_put.bytes_out is not None and after_get.bytes_out is not None:
+            assert after_get.bytes_out > after_put.bytes_out, f"get() left bytes_out at {after_put.bytes_out}"
 
     # ======================================================================================
     # 7. Capabilities, processes, hosts

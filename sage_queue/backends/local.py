@@ -260,6 +260,9 @@ class LocalQueueStub(QueueStub):
                 gets=self._state.gets,
                 depth=self._q._qsize(),
                 waits=self._state.waits,
+                # Known, not invented: nothing is serialised or framed, so no put or get can fail for
+                # a reason other than Empty, Full or a closed queue (the ``errors`` of QueueStats).
+                errors=0,
             )
 
     # -- task tracking (capability "task_done") ----------------------------------------
