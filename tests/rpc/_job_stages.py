@@ -51,3 +51,16 @@ def fail_on_3(items: Iterator[int]) -> Iterator[int]:
         if x == 3:
             raise ValueError("bad item 3")
         yield x
+
+
+def forever_with_pid() -> Iterator[int]:
+    """A source that never ends; it writes a file named after its pid first."""
+    from pathlib import Path
+
+    (Path(os.environ["SAGE_JOB_TEST_DIR"]) / f"pid-{os.getpid()}").write_text("")
+    while True:
+        yield 1
+
+
+def count(items: Iterator[Any]) -> int:
+    return sum(1 for _ in items)

@@ -6,12 +6,15 @@ for real on a second "host": a namespace joined to this one by a veth pair (``ip
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -253,3 +256,56 @@ def test_worker_on_another_network_namespace_sigkilled(other_host: tuple[str, Ho
         got = outcome.results["sink"][0]  # type: ignore[attr-defined]
         assert len(got) == len(set(got)) and set(got) <= {x * x for x in range(N)} and len(got) >= N - 1
         assert [e.cause for e in outcome.exits if e.stage == "mid"] == ["killed by SIGKILL", "ok"]  # type: ignore[attr-defined]
+
+
+# -- the manager killed: its host workers and its rpc server go too -----------------------------------
+
+_MANAGER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {here!r})
+    from sage_queue.job import HostSpec, Job, JobManager, QueueSpec, Stage
+    if __name__ == "__main__":
+        job = Job(queues={{"a": QueueSpec("auto", maxsize=4)}},
+                  stages=[Stage("src", "_job_stages:forever_with_pid", output="a", where="host:alias"),
+                          Stage("sink", "_job_stages:count", input="a", where="thread")])
+        manager = JobManager(job, hosts={{"alias": HostSpec(launcher=[], env={{"PYTHONPATH": {here!r}}})}})
+        manager.start()
+        print(json.dumps([manager.rpc_address, manager._rpc_dir]), flush=True)
+        manager.wait()
+""")
+
+
+@pytest.mark.spec("JOB1", "JOB14")
+@pytest.mark.timeout(120)
+def test_manager_sigkilled_takes_its_host_workers_and_rpc_server_along(tmp_path: Path) -> None:
+    script = tmp_path / "manager.py"
+    script.write_text(_MANAGER.format(here=str(HERE)))
+    env = dict(os.environ, SAGE_JOB_TEST_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker_pids: list[int] = []
+    rpc_dir = None
+    try:
+        assert proc.stdout is not None
+        (host, port), rpc_dir = json.loads(proc.stdout.readline())
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("pid-*")):
+            assert time.monotonic() < deadline, "the host worker never started"
+            assert proc.poll() is None, "the manager ended early"
+            time.sleep(0.05)
+        worker_pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while (any(map(_alive, worker_pids)) or not _port_free((host, port))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, worker_pids)), "a host worker outlived its manager (its stdin ended)"
+        assert _port_free((host, port)), "the job's rpc server outlived its manager"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in worker_pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if rpc_dir is not None:  # nothing ran in the killed manager to remove its key directory
+            shutil.rmtree(rpc_dir, ignore_errors=True)
