@@ -46,17 +46,26 @@ SEGMENT_BACKENDS = HARNESS_BACKENDS
 
 
 def descriptor_factory(
-    backend: str, *, maxsize: int = 0, capacity_bytes: Optional[int] = None, prefix: str = "harness"
-) -> Callable[[], QueueDescriptor]:
-    """A zero-argument callable making a new descriptor of ``backend`` each time it is called.
+    backend: str,
+    *,
+    maxsize: int = 0,
+    capacity_bytes: Optional[int] = None,
+    prefix: str = "harness",
+    check: bool = True,
+) -> Callable[..., QueueDescriptor]:
+    """A callable making a new descriptor of ``backend`` each time it is called.
 
     ``capacity_bytes`` None leaves the type's default (and adds no key to types without one).
+    ``make(**metadata)`` adds the keys of the service the run started (rpc: ``host``, ``port``,
+    ``key_file``). ``check``: describe one queue now, so bad arguments fail here rather than in a
+    child; False for a type whose required keys only its service gives (rpc).
     """
     metadata: dict[str, Any] = {} if capacity_bytes is None else {"capacity_bytes": capacity_bytes}
-    QueueDescriptor.create(backend, maxsize=maxsize, **metadata)  # bad arguments fail here, not in a child
+    if check:
+        QueueDescriptor.create(backend, maxsize=maxsize, **metadata)  # bad arguments fail here, not in a child
 
-    def make() -> QueueDescriptor:
-        return QueueDescriptor.create(backend, f"{prefix}-{uuid.uuid4().hex[:12]}", maxsize, **metadata)
+    def make(**service: Any) -> QueueDescriptor:
+        return QueueDescriptor.create(backend, f"{prefix}-{uuid.uuid4().hex[:12]}", maxsize, **metadata, **service)
 
     return make
 

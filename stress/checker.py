@@ -19,7 +19,15 @@ Definitions (every item has a unique tag, see :mod:`stress.history`):
 
 The loss a promise allows is counted from the history, not estimated: each ``invoke get``
 of a killed worker with no completion may lose up to the items it asked for (its whole
-``get_many`` batch: SHM12, SAGE12), because the items it took died with it.
+``get_many`` batch: SHM12, SAGE12), because the items it took died with it. When what holds
+the queue is killed with its contents (a Ray actor: RAY9, RAY10), the scenario records when it
+was seen dead (``queue_kills``): an acked item whose put was invoked before such a time and that
+was never got may have been in the queue then, so its loss is allowed (``lost_at_kill``); an item
+whose put was invoked after the last such time went to the new, empty queue and must be got.
+
+A call that failed (``fail``) with an error the promise declares survivable (rpc:
+``QueueConnectionError``, E16; Ray: ``QueueActorLost``, E17) got nothing and put its items at
+most once (indeterminate); the worker logged it and went on.
 """
 
 from __future__ import annotations
@@ -57,6 +65,16 @@ class Promise:
     """False if a call may wait past its timeout (shm: lock waits are not bounded, SHM11): overruns are noted."""
     judged: bool = True
     """False: nothing promised (an anchor): the report counts, the verdict is always 'no promise'."""
+    survivable: tuple[str, ...] = ()
+    """Names of error classes a call may raise with the queue still usable (rpc: ``QueueConnectionError``
+    when a cut outlasts the retry deadline): a worker logs the call as failed and goes on. Any other
+    error ends the worker, which fails the run."""
+    slack: float = 0.0
+    """Seconds a call may legitimately take past its timeout (rpc: a timed call raises at the latest
+    2 s after it, RPC9), added to the checker's own slack for load."""
+    loss_at_queue_kill: bool = False
+    """True: killing what holds the queue (a Ray actor) loses the items in it (RAY9, RAY10): acked items
+    put before it was seen dead may be lost; later ones may not."""
 
 
 CONTRACT = Promise("queue contract (the default for a MODULE:ATTR factory)", ("Q3",))
@@ -73,6 +91,36 @@ PROMISES: dict[str, Promise] = {
     # and not yet returned ... Nothing else is lost, nothing is delivered twice").
     "sage": Promise("sage: SAGE9, SAGE11, SAGE12", ("SAGE9", "SAGE11", "SAGE12")),
     "local": Promise("local: queue contract (threads only)", ("Q3",)),
+    # spec/backends/rpc.md RPC10 (exactly once under retries: a retransmitted put enqueued once, a
+    # retransmitted get returns the same items), RPC9 (a timed call raises QueueConnectionError at the
+    # latest 2 s after its timeout; E16: it executed at most once, a get that gave up takes nothing),
+    # RPC14 (durable: SIGKILL + restart loses no acked put, redelivers no acked get), RPC17 (cut
+    # connections), RPC18 (durable server SIGKILLed under load), RPC19 (a client killed inside get loses
+    # at most that call's items).
+    "rpc": Promise(
+        "rpc: RPC9, RPC10, RPC14, RPC17-RPC19",
+        ("RPC9", "RPC10", "RPC14", "RPC17", "RPC18", "RPC19"),
+        survivable=("QueueConnectionError",),
+        slack=2.0,
+    ),
+    # spec/backends/ray.md RAY9 (a killed actor takes its items; every call fails fast with QueueActorLost),
+    # RAY10 (a restarted ray_actor is empty, each handle raises once then works), RAY5 (a call raises at
+    # the latest 2 s after its deadline when the actor does not answer its cancel; E16), RAY13 (what a
+    # kill under load may lose, and what it may not).
+    "ray_actor": Promise(
+        "ray_actor: RAY5, RAY9, RAY10, RAY13",
+        ("RAY5", "RAY9", "RAY10", "RAY13"),
+        survivable=("QueueActorLost", "QueueConnectionError"),
+        slack=2.0,
+        loss_at_queue_kill=True,
+    ),
+    "ray_queue": Promise(
+        "ray_queue: RAY9, RAY13",
+        ("RAY9", "RAY13"),
+        survivable=("QueueActorLost", "QueueConnectionError"),
+        slack=2.0,
+        loss_at_queue_kill=True,
+    ),
 }
 """Per backend type. Other backends add theirs with :func:`register_promise` (see fault_injection/README.md)."""
 
@@ -106,6 +154,12 @@ class CheckReport:
     got: int = 0
     lost: int = 0
     lost_bound: int = 0
+    lost_at_kill: int = 0
+    """Lost items whose put was invoked before a kill of the queue's holder (allowed by the promise, and
+    counted in ``lost_bound``, when it has ``loss_at_queue_kill``)."""
+    failed: int = 0
+    """Calls that failed with an error (survivable ones: the worker went on)."""
+    queue_kills: int = 0
     duplicated: int = 0
     unexpected: int = 0
     corrupt: int = 0
@@ -140,6 +194,7 @@ class CheckReport:
     def counts(self) -> str:
         return (
             f"{self.acked} acked, {self.got} got, {self.lost} lost (bound {self.lost_bound}), "
+            f"{self.failed} failed calls, "
             f"{self.duplicated} duplicated, {self.unexpected} unexpected, {self.corrupt} corrupt, "
             f"{self.out_of_order} out of order, {self.overruns} overruns, {self.stuck} stuck calls"
             f"{', DEADLOCK' if self.deadlock else ''}; {self.throughput:,.0f} items/s"
@@ -166,6 +221,7 @@ def check(
     promise: Promise,
     *,
     killed: frozenset[str] = frozenset(),
+    queue_kills: tuple[float, ...] = (),
     slack: float = DEFAULT_SLACK,
     deadlock: bool = False,
     seed: Optional[int] = None,
@@ -174,13 +230,18 @@ def check(
     """Judge ``history`` (process -> its events, in order) against ``promise``; see the module docstring.
 
     ``killed``: the processes the harness SIGKILLed (only their calls in flight may have lost
-    items). ``deadlock``: the run's end phase did not finish (then whatever was not got counts
+    items). ``queue_kills``: when the queue's holder was seen dead after each kill of it (monotonic;
+    see the module docstring). ``slack``: on top of the promise's own :attr:`Promise.slack`.
+    ``deadlock``: the run's end phase did not finish (then whatever was not got counts
     as lost, and the deadlock itself breaks every promise). ``end``: when the run was stopped
     (``time.monotonic()``): a call of a live worker still in flight then, past its timeout + slack,
     is *stuck* (a wait that ignored its timeout).
     """
     report = CheckReport(promise.name, seed=seed, deadlock=deadlock, judged=promise.judged)
+    report.queue_kills = len(queue_kills)
+    slack += promise.slack
     offered: dict[Tag, str] = {}  # tag -> "acked" | "indeterminate" | "refused" | "in flight"
+    put_invoked: dict[Tag, float] = {}  # tag -> when its (last) put was invoked
     got: Counter[Tag] = Counter()
     durations: dict[str, list[float]] = defaultdict(list)
     order_breaks: list[str] = []
@@ -197,6 +258,7 @@ def check(
                 if op.op == PUT:
                     for t in op.items:
                         offered[t] = "in flight"
+                        put_invoked[t] = op.time
                 continue
             if pending is None or pending.op != op.op:
                 report.problems.append(f"{process}: malformed history ({op} without its invoke)")
@@ -209,6 +271,8 @@ def check(
                 )
             if op.kind == OK:
                 durations["put" if op.op == PUT else "get"].append(took)
+            elif op.kind == FAIL:
+                report.failed += 1
             if op.op == PUT:
                 state = {OK: "acked", TIMEOUT: "refused", FAIL: "indeterminate"}[op.kind]
                 for t in invoke.items:
@@ -244,6 +308,10 @@ def check(
     report.refused = states["refused"]
     report.got = sum(got.values())
     lost = [t for t, s in offered.items() if s == "acked" and t not in got]
+    last_kill = max(queue_kills, default=None)
+    report.lost_at_kill = sum(1 for t in lost if last_kill is not None and put_invoked[t] < last_kill)
+    if promise.loss_at_queue_kill:
+        report.lost_bound += report.lost_at_kill
     dups = [t for t, n in got.items() if n > 1]
     unexpected = [t for t in got if offered.get(t) in (None, "refused")]
     report.indeterminate_delivered = sum(1 for t in got if offered.get(t) in ("indeterminate", "in flight"))
@@ -273,7 +341,8 @@ def _judge(report: CheckReport, promise: Promise) -> None:
     if report.lost > report.lost_bound:
         broken.append(
             f"{report.lost} acked items lost, more than the {report.lost_bound} allowed "
-            f"(items taken by calls in flight in killed workers)"
+            f"(items taken by calls in flight in killed workers"
+            f"{', or in the queue when its holder was killed' if promise.loss_at_queue_kill else ''})"
         )
     if report.duplicated and not promise.duplicates:
         broken.append(f"{report.duplicated} items delivered more than once")

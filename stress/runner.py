@@ -35,8 +35,8 @@ import threading
 import time
 import traceback
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -57,7 +57,7 @@ from .core import (
 )
 from .history import FAIL, GET, HEADER, OK, PUT, TAG, TIMEOUT, HistoryLog, Op, process_name, read_history
 
-__all__ = ["Target", "RunResult", "Scenario", "FaultContext", "Worker", "run", "run_stress", "target_for"]
+__all__ = ["Target", "Service", "RunResult", "Scenario", "FaultContext", "Worker", "run", "run_stress", "target_for"]
 
 PUT_SLICE = 0.5
 """A producer's put waits at most this long (then: timeout logged, abort/orphan checked, same items retried)."""
@@ -65,6 +65,11 @@ GET_SLICE = 0.5
 """A consumer's get waits at most this long (then: timeout logged, abort/orphan checked)."""
 SIGKILL_REAP_SECONDS = 10.0
 """How long a SIGKILLed worker may take to be reaped before the run calls it stuck."""
+SPARE_SENTINEL_EVERY = 1.0
+"""While consumers still run in the drain, a spare sentinel is put this often if the queue is empty."""
+FAILED_CALL_PAUSE = 0.02
+"""A worker pauses this long after a call failed with an error its promise declares survivable (an actor
+that is gone fails every call at once: the pause keeps such a loop from eating a core)."""
 
 
 def payload_for(slot: int, incarnation: int, seq: int, size: int) -> bytes:
@@ -77,6 +82,20 @@ def payload_for(slot: int, incarnation: int, seq: int, size: int) -> bytes:
 
 
 @dataclass
+class Service:
+    """What a run started for its queue to live on (rpc: a server), and what a scenario faults.
+
+    ``metadata`` goes into every descriptor of the run (rpc: ``host``, ``port``, ``key_file``);
+    ``control`` holds the objects a scenario started to fault the service (a proxy, a server
+    process), by name. :meth:`Scenario.setup` returns one; without it the run starts the
+    backend's own ``local_service()`` (sage_queue/stub.py), if it names one.
+    """
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    control: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Target:
     """What a run drives: how to make a queue, how workers reach it, and its promise."""
 
@@ -85,7 +104,9 @@ class Target:
     """``descriptor`` (registered type: forkserver workers get the JSON), ``object`` (a factory's queue,
     inherited by ``multiprocess`` fork workers) or ``thread`` (workers are threads)."""
     promise: Promise
-    make_descriptor: Optional[Callable[[], QueueDescriptor]] = None
+    make_descriptor: Optional[Callable[..., QueueDescriptor]] = None
+    """``make_descriptor(**service_metadata)``: a new descriptor (called with no argument when the run
+    has no service metadata, so any zero-argument factory fits)."""
     factory: Optional[Callable[[int], Any]] = None
     batch: bool = True
     """Whether the queue has put_many/get_many."""
@@ -94,11 +115,15 @@ class Target:
     """For ``object`` mode: the package whose ``fork`` context starts the workers. A factory may say
     ``harness_processes = "multiprocessing"`` (the stdlib) when its queue relies on the stdlib's process
     machinery (``multiprocessing.Queue`` flushes its feeder thread at a stdlib process's exit only)."""
+    service: Optional[Callable[[], AbstractContextManager[Mapping[str, Any]]]] = None
+    """The backend's ``local_service`` (sage_queue/stub.py) when its queues need a service (rpc: a
+    server): :func:`run` starts it for the run (unless the scenario brings its own) and stops it after
+    the queue is destroyed."""
 
-    def open(self) -> tuple[Any, Any, Callable[[], None]]:
-        """(what a worker gets, the parent's handle, teardown)."""
+    def open(self, metadata: Optional[Mapping[str, Any]] = None) -> tuple[Any, Any, Callable[[], None]]:
+        """(what a worker gets, the parent's handle, teardown); ``metadata``: the run's service metadata."""
         if self.make_descriptor is not None:
-            descriptor = self.make_descriptor()
+            descriptor = self.make_descriptor(**metadata) if metadata else self.make_descriptor()
             handle = resolve_descriptor(descriptor)
 
             def teardown() -> None:
@@ -134,14 +159,19 @@ def target_for(
 
     from .backends import descriptor_factory
 
-    caps = getattr(backend_class(spec), "capabilities", ())
+    cls = backend_class(spec)
+    caps = getattr(cls, "capabilities", ())
+    service = getattr(cls, "local_service", None)
     return Target(
         spec,
         "thread" if threads else "descriptor",
         promise_for(spec),
-        make_descriptor=descriptor_factory(spec, maxsize=maxsize, capacity_bytes=capacity_bytes, prefix=prefix),
+        make_descriptor=descriptor_factory(
+            spec, maxsize=maxsize, capacity_bytes=capacity_bytes, prefix=prefix, check=service is None
+        ),
         batch="batch" in caps,
         maxsize=maxsize,
+        service=service,
     )
 
 
@@ -164,6 +194,11 @@ def _give_up(parent: int, abort: str) -> bool:
     return os.path.exists(abort) or os.getppid() != parent
 
 
+def is_survivable(exc: BaseException, survivable: tuple[str, ...]) -> bool:
+    """True if ``exc`` is (a subclass of) an error class named in ``survivable`` (:attr:`Promise.survivable`)."""
+    return any(cls.__name__ in survivable for cls in type(exc).__mro__)
+
+
 def producer_main(
     endpoint: Any,
     workdir: str,
@@ -173,17 +208,25 @@ def producer_main(
     payload_bytes: int,
     batch: int,
     hook: Optional[ChildHook],
+    survivable: tuple[str, ...] = (),
 ) -> None:
-    """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion)."""
+    """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion).
+
+    A call failing with a ``survivable`` error (its promise says the queue may raise it and stay
+    usable, e.g. rpc's QueueConnectionError) is logged as failed (its items indeterminate: put at
+    most once) and the producer goes on with new items; any other error ends the worker (and the run).
+    """
     parent = os.getppid()
     q, owned = _open_queue(endpoint)
     log = HistoryLog(os.path.join(workdir, f"p-{slot}-{incarnation}.log"))
     stop, abort = os.path.join(workdir, "stop"), os.path.join(workdir, "abort")
     seq = 0
+    failed = False
     try:
         while count is None or seq < count:
-            if count is None and seq % 32 == 0 and os.path.exists(stop):
+            if count is None and (seq % 32 == 0 or failed) and os.path.exists(stop):
                 break
+            failed = False
             n = batch if count is None else min(batch, count - seq)
             tags = [(slot, incarnation, s) for s in range(seq, seq + n)]
             items = []
@@ -191,6 +234,7 @@ def producer_main(
                 payload = payload_for(slot, incarnation, s, payload_bytes)
                 items.append((slot, incarnation, s, payload, zlib.crc32(payload)))
             # A put that times out put nothing (queue contract), so retrying the same items is exact.
+            # A put that failed may have put them: never retried (new seqs follow), so no duplicate is ours.
             while True:
                 log.invoke_put(tags, PUT_SLICE)
                 try:
@@ -203,9 +247,15 @@ def producer_main(
                     if _give_up(parent, abort):
                         return
                     continue
-                except BaseException:
+                except BaseException as exc:
                     log.complete(FAIL, PUT, PUT_SLICE)
-                    raise
+                    if not is_survivable(exc, survivable):
+                        raise
+                    failed = True
+                    if _give_up(parent, abort):
+                        return
+                    time.sleep(FAILED_CALL_PAUSE)
+                    break
                 log.complete(OK, PUT, PUT_SLICE)
                 break
             seq += n
@@ -225,8 +275,13 @@ def consumer_main(
     batch: int,
     handback_timeout: float,
     hook: Optional[ChildHook],
+    survivable: tuple[str, ...] = (),
 ) -> None:
-    """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum."""
+    """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum.
+
+    A get failing with a ``survivable`` error is logged as failed (it got nothing) and the consumer
+    goes on; any other error ends the worker (and the run).
+    """
     parent = os.getppid()
     q, owned = _open_queue(endpoint)
     log = HistoryLog(os.path.join(workdir, f"c-{slot}-{incarnation}.log"))
@@ -242,9 +297,14 @@ def consumer_main(
                 if _give_up(parent, abort):
                     return
                 continue
-            except BaseException:
+            except BaseException as exc:
                 log.complete(FAIL, GET, GET_SLICE)
-                raise
+                if not is_survivable(exc, survivable):
+                    raise
+                if _give_up(parent, abort):
+                    return
+                time.sleep(FAILED_CALL_PAUSE)
+                continue
             got = []
             sentinels = 0
             for item in items:
@@ -260,12 +320,26 @@ def consumer_main(
                 hook("consumer", slot, done)
             if sentinels:
                 if sentinels > 1:  # a batch took other consumers' sentinels too: hand them back
-                    q.put_many([None] * (sentinels - 1), timeout=handback_timeout)
+                    _hand_back(q, sentinels - 1, handback_timeout, survivable)
                 return
     finally:
         log.close()
         if owned:
             q.close()
+
+
+def _hand_back(q: Any, sentinels: int, timeout: float, survivable: tuple[str, ...]) -> None:
+    """Put ``sentinels`` back for the other consumers; a survivable failure is retried (a second copy
+    of a sentinel is harmless: every consumer stops at its first)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            q.put_many([None] * sentinels, timeout=max(0.0, end - time.monotonic()))
+            return
+        except BaseException as exc:
+            if not is_survivable(exc, survivable) or time.monotonic() > end:
+                raise
+            time.sleep(FAILED_CALL_PAUSE)
 
 
 class _ThreadProcess:
@@ -346,6 +420,13 @@ class Scenario:
     def applies_to(self, target: Target) -> bool:
         return target.mode in self.modes
 
+    def setup(self, target: Target, stack: ExitStack) -> Optional[Service]:
+        """Before the run's queue is made: start what the faults need and return the run's :class:`Service`
+        (its metadata goes into the descriptor; its control objects reach :meth:`inject` as ``ctx.service``).
+        Register every stop on ``stack``: it is closed after the queue is destroyed. None (the default):
+        the run starts the backend's own ``local_service()``, if it names one."""
+        return None
+
     def inject(self, ctx: FaultContext) -> None:
         raise NotImplementedError
 
@@ -361,6 +442,35 @@ class FaultContext:
         """Seeded (the run's seed): use it for every random choice so a failure can be replayed."""
         self.faults_done = 0
         """Faults injected so far (kills and stops count themselves; see :meth:`count_fault`)."""
+
+    @property
+    def service(self) -> Service:
+        """The run's service: the metadata every descriptor carries and what :meth:`Scenario.setup`
+        started to fault (``ctx.service.control["proxy"]``...); empty for a backend that needs none."""
+        return self._run.service
+
+    @property
+    def descriptor(self) -> Optional[QueueDescriptor]:
+        """The descriptor of the run's queue (a registered type), None for a factory's queue."""
+        descriptor = getattr(self._run.handle, "descriptor", None)
+        return descriptor if isinstance(descriptor, QueueDescriptor) else None
+
+    def queue_lost(self, dead_by: float, what: str = "", count: bool = True) -> None:
+        """Record that what holds the queue (a Ray actor, a server without a store) was killed with its items,
+        and was seen dead at ``dead_by`` (``time.monotonic()``, taken after the death was observed).
+
+        The checker then allows the loss of every acked item whose put was invoked before ``dead_by``
+        and that was not got (it may have been in the queue then), if the promise says such a kill loses
+        the queue's contents (:attr:`stress.checker.Promise.loss_at_queue_kill`); an item put later is
+        never allowed lost."""
+        self._run.queue_kills.append(dead_by)
+        if count:
+            self.count_fault(what or "queue killed")
+
+    def end_without_drain(self, why: str) -> None:
+        """The queue is gone for good (an actor that does not restart): when :meth:`Scenario.inject` returns,
+        the workers are told to leave instead of being drained, and the history is judged as it is."""
+        self._run.gone = why
 
     def count_fault(self, what: str = "") -> None:
         """Count one fault (advances the progress bar); kill() and stop() call it unless told not to."""
@@ -524,6 +634,12 @@ class _Run:
             Worker("consumer", i) for i in range(consumers)
         ]
         self.killed: set[str] = set()
+        self.queue_kills: list[float] = []
+        """Times by which the queue's holder was seen dead (:meth:`FaultContext.queue_lost`)."""
+        self.gone: Optional[str] = None
+        """Set by :meth:`FaultContext.end_without_drain`: why the run ends without a drain."""
+        self.service = Service()
+        self.handle: Any = None
         self.faulting = False
         """True during a scenario's fault phase, when every worker must stay up until the drain."""
         if target.mode == "descriptor":
@@ -559,11 +675,21 @@ class _Run:
                 self.payload_bytes,
                 batch,
                 self.hook,
+                self.target.promise.survivable,
             )
         else:
             target = consumer_main
             batch = self.batch if self.target.batch else 1
-            args = (self.endpoint, self.workdir, worker.slot, worker.incarnation, batch, self.drain_timeout, self.hook)
+            args = (
+                self.endpoint,
+                self.workdir,
+                worker.slot,
+                worker.incarnation,
+                batch,
+                self.drain_timeout,
+                self.hook,
+                self.target.promise.survivable,
+            )
         if self.ctx is None:
             worker.process = _ThreadProcess(target, args, worker.stderr_path)
         else:
@@ -611,8 +737,10 @@ class _Run:
             self.progress("", done - self.shown)
             self.shown = done
 
-    def wait_exited(self, role: str, end: float, phase: str) -> bool:
+    def wait_exited(self, role: str, end: float, phase: str, idle: Optional[Callable[[], None]] = None) -> bool:
+        """Wait until every ``role`` worker exited; ``idle()`` is called about every SPARE_SENTINEL_EVERY s."""
         waited = [w for w in self.workers if w.role == role]
+        next_idle = time.monotonic() + SPARE_SENTINEL_EVERY
         while any(w.process.exitcode is None for w in waited):
             self.show_puts()
             self.fail_if_dead(phase)
@@ -621,6 +749,9 @@ class _Run:
                 self.result.problems.append(f"{phase}: not finished within {self.drain_timeout} s (deadlock?)")
                 self.result.problems.extend(stuck_reports(self.children(), progress=self.logged))
                 return False
+            if idle is not None and time.monotonic() >= next_idle:
+                idle()
+                next_idle = time.monotonic() + SPARE_SENTINEL_EVERY
             wait_for_any(self.children(), min(left, POLL_SECONDS))
         self.fail_if_dead(phase)
         return True
@@ -650,7 +781,34 @@ class _Run:
                 put += 1
             except queue.Full:
                 pass
-        return self.wait_exited("consumer", end, "draining the consumers")
+            except Exception as exc:  # a put that failed may have put it: a spare sentinel is harmless
+                if not is_survivable(exc, self.target.promise.survivable):
+                    raise
+                time.sleep(FAILED_CALL_PAUSE)
+
+        def spare() -> None:
+            # A consumer killed while its get was parked in a server (rpc: until RPC2's 6 s of silence)
+            # may be handed a sentinel and die with it, as with any item its call took (RPC19): while
+            # consumers still wait on an empty queue, one more sentinel (a spare one is harmless).
+            try:
+                if handle.qsize() == 0:
+                    handle.put(None, timeout=POLL_SECONDS)
+            except Exception:  # no qsize (some anchors), Full, or a survivable error: try again later
+                pass
+
+        return self.wait_exited("consumer", end, "draining the consumers", idle=spare)
+
+    def leave(self) -> bool:
+        """The queue is gone (:meth:`FaultContext.end_without_drain`): every worker leaves at its next call."""
+        for w in self.workers:
+            if w.stopped:
+                FaultContext(self, 0, random.Random()).resume(w)
+        open(os.path.join(self.workdir, "stop"), "wb").close()
+        open(os.path.join(self.workdir, "abort"), "wb").close()
+        end = time.monotonic() + self.drain_timeout
+        return self.wait_exited("producer", end, "stopping the producers") and self.wait_exited(
+            "consumer", end, "stopping the consumers"
+        )
 
     def history(self) -> dict[str, list[Op]]:
         out = {}
@@ -721,7 +879,16 @@ def run(
         return result
     if scenario is None and items_per_producer is None:
         raise ValueError("a run without a scenario needs items_per_producer")
-    endpoint, handle, teardown = target.open()
+    services = ExitStack()
+    try:
+        service = scenario.setup(target, services) if scenario is not None else None
+        if service is None:
+            # The backend's own service (rpc: a throw-away server) for this run, stopped after the queue.
+            service = Service(dict(services.enter_context(target.service()))) if target.service else Service()
+        endpoint, handle, teardown = target.open(service.metadata)
+    except BaseException:
+        services.close()
+        raise
     workdir = tempfile.mkdtemp(prefix="sageq-harness-")
     r = _Run(
         target,
@@ -738,6 +905,7 @@ def run(
         hook=hook,
         progress=None,
     )
+    r.service, r.handle = service, handle
     start = time.monotonic()
     drained = False
     try:
@@ -757,7 +925,8 @@ def run(
             else:
                 if not r.wait_exited("producer", start + timeout, f"putting {items_per_producer} items per producer"):
                     return result
-        drained = r.drain(handle)
+        # The queue gone for good (end_without_drain): nothing to drain, the workers just leave.
+        drained = r.leave() if r.gone is not None else r.drain(handle)
     except _Abort:
         return result
     finally:
@@ -772,13 +941,24 @@ def run(
         if drained or deadlocked:
             # A deadlocked run is still checked (an anchor's counts), its deadlock being the verdict.
             result.report = check(
-                r.history(), target.promise, killed=frozenset(r.killed), deadlock=deadlocked, seed=seed, end=stopped_at
+                r.history(),
+                target.promise,
+                killed=frozenset(r.killed),
+                queue_kills=tuple(r.queue_kills),
+                deadlock=deadlocked,
+                seed=seed,
+                end=stopped_at,
             )
             result.report.kills, result.report.stops = result.kills, result.stops
             if drained:
                 result.problems.extend(result.report.problems)
-        teardown()
-        shutil.rmtree(workdir, ignore_errors=True)
+            if r.gone is not None:
+                result.report.notes.append(f"not drained: {r.gone}")
+        try:
+            teardown()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            services.close()  # after the queue is destroyed: the service it lived on
     return result
 
 
