@@ -724,16 +724,15 @@ class JobManager:
         return QueueDescriptor.create(choice.queue_type, None, spec.maxsize, **metadata)
 
     def _publish(self) -> None:
-        """Announce the running job to monitors (``sage-queue top``), when sage_queue.monitor exists."""
-        try:
-            # Imported here: monitoring is optional and must not weigh on importing the job module.
-            from .monitor import publish_job
-        except ImportError:
-            return
+        """Announce the running job to monitors (``sage-queue top``, ``sage-queue metrics``: JOB16)."""
+        # Imported here: monitoring must not weigh on importing the job module.
+        from .monitor import publish_job
+
         name = self.job.name or f"job-{os.getpid()}-{id(self):x}"
+        consumers = {q: sum(s.replicas for s in self._consumers(q)) for q in self.descriptors}
         try:
-            self._published = publish_job(name, dict(self.descriptors), pid=os.getpid())
-        except Exception:  # monitoring must never stop a job
+            self._published = publish_job(name, dict(self.descriptors), pid=os.getpid(), consumers=consumers)
+        except Exception:  # an untrusted registry directory, say: monitoring must never stop a job
             log.exception("publishing job %s for monitoring", name)
 
     def _unpublish(self) -> None:
@@ -1143,6 +1142,7 @@ class JobManager:
         if self._torn_down:
             return
         self._torn_down = True
+        self._unpublish()  # monitors stop attaching before the queues go
         self._stop.set()
         self._stop_workers()
         # Destroying wakes any thread worker still blocked in a backend's get/put (E13);
@@ -1168,7 +1168,6 @@ class JobManager:
         if self._rpc_dir is not None:
             shutil.rmtree(self._rpc_dir, ignore_errors=True)
             self._rpc_dir = None
-        self._unpublish()
 
     def _stop_workers(self) -> None:
         """Processes and host launchers: SIGTERM, then SIGKILL after the grace (a host worker also

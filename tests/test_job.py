@@ -745,3 +745,59 @@ def test_transforms_sigkilled_repeatedly_lose_at_most_their_items_in_flight(seed
     # Each dead transform held at most one item: taken from "a", its square not yet in "b".
     assert len(produced) - len(got) <= len(dead), (len(produced) - len(got), len(dead))
     assert all(not _alive(p) for p in killed) and multiprocessing.active_children() == []
+
+
+# -- monitoring: the running job is published -------------------------------------------------------
+
+
+@pytest.fixture
+def private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    return runtime
+
+
+@pytest.mark.spec("JOB16")
+@pytest.mark.timeout(60)
+def test_running_job_is_published_then_unpublished(private_registry: Path) -> None:
+    from sage_queue.monitor import running_jobs
+
+    job = Job(
+        queues={"a": QueueSpec("local", maxsize=N + 1), "b": "local"},
+        stages=[Stage("src", numbers, output="a"), Stage("sink", count, input="a", replicas=2)],
+        name="published-job",
+    )
+    manager = JobManager(job)
+    manager.start()
+    try:
+        (entry,) = running_jobs("published-job")
+        assert entry.pid == os.getpid()
+        assert {q: QueueDescriptor.from_json(t) for q, t in entry.descriptors.items()} == manager.descriptors
+        assert dict(entry.consumers) == {"a": 2, "b": 0}
+        result = manager.wait(timeout=30)
+    finally:
+        manager.teardown()
+    assert sum(result.results["sink"]) == N
+    assert running_jobs("published-job") == [] and running_jobs() == []
+
+
+@pytest.mark.spec("JOB16")
+@pytest.mark.timeout(60)
+def test_failed_job_is_unpublished_and_an_untrusted_registry_does_not_stop_a_job(
+    private_registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sage_queue.monitor import running_jobs
+
+    failing = Job(
+        queues={"a": QueueSpec("local", maxsize=2), "b": "local"},
+        stages=[Stage("src", numbers, output="a"), Stage("mid", raise_value_error, input="a", output="b")],
+        name="failing-job",
+    )
+    with pytest.raises(JobFailed, match="bad item 3"):
+        JobManager(failing).run(timeout=30)
+    assert running_jobs() == []
+    (private_registry / "sage-queue").chmod(0o777)  # group/others may write: the registry is not trusted
+    job = Job(queues={"a": "local"}, stages=[Stage("src", numbers, output="a"), Stage("sink", count, input="a")])
+    assert JobManager(job).run(timeout=30).results["sink"] == [N]
+    assert "publishing job" in caplog.text
