@@ -14,8 +14,14 @@ a *source* (output only) is ``fn() -> Iterable``, a *transform* (input and outpu
 (a JSON value when the stage runs in a process). The manager owns end-of-stream (JOB3-JOB5):
 a stage function never sees the marker, it sees its input iterator end.
 
-Importing this module imports no backend; queues are created with the generic
-``QueueDescriptor.create`` and resolved with ``resolve_descriptor``.
+A stage runs where it says: ``"thread"``, ``"process"`` (spawned here), ``"ray"`` (a Ray task,
+JOB13) or ``"host:NAME"`` (a process started on host NAME through ``JobManager(job,
+hosts={"NAME": HostSpec(launcher=["ssh", "NAME"], address="10.0.0.1")})``, JOB14; its queues are
+rpc, on a server the manager starts). Every worker but a thread gets JSON only: its queues'
+descriptors and its function as ``"module:name"``.
+
+Importing this module imports no backend (nor Ray, nor pyzmq); queues are created with the
+generic ``QueueDescriptor.create`` and resolved with ``resolve_descriptor``.
 """
 
 from __future__ import annotations
