@@ -29,7 +29,6 @@ import errno
 import http.server
 import importlib
 import json
-import logging
 import math
 import os
 import re
@@ -56,6 +55,7 @@ from .errors import (
     QueuePermissionError,
     SageQueueError,
 )
+from .log import get_logger
 from .protocol import STATS, QueueStats
 from .registry import type_schema
 from .resolve import resolve_descriptor
@@ -77,7 +77,7 @@ __all__ = [
     "unpublish_job",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 REGISTRY_VERSION = 1
 """Format version of a job file; a file of another version is refused (reported, not removed)."""
@@ -225,7 +225,14 @@ def publish_job(
         except FileNotFoundError:
             pass
         raise
-    log.info("published job %s (pid %d, %d queues) at %s", name, pid, len(queues), final)
+    log.info(
+        "published job %s (pid %d, %d queues) at %s",
+        name,
+        pid,
+        len(queues),
+        final,
+        extra={"job": name, "pid": pid, "path": str(final)},
+    )
     return final
 
 
@@ -298,12 +305,17 @@ def running_jobs(name: Optional[str] = None, *, refused: Optional[list[str]] = N
         except FileNotFoundError:  # unpublished meanwhile
             continue
         except (QueuePermissionError, ValueError, OSError) as exc:
-            log.warning("job registry: skipped %s: %s", path, exc)
+            log.warning("job registry: skipped %s: %s", path, exc, extra={"path": str(path)})
             if refused is not None:
                 refused.append(str(exc))
             continue
         if not _alive(entry.pid, entry.pid_start):
-            log.info("job registry: removing stale entry %s (pid %d is gone)", path, entry.pid)
+            log.info(
+                "job registry: removing stale entry %s (pid %d is gone)",
+                path,
+                entry.pid,
+                extra={"job": entry.name, "pid": entry.pid, "path": str(path)},
+            )
             _unlink(path)
             continue
         if name is None or entry.name == name:
@@ -336,7 +348,7 @@ def unpublish_job(path_or_name: Union[str, os.PathLike[str]]) -> int:
             raise ValueError(f"{path} is not a job file of the registry {directory}")
         removed = _unlink(path)
         if removed:
-            log.info("unpublished job entry %s", path)
+            log.info("unpublished job entry %s", path, extra={"path": str(path)})
         return int(removed)
     count = 0
     for path in sorted(directory.glob("*.json")):
@@ -347,7 +359,7 @@ def unpublish_job(path_or_name: Union[str, os.PathLike[str]]) -> int:
         if entry.name == path_or_name and _unlink(path):
             count += 1
     if count:
-        log.info("unpublished job %s (%d entries)", path_or_name, count)
+        log.info("unpublished job %s (%d entries)", path_or_name, count, extra={"job": path_or_name})
     return count
 
 
@@ -464,7 +476,13 @@ def sample_queue(source: Source) -> QueueSample:
     except BackendUnavailable as exc:
         return QueueSample(source, queue_type, now, UNAVAILABLE, detail=str(exc))
     except (SageQueueError, OSError) as exc:  # DescriptorError, QueueBroken, a connection refused...
-        log.info("sampling %s/%s failed: %s", source.job, source.queue, exc)
+        log.info(
+            "sampling %s/%s failed: %s",
+            source.job,
+            source.queue,
+            exc,
+            extra={"job": source.job, "queue": source.queue, "queue_type": queue_type},
+        )
         return QueueSample(source, queue_type, now, ERROR, detail=f"{type(exc).__name__}: {exc}")
     return QueueSample(source, queue_type, now, OK, stats=stats)
 

@@ -27,7 +27,7 @@ def test_installed_script_prints_usage() -> None:
         assert name in out.stdout
     bare = _run()
     assert bare.returncode == 2
-    assert "usage: sage-queue COMMAND" in bare.stdout
+    assert "usage: sage-queue [--log-level LEVEL] [--log-json] COMMAND" in bare.stdout
 
 
 @pytest.mark.timeout(60)
