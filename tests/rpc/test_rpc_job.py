@@ -121,6 +121,23 @@ def test_unknown_host_is_refused_before_anything_starts() -> None:
     assert manager.descriptors == {} and manager._workers == [] and manager._rpc_server is None
 
 
+@pytest.mark.spec("JOB14")
+def test_hosts_reaching_this_one_at_different_addresses_are_refused() -> None:
+    job = Job(
+        queues={"a": "auto", "b": "auto"},
+        stages=[
+            Stage("src", numbers, output="a", where="host:one"),
+            Stage("mid", square, input="a", output="b", where="host:two"),
+            Stage("sink", collect, input="b"),
+        ],
+    )
+    hosts = {"one": HostSpec(address="127.0.0.1"), "two": HostSpec(address="127.0.0.2")}
+    manager = JobManager(job, hosts=hosts)
+    with pytest.raises(ValueError, match=r"different addresses \['127.0.0.1', '127.0.0.2'\]"):
+        manager.run(timeout=30)
+    assert manager.descriptors == {} and manager._workers == [] and manager._rpc_server is None
+
+
 def _kill_mid_when_flowing(manager: JobManager) -> int:
     """SIGKILL the running mid worker once it has passed items on; its pid."""
     deadline = time.monotonic() + 60
