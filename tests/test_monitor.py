@@ -15,6 +15,8 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -41,6 +43,7 @@ from sage_queue import (
     unregister_queue_implementation,
 )
 from sage_queue.backends import local, sage, shm
+from sage_queue.job import Job, JobManager, QueueSpec, Stage
 from sage_queue.metadata import BUILTIN_SCHEMAS
 from sage_queue.monitor import (
     Sampler,
@@ -694,3 +697,52 @@ def test_metrics_served_over_http_until_sigterm(job: JobProcess, registry: Path)
         for stream in (server.stdout, server.stderr):
             if stream is not None:
                 stream.close()
+
+
+# -- a real JobManager publishes itself --------------------------------------------------------------
+
+_release = threading.Event()
+
+
+def _numbers() -> list[int]:
+    return list(range(5))
+
+
+def _held_sink(items: Iterator[int]) -> int:
+    _release.wait(30)  # holds the items in the queue until the test has looked
+    return sum(items)
+
+
+@pytest.mark.timeout(90)
+def test_top_and_metrics_see_a_real_jobmanager(registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = f"real-{uuid.uuid4().hex[:6]}"
+    job = Job(
+        name=name,
+        queues={"numbers": QueueSpec("sage", maxsize=10)},
+        stages=[Stage("src", _numbers, output="numbers"), Stage("sink", _held_sink, input="numbers")],
+    )
+    _release.clear()
+    manager = JobManager(job)
+    try:
+        manager.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the source puts its 5 items (and the manager the EOS marker)
+            stats = manager.stats()["numbers"]
+            if stats is not None and stats.puts >= 5:
+                break
+            time.sleep(0.02)
+        assert cli.main(["top", "--once", "--job", name]) == 0
+        row = _rows(capsys.readouterr().out)["numbers"]
+        assert row[:4] == [name, "numbers", "sage", "ok"] and int(row[4]) >= 5 and row[7] == "1"
+        assert cli.main(["metrics", "--job", name]) == 0
+        fams = _families(capsys.readouterr().out)
+        [puts] = fams["sage_queue_puts"].samples
+        assert puts.value >= 5
+        _release.set()
+        result = manager.wait(60)
+        assert result.results["sink"] == [10]
+    finally:
+        _release.set()
+        manager.teardown()
+    assert running_jobs(name) == []  # teardown unpublished it
+    assert cli.main(["top", "--once", "--job", name]) == 1
