@@ -1,47 +1,63 @@
-"""``sage-queue demo``: the seed issue's three usage scenarios, run as working code.
+"""``sage-queue demo`` (``make demo``): the seed's three scenarios on every backend, then a job across
+heterogeneous queues, measured per queue.
 
-For every queue type this installation can provide (``QUEUE_STUB_MAPPING.available``) it runs:
+Part 1, for every queue type this installation can provide (``QUEUE_STUB_MAPPING.available``):
 
-1. **cross-process** — this process creates two queues and their descriptors and starts an
-   unrelated process (``subprocess``) that receives nothing but the descriptors' JSON on its
-   stdin; the child resolves them and echoes every item back, so items flow both ways. A type
-   without the ``cross_process`` capability (``local``) must make that child fail with
-   ``QueueNotFound``; the same JSON is then shown to work for a thread of this process.
+1. **cross-process** — this process creates two queues and starts an unrelated process
+   (``subprocess``) that receives nothing but the descriptors' JSON on its stdin; the child
+   resolves them and echoes every item back. A type without the ``cross_process`` capability
+   (``local``) must make that child fail with ``QueueNotFound``; a thread of this process then
+   shows that the same JSON works where the queue lives.
 2. **adaptive** — the seed's "choose the queue type by environment" code path: one function
-   picks a descriptor, one function uses it, whatever the type.
-3. **job pipeline** — a small ``JobManager`` builds ``{"input", "processing", "output"}``
-   descriptors and hands them to two workers (processes where the type crosses processes,
-   threads otherwise) that square and increment a stream of numbers.
+   picks a descriptor, the code after it is the same whatever the type.
+3. **job pipeline** — the library's :class:`~sage_queue.job.JobManager` runs
+   numbers -> square -> increment -> collect over three queues of the type, with the two
+   transforms in worker processes (threads for ``local``).
 
-A ``mixed`` row runs scenario 3 with a different cross-process type per queue, as in the seed.
-Unavailable types are listed as skipped with the reason. Every queue is destroyed and every
-child process reaped before ``main`` returns; the exit status is 1 if any scenario failed.
+Part 2, the main job: ``source -> parse -> enrich -> sink`` over three queues of three types
+(``sage``, ``rpc``, ``ray_actor``), run by the library's JobManager with real workers: source and
+parse are processes, enrich is a Ray worker (a process that joins the demo's Ray where the
+JobManager cannot start Ray workers), the sink is a thread of this process. Items carry their
+own timestamps (``time.monotonic()`` is one clock for every process of a Linux host): each stage
+stamps when it takes an item and when it hands it on, and the sink turns the stamps into items,
+throughput and p50/p99 latency per queue and end to end.
+
+Services: an rpc server on loopback (the rpc backend's ``local_service``) and a local Ray instance
+(when Ray is installed and not ``--no-ray``) live as long as the run. Every queue is destroyed,
+every child and worker stopped, the server stopped and Ray shut down before ``main`` returns,
+also on Ctrl-C (exit status 130) or SIGTERM; the exit status is 1 if anything failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Optional
+from types import FrameType
+from typing import Any, Optional, TextIO
 
 from .descriptor import QueueDescriptor
 from .errors import BackendUnavailable, QueueNotFound
+from .job import HostSpec, Job, JobFailed, JobManager, QueueSpec, Stage, StageFn, choose_queue_type
 from .protocol import CROSS_PROCESS
 from .registry import QUEUE_STUB_MAPPING, unavailable_reason
 from .resolve import create_descriptor_from_existing_queue, get_local_queue, resolve_descriptor
 
-__all__ = ["main", "choose_descriptor", "JobManager"]
+__all__ = ["main", "choose_descriptor", "all_types", "JobStats", "run_main_job"]
 
 WAIT_S = 10.0
 """Longest any single get/put/child of the demo may wait: a broken backend fails, never hangs."""
@@ -49,7 +65,15 @@ ECHO_ITEMS = 200
 PIPELINE_ITEMS = 100
 SMALL_MAXSIZE = 16
 """Smaller than the item counts, so that producers really block on full queues."""
-_STOP = "__stop__"
+JOB_ITEMS = 2000
+"""Items of the main job by default (``--items``); ``--quick`` runs QUICK_ITEMS."""
+QUICK_ITEMS = 200
+JOB_MAXSIZE = 64
+PAYLOAD_BYTES = 256
+_ITEMS_ENV = "SAGE_QUEUE_DEMO_ITEMS"
+"""How the source process learns the item count: a stage function takes no arguments
+(``Stage`` has no per-stage parameters), and a spawned worker inherits this environment."""
+_NO_RAY_NOTE = "Ray not started (--no-ray)"
 
 
 # -- descriptors -----------------------------------------------------------------------------------
@@ -92,6 +116,10 @@ def crosses_processes(queue_type: str) -> bool:
     return CROSS_PROCESS in getattr(QUEUE_STUB_MAPPING[queue_type], "capabilities", ())
 
 
+def _is_ray_type(queue_type: str) -> bool:
+    return queue_type in ("ray_queue", "ray_actor")
+
+
 def choose_descriptor(maxsize: int, allowed: Optional[frozenset[str]] = None) -> QueueDescriptor:
     """Scenario 2, the seed's selection: Ray if it is running, else shared memory, else local.
 
@@ -117,8 +145,54 @@ def choose_descriptor(maxsize: int, allowed: Optional[frozenset[str]] = None) ->
     raise BackendUnavailable("local", "every backend", "reinstall sage-queue")
 
 
+# -- services: a local Ray for the run -------------------------------------------------------------
+
+
+@contextmanager
+def _local_ray() -> Iterator[str]:
+    """A local Ray instance for the whole run; processes started meanwhile join it via RAY_ADDRESS.
+
+    ``address="local"``: always a new instance, never a cluster that ``ray start`` or the
+    user's RAY_ADDRESS names (the demo kills its queues' actors with the instance). If Ray is
+    already initialised in this process (the demo called from a program that uses Ray), that
+    instance is used and left running.
+    """
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        yield str(ray.get_runtime_context().gcs_address)
+        return
+    previous = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_LOGGER_LEVEL")}
+    # Ray's start-up notices are not the demo's output: logging_level here, and RAY_LOGGER_LEVEL for
+    # the processes that join this instance (their ray.init is the backend's, with Ray's default level).
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+    try:
+        # Inside the try: an interrupt during start-up still shuts down what was started.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            num_cpus=max(2, os.cpu_count() or 2),
+        )
+        address = str(ray.get_runtime_context().gcs_address)
+        os.environ["RAY_ADDRESS"] = address
+        yield address
+    finally:
+        try:
+            ray.shutdown()  # the instance's processes and every actor in it
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 class _Tracker:
-    """Every handle the demo resolves, so that each queue is destroyed exactly once at the end."""
+    """Every handle scenarios 1 and 2 resolve, so that each queue is destroyed exactly once at the end."""
 
     def __init__(self) -> None:
         self.handles: dict[str, Any] = {}
@@ -138,7 +212,7 @@ class _Tracker:
         self.handles.clear()
 
 
-# -- children --------------------------------------------------------------------------------------
+# -- scenario 1's children -------------------------------------------------------------------------
 
 
 class _Children:
@@ -190,26 +264,9 @@ def echo_loop(inbox: Any, outbox: Any, count: int) -> int:
     return count
 
 
-_STAGES: dict[str, Callable[[int], int]] = {"square": lambda x: x * x, "increment": lambda x: x + 1}
-
-
-def stage_loop(source: Any, sink: Any, stage: str) -> int:
-    """A pipeline worker: apply ``stage`` to every item until the stop marker, then pass it on."""
-    work = _STAGES[stage]
-    handled = 0
-    while True:
-        item = source.get(timeout=WAIT_S)
-        if item == _STOP:
-            sink.put(_STOP, timeout=WAIT_S)
-            return handled
-        sink.put(work(item), timeout=WAIT_S)
-        handled += 1
-
-
 def _child_main(role: str) -> int:
     """Entry point of a child: descriptors arrive as JSON on stdin, a JSON report leaves on stdout."""
     payload = json.loads(sys.stdin.readline())
-
     handles: list[Any] = []
 
     def connect(json_desc: str) -> Any:  # the seed's process B, line for line
@@ -218,12 +275,9 @@ def _child_main(role: str) -> int:
         return handles[-1]
 
     try:
-        if role == "echo":
-            handled = echo_loop(connect(payload["inbox"]), connect(payload["outbox"]), payload["count"])
-        elif role == "stage":
-            handled = stage_loop(connect(payload["source"]), connect(payload["sink"]), payload["stage"])
-        else:
+        if role != "echo":
             raise ValueError(f"unknown child role {role!r}")
+        handled = echo_loop(connect(payload["inbox"]), connect(payload["outbox"]), payload["count"])
     except QueueNotFound as exc:
         print(json.dumps({"error": "QueueNotFound", "message": str(exc)}))
         return 0
@@ -234,7 +288,7 @@ def _child_main(role: str) -> int:
     return 0
 
 
-# -- scenarios -------------------------------------------------------------------------------------
+# -- part 1: the seed's scenarios ------------------------------------------------------------------
 
 
 @dataclass
@@ -255,7 +309,6 @@ def scenario_cross_process(queue_type: str, tracker: _Tracker, children: _Childr
     outbox = make_descriptor(queue_type, "outbox")
     outbox_handle = tracker.resolve(outbox)
     payload = {"inbox": inbox.to_json(), "outbox": outbox.to_json(), "count": ECHO_ITEMS}
-    detail = ""
     if not crosses_processes(queue_type):
         report = children.result(children.start("echo", payload))
         if report.get("error") != "QueueNotFound":
@@ -275,9 +328,23 @@ def scenario_cross_process(queue_type: str, tracker: _Tracker, children: _Childr
         far_pid = proc.pid
         detail = f"child pid {proc.pid} resolved the JSON"
     items = [{"n": n, "blob": bytes([n % 256]) * (n % 50)} for n in range(ECHO_ITEMS)]
-    feeder = threading.Thread(target=lambda: [inbox_handle.put(item, timeout=WAIT_S) for item in items], daemon=True)
+    feeder_error: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            for item in items:
+                inbox_handle.put(item, timeout=WAIT_S)
+        except BaseException as exc:  # the replies then run short; the error is the cause shown
+            feeder_error.append(exc)
+
+    feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    replies = [outbox_handle.get(timeout=WAIT_S) for _ in items]
+    try:
+        replies = [outbox_handle.get(timeout=WAIT_S) for _ in items]
+    except queue.Empty:
+        if feeder_error:
+            raise feeder_error[0] from None
+        raise
     feeder.join(WAIT_S)
     if [r["echo"] for r in replies] != items:
         raise AssertionError("the echoed items differ from the items sent (lost, reordered or altered)")
@@ -304,65 +371,62 @@ def scenario_adaptive(queue_type: str, tracker: _Tracker, children: _Children) -
     return Outcome(items=len(data), detail=f"picked {desc.queue_type}")
 
 
-class JobManager:
-    """The seed's scenario 3: builds the topology, hands the descriptors to workers, feeds and drains it."""
-
-    def __init__(self, types: dict[str, str], tracker: _Tracker) -> None:
-        self.job_queues = {role: make_descriptor(queue_type, role) for role, queue_type in types.items()}
-        self.handles = {role: tracker.resolve(desc) for role, desc in self.job_queues.items()}
-
-    def topology(self) -> dict[str, str]:
-        """What a worker receives: JSON text only."""
-        return {role: desc.to_json() for role, desc in self.job_queues.items()}
-
-    def run(self, numbers: list[int], start_worker: Callable[[str, str, str], None]) -> list[int]:
-        wiring = self.topology()
-        start_worker(wiring["input"], wiring["processing"], "square")
-        start_worker(wiring["processing"], wiring["output"], "increment")
-        feeder = threading.Thread(target=self._feed, args=(numbers,), daemon=True)
-        feeder.start()
-        out: list[int] = []
-        while (item := self.handles["output"].get(timeout=WAIT_S)) != _STOP:
-            out.append(item)
-        feeder.join(WAIT_S)
-        return out
-
-    def _feed(self, numbers: list[int]) -> None:
-        for n in [*numbers, _STOP]:
-            self.handles["input"].put(n, timeout=WAIT_S)
+# Scenario 3's stage functions: module level, so that worker processes import them by name.
+def numbers() -> Iterable[int]:
+    return range(PIPELINE_ITEMS)
 
 
-def scenario_pipeline(types: dict[str, str], tracker: _Tracker, children: _Children) -> Outcome:
-    manager = JobManager(types, tracker)
-    in_processes = all(crosses_processes(t) for t in types.values())
-    workers: list[threading.Thread] = []
-    procs: list[subprocess.Popen[str]] = []
+def square(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        yield x * x
 
-    def start_worker(source: str, sink: str, stage: str) -> None:
-        if in_processes:
-            procs.append(children.start("stage", {"source": source, "sink": sink, "stage": stage}))
-        else:
-            worker = threading.Thread(
-                target=stage_loop, args=(resolve_descriptor(source), resolve_descriptor(sink), stage), daemon=True
-            )
-            worker.start()
-            workers.append(worker)
 
-    numbers = list(range(PIPELINE_ITEMS))
-    out = manager.run(numbers, start_worker)
-    if out != [n * n + 1 for n in numbers]:
+def increment(items: Iterator[int]) -> Iterator[int]:
+    for x in items:
+        yield x + 1
+
+
+def collect(items: Iterator[int]) -> list[int]:
+    return list(items)
+
+
+def _job_failure(exc: JobFailed) -> str:
+    """One line: the first failed worker's cause, else the manager's message."""
+    bad = [e for e in exc.exits if not e.ok]
+    if bad:
+        return f"worker {bad[0].stage}[{bad[0].replica}] {bad[0].cause}"
+    return str(exc).splitlines()[0]
+
+
+def scenario_pipeline(queue_type: str, tracker: _Tracker, children: _Children) -> Outcome:
+    """The seed's scenario 3 with the library's JobManager: three queues of ``queue_type``."""
+    spec = QueueSpec(queue_type, SMALL_MAXSIZE, _SERVICE_METADATA.get(queue_type, {}))
+    where = "thread"
+    if crosses_processes(queue_type):
+        where = "ray" if _is_ray_type(queue_type) else "process"
+    job = Job(
+        queues={"input": spec, "processing": spec, "output": spec},
+        stages=[
+            Stage("numbers", numbers, output="input", where="thread"),
+            # By reference: a worker imports the function (``__main__`` is not this module in a worker).
+            Stage("square", "sage_queue.demo:square", input="input", output="processing", where=where),
+            Stage("increment", "sage_queue.demo:increment", input="processing", output="output", where=where),
+            Stage("collect", collect, input="output", where="thread"),
+        ],
+    )
+    try:
+        result = JobManager(job).run(timeout=3 * WAIT_S)
+    except JobFailed as exc:
+        raise RuntimeError(_job_failure(exc)) from None
+    out = result.results["collect"][0]
+    if out != [n * n + 1 for n in range(PIPELINE_ITEMS)]:
         raise AssertionError(f"pipeline output differs: {out[:10]}...")
-    for proc in procs:
-        report = children.result(proc)
-        if report.get("handled") != PIPELINE_ITEMS:
-            raise AssertionError(f"worker report: {report}")
-    for worker in workers:
-        worker.join(WAIT_S)
-    where = f"2 worker processes (pids {', '.join(str(p.pid) for p in procs)})" if procs else "2 worker threads"
-    return Outcome(items=3 * PIPELINE_ITEMS, detail=where)
-
-
-# -- the table -------------------------------------------------------------------------------------
+    pids = [str(e.pid) for e in result.exits if e.stage in ("square", "increment") and e.pid is not None]
+    if where == "process":
+        detail = f"JobManager: 2 worker processes (pids {', '.join(pids)})"
+    else:
+        detail = f"JobManager: 2 worker {'threads' if where == 'thread' else 'tasks on Ray workers'}"
+    return Outcome(items=3 * PIPELINE_ITEMS, detail=detail)
 
 
 @dataclass
@@ -388,6 +452,12 @@ def _resources() -> Iterator[tuple[_Tracker, _Children]]:
             tracker.destroy_all()
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, (queue.Empty, queue.Full)):
+        return f"no progress within {WAIT_S:g}s (items lost or a peer stuck)"
+    return " ".join(str(exc).split())  # one line, whatever the exception says
+
+
 def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outcome]) -> Row:
     started = time.perf_counter()
     try:
@@ -396,55 +466,35 @@ def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outc
     except BackendUnavailable as exc:  # the module imports but its dependency does not (e.g. an unbuilt C core)
         return Row(backend, scenario, f"skipped: {exc.missing} ({exc.hint})"[:120])
     except Exception as exc:
-        if isinstance(exc, (queue.Empty, queue.Full)):
-            message = f"no progress within {WAIT_S:g}s (items lost or a peer stuck)"
-        else:
-            message = " ".join(str(exc).split())  # one line, whatever the exception says
         return Row(
             backend,
             scenario,
-            f"FAILED: {type(exc).__name__}: {message}"[:120],
+            f"FAILED: {type(exc).__name__}: {_one_line(exc)}"[:160],
             seconds=f"{time.perf_counter() - started:.2f}s",
             failed=True,
         )
     return Row(backend, scenario, "ok", str(outcome.items), f"{time.perf_counter() - started:.2f}s", outcome.detail)
 
 
-def run_all(types: list[str]) -> list[Row]:
-    with ExitStack() as services:  # stopped after every row, mixed pipelines included
-        return _run_all(types, services)
-
-
-def _run_all(types: list[str], services: ExitStack) -> list[Row]:
+def run_scenarios(types: list[str], services: ExitStack, ray_note: Optional[str]) -> list[Row]:
+    """Part 1: every scenario on every type (``ray_note``: why Ray types are skipped, None if Ray runs)."""
     rows: list[Row] = []
-    cross: list[str] = []
     for queue_type in types:
         reason = unavailable_reason(queue_type)
+        if reason is None and ray_note is not None and _is_ray_type(queue_type):
+            reason = ray_note
         if reason is not None:
             rows.append(Row(queue_type, "all", f"skipped: {reason}"[:120]))
             continue
         try:
             _start_service(services, queue_type)
         except Exception as exc:
-            rows.append(
-                Row(
-                    queue_type,
-                    "all",
-                    f"FAILED: its service did not start: {type(exc).__name__}: {exc}"[:120],
-                    failed=True,
-                )
-            )
+            message = f"FAILED: its service did not start: {type(exc).__name__}: {_one_line(exc)}"
+            rows.append(Row(queue_type, "all", message[:160], failed=True))
             continue
-        if crosses_processes(queue_type):
-            cross.append(queue_type)
-        same_type = {"input": queue_type, "processing": queue_type, "output": queue_type}
         rows.append(_run(queue_type, "1 cross-process", partial(scenario_cross_process, queue_type)))
         rows.append(_run(queue_type, "2 adaptive", partial(scenario_adaptive, queue_type)))
-        rows.append(_run(queue_type, "3 job pipeline", partial(scenario_pipeline, same_type)))
-    if len(cross) >= 2:
-        mixed = {"input": cross[0], "processing": cross[1], "output": cross[0]}
-        label = "mixed(" + ",".join(mixed.values()) + ")"
-        rows.append(_run(label, "3 job pipeline", partial(scenario_pipeline, mixed)))
+        rows.append(_run(queue_type, "3 job pipeline", partial(scenario_pipeline, queue_type)))
     return rows
 
 
@@ -461,11 +511,426 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+# -- part 2: the main job --------------------------------------------------------------------------
+#
+# Every item is a dict {"seq", "body", "crc", "t"}; "t" is its list of time.monotonic() stamps
+# (one clock for every process of a Linux host), three per queue, appended as the item travels:
+#
+#     t[3k]      put    the producer hands the item to queue k (just before its put)
+#     t[3k + 1]  ready  the consumer asked queue k for its next item (its previous put had returned)
+#     t[3k + 2]  got    the consumer's get returned the item
+#
+# put -> got is the item's latency through queue k, time spent queued behind other items included;
+# max(put, ready) -> got is the queue's own part: the transfer once both ends were at the queue.
+
+
+def _body(seq: int) -> bytes:
+    """The payload of item ``seq``: derived from ``seq`` so that the sink can check it without a copy."""
+    return hashlib.blake2b(seq.to_bytes(8, "little"), digest_size=32).digest() * (PAYLOAD_BYTES // 32)
+
+
+def job_source() -> Iterator[dict[str, Any]]:
+    """Stage "source": the items (how many: $SAGE_QUEUE_DEMO_ITEMS), each stamped just before its put."""
+    for seq in range(int(os.environ[_ITEMS_ENV])):
+        body = _body(seq)
+        yield {"seq": seq, "body": body, "crc": zlib.crc32(body), "t": [time.monotonic()]}
+
+
+def _stamped(items: Iterator[dict[str, Any]], work: Callable[[dict[str, Any]], None]) -> Iterator[dict[str, Any]]:
+    """A transform's loop with its stamps: ready and got for the input queue, put for the output queue."""
+    ready = time.monotonic()
+    for item in items:
+        got = time.monotonic()
+        work(item)
+        item["t"] += [ready, got, time.monotonic()]
+        yield item  # the manager puts it; the generator resumes once that put returned
+        ready = time.monotonic()
+
+
+def _check_crc(item: dict[str, Any]) -> None:
+    if zlib.crc32(item["body"]) != item["crc"]:
+        raise ValueError(f"item {item['seq']}: body does not match its checksum (corrupted in transit)")
+
+
+def _add_digest(item: dict[str, Any]) -> None:
+    item["digest"] = hashlib.sha256(item["body"]).hexdigest()[:16]
+
+
+def job_parse(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Stage "parse" (a Ray worker): check the checksum the source wrote."""
+    return _stamped(items, _check_crc)
+
+
+def job_enrich(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Stage "enrich" (a process): add a digest of the body."""
+    return _stamped(items, _add_digest)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One queue of the main job: its name, the type it runs on, its two ends, why this type."""
+
+    queue: str
+    queue_type: str
+    producer: str
+    consumer: str
+    note: str = ""
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of a sorted, non-empty list."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(p * len(sorted_values)) - 1))]
+
+
+@dataclass
+class QueueFigures:
+    """One row of the main job's table (times in seconds; NaN where there were no items)."""
+
+    name: str
+    queue_type: str
+    between: str
+    items: int
+    throughput: float  # items / (last get - first get): the rate while the consumer was busy
+    p50_s: float  # put -> got
+    p99_s: float
+    transfer_p50_s: float  # max(put, ready) -> got; NaN for the end-to-end row
+
+
+class _Progress:
+    """A tqdm bar on a terminal (stderr), else one plain line of percentages on ``out``.
+
+    ``update`` is called by the sink's thread only; ``close`` by the main thread after the
+    job ended (the sink thread is gone by then), so neither needs a lock.
+    """
+
+    def __init__(self, total: int, label: str, out: TextIO) -> None:
+        self.total, self.out, self.done = total, out, 0
+        self._bar: Any = None
+        self._next_pct = 10
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm  # type: ignore[import-untyped]  # optional extra (progress)
+            except ImportError:  # tqdm comes with sage-queue[harness]: the plain line instead
+                pass
+            else:
+                self._bar = tqdm(total=total, desc=label, unit="item", leave=False, file=sys.stderr)
+        if self._bar is None:
+            print(f"  {label}:", end="", file=out, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        while self._next_pct <= 100 and self.done * 100 >= self._next_pct * self.total:
+            print(f" {self._next_pct}%", end="", file=self.out, flush=True)
+            self._next_pct += 10
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=self.out, flush=True)
+
+
+class JobStats:
+    """The main job's sink: checks every item, keeps its stamps, feeds the progress display.
+
+    ``consume`` runs in the sink's thread; the main thread reads the figures only after the job
+    ended (``JobManager.run`` returned: the thread is gone), so nothing here is shared while written.
+    """
+
+    def __init__(self, total: int, hops: list[Hop], progress: Optional[_Progress] = None) -> None:
+        self.total, self.hops, self.progress = total, hops, progress
+        self.latency: list[list[float]] = [[] for _ in hops]
+        self.transfer: list[list[float]] = [[] for _ in hops]
+        self.first_get = [math.inf] * len(hops)
+        self.last_get = [-math.inf] * len(hops)
+        self.end_to_end: list[float] = []
+        self.seen = bytearray(total)
+
+    def consume(self, items: Iterator[dict[str, Any]]) -> int:
+        """The sink stage's function: check each item, record its stamps; the count received."""
+        ready = time.monotonic()
+        for item in items:
+            got = time.monotonic()
+            seq = item["seq"]
+            if not 0 <= seq < self.total or self.seen[seq]:
+                raise ValueError(f"item {seq}: {'duplicated' if 0 <= seq < self.total else 'never sent'}")
+            body = _body(seq)
+            if item["body"] != body or item.get("digest") != hashlib.sha256(body).hexdigest()[:16]:
+                raise ValueError(f"item {seq}: body or digest altered on the way")
+            self.seen[seq] = 1
+            t = [*item["t"], ready, got]
+            if len(t) != 3 * len(self.hops):
+                raise ValueError(f"item {seq}: {len(t)} stamps, expected {3 * len(self.hops)}")
+            for k in range(len(self.hops)):
+                put, waited, taken = t[3 * k], t[3 * k + 1], t[3 * k + 2]
+                self.latency[k].append(taken - put)
+                self.transfer[k].append(taken - max(put, waited))
+                self.first_get[k] = min(self.first_get[k], taken)
+                self.last_get[k] = max(self.last_get[k], taken)
+            self.end_to_end.append(got - t[0])
+            if self.progress is not None:
+                self.progress.update()
+            ready = time.monotonic()
+        return len(self.end_to_end)
+
+    @property
+    def received(self) -> int:
+        return len(self.end_to_end)
+
+    def figures(self) -> list[QueueFigures]:
+        """One row per queue, then the end-to-end row (type ``""``)."""
+        rows = [
+            self._figures(h.queue, h.queue_type, f"{h.producer} -> {h.consumer}", k, self.latency[k], self.transfer[k])
+            for k, h in enumerate(self.hops)
+        ]
+        between = f"{self.hops[0].producer} -> {self.hops[-1].consumer}"
+        rows.append(self._figures("end-to-end", "", between, len(self.hops) - 1, self.end_to_end, []))
+        return rows
+
+    def _figures(
+        self, name: str, queue_type: str, between: str, k: int, latency: list[float], transfer: list[float]
+    ) -> QueueFigures:
+        if not latency:
+            return QueueFigures(name, queue_type, between, 0, math.nan, math.nan, math.nan, math.nan)
+        span = self.last_get[k] - self.first_get[k]
+        lat = sorted(latency)
+        return QueueFigures(
+            name,
+            queue_type,
+            between,
+            len(lat),
+            len(lat) / span if span > 0 else math.nan,
+            _percentile(lat, 0.50),
+            _percentile(lat, 0.99),
+            _percentile(sorted(transfer), 0.50) if transfer else math.nan,
+        )
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.3f}"
+
+
+def format_job_table(figures: list[QueueFigures]) -> str:
+    head = ("queue", "type", "between", "items", "items/s", "p50 ms", "p99 ms", "transfer p50 ms")
+    cells = [head] + [
+        (
+            f.name,
+            f.queue_type or "-",
+            f.between,
+            str(f.items),
+            "-" if math.isnan(f.throughput) else f"{f.throughput:,.0f}",
+            _ms(f.p50_s),
+            _ms(f.p99_s),
+            _ms(f.transfer_p50_s),
+        )
+        for f in figures
+    ]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(head))]
+
+    def line(row: tuple[str, ...]) -> str:
+        # Names left, numbers right.
+        return "  ".join(v.rjust(w) if c >= 3 else v.ljust(w) for c, (v, w) in enumerate(zip(row, widths, strict=True)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+EDGE_HOST = "edge"
+"""The main job's source runs on host "edge": this machine, reached through an empty launcher
+(``HostSpec()``), so that the job has the hop a second machine would have, over rpc."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each stage of the main job runs, and the queue between each two (``"auto"``: the JobManager picks)."""
+
+    where: dict[str, str]
+    queues: dict[str, str]
+    notes: dict[str, str]  # queue -> why it is not what the full demo uses (a backend missing here)
+
+    def hops(self) -> list[Hop]:
+        order = list(self.where)
+        hops = []
+        for k, name in enumerate(self.queues):
+            producer, consumer = order[k], order[k + 1]
+            queue_type = self.queues[name]
+            if queue_type == "auto":
+                queue_type = choose_queue_type(self.where[producer], self.where[consumer])
+            hops.append(Hop(name, queue_type, producer, consumer, self.notes.get(name, "")))
+        return hops
+
+
+def plan_main_job(ray_note: Optional[str], rpc_note: Optional[str]) -> Plan:
+    """source (host "edge") -> raw -> parse (a Ray worker) -> parsed -> enrich (a process) -> enriched -> sink
+    (a thread of the demo): every queue "auto", so the JobManager picks rpc, ray_actor and sage.
+
+    ``ray_note``/``rpc_note``: why Ray / rpc cannot run here (None when they can); the stage then runs
+    in a process and its queue is declared shm or sage instead, with the reason kept as a note.
+    """
+    where = {"source": f"host:{EDGE_HOST}", "parse": "ray", "enrich": "process", "sink": "thread"}
+    queues = {"raw": "auto", "parsed": "auto", "enriched": "auto"}
+    notes: dict[str, str] = {}
+    same_host = [t for t in ("shm", "sage") if unavailable_reason(t) is None]
+    if rpc_note is not None:
+        where["source"] = "process"
+        queues["raw"] = same_host[0]
+        notes["raw"] = f"instead of rpc: {rpc_note}"
+    if ray_note is not None:
+        where["parse"] = "process"
+        queues["parsed"] = same_host[0]
+        notes["parsed"] = f"instead of ray_actor: {ray_note}"
+    return Plan(where, queues, notes)
+
+
+@dataclass
+class MainJobReport:
+    hops: list[Hop]
+    stats: JobStats
+    seconds: float
+    choices: dict[str, str]  # queue -> "type: reason" (JobManager.choices)
+    workers: list[str]  # "stage: where (pid N)"
+    error: Optional[str] = None
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+_KIND = {"thread": "a thread of the demo", "process": "a process", "ray": "a Ray worker"}
+
+
+def run_main_job(items: int, plan: Plan, out: TextIO) -> MainJobReport:
+    """Part 2: source -> parse -> enrich -> sink as ``plan`` says, with a progress display on ``out``."""
+    hops = plan.hops()
+    progress = _Progress(items, "main job", out)
+    stats = JobStats(items, hops, progress)
+    fns: dict[str, StageFn] = {
+        "source": "sage_queue.demo:job_source",
+        "parse": "sage_queue.demo:job_parse",
+        "enrich": "sage_queue.demo:job_enrich",
+        "sink": stats.consume,
+    }
+    names = list(plan.where)
+    queue_names = list(plan.queues)
+    stages = [
+        Stage(
+            name,
+            fns[name],
+            input=queue_names[k - 1] if k > 0 else None,
+            output=queue_names[k] if k < len(queue_names) else None,
+            where=plan.where[name],
+        )
+        for k, name in enumerate(names)
+    ]
+    job = Job(
+        queues={name: QueueSpec(queue_type, JOB_MAXSIZE) for name, queue_type in plan.queues.items()},
+        stages=stages,
+        name=f"sage-queue-demo-{os.getpid()}",
+    )
+    manager = JobManager(job, hosts={EDGE_HOST: HostSpec()})
+    started = time.monotonic()
+    error: Optional[str] = None
+    # Start-up (spawned workers, a Ray worker) plus a floor of 100 items/s on the slowest hop.
+    timeout = 6 * WAIT_S + items / 100
+    try:
+        with _env(_ITEMS_ENV, str(items)):  # the source's item count (a process or a host worker inherits it)
+            result = manager.run(timeout=timeout)
+        if result.results["sink"] != [items]:
+            error = f"the sink received {result.results['sink']} items, expected {items}"
+    except JobFailed as exc:
+        error = _job_failure(exc)
+    except Exception as exc:  # the job did not start (a queue could not be created...): torn down by run()
+        error = f"{type(exc).__name__}: {_one_line(exc)}"
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    if error is None and stats.received != items:
+        error = f"{items - stats.received} items never reached the sink"
+    # The types the manager really used (an "auto" queue is what it picked).
+    hops = [replace(h, queue_type=manager.choices[h.queue].queue_type) for h in hops if h.queue in manager.choices]
+    stats.hops = hops or stats.hops
+    choices = {name: f"{c.queue_type}: {c.reason}" for name, c in manager.choices.items()}
+    workers = []
+    for w in manager.workers():
+        kind = _KIND.get(w.where, f"a process on host {w.where[5:]!r} (this machine, launched without ssh)")
+        workers.append(f"{w.stage}: {kind}" + (f", pid {w.pid}" if w.pid is not None else ""))
+    return MainJobReport(stats.hops, stats, seconds, choices, workers, error)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+class _Signals:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once; a second one during teardown is ignored
+    (teardown must finish: queues, workers, the server and Ray). Main thread only."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.interrupted:
+            return
+        self.interrupted = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _quiet_library_logs() -> Iterator[None]:
+    """The library's warnings (a worker that ended badly...) are in the demo's own report; without
+    a handler of the caller's, logging's last resort would print them a second time on stderr."""
+    import logging
+
+    logger = logging.getLogger("sage_queue")
+    if logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    null = logging.NullHandler()
+    logger.addHandler(null)
+    try:
+        yield
+    finally:
+        logger.removeHandler(null)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-queue demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--backends", default=None, help="comma-separated queue types to run (default: every registered type)"
+        "--backends", default=None, help="comma-separated queue types for part 1 (default: every registered type)"
     )
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help=f"items through the main job (default {JOB_ITEMS}; --quick: {QUICK_ITEMS})",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"a small run: {QUICK_ITEMS} items through the main job")
+    parser.add_argument("--explain", action="store_true", help="print why each queue of the main job has its type")
+    parser.add_argument("--no-ray", action="store_true", help="do not start Ray (its types skipped, its hop replaced)")
+    parser.add_argument("--skip-scenarios", action="store_true", help="run the main job only")
+    parser.add_argument("--skip-job", action="store_true", help="run the seed's scenarios only")
     parser.add_argument(
         "--wait",
         type=float,
@@ -473,22 +938,94 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"longest single wait in seconds before a scenario fails (default {WAIT_S:g})",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     _set_wait(args.wait)
     if args.child:
         return _child_main(args.child)
+    items = args.items if args.items is not None else (QUICK_ITEMS if args.quick else JOB_ITEMS)
+    if items < 1:
+        parser.error(f"--items must be >= 1, got {items}")
+    out = sys.stdout
+    started = time.monotonic()
+    with _Signals() as signals, _quiet_library_logs():
+        try:
+            return _main(args, items, out, started)
+        except KeyboardInterrupt:
+            print(
+                f"\nsage-queue demo: interrupted ({'signal' if signals.interrupted else 'Ctrl-C'}); "
+                "queues destroyed, workers stopped, the rpc server and Ray shut down",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 130
+
+
+def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> int:
     types = all_types() if args.backends is None else [t.strip() for t in args.backends.split(",") if t.strip()]
-    picked = choose_descriptor(maxsize=1)  # a descriptor only: nothing exists until it is resolved
-    print(f"sage-queue demo: scenario 2 in this environment picks {picked.queue_type!r}; running {', '.join(types)}\n")
-    started = time.perf_counter()
-    rows = run_all(types)
-    print(format_table(rows))
-    failed = [r for r in rows if r.failed]
-    print(
-        f"\n{len(rows) - len(failed)} of {len(rows)} rows without failure in {time.perf_counter() - started:.1f}s"
-        + (f"; {len(failed)} FAILED" if failed else "")
-    )
-    return 1 if failed else 0
+    failures: list[str] = []
+    with ExitStack() as services:  # unwound last: the job's and the scenarios' queues are gone by then
+        ray_note = _NO_RAY_NOTE if args.no_ray else unavailable_reason("ray_actor")
+        intro = []
+        if ray_note is None:
+            t0 = time.monotonic()
+            try:
+                services.enter_context(_local_ray())
+                intro.append(f"a local Ray started in {time.monotonic() - t0:.1f}s")
+            except Exception as exc:
+                ray_note = f"Ray did not start: {type(exc).__name__}: {_one_line(exc)}"
+                failures.append(ray_note)
+        if ray_note is not None:
+            intro.append(ray_note)
+        rpc_note = unavailable_reason("rpc")
+        picked = choose_descriptor(maxsize=1)  # a descriptor only: nothing exists until it is resolved
+        print(f"sage-queue demo: {'; '.join(intro)}; scenario 2 here picks {picked.queue_type!r}", file=out)
+
+        if not args.skip_scenarios:
+            print(f"\nPart 1: the seed's three scenarios on {', '.join(types)}\n", file=out, flush=True)
+            rows = run_scenarios(types, services, ray_note)
+            print(format_table(rows), file=out)
+            failures += [f"{r.backend} / {r.scenario}: {r.result}" for r in rows if r.failed]
+            print(f"{sum(not r.failed for r in rows)} of {len(rows)} rows without failure", file=out)
+
+        if not args.skip_job:
+            plan = plan_main_job(ray_note, rpc_note)
+            chain = " -> ".join(f"{h.producer} -> [{h.queue}]" for h in plan.hops()) + " -> sink"
+            print(f"\nPart 2: the main job, {items} items of {PAYLOAD_BYTES} bytes: {chain}", file=out, flush=True)
+            report = run_main_job(items, plan, out)
+            print(f"  workers: {'; '.join(report.workers)}", file=out)
+            print("\n" + format_job_table(report.stats.figures()), file=out)
+            print(
+                "p50/p99: put -> get of each item, time queued behind slower hops included; transfer: from when "
+                "both ends were at the queue to the get;\nitems/s: items over the span from the queue's first get "
+                "to its last (the slowest stage sets it for every queue)",
+                file=out,
+            )
+            for name, note in plan.notes.items():
+                print(f"note: {name} {note}", file=out)
+            if args.explain:
+                print("\nwhy each queue has its type (JobManager.choices):", file=out)
+                for name, why in report.choices.items():
+                    print(f"  {name}: {why}", file=out)
+            if report.error is not None:
+                failures.append(f"main job: {report.error}")
+            else:
+                print(
+                    f"main job ok: {items} items in {report.seconds:.1f}s, none lost, duplicated or altered", file=out
+                )
+    # Services are stopped here (Ray shut down, the rpc server stopped).
+    elapsed = time.monotonic() - started
+    if failures:
+        print(f"\nsage-queue demo: {len(failures)} FAILED in {elapsed:.1f}s:", file=out)
+        for failure in failures:
+            print(f"  {failure}", file=out)
+        return 1
+    print(f"\nsage-queue demo: everything ok in {elapsed:.1f}s; every queue, worker and service is gone", file=out)
+    return 0
 
 
 if __name__ == "__main__":
