@@ -7,6 +7,10 @@ without attaching to the queue (no pid recorded, nothing modified). These comman
 ``/dev/shm/sageq-<kind>-<name>`` (Linux), ask the owning backend to describe each, and
 print or act on the result.
 
+``inspect DESCRIPTOR_JSON`` works for every queue type, with no transport installed; with
+``--stats`` it also attaches to the queue the way ``sage-queue top`` does (never creating it)
+and shows its ``stats()``, or that it is gone.
+
 ``gc`` removes a segment only when it is an *orphan*: every pid recorded in its header
 is dead (``SegmentInfo.orphan``), its backend could describe it, it does not say its pid
 list is incomplete, and it is older than ``--min-age`` seconds (a segment whose creator
@@ -25,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Optional
 
-from . import _segment
+from . import _segment, monitor
 from ._segment import SegmentInfo
 from .descriptor import QueueDescriptor
 from .errors import DescriptorError
@@ -194,12 +198,18 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
         prog="sage-queue inspect", description="Show a descriptor (JSON text) or a named segment (KIND:NAME)."
     )
     parser.add_argument("target", help="descriptor JSON text, @FILE holding it, or KIND:NAME (e.g. shm:jobs)")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="also attach to the queue (never creating it) and show its stats(); needs a descriptor",
+    )
     args = parser.parse_args(argv)
     target = args.target
     if target.startswith("@"):
         with open(target[1:], encoding="utf-8") as f:
             target = f.read()
     out: dict[str, Any] = {}
+    status = 0
     if target.lstrip().startswith("{"):
         try:
             desc = QueueDescriptor.from_json(target)
@@ -207,11 +217,21 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
             print(f"sage-queue inspect: invalid descriptor: {exc}", file=sys.stderr)
             return 2
         out["descriptor"] = desc.to_dict()
+        if args.stats:
+            sample = monitor.sample_queue(monitor.Source(None, desc.queue_id, target))
+            out["state"] = sample.state
+            if sample.detail:
+                out["detail"] = sample.detail
+            out["stats"] = None if sample.stats is None else asdict(sample.stats)
+            status = 1 if sample.state in (monitor.GONE, monitor.ERROR) else 0
         kind, name = desc.queue_type, desc.metadata.get("shm_name")
         if kind not in SEGMENT_MODULES or not isinstance(name, str):
             print(json.dumps(out, indent=2))
-            return 0
+            return status
     else:
+        if args.stats:
+            print("sage-queue inspect: --stats needs the queue's descriptor, not KIND:NAME", file=sys.stderr)
+            return 2
         kind, sep, name = target.partition(":")
         if not sep or kind not in SEGMENT_MODULES or _segment.check_name(name):
             print(
@@ -226,4 +246,4 @@ def inspect_main(argv: Optional[list[str]] = None) -> int:
         return 1
     out["segment"] = _info_dict(describe(kind, name))
     print(json.dumps(out, indent=2))
-    return 0
+    return status

@@ -155,3 +155,30 @@ def test_cli_ls_runs_as_a_command() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("KIND") or proc.stdout.startswith("no sage-queue segments")
+
+
+def test_inspect_stats_attaches_without_creating(names: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    name = _new_name(names)
+    desc = QueueDescriptor.create_shm_queue(name, maxsize=4)
+    code, out = _run(inspect_main, ["--stats", desc.to_json()], capsys)
+    data: dict[str, Any] = json.loads(out)
+    assert code == 1 and data["state"] == "gone" and data["stats"] is None
+    assert not os.path.exists(_segment.segment_path("shm", name))  # looking created nothing
+    q = resolve_descriptor(desc)
+    local = resolve_descriptor(QueueDescriptor.create_local_queue())
+    try:
+        q.put_many(["a", "b"])
+        q.get()
+        code, out = _run(inspect_main, ["--stats", desc.to_json()], capsys)
+        data = json.loads(out)
+        assert code == 0 and data["state"] == "ok"
+        assert (data["stats"]["puts"], data["stats"]["gets"], data["stats"]["depth"]) == (2, 1, 1)
+        assert data["segment"]["depth"] == 1  # the header read agrees with stats()
+        local.put(1)
+        code, out = _run(inspect_main, ["--stats", local.descriptor.to_json()], capsys)
+        data = json.loads(out)
+        assert code == 0 and data["stats"]["depth"] == 1 and data["stats"]["errors"] == 0
+    finally:
+        q.destroy()
+        local.destroy()
+    assert inspect_main(["--stats", f"shm:{name}"]) == 2
