@@ -420,7 +420,9 @@ def _attach_only(desc: QueueDescriptor) -> tuple[Optional[QueueDescriptor], str]
 
     A type whose schema has a ``create`` key (shm, sage, rpc) gets ``create=False``. A
     ``local`` queue is reachable only in its own process and is looked up there first. A Ray
-    queue is looked up by name in the cluster first (never starting a cluster to look).
+    queue is looked up by name in the cluster first, its tombstone read (never starting a
+    cluster to look); Ray has no attach-only call, so a queue destroyed between that look and
+    the attach can still be made again, empty: the window is one round trip.
     """
     schema = type_schema(desc.queue_type)
     if schema is not None and any(f.name == "create" for f in schema.fields):
@@ -450,9 +452,13 @@ def _ray_exists(desc: QueueDescriptor) -> None:
         )
     rayb.connect(desc.queue_type, md)
     try:
-        rayb.ray.get_actor(rayb.full_name(desc.queue_type, md), namespace=rayb.namespace_of(md))
+        actor = rayb.ray.get_actor(rayb.full_name(desc.queue_type, md), namespace=rayb.namespace_of(md))
     except ValueError:  # Ray's answer for "no actor of that name"
         raise QueueNotFound(f"{desc.queue_type} queue {md.get('actor_name')!r}: no such actor") from None
+    # Destroyed but its name not yet released: resolving now would wait for the name and create a
+    # new actor under it (RAY3), so the tombstone destroy() wrote is read first (RAY8).
+    if rayb.was_destroyed(desc.queue_type, md, actor):
+        raise QueueDestroyed(f"{desc.queue_type} queue {md.get('actor_name')!r} was destroyed")
 
 
 def sample_queue(source: Source) -> QueueSample:
