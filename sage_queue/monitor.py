@@ -739,7 +739,10 @@ def _until_signalled(server: http.server.ThreadingHTTPServer) -> None:
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Signal handlers can only be set from the main thread; elsewhere the caller's process ends it.
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     thread = threading.Thread(target=server.serve_forever, name="sage-queue-metrics", daemon=True)
     thread.start()
     try:

@@ -746,3 +746,28 @@ def test_top_and_metrics_see_a_real_jobmanager(registry: Path, capsys: pytest.Ca
         manager.teardown()
     assert running_jobs(name) == []  # teardown unpublished it
     assert cli.main(["top", "--once", "--job", name]) == 1
+
+
+@pytest.mark.timeout(90)
+def test_top_stops_when_the_watched_job_ends(job: JobProcess, registry: Path) -> None:
+    script = Path(sys.executable).with_name("sage-queue")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sage_queue.cli"]
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(registry.parent.parent)}
+    top = subprocess.Popen(
+        [*command, "top", "--job", job.name, "--interval", "0.1", "--iterations", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert top.stdout is not None
+        assert top.stdout.readline().startswith("sage-queue top")  # it is watching
+        job.stop()  # the job tears down: unpublished, queues destroyed
+        rest, err = top.communicate(timeout=30)
+        assert top.returncode == 0, err
+        assert rest.rstrip().endswith("the watched job(s) ended")
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.communicate(timeout=30)
