@@ -88,7 +88,7 @@ def _row(result: RunResult) -> list[str]:
             result.target,
             result.scenario,
             str(result.seed),
-            str(result.kills + result.stops),
+            str(max(result.faults, result.kills + result.stops)),
             *["-"] * 12,
             result.verdict,
         ]
@@ -97,7 +97,7 @@ def _row(result: RunResult) -> list[str]:
         result.target,
         result.scenario,
         str(result.seed),
-        str(result.kills + result.stops),
+        str(max(result.faults, result.kills + result.stops)),
         str(r.acked),
         str(r.got),
         f"{r.lost}/{r.lost_bound}",

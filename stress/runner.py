@@ -475,6 +475,7 @@ class FaultContext:
     def count_fault(self, what: str = "") -> None:
         """Count one fault (advances the progress bar); kill() and stop() call it unless told not to."""
         self.faults_done += 1
+        self._run.result.faults += 1
         self._run.report_fault(what)
 
     def workers(self, role: Optional[str] = None) -> list[Worker]:
@@ -561,6 +562,8 @@ class RunResult(Verdict):
     scenario: str
     seed: int
     report: Optional[CheckReport] = None
+    faults: int = 0
+    """Faults injected (every kind: kills, stops, cuts, server or actor kills)."""
     kills: int = 0
     producer_kills: int = 0
     consumer_kills: int = 0
@@ -589,6 +592,8 @@ class RunResult(Verdict):
 
     def counts(self) -> str:
         faults = f"{self.kills} kills, {self.stops} stops, " if self.kills or self.stops else ""
+        if self.faults and not faults:
+            faults = f"{self.faults} faults, "
         body = self.report.counts() if self.report else "no history checked"
         return f"{self.scenario} seed={self.seed}: {faults}{self.seconds:.1f} s; {body}"
 
@@ -599,6 +604,7 @@ class RunResult(Verdict):
             "seed": self.seed,
             "verdict": self.verdict,
             "ok": self.ok,
+            "faults": self.faults,
             "kills": self.kills,
             "stops": self.stops,
             "seconds": self.seconds,
