@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import http.server
 import importlib
 import json
 import math
@@ -43,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional, TextIO, Union
+from typing import TYPE_CHECKING, Any, Optional, TextIO, Union
 
 from ._segment import pid_alive
 from .descriptor import QueueDescriptor
@@ -59,6 +58,9 @@ from .log import get_logger
 from .protocol import STATS, QueueStats
 from .registry import type_schema
 from .resolve import resolve_descriptor
+
+if TYPE_CHECKING:
+    import http.server
 
 __all__ = [
     "JobEntry",
@@ -702,6 +704,10 @@ def serve_metrics(
 ) -> http.server.ThreadingHTTPServer:
     """An HTTP server (not yet serving: call ``serve_forever``) answering ``GET /metrics`` with a fresh sample
     of ``watch()``'s queues. Binds ``host`` (loopback unless told otherwise); port 0 picks a free port."""
+    # Imported here: http.server brings http.client, email and ssl (~40 ms), which top, the job
+    # registry and a JobManager publishing itself never need.
+    import http.server
+
     sampler = Sampler()
     lock = threading.Lock()  # one scrape samples at a time: the Sampler keeps the previous samples
     content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE
