@@ -52,7 +52,6 @@ from .errors import (
     QueueDestroyed,
     QueueNotFound,
     QueuePermissionError,
-    SageQueueError,
 )
 from .log import get_logger
 from .protocol import STATS, QueueStats
@@ -382,6 +381,8 @@ class Source:
 
 
 OK, GONE, NO_STATS, UNAVAILABLE, ERROR = "ok", "gone", "no stats", "unavailable", "error"
+SAMPLE_TIMEOUT_S = 2.0
+"""The longest a sample waits for a network backend's server (its connect and retry timeouts)."""
 
 
 @dataclass(frozen=True)
@@ -427,9 +428,16 @@ def _attach_only(desc: QueueDescriptor) -> tuple[Optional[QueueDescriptor], str]
     the attach can still be made again, empty: the window is one round trip.
     """
     schema = type_schema(desc.queue_type)
-    if schema is not None and any(f.name == "create" for f in schema.fields):
+    keys = set() if schema is None else {f.name for f in schema.fields}
+    if "create" in keys:
+        metadata = {**desc.metadata, "create": False}
+        # A monitor must not sit for a network backend's default waits (rpc: 10 s to connect,
+        # 30 s of silence) on every refresh when a server is down: it says so sooner.
+        for key in ("connect_timeout", "retry_timeout"):
+            if key in keys:
+                metadata[key] = min(float(metadata.get(key, SAMPLE_TIMEOUT_S)), SAMPLE_TIMEOUT_S)
         data = desc.to_dict()
-        data["metadata"] = {**data["metadata"], "create": False}
+        data["metadata"] = metadata
         return QueueDescriptor.from_dict(data), ""
     if desc.queue_type == "local":
         if desc.metadata.get("owner_pid") != os.getpid():
@@ -483,7 +491,7 @@ def sample_queue(source: Source) -> QueueSample:
         return QueueSample(source, queue_type, now, GONE, detail=str(exc))
     except BackendUnavailable as exc:
         return QueueSample(source, queue_type, now, UNAVAILABLE, detail=str(exc))
-    except (SageQueueError, OSError) as exc:  # DescriptorError, QueueBroken, a connection refused...
+    except Exception as exc:  # QueueBroken, a refused key, a connection error...: a row, never a crash
         log.info(
             "sampling %s/%s failed: %s",
             source.job,
