@@ -7,15 +7,22 @@ queue deadlock" came from a blocking ``get`` inside a synchronous actor). A hand
 client: one actor call per operation (``put_many``/``get_many`` included), pickling on the
 caller's side so that the actor never unpickles a user's object (Q4, Q18).
 
-Waiting, timeouts and close, client side (spec/backends/ray.md RAY5, RAY7)::
+Waiting, timeouts and close, client side (spec/backends/ray.md RAY5, RAY7, RAY13)::
 
-    every blocking call carries a key (handle id, request number) and the caller's timeout;
+    every blocking call carries a key (handle id, request number), the caller's timeout and
+    its expiry: the caller's deadline plus _EXPIRE_S, in the actor's clock (time.time() plus
+    the handle's estimate of the actor's clock offset, _skew);
     the actor waits at most that long (from when it starts the call) and answers TIMEOUT;
+    it refuses (EXPIRED, nothing done) a call that starts, or wakes, past its expiry;
     the client waits on the one ObjectRef until its own deadline, in local slices of
     _SLICE_S so that close() (any thread, or a signal handler in the waiting thread) is
     seen promptly; at its deadline or on close it sends cancel(key) and takes the actor's
     answer, which is then immediate: CANCELLED (nothing done) or the result (the call won
-    the race: its item is returned, never dropped).
+    the race: its item is returned, never dropped);
+    no answer within _GRACE_S of that (a stopped or starved actor): the outcome is unknown,
+    QueueConnectionError (QueueClosed on close); a get's late answer gives its items back.
+    Since _EXPIRE_S < _GRACE_S, a call that starts in the actor after its caller gave up is
+    refused: its outcome is unknown to the caller, but in fact nothing (clocks permitting).
 
 The actor's state is changed only by coroutines on its one event-loop thread, between awaits,
 so each method's check-then-act is atomic without a lock (invariant of _QueueActor).
@@ -24,6 +31,7 @@ so each method's check-then-act is atomic without a lock (invariant of _QueueAct
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
 import queue
 import struct
@@ -33,7 +41,7 @@ from collections import deque
 from typing import Any, ClassVar, Optional
 
 from ..descriptor import QueueDescriptor
-from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed, QueueNotFound
+from ..errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ..protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, TASK_DONE, QueueStats
 from ..stub import QueueStub
 from . import _ray
@@ -44,7 +52,16 @@ __all__ = ["RayActorQueueStub", "QueueActorLost"]
 _SLICE_S = 0.1
 """Local wait slice of a blocked client: close() is seen within this (CLOSE_WAKEUP_S is 0.5 s)."""
 _GRACE_S = 2.0
-"""How long a client waits for the actor's answer to cancel(key) (normally one round trip, ~2 ms)."""
+"""How long a client waits past its deadline for the actor's answer to cancel(key), then gives up
+(QueueConnectionError). One round trip, ~2 ms on a quiet host; but a live actor starved of CPU answers
+late: measured on 2 cores with 64 threads calling get(timeout=0.05) on one handle, the answer came
+past the deadline by p50 0.03 / p99 0.10 s with no other load, p99 1.9 s with 2 busy processes and
+p99 2.8 s (max 3.0 s) with 4. A shorter grace would turn such load into errors of unknown outcome;
+2 s is also rpc's bound (RPC9)."""
+_EXPIRE_S = 1.0
+"""A call is refused by the actor when it starts (or wakes) this long past its caller's deadline:
+before the caller gives up (_GRACE_S), so that an abandoned call does nothing, with 1 s left for
+the error of the handle's clock-offset estimate (the same clock on one node)."""
 _START_S = 60.0
 """How long resolve waits for the queue's actor to answer (a new one may need a worker process started)."""
 _RESOLVE_RETRY_S = 5.0
@@ -55,14 +72,16 @@ _RESOLVE_RETRY_S = 5.0
 # extra object in a reply costs Ray serialisation time on the per-item path.
 _OK = "ok"
 _TIMEOUT = "timeout"
+_EXPIRED = "expired"  # payload: the actor's time.time(); refused, nothing done
 _CANCELLED = "cancelled"
 _DESTROYED = "destroyed"
 _RESTARTED = "restarted"
 _NEVER_FITS = "never_fits"
 _TOO_MANY = "too_many"
 
-_HEADER = struct.Struct("<qqqd")
-"""The bytes form of a one-item put/get: incarnation id, handle id, request number, timeout (< 0: none)."""
+_HEADER = struct.Struct("<qqqdd")
+"""The bytes form of a one-item put/get: incarnation id, handle id, request number, timeout (< 0: none),
+expiry (the actor's time.time(); inf: none)."""
 
 
 class _QueueActor:
@@ -101,17 +120,23 @@ class _QueueActor:
         if ev is not None:
             ev.set()
 
-    async def _wait(self, key: tuple[int, int], ready: Any, timeout: Optional[float]) -> str:
+    async def _wait(self, key: tuple[int, int], ready: Any, timeout: Optional[float], expire: float) -> str:
+        """Wait until ``ready()``; the status. ``expire`` (time.time(); inf: none) is checked before
+        ``ready()``, at the start and at every wake-up: a call that starts or wakes past it was (or is
+        about to be) abandoned by its caller, so it does nothing (EXPIRED). The actor's own deadline
+        is ``timeout`` from the start, or the expiry if that is sooner."""
         import asyncio
 
         if self.destroyed:
             return _DESTROYED
+        if time.time() > expire:
+            return _EXPIRED
         if ready():
             return _OK
         if timeout is not None and timeout <= 0:
             return _TIMEOUT
         loop = asyncio.get_running_loop()
-        end = None if timeout is None else loop.time() + timeout
+        end = None if timeout is None else loop.time() + min(timeout, expire - time.time())
         self.waits += 1
         self.waiting[key] = False
         try:
@@ -120,6 +145,8 @@ class _QueueActor:
                     return _DESTROYED
                 if self.waiting[key]:
                     return _CANCELLED
+                if time.time() > expire:  # e.g. this process was stopped while the call waited
+                    return _EXPIRED
                 if ready():
                     return _OK
                 ev = self._event()
@@ -138,28 +165,34 @@ class _QueueActor:
 
     # -- the operations (each returns its result, or (status, payload): see _OK) --------------------
 
-    async def hello(self) -> tuple[int, int]:
-        return self.epoch, self.maxsize
+    async def hello(self) -> tuple[int, int, float, str]:
+        """Incarnation, maxsize, this actor's clock and node (the client's clock-offset estimate)."""
+        import ray
 
-    # put/get/join take one argument: a tuple (epoch, key, argument, timeout), or for one item (put, get)
+        return self.epoch, self.maxsize, time.time(), ray.get_runtime_context().get_node_id()
+
+    def _refused(self, status: str) -> Any:
+        return (status, time.time()) if status == _EXPIRED else (status, None)
+
+    # put/get/join take one argument: a tuple (epoch, key, argument, timeout, expire), or for one item (put, get)
     # the bytes _HEADER + pickled item, and a get of one item answers the item's bytes. Every argument
     # and every container in a call or a reply costs tens of microseconds of Ray's own handling, and
     # bytes the least: that is what puts the per-item path level with raw ray.util.queue (RAY5).
 
     async def put(self, request: Any) -> Any:
         if type(request) is bytes:
-            epoch, handle, number, t = _HEADER.unpack_from(request)
+            epoch, handle, number, t, expire = _HEADER.unpack_from(request)
             key, blobs, timeout = (handle, number), [request[_HEADER.size :]], (None if t < 0 else t)
         else:
-            epoch, key, blobs, timeout = request
+            epoch, key, blobs, timeout, expire = request
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
+            return _RESTARTED, (self.epoch, time.time())
         n = len(blobs)
         if 0 < self.maxsize < n:
             return _NEVER_FITS, None
-        status = await self._wait(key, lambda: not 0 < self.maxsize < len(self.items) + n, timeout)
+        status = await self._wait(key, lambda: not 0 < self.maxsize < len(self.items) + n, timeout, expire)
         if status != _OK:
-            return status, None
+            return self._refused(status)
         self.items.extend(blobs)
         self.puts += n
         self.unfinished += n
@@ -170,15 +203,15 @@ class _QueueActor:
     async def get(self, request: Any) -> Any:
         single = type(request) is bytes
         if single:
-            epoch, handle, number, t = _HEADER.unpack_from(request)
+            epoch, handle, number, t, expire = _HEADER.unpack_from(request)
             key, max_items, timeout = (handle, number), 1, (None if t < 0 else t)
         else:
-            epoch, key, max_items, timeout = request
+            epoch, key, max_items, timeout, expire = request
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
-        status = await self._wait(key, lambda: len(self.items) > 0, timeout)
+            return _RESTARTED, (self.epoch, time.time())
+        status = await self._wait(key, lambda: len(self.items) > 0, timeout, expire)
         if status != _OK:
-            return status, None
+            return self._refused(status)
         if single:
             blob = self.items.popleft()
             self.gets += 1
@@ -207,12 +240,12 @@ class _QueueActor:
 
     async def qsize(self, epoch: int) -> Any:
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
+            return _RESTARTED, (self.epoch, time.time())
         return (_DESTROYED, None) if self.destroyed else len(self.items)
 
     async def stats(self, epoch: int) -> Any:
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
+            return _RESTARTED, (self.epoch, time.time())
         if self.destroyed:
             return _DESTROYED, None
         return {
@@ -226,7 +259,7 @@ class _QueueActor:
 
     async def task_done(self, epoch: int) -> Any:
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
+            return _RESTARTED, (self.epoch, time.time())
         if self.destroyed:
             return _DESTROYED, None
         if self.unfinished <= 0:
@@ -236,12 +269,12 @@ class _QueueActor:
             self._notify()
         return None
 
-    async def join(self, request: tuple[int, tuple[int, int], None, Optional[float]]) -> Any:
-        epoch, key, _, timeout = request
+    async def join(self, request: tuple[int, tuple[int, int], None, Optional[float], float]) -> Any:
+        epoch, key, _, timeout, expire = request
         if epoch != self.epoch:
-            return _RESTARTED, self.epoch
-        status = await self._wait(key, lambda: self.unfinished == 0, timeout)
-        return None if status == _OK else (status, None)
+            return _RESTARTED, (self.epoch, time.time())
+        status = await self._wait(key, lambda: self.unfinished == 0, timeout, expire)
+        return None if status == _OK else self._refused(status)
 
     async def destroy(self) -> bool:
         """Discard the items and wake every waiter with DESTROYED; False if destroyed already."""
@@ -292,7 +325,12 @@ class RayActorQueueStub(QueueStub):
             # every other creator, in any process, gets the winner's actor.
             self._actor = _actor_class().options(**opts).remote(maxsize)
             try:
-                self._epoch, actual = ray.get(self._actor.hello.remote(), timeout=_START_S)
+                self._epoch, actual, actor_time, node = ray.get(self._actor.hello.remote(), timeout=_START_S)
+                # The actor's clock minus ours, for the expiry of calls (RAY13): exactly 0 on one node (one
+                # clock); across nodes, estimated low by the reply's travel time (so the actor sees a
+                # deadline early by that much, which _EXPIRE_S absorbs; an actor clock found ahead is
+                # corrected when it refuses a call before its deadline, see _wait_call).
+                self._skew = 0.0 if node == ray.get_runtime_context().get_node_id() else actor_time - time.time()
                 break
             except GetTimeoutError:
                 raise QueueNotFound(
@@ -340,14 +378,16 @@ class RayActorQueueStub(QueueStub):
         if status == _DESTROYED:
             raise QueueDestroyed(f"ray_actor queue {self._md['actor_name']!r} was destroyed")
         if status == _RESTARTED:
-            self._epoch = payload  # once: later calls work on the new, empty queue
+            self._epoch, actor_time = payload  # once: later calls work on the new, empty queue
+            # The new incarnation may run on another node, another clock: an estimate as at resolve.
+            self._skew = actor_time - time.time()
             raise QueueActorLost(
                 f"the Ray actor of ray_actor queue {self._md['actor_name']!r} was restarted as a new, "
                 "empty incarnation; the items it held were lost"
             )
         if status == _CANCELLED and self._closed:
             raise self._closed_error()
-        if status in (_TIMEOUT, _CANCELLED) and timed_out is not None:
+        if status in (_TIMEOUT, _CANCELLED, _EXPIRED) and timed_out is not None:
             raise timed_out
         if status == _NEVER_FITS:
             raise ValueError(f"a batch larger than maxsize {self.maxsize} can never fit")
@@ -362,31 +402,66 @@ class RayActorQueueStub(QueueStub):
 
         ``single``: ``arg`` is one item's bytes (put) or unused (get), sent in the bytes form.
         """
-        key = (self._handle_id, next(self._requests))
         until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if until is None else max(0.0, until - time.monotonic())
+            answer = self._wait_answer(method, left, until, arg, single)
+            if (
+                type(answer) is tuple
+                and answer[0] == _EXPIRED
+                and until is not None
+                and time.monotonic() < until
+                and not self._closed
+            ):
+                # Refused before our deadline: the actor's clock is ahead of our estimate. The call did
+                # nothing; correct the estimate and make it again with the time left.
+                self._skew = answer[1] - time.time()
+                continue
+            return self._result(answer, timed_out)
+
+    def _wait_answer(
+        self,
+        method: str,
+        left: Optional[float],
+        until: Optional[float],
+        arg: Any,
+        single: bool,
+    ) -> Any:
+        """Make one call and take its answer (cancelling it at ``until`` or on close); see _wait_call."""
+        key = (self._handle_id, next(self._requests))
+        expire = math.inf if left is None else time.time() + self._skew + left + _EXPIRE_S
         if single:
-            header = _HEADER.pack(self._epoch, key[0], key[1], -1.0 if timeout is None else timeout)
+            header = _HEADER.pack(self._epoch, key[0], key[1], -1.0 if left is None else left, expire)
             request: Any = header + arg if arg is not None else header
         else:
-            request = (self._epoch, key, arg, timeout)
+            request = (self._epoch, key, arg, left, expire)
         ref = getattr(self._actor, method).remote(request)
         try:
             try:
-                answer = _ray.wait_ref(ref, until, lambda: self._closed, _SLICE_S)
+                return _ray.wait_ref(ref, until, lambda: self._closed, _SLICE_S)
             except GetTimeoutError:
                 # Out of time, or closed: let the actor drop the call, then take its answer.
                 self._actor.cancel.remote(key)
                 try:
-                    answer = ray.get(ref, timeout=_GRACE_S)
+                    return ray.get(ref, timeout=_GRACE_S)
                 except GetTimeoutError:
-                    if method == "get":
-                        self._give_back_later(ref)
-                    if self._closed:
-                        raise self._closed_error() from None
-                    raise timed_out from None
+                    pass
+            # No answer to the call nor to its cancel: the actor is stopped or starved. If it runs the
+            # call later, it refuses it (past its expiry) unless it had started it already; a get's items
+            # then come back here and go back to the head of the queue.
+            if method == "get":
+                self._give_back_later(ref)
+            if self._closed:
+                raise self._closed_error() from None
+            what = "taken an item" if method == "get" else "taken effect"
+            raise QueueConnectionError(
+                f"the Ray actor of ray_actor queue {self._md['actor_name']!r} answered neither a {method} nor "
+                f"its cancellation within {_GRACE_S:.0f} s of the call's deadline (stopped or overloaded): the "
+                f"{method} may or may not have {what}"
+                + ("; an item it took is put back at the head of the queue" if method == "get" else "")
+            ) from None
         except RayActorError as exc:
             raise self._died(exc) from None
-        return self._result(answer, timed_out)
 
     def _give_back_later(self, ref: Any) -> None:
         """An answer that came too late for its caller: items it carries go back to the head."""
