@@ -39,8 +39,17 @@ def judge(
     killed: Optional[set[str]] = None,
     deadlock: bool = False,
     end: Optional[float] = None,
+    queue_kills: tuple[float, ...] = (),
 ) -> CheckReport:
-    return check(history, promise, killed=frozenset(killed or ()), deadlock=deadlock, end=end, seed=7)
+    return check(
+        history,
+        promise,
+        killed=frozenset(killed or ()),
+        queue_kills=queue_kills,
+        deadlock=deadlock,
+        end=end,
+        seed=7,
+    )
 
 
 ALL = [(0, 0, s) for s in range(3)]
@@ -146,3 +155,49 @@ def test_the_log_format_round_trips_and_ignores_a_torn_tail(tmp_path: object) ->
     assert [(o.kind, o.op) for o in ops] == [(INVOKE, GET), (OK, GET), (INVOKE, PUT), (OK, PUT)]
     assert ops[0].asked == 2 and ops[1].items == ((0, 1, 2), (0, 1, 3)) and ops[1].corrupt == 1
     assert ops[2].items == ((1, 0, 9),) and ops[2].timeout is None and ops[0].timeout == T
+
+
+# -- a kill of what holds the queue (a Ray actor: RAY9, RAY10, RAY14) ------------------------------
+
+FOUR = [(0, 0, s) for s in range(4)]  # producer(4) invokes their puts at 0.00, 0.01, 0.02, 0.03
+
+
+@pytest.mark.spec("RAY14")
+def test_a_queue_kill_allows_the_loss_of_items_put_before_it_and_of_nothing_put_later() -> None:
+    ray = PROMISES["ray_actor"]
+    # Seen dead at 0.015: items 0 and 1 were put before (they may have been in the actor), 2 and 3 after.
+    before_lost = judge({"p0.0": producer(4), "c0.0": consumer(FOUR[2:])}, ray, queue_kills=(0.015,))
+    assert before_lost.ok, before_lost.problems
+    assert (before_lost.lost, before_lost.lost_at_kill, before_lost.lost_bound, before_lost.queue_kills) == (2, 2, 2, 1)
+    # An item put after the kill went to the new, empty incarnation: losing it breaks the promise.
+    after_lost = judge({"p0.0": producer(4), "c0.0": consumer(FOUR[:2])}, ray, queue_kills=(0.015,))
+    assert not after_lost.ok and (after_lost.lost, after_lost.lost_at_kill) == (2, 0)
+    assert any("2 acked items lost, more than the 0 allowed" in p for p in after_lost.problems), after_lost.problems
+    # Several kills: the loss allowed is that of items put before the last one seen.
+    two_kills = judge({"p0.0": producer(4), "c0.0": consumer(FOUR[3:])}, ray, queue_kills=(0.005, 0.025))
+    assert two_kills.ok and two_kills.lost == 3
+    # No kill recorded: the same loss breaks the promise; and a promise without loss_at_queue_kill (rpc,
+    # durable) never allows it.
+    assert not judge({"p0.0": producer(4), "c0.0": consumer(FOUR[2:])}, ray).ok
+    rpc = judge({"p0.0": producer(4), "c0.0": consumer(FOUR[2:])}, PROMISES["rpc"], queue_kills=(0.015,))
+    assert not rpc.ok and rpc.lost_at_kill == 2 and rpc.lost_bound == 0
+
+
+@pytest.mark.spec("RAY14")
+def test_a_queue_kill_excuses_no_duplicate_no_disorder_and_no_invented_item() -> None:
+    ray = PROMISES["ray_actor"]
+    for got, count in (
+        ([FOUR[1], FOUR[1]], "duplicated"),
+        ([FOUR[2], FOUR[1]], "out_of_order"),
+        ([FOUR[2], (9, 0, 0)], "unexpected"),
+    ):
+        report = judge({"p0.0": producer(4), "c0.0": consumer(got)}, ray, queue_kills=(0.025,))
+        assert getattr(report, count) == 1 and not report.ok, (count, report.problems)
+
+
+def test_survivable_failures_are_counted_and_rpc_calls_may_take_their_grace() -> None:
+    failed_get = [Op("c0.0", INVOKE, GET, 2.0, T, asked=1), Op("c0.0", FAIL, GET, 5.5, T)]  # took nothing
+    history = {"p0.0": producer(3), "c0.0": consumer(ALL) + failed_get}
+    rpc = judge(history, PROMISES["rpc"])
+    assert rpc.ok and rpc.failed == 1, rpc.problems  # 3.5 s: within 0.5 s + 2 s grace (RPC9) + 2 s slack
+    assert judge(history).overruns == 1  # the plain contract has no grace
