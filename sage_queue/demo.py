@@ -877,14 +877,14 @@ class _Signals:
     (teardown must finish: queues, workers, the server and Ray). Main thread only."""
 
     def __init__(self) -> None:
-        self.interrupted = False
+        self.interrupted: Optional[str] = None  # the signal's name, once one came
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.interrupted:
+        if self.interrupted is not None:
             return
-        self.interrupted = True
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.interrupted = signal.Signals(signum).name
+        raise KeyboardInterrupt(self.interrupted)
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
@@ -957,8 +957,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _main(args, items, out, started)
         except KeyboardInterrupt:
             print(
-                f"\nsage-queue demo: interrupted ({'signal' if signals.interrupted else 'Ctrl-C'}); "
-                "queues destroyed, workers stopped, the rpc server and Ray shut down",
+                f"\nsage-queue demo: interrupted ({signals.interrupted or 'KeyboardInterrupt'}); every queue it "
+                "created is destroyed, every worker and child stopped, its rpc servers and Ray shut down",
                 file=sys.stderr,
                 flush=True,
             )
