@@ -11,7 +11,9 @@ import json
 import multiprocessing
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +22,7 @@ from _helpers import fail_in
 
 from fault_injection.cli import main as faults_main
 from fault_injection.core import run_faults, run_scenario
+from fault_injection.proxy import Proxy
 from fault_injection.scenarios import all_scenarios
 from sage_queue import QueueConnectionError
 from stress.backends import descriptor_factory, harness_backends, unavailable_reason
@@ -286,3 +289,111 @@ def test_a_backend_that_needs_a_service_gets_one_for_the_run_and_it_stops_after(
     assert not os.path.exists(service.metadata["key_file"])
     with pytest.raises(OSError):
         socket.create_connection((service.metadata["host"], service.metadata["port"]), timeout=1).close()
+
+
+# -- the faulting proxy (fault_injection/proxy.py), on real loopback sockets ---------------------
+
+
+class _Echo:
+    """A loopback TCP echo server in a thread (one thread per connection)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def echo_proxy() -> Iterator[Proxy]:
+    echo = _Echo()
+    proxy = Proxy(echo.address).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        echo.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_the_proxy_forwards_then_resets_every_connection(echo_proxy: Proxy) -> None:
+    with socket.create_connection(echo_proxy.address, timeout=5) as c:
+        c.sendall(b"hello")
+        assert _recv_exactly(c, 5) == b"hello"
+        echo_proxy.set_mode("reset")  # returns once the live connections are reset
+        with pytest.raises(ConnectionError):  # RST: reset (or, at worst, closed)
+            c.sendall(b"x")
+            _recv_exactly(c, 1)
+    assert echo_proxy.cuts == 1 and echo_proxy.resets >= 1
+    with socket.create_connection(echo_proxy.address, timeout=5) as c:  # new ones too, while in reset
+        with pytest.raises(ConnectionError):
+            c.sendall(b"x")
+            _recv_exactly(c, 1)
+    echo_proxy.set_mode("pass")
+    with socket.create_connection(echo_proxy.address, timeout=5) as c:
+        c.sendall(b"back")
+        assert _recv_exactly(c, 4) == b"back"
+
+
+@pytest.mark.timeout(30)
+def test_the_proxy_blackhole_holds_bytes_until_it_ends(echo_proxy: Proxy) -> None:
+    with socket.create_connection(echo_proxy.address, timeout=5) as c:
+        c.sendall(b"a")
+        assert _recv_exactly(c, 1) == b"a"
+        echo_proxy.set_mode("blackhole")
+        c.sendall(b"held")
+        c.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            c.recv(10)  # nothing moves
+        echo_proxy.set_mode("pass")
+        c.settimeout(5)
+        assert _recv_exactly(c, 4) == b"held"  # arrives once the partition heals
+
+
+@pytest.mark.timeout(30)
+def test_the_proxy_delays_and_throttles(echo_proxy: Proxy) -> None:
+    with pytest.raises(ValueError):
+        echo_proxy.set_mode("delay")  # needs delay > 0
+    with pytest.raises(ValueError):
+        echo_proxy.set_mode("teleport")
+    with socket.create_connection(echo_proxy.address, timeout=10) as c:
+        echo_proxy.set_mode("delay", delay=0.3)
+        start = time.monotonic()
+        c.sendall(b"late")
+        assert _recv_exactly(c, 4) == b"late"
+        assert time.monotonic() - start >= 0.6  # 0.3 s each way (a lower bound: never flaky)
+        echo_proxy.set_mode("slow", rate=20_000)
+        start = time.monotonic()
+        c.sendall(b"z" * 30_000)
+        assert _recv_exactly(c, 30_000) == b"z" * 30_000
+        assert time.monotonic() - start >= 1.0  # 30 kB at 20 kB/s, each way
+    assert echo_proxy.forwarded > 30_000  # counted after each send: the last echo bytes may not be yet
