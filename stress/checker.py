@@ -105,11 +105,11 @@ PROMISES: dict[str, Promise] = {
     ),
     # spec/backends/ray.md RAY9 (a killed actor takes its items; every call fails fast with QueueActorLost),
     # RAY10 (a restarted ray_actor is empty, each handle raises once then works), RAY5 (a call raises at
-    # the latest 2 s after its deadline when the actor does not answer its cancel; E16), RAY14 (what
+    # the latest 2 s after its deadline when the actor does not answer its cancel; E16, RAY13), RAY14 (what
     # a kill under load may lose, and what it may not).
     "ray_actor": Promise(
-        "ray_actor: RAY5, RAY9, RAY10, RAY14",
-        ("RAY5", "RAY9", "RAY10", "RAY14"),
+        "ray_actor: RAY5, RAY9, RAY10, RAY13, RAY14",
+        ("RAY5", "RAY9", "RAY10", "RAY13", "RAY14"),
         survivable=("QueueActorLost", "QueueConnectionError"),
         slack=2.0,
         loss_at_queue_kill=True,
