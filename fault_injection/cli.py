@@ -53,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         for scenario in names:
             if not known[scenario].applies_to(target):
-                skipped[f"{name} {scenario}"] = f"does not apply to {target.mode} workers"
+                skipped[f"{name} {scenario}"] = f"does not apply to {name} ({target.mode} workers)"
                 continue
             seed = seed_for(args)
             print(f"{name}: {scenario}, seed {seed}", flush=True)
