@@ -24,6 +24,13 @@ Waiting, timeouts and close, client side (spec/backends/ray.md RAY5, RAY7, RAY13
     Since _EXPIRE_S < _GRACE_S, a call that starts in the actor after its caller gave up is
     refused: its outcome is unknown to the caller, but in fact nothing (clocks permitting).
 
+Dead callers (RAY5): Ray does not cancel an actor call whose caller died, so a get parked by a
+process that was killed would take the next item and lose it in a reply nobody reads. A handle
+whose call has waited _BEAT_S sends alive(handle id) every _BEAT_S (one per handle, however many
+of its calls wait); the actor drops, unexecuted (GONE), a waiter whose handle it has not heard
+from for _STALE_S when the waiter wakes, before it could take anything; a live caller that gets
+GONE (it was stopped, or its heartbeats were late) makes the call again with the time left.
+
 The actor's state is changed only by coroutines on its one event-loop thread, between awaits,
 so each method's check-then-act is atomic without a lock (invariant of _QueueActor).
 """
@@ -62,6 +69,11 @@ _EXPIRE_S = 1.0
 """A call is refused by the actor when it starts (or wakes) this long past its caller's deadline:
 before the caller gives up (_GRACE_S), so that an abandoned call does nothing, with 1 s left for
 the error of the handle's clock-offset estimate (the same clock on one node)."""
+_BEAT_S = 1.0
+"""A handle with a call waiting tells the actor it is alive this often (one call per handle)."""
+_STALE_S = 3.0
+"""A waiter whose handle was silent this long is dropped when it wakes (three heartbeats missed: a
+dead caller's get takes only items that arrive within this of its death)."""
 _START_S = 60.0
 """How long resolve waits for the queue's actor to answer (a new one may need a worker process started)."""
 _RESOLVE_RETRY_S = 5.0
@@ -74,6 +86,7 @@ _OK = "ok"
 _TIMEOUT = "timeout"
 _EXPIRED = "expired"  # payload: the actor's time.time(); refused, nothing done
 _CANCELLED = "cancelled"
+_GONE = "gone"  # dropped, nothing done: its handle was silent for _STALE_S
 _DESTROYED = "destroyed"
 _RESTARTED = "restarted"
 _NEVER_FITS = "never_fits"
@@ -104,6 +117,8 @@ class _QueueActor:
         self.unfinished = 0
         self.puts = self.gets = self.waits = self.bytes_in = self.bytes_out = 0
         self.waiting: dict[tuple[int, int], bool] = {}  # key -> cancelled?
+        # handle id -> [loop time it was last heard from, calls of it waiting]; only handles with waiters.
+        self.seen: dict[int, list[Any]] = {}
         self._changed: Any = None
 
     # -- waiting ----------------------------------------------------------------------
@@ -139,6 +154,9 @@ class _QueueActor:
         end = None if timeout is None else loop.time() + min(timeout, expire - time.time())
         self.waits += 1
         self.waiting[key] = False
+        seen = self.seen.setdefault(key[0], [0.0, 0])
+        seen[0] = loop.time()  # this call is a sign of life
+        seen[1] += 1
         try:
             while True:
                 if self.destroyed:
@@ -147,6 +165,8 @@ class _QueueActor:
                     return _CANCELLED
                 if time.time() > expire:  # e.g. this process was stopped while the call waited
                     return _EXPIRED
+                if loop.time() - seen[0] > _STALE_S:  # its caller is dead, or stopped: take nothing
+                    return _GONE
                 if ready():
                     return _OK
                 ev = self._event()
@@ -162,6 +182,9 @@ class _QueueActor:
                     pass
         finally:
             del self.waiting[key]
+            seen[1] -= 1
+            if seen[1] == 0:
+                del self.seen[key[0]]
 
     # -- the operations (each returns its result, or (status, payload): see _OK) --------------------
 
@@ -232,6 +255,14 @@ class _QueueActor:
         self.gets -= len(blobs)
         self.bytes_out -= sum(map(len, blobs))
         self._notify()
+
+    async def alive(self, handle: int) -> None:
+        """A heartbeat of a handle with a call waiting (see _STALE_S)."""
+        import asyncio
+
+        seen = self.seen.get(handle)
+        if seen is not None:
+            seen[0] = asyncio.get_running_loop().time()
 
     async def cancel(self, key: tuple[int, int]) -> None:
         if key in self.waiting:  # not waiting: it finished already, its answer stands
@@ -314,6 +345,7 @@ class RayActorQueueStub(QueueStub):
         self._md = dict(descriptor.metadata)
         _ray.connect(self.queue_type, self._md)
         self._handle_id = uuid.uuid4().int >> 65
+        self._last_beat = 0.0
         self._requests = itertools.count()
         maxsize = int(self._md.get("maxsize", 0))
         opts = _ray.actor_options(self.queue_type, self._md)
@@ -387,7 +419,7 @@ class RayActorQueueStub(QueueStub):
             )
         if status == _CANCELLED and self._closed:
             raise self._closed_error()
-        if status in (_TIMEOUT, _CANCELLED, _EXPIRED) and timed_out is not None:
+        if status in (_TIMEOUT, _CANCELLED, _EXPIRED, _GONE) and timed_out is not None:
             raise timed_out
         if status == _NEVER_FITS:
             raise ValueError(f"a batch larger than maxsize {self.maxsize} can never fit")
@@ -408,14 +440,15 @@ class RayActorQueueStub(QueueStub):
             answer = self._wait_answer(method, left, until, arg, single)
             if (
                 type(answer) is tuple
-                and answer[0] == _EXPIRED
-                and until is not None
-                and time.monotonic() < until
+                and answer[0] in (_EXPIRED, _GONE)
+                and (until is None or time.monotonic() < until)
                 and not self._closed
             ):
-                # Refused before our deadline: the actor's clock is ahead of our estimate. The call did
-                # nothing; correct the estimate and make it again with the time left.
-                self._skew = answer[1] - time.time()
+                # Dropped before our deadline, having done nothing: make the call again with the time left.
+                # EXPIRED: the actor's clock is ahead of our estimate, which is corrected. GONE: the actor
+                # heard nothing from this handle for _STALE_S (this process, or the actor, was stopped).
+                if answer[0] == _EXPIRED:
+                    self._skew = answer[1] - time.time()
                 continue
             return self._result(answer, timed_out)
 
@@ -438,7 +471,14 @@ class RayActorQueueStub(QueueStub):
         ref = getattr(self._actor, method).remote(request)
         try:
             try:
-                return _ray.wait_ref(ref, until, lambda: self._closed, _SLICE_S)
+                while True:
+                    beat = time.monotonic() + _BEAT_S
+                    try:
+                        return _ray.wait_ref(ref, beat if until is None else min(until, beat), self._stop, _SLICE_S)
+                    except GetTimeoutError:
+                        if self._closed or (until is not None and time.monotonic() >= until):
+                            raise
+                    self._beat()
             except GetTimeoutError:
                 # Out of time, or closed: let the actor drop the call, then take its answer.
                 self._actor.cancel.remote(key)
@@ -462,6 +502,16 @@ class RayActorQueueStub(QueueStub):
             ) from None
         except RayActorError as exc:
             raise self._died(exc) from None
+
+    def _stop(self) -> bool:
+        return self._closed
+
+    def _beat(self) -> None:
+        """Tell the actor this handle lives (RAY5): at most one heartbeat per _BEAT_S per handle."""
+        now = time.monotonic()
+        if now - self._last_beat >= _BEAT_S:  # racy between threads: at worst a duplicate, harmless
+            self._last_beat = now
+            self._actor.alive.remote(self._handle_id)  # its answer is never read
 
     def _give_back_later(self, ref: Any) -> None:
         """An answer that came too late for its caller: items it carries go back to the head."""
