@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -65,7 +66,7 @@ ECHO_ITEMS = 200
 PIPELINE_ITEMS = 100
 SMALL_MAXSIZE = 16
 """Smaller than the item counts, so that producers really block on full queues."""
-JOB_ITEMS = 2000
+JOB_ITEMS = 1000
 """Items of the main job by default (``--items``); ``--quick`` runs QUICK_ITEMS."""
 QUICK_ITEMS = 200
 JOB_MAXSIZE = 64
@@ -638,15 +639,17 @@ class JobStats:
 
     ``consume`` runs in the sink's thread; the main thread reads the figures only after the job
     ended (``JobManager.run`` returned: the thread is gone), so nothing here is shared while written.
+    Stamps are kept in ``array('d')`` (8 bytes each): a million items cost tens of MB, not hundreds.
     """
+
+    MIN_STEADY = 20
+    """Fewest items put after start-up for the percentiles to leave the start-up items out."""
 
     def __init__(self, total: int, hops: list[Hop], progress: Optional[_Progress] = None) -> None:
         self.total, self.hops, self.progress = total, hops, progress
-        self.latency: list[list[float]] = [[] for _ in hops]
-        self.transfer: list[list[float]] = [[] for _ in hops]
-        self.first_get = [math.inf] * len(hops)
-        self.last_get = [-math.inf] * len(hops)
-        self.end_to_end: list[float] = []
+        self.put = [array("d") for _ in hops]
+        self.ready = [array("d") for _ in hops]
+        self.got = [array("d") for _ in hops]
         self.seen = bytearray(total)
 
     def consume(self, items: Iterator[dict[str, Any]]) -> int:
@@ -665,44 +668,56 @@ class JobStats:
             if len(t) != 3 * len(self.hops):
                 raise ValueError(f"item {seq}: {len(t)} stamps, expected {3 * len(self.hops)}")
             for k in range(len(self.hops)):
-                put, waited, taken = t[3 * k], t[3 * k + 1], t[3 * k + 2]
-                self.latency[k].append(taken - put)
-                self.transfer[k].append(taken - max(put, waited))
-                self.first_get[k] = min(self.first_get[k], taken)
-                self.last_get[k] = max(self.last_get[k], taken)
-            self.end_to_end.append(got - t[0])
+                self.put[k].append(t[3 * k])
+                self.ready[k].append(t[3 * k + 1])
+                self.got[k].append(t[3 * k + 2])
             if self.progress is not None:
                 self.progress.update()
             ready = time.monotonic()
-        return len(self.end_to_end)
+        return self.received
 
     @property
     def received(self) -> int:
-        return len(self.end_to_end)
+        return len(self.got[-1]) if self.got else 0
+
+    def startup(self) -> tuple[float, list[int]]:
+        """(seconds from the first put until every stage had asked for its first item, the items put
+        after that). Items put earlier waited for a worker to start (a Ray worker, a spawned process):
+        they are counted, but left out of the percentiles when at least MIN_STEADY items remain."""
+        if not self.received:
+            return math.nan, []
+        up = max(min(r) for r in self.ready)
+        first = min(self.put[0])
+        steady = [i for i, t in enumerate(self.put[0]) if t >= up]
+        return max(0.0, up - first), steady if len(steady) >= self.MIN_STEADY else list(range(self.received))
 
     def figures(self) -> list[QueueFigures]:
         """One row per queue, then the end-to-end row (type ``""``)."""
-        rows = [
-            self._figures(h.queue, h.queue_type, f"{h.producer} -> {h.consumer}", k, self.latency[k], self.transfer[k])
-            for k, h in enumerate(self.hops)
-        ]
+        _, steady = self.startup()
+        rows = []
+        for k, h in enumerate(self.hops):
+            latency = [self.got[k][i] - self.put[k][i] for i in steady]
+            transfer = [self.got[k][i] - max(self.put[k][i], self.ready[k][i]) for i in steady]
+            rows.append(self._figures(h.queue, h.queue_type, f"{h.producer} -> {h.consumer}", k, latency, transfer))
+        end_to_end = [self.got[-1][i] - self.put[0][i] for i in steady]
         between = f"{self.hops[0].producer} -> {self.hops[-1].consumer}"
-        rows.append(self._figures("end-to-end", "", between, len(self.hops) - 1, self.end_to_end, []))
+        rows.append(self._figures("end-to-end", "", between, len(self.hops) - 1, end_to_end, []))
         return rows
 
     def _figures(
         self, name: str, queue_type: str, between: str, k: int, latency: list[float], transfer: list[float]
     ) -> QueueFigures:
-        if not latency:
+        n = len(self.got[k])
+        if not n:
             return QueueFigures(name, queue_type, between, 0, math.nan, math.nan, math.nan, math.nan)
-        span = self.last_get[k] - self.first_get[k]
+        span = max(self.got[k]) - min(self.got[k])
         lat = sorted(latency)
         return QueueFigures(
             name,
             queue_type,
             between,
-            len(lat),
-            len(lat) / span if span > 0 else math.nan,
+            n,
+            n / span if span > 0 else math.nan,
             _percentile(lat, 0.50),
             _percentile(lat, 0.99),
             _percentile(sorted(transfer), 0.50) if transfer else math.nan,
@@ -999,10 +1014,12 @@ def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> 
             report = run_main_job(items, plan, out)
             print(f"  workers: {'; '.join(report.workers)}", file=out)
             print("\n" + format_job_table(report.stats.figures()), file=out)
+            startup, steady = report.stats.startup()
             print(
-                "p50/p99: put -> get of each item, time queued behind slower hops included; transfer: from when "
-                "both ends were at the queue to the get;\nitems/s: items over the span from the queue's first get "
-                "to its last (the slowest stage sets it for every queue)",
+                f"\np50/p99: put -> get over the {len(steady)} items put once every stage was up "
+                f"(start-up: {startup:.1f}s), time queued behind slower hops included;\n"
+                "transfer: from when both ends were at the queue to the get; "
+                "items/s: over the span from the queue's first get to its last (the slowest stage sets it)",
                 file=out,
             )
             for name, note in plan.notes.items():
