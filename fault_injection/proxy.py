@@ -145,10 +145,8 @@ class Proxy:
             raise ValueError("slow mode needs rate > 0 bytes per second")
         with self._lock:
             self._mode, self._delay, self._rate = mode, float(delay), int(rate)
-        if mode == "reset":
-            self._request("reset", wait)
-        else:
-            self._wake()
+        # Returns once the loop has taken the new mode (and, for reset, reset the live connections).
+        self._request("reset" if mode == "reset" else "mode", wait)
 
     def cut(self, wait: float = 2.0) -> None:
         """Reset every live connection now (both sides see RST); the mode stays as it is."""
@@ -186,7 +184,7 @@ class Proxy:
                     if what == "reset":
                         self._reset_all(sel)
                         self.cuts += 1
-                    done.set()
+                    done.set()  # after the mode read above: the caller's mode is the one in force
                 now = time.monotonic()
                 self._interest(sel, mode)
                 for key, _ in sel.select(self._next_wait(mode, now)):
@@ -199,7 +197,9 @@ class Proxy:
                         except OSError:
                             pass
                     elif sock is self._listener:
-                        self._accept(sel, mode)
+                        with self._lock:  # the mode now, not at the top of the turn: a client that
+                            current = self._mode  # connects right after set_mode() meets the new mode
+                        self._accept(sel, current)
                     elif sock in self._conns:
                         self._read(sel, sock, mode, delay)
                 if mode != "blackhole":
