@@ -74,3 +74,15 @@ def test_scenario3_rejects_bad_arguments() -> None:
         [sys.executable, str(EXAMPLES / "scenario3_job.py"), "nope=sage"], capture_output=True, text=True, timeout=50
     )
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.skipif(unavailable_reason("rpc") is not None, reason=f"rpc: {unavailable_reason('rpc')}")
+@pytest.mark.timeout(180)
+def test_heterogeneous_pipeline_without_ray() -> None:
+    # With Ray: tests/ray/test_ray_demo.py (that run starts a Ray instance).
+    out = _run("heterogeneous_pipeline.py", "--no-ray")
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["queue", "raw", "rpc"] and "another host (edge)" in lines[0]
+    same_host = "sage" if unavailable_reason("sage") is None else "shm"
+    assert lines[1].split()[:3] == ["queue", "parsed", same_host]
+    assert lines[-1].startswith(f"500 items, sum of squares {sum(n * n for n in range(500))};")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
-from test_demo import SCENARIOS, _start, assert_nothing_left, check_job_table, run_demo, scenario_rows
+from test_demo import SCENARIOS, TOKEN_VAR, _start, assert_nothing_left, check_job_table, run_demo, scenario_rows
 
 from sage_queue.demo import QUICK_ITEMS
 from sage_queue.registry import unavailable_reason
@@ -59,4 +62,28 @@ def test_ctrl_c_with_ray_running_tears_down_ray_too() -> None:
     assert proc.returncode == 130, (proc.returncode, seen + out, err[-2000:])
     assert "interrupted (SIGINT)" in err
     assert " 100%" not in seen + out and "main job ok" not in out  # stopped mid-way, not finished
+    assert_nothing_left(token, proc.pid)
+
+
+@pytest.mark.timeout(180)
+def test_heterogeneous_pipeline_example_with_ray() -> None:
+    token = uuid.uuid4().hex
+    example = Path(__file__).resolve().parents[2] / "examples" / "heterogeneous_pipeline.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(example)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, TOKEN_VAR: token},
+    )
+    try:
+        out, err = proc.communicate(timeout=170)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err[-3000:]
+    types = {line.split()[1]: line.split()[2] for line in out.splitlines() if line.startswith("queue ")}
+    assert types == {"raw": "rpc", "parsed": "ray_actor", "enriched": "sage"}, out
+    assert f"500 items, sum of squares {sum(n * n for n in range(500))};" in out
     assert_nothing_left(token, proc.pid)
