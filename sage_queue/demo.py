@@ -597,6 +597,13 @@ class QueueFigures:
     transfer_p50_s: float  # max(put, ready) -> got; NaN for the end-to-end row
 
 
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class _Progress:
     """A tqdm bar on a terminal (stderr), else one plain line of percentages on ``out``.
 
@@ -608,7 +615,7 @@ class _Progress:
         self.total, self.out, self.done = total, out, 0
         self._bar: Any = None
         self._next_pct = 10
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and _columns(sys.stderr) > 0:  # a terminal of width 0 would show no bar
             try:
                 from tqdm import tqdm  # type: ignore[import-untyped]  # optional extra (progress)
             except ImportError:  # tqdm comes with sage-queue[harness]: the plain line instead

@@ -125,6 +125,17 @@ def job_rows(text: str) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in _block(text, "queue "))}
 
 
+def no_ray_types() -> dict[str, str]:
+    """The main job's queue types with --no-ray: the Ray hop on a same-host type (rpc's too if it is missing)."""
+    same_host = next(t for t in ("shm", "sage") if unavailable_reason(t) is None)
+    sage_or_shm = "sage" if unavailable_reason("sage") is None else "shm"
+    return {
+        "raw": "rpc" if unavailable_reason("rpc") is None else same_host,
+        "parsed": same_host,
+        "enriched": sage_or_shm,
+    }
+
+
 def check_job_table(text: str, types: dict[str, str], items: int) -> None:
     rows = job_rows(text)
     assert list(rows) == [*types, "end-to-end"], rows
@@ -168,10 +179,8 @@ def test_demo_runs_every_backend_and_the_main_job_and_leaves_nothing() -> None:
             assert "child pid" in " ".join(rows[(queue_type, "1 cross-process")])
             assert "JobManager: 2 worker processes" in " ".join(rows[(queue_type, "3 job pipeline")])
     # Part 2 without Ray: the ray_actor hop is replaced by a same-host type, and the reason is printed.
-    same_host = next(t for t in ("shm", "sage") if unavailable_reason(t) is None)
     rpc_ok = unavailable_reason("rpc") is None
-    expected = {"raw": "rpc" if rpc_ok else same_host, "parsed": same_host, "enriched": "sage"}
-    check_job_table(out, expected, QUICK_ITEMS)
+    check_job_table(out, no_ray_types(), QUICK_ITEMS)
     assert "note: parsed instead of ray_actor: Ray not started (--no-ray)" in out
     assert "raw: rpc: an end runs on another host (edge)" in out or not rpc_ok  # --explain: the choices
     assert "everything ok" in out.splitlines()[-1] and "FAILED" not in out
@@ -329,3 +338,47 @@ def test_job_stats_refuses_a_lost_duplicated_or_altered_item(bad: dict[str, Any]
     items[4].update(bad)
     with pytest.raises(ValueError, match=message):
         JobStats(5, HOPS).consume(iter(items))
+
+
+@pytest.mark.timeout(120)
+def test_progress_is_a_bar_on_a_terminal_only() -> None:
+    """On a terminal (a pty of 120 columns) the sink feeds a tqdm bar on stderr instead of the plain line."""
+    pytest.importorskip("tqdm")
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    token = uuid.uuid4().hex
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sage_queue.demo", "--skip-scenarios", "--no-ray", "--items", "3000"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, TOKEN_VAR: token},
+        start_new_session=True,
+    )
+    os.close(slave)  # the child holds it: reading the master ends (EIO) once the child is gone
+    data = b""
+    try:
+        while chunk := _read_pty(master):
+            data += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.wait(timeout=60)
+    text = data.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "main job:" in text and "/3000 [" in text and "item/s" in text  # tqdm's frames
+    assert " 10% 20%" not in text  # not the plain line
+    check_job_table(text.replace("\r\n", "\n"), no_ray_types(), 3000)
+    assert_nothing_left(token, proc.pid)
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child closed its side
+        return b""
