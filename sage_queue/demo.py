@@ -705,26 +705,35 @@ class JobStats:
         for k, h in enumerate(self.hops):
             latency = [self.got[k][i] - self.put[k][i] for i in steady]
             transfer = [self.got[k][i] - max(self.put[k][i], self.ready[k][i]) for i in steady]
-            rows.append(self._figures(h.queue, h.queue_type, f"{h.producer} -> {h.consumer}", k, latency, transfer))
+            between = f"{h.producer} -> {h.consumer}"
+            rows.append(self._figures(h.queue, h.queue_type, between, k, steady, latency, transfer))
         end_to_end = [self.got[-1][i] - self.put[0][i] for i in steady]
         between = f"{self.hops[0].producer} -> {self.hops[-1].consumer}"
-        rows.append(self._figures("end-to-end", "", between, len(self.hops) - 1, end_to_end, []))
+        rows.append(self._figures("end-to-end", "", between, len(self.hops) - 1, steady, end_to_end, []))
         return rows
 
     def _figures(
-        self, name: str, queue_type: str, between: str, k: int, latency: list[float], transfer: list[float]
+        self,
+        name: str,
+        queue_type: str,
+        between: str,
+        k: int,
+        steady: list[int],
+        latency: list[float],
+        transfer: list[float],
     ) -> QueueFigures:
-        n = len(self.got[k])
-        if not n:
+        """Items: all of them; items/s and percentiles: over ``steady`` (see :meth:`startup`)."""
+        if not steady:
             return QueueFigures(name, queue_type, between, 0, math.nan, math.nan, math.nan, math.nan)
-        span = max(self.got[k]) - min(self.got[k])
+        got = [self.got[k][i] for i in steady]
+        span = max(got) - min(got)
         lat = sorted(latency)
         return QueueFigures(
             name,
             queue_type,
             between,
-            n,
-            n / span if span > 0 else math.nan,
+            len(self.got[k]),
+            len(got) / span if span > 0 else math.nan,
             _percentile(lat, 0.50),
             _percentile(lat, 0.99),
             _percentile(sorted(transfer), 0.50) if transfer else math.nan,
@@ -1023,10 +1032,10 @@ def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> 
             print("\n" + format_job_table(report.stats.figures()), file=out)
             startup, steady = report.stats.startup()
             print(
-                f"\np50/p99: put -> get over the {len(steady)} items put once every stage was up "
-                f"(start-up: {startup:.1f}s), time queued behind slower hops included;\n"
-                "transfer: from when both ends were at the queue to the get; "
-                "items/s: over the span from the queue's first get to its last (the slowest stage sets it)",
+                f"\nitems/s, p50, p99: over the {len(steady)} items put once every stage was up (start-up: "
+                f"{startup:.1f}s); items/s: from the queue's first get to its last (the slowest stage sets it);\n"
+                "p50/p99: put -> get, time queued behind slower hops included; "
+                "transfer: from when both ends were at the queue to the get",
                 file=out,
             )
             for name, note in plan.notes.items():
