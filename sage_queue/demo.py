@@ -949,7 +949,9 @@ def _quiet_library_logs() -> Iterator[None]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sage-queue demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--backends", default=None, help="comma-separated queue types for part 1 (default: every registered type)"
+        "--backends",
+        default=None,
+        help="comma-separated queue types: part 1 only, on these types (default: every registered type, then part 2)",
     )
     parser.add_argument(
         "--items",
@@ -998,11 +1000,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> int:
     types = all_types() if args.backends is None else [t.strip() for t in args.backends.split(",") if t.strip()]
+    run_scenarios_ = not args.skip_scenarios
+    run_job = not args.skip_job and (args.backends is None or args.skip_scenarios)
     failures: list[str] = []
     with ExitStack() as services:  # unwound last: the job's and the scenarios' queues are gone by then
         ray_note = _NO_RAY_NOTE if args.no_ray else unavailable_reason("ray_actor")
+        needs_ray = run_job or (run_scenarios_ and any(_is_ray_type(t) for t in types))
         intro = []
-        if ray_note is None:
+        if ray_note is None and not needs_ray:
+            ray_note = "Ray not started (not needed for what runs)"
+        elif ray_note is None:
             t0 = time.monotonic()
             try:
                 services.enter_context(_local_ray())
@@ -1016,14 +1023,14 @@ def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> 
         picked = choose_descriptor(maxsize=1)  # a descriptor only: nothing exists until it is resolved
         print(f"sage-queue demo: {'; '.join(intro)}; scenario 2 here picks {picked.queue_type!r}", file=out)
 
-        if not args.skip_scenarios:
+        if run_scenarios_:
             print(f"\nPart 1: the seed's three scenarios on {', '.join(types)}\n", file=out, flush=True)
             rows = run_scenarios(types, services, ray_note)
             print(format_table(rows), file=out)
             failures += [f"{r.backend} / {r.scenario}: {r.result}" for r in rows if r.failed]
             print(f"{sum(not r.failed for r in rows)} of {len(rows)} rows without failure", file=out)
 
-        if not args.skip_job:
+        if run_job:
             plan = plan_main_job(ray_note, rpc_note)
             chain = " -> ".join(f"{h.producer} -> [{h.queue}]" for h in plan.hops()) + " -> sink"
             print(f"\nPart 2: the main job, {items} items of {PAYLOAD_BYTES} bytes: {chain}", file=out, flush=True)
