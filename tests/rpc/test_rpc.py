@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import pickle
@@ -33,6 +34,8 @@ from sage_queue.backends.rpc.server import RPCQueueServer, ServerProcess
 from sage_queue.backends.rpc.wire import (
     REPLY_MAGIC,
     REQUEST_MAGIC,
+    BadFrame,
+    Sealer,
     generate_key_file,
     load_key,
     seal,
@@ -837,6 +840,9 @@ def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(
         ["put", name, uid, "not a list", None],
         ["put", name, uid, [1, 2], None],
         ["put", name, uid, [], None],
+        # shaped like the server's fast path (one item, room, nobody parked): validated all the same
+        ["put", name, uid, [b"x"], float("nan")],
+        ["put", name, uid, [b"x"], -1.0],
         ["open", name, -5, True],
         ["open"],
         ["no such op", name, uid],
@@ -851,6 +857,34 @@ def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(
     assert status(q)["internal_errors"] == 0
     assert q.qsize() == 1 and q.get(timeout=5) == "kept"
     raw.close()
+
+
+@pytest.mark.spec("RPC3")
+@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 200])
+def test_sealer_mac_is_hmac_sha256_and_tampering_is_caught(key_len: int) -> None:
+    """The Sealer's precomputed inner/outer states give exactly HMAC-SHA256 (RFC 2104), also for keys
+    longer than the hash block (hashed first), and any changed byte fails the MAC."""
+    key = os.urandom(key_len)
+    sealer = Sealer(key)
+    cid, instance = os.urandom(16), os.urandom(16)
+    frame = sealer.seal(REQUEST_MAGIC, cid, 7, 1234.5, instance, ["put", "q", b"u", [b"item"], None])
+    assert frame[:32] == hmac.digest(key, frame[32:], "sha256")
+    assert Sealer(key).open(frame, REQUEST_MAGIC, 1 << 20) == (
+        cid,
+        7,
+        1234.5,
+        instance,
+        ["put", "q", b"u", [b"item"], None],
+    )
+    for i in (0, 31, 32, 40, len(frame) - 1):
+        tampered = bytearray(frame)
+        tampered[i] ^= 1
+        with pytest.raises(BadFrame, match="auth"):
+            sealer.open(bytes(tampered), REQUEST_MAGIC, 1 << 20)
+    with pytest.raises(BadFrame, match="auth"):
+        Sealer(os.urandom(key_len)).open(frame, REQUEST_MAGIC, 1 << 20)
+    with pytest.raises(BadFrame, match="malformed"):  # a reply is never taken for a request
+        sealer.open(sealer.seal(REPLY_MAGIC, cid, 7, 1.0, instance, ["ok"]), REQUEST_MAGIC, 1 << 20)
 
 
 @pytest.mark.spec("RPC1")

@@ -43,10 +43,9 @@ from .wire import (
     REPLY_MAGIC,
     REQUEST_MAGIC,
     BadFrame,
+    Sealer,
     load_key,
-    seal,
     serializer,
-    unseal,
 )
 
 __all__ = ["RPCQueueStub"]
@@ -64,16 +63,32 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 """metadata ``connect_timeout`` when absent: how long resolve waits for the server."""
 DEFAULT_RETRY_TIMEOUT_S = 30.0
 """metadata ``retry_timeout`` when absent: server silence after which a call gives up."""
+_NOBLOCK = int(zmq.NOBLOCK)
+"""A plain int: pyzmq's enum flag costs an enum operation per send."""
+
+_forks = 0
+"""How many times this process is a fork away from the one it started as: a handle compares it with
+the value it saw when it made its context (cheaper than os.getpid(), a system call, on every call)."""
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Channel:
-    __slots__ = ("client_id", "instance", "seq", "sock")
+    __slots__ = ("client_id", "instance", "sealer", "seq", "sock")
 
-    def __init__(self, sock: zmq.Socket[bytes], instance: bytes) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], instance: bytes, key: bytes) -> None:
         self.sock = sock
         self.client_id = os.urandom(16)
         self.seq = 0
         self.instance = instance
+        self.sealer = Sealer(key)  # its own: a channel is used by one thread at a time
 
 
 class RPCQueueStub(QueueStub):
@@ -97,7 +112,8 @@ class RPCQueueStub(QueueStub):
         self._dumps, self._loads = serializer(str(m.get("serializer", "pickle")))
         self._retry_timeout = float(m.get("retry_timeout", DEFAULT_RETRY_TIMEOUT_S))
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._forks = _forks
+        self._maxsize = int(m["maxsize"])
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._ctx_done = False
         self._idle: list[_Channel] = []
@@ -133,12 +149,12 @@ class RPCQueueStub(QueueStub):
         return sock
 
     def _take(self) -> _Channel:
-        if os.getpid() != self._pid:
+        if _forks != self._forks:
             # A forked child must not touch the parent's context (libzmq forbids it), nor wait for a lock
             # another thread of the parent held at fork time: start afresh (the child's first call).
             self._lock = threading.Lock()
             with self._lock:
-                self._pid = os.getpid()
+                self._forks = _forks
                 self._ctx = zmq.Context()
                 self._ctx_done = False
                 self._idle = []
@@ -151,7 +167,7 @@ class RPCQueueStub(QueueStub):
             instance = self._instance
         if ch is None:
             try:
-                ch = _Channel(self._new_socket(), instance)
+                ch = _Channel(self._new_socket(), instance, self._key)
             except BaseException:
                 self._give(None)
                 raise
@@ -180,7 +196,7 @@ class RPCQueueStub(QueueStub):
     def _close(self) -> None:
         # May run in a signal handler that interrupted a call of this very thread, maybe inside _take
         # or _give holding _lock: never wait long for it; that call cleans up when it gives back.
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             return  # a forked child's copy of a handle it never used: the parent's sockets are not ours
         if not self._lock.acquire(timeout=0.5):
             return
@@ -205,9 +221,9 @@ class RPCQueueStub(QueueStub):
     def _send(self, ch: _Channel, seq: int, body: list[Any]) -> None:
         if ch.instance == NO_INSTANCE:
             body, seq = ["hello"], 0  # greet first; the request follows the answer
-        frame = seal(self._key, REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, body)
+        frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, body)
         try:
-            ch.sock.send(frame, zmq.NOBLOCK)
+            ch.sock.send(frame, _NOBLOCK)
         except zmq.Again:  # nothing connected and nothing queued: the next resend tries again
             pass
 
@@ -248,12 +264,12 @@ class RPCQueueStub(QueueStub):
                 continue
             # One frame per turn of the loop: close() and the deadlines are checked between frames.
             try:
-                header, reply = unseal(self._key, frame, REPLY_MAGIC, 1 << 62)
+                client_id, got_seq, _, _, reply = ch.sealer.open(frame, REPLY_MAGIC, 1 << 62)
             except BadFrame:
                 continue  # not from our server (or damaged): ignore it
-            if header.client_id != ch.client_id:
+            if client_id != ch.client_id:
                 continue
-            if header.seq == 0 and reply[0] == "ok" and len(reply) == 4:  # the answer to a hello
+            if got_seq == 0 and reply[0] == "ok" and len(reply) == 4:  # the answer to a hello
                 last_heard = time.monotonic()
                 ch.instance = bytes(reply[1])
                 with self._lock:
@@ -263,7 +279,7 @@ class RPCQueueStub(QueueStub):
                 self._send(ch, seq, body)
                 resend_at = last_heard + RESEND_S
                 continue
-            if header.seq != seq:
+            if got_seq != seq:
                 continue  # a late answer to an earlier request of this channel
             last_heard = time.monotonic()
             if reply[0] == "pending":
@@ -281,7 +297,7 @@ class RPCQueueStub(QueueStub):
         """Tell the server this channel gives request ``seq`` up (closed): unpark it or return its items."""
         if ch.instance == NO_INSTANCE:
             return
-        frame = seal(self._key, REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, ["cancel"])
+        frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, ["cancel"])
         try:
             ch.sock.setsockopt(zmq.LINGER, 500)  # let the cancel leave before the socket closes
             ch.sock.send(frame, zmq.NOBLOCK)
@@ -294,8 +310,7 @@ class RPCQueueStub(QueueStub):
         dead = False
         try:
             for _ in range(3):
-                with self._lock:
-                    uid = self._uid
+                uid = self._uid  # one attribute read: atomic, no lock needed (written under _lock)
                 reply = self._exchange(ch, [body[0], self._name, uid, *body[1:]], wait, self._retry_timeout)
                 if reply[0] == "err" and reply[1] == "gone" and ch.instance != self._open_instance:
                     # The server restarted without its state (not durable): the queue is new and empty.
@@ -348,10 +363,10 @@ class RPCQueueStub(QueueStub):
 
     def _encode(self, items: list[Any]) -> list[bytes]:
         out = [self._dumps(item) for item in items]  # the serialiser's own error propagates (Q18)
-        size = sum(len(d) + 8 for d in out) + MAC_SIZE + HEADER_SIZE + _OVERHEAD
+        size = sum(map(len, out)) + 8 * len(out) + MAC_SIZE + HEADER_SIZE + _OVERHEAD
         if self._max_frame and size > self._max_frame:
             raise ValueError(f"{len(out)} item(s) of {size} bytes exceed the server's max frame of {self._max_frame}")
-        maxsize = int(self._descriptor.metadata["maxsize"])
+        maxsize = self._maxsize
         if 0 < maxsize < len(out):
             raise ValueError(f"{len(out)} items can never fit maxsize {maxsize}")
         return out

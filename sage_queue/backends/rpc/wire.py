@@ -15,6 +15,7 @@ checked, and items inside it are opaque ``bytes`` that the server never decodes 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import importlib
 import json
@@ -33,6 +34,7 @@ __all__ = [
     "REQUEST_MAGIC",
     "REPLY_MAGIC",
     "Header",
+    "Sealer",
     "seal",
     "unseal",
     "load_key",
@@ -82,40 +84,81 @@ def msgpack_module() -> Any:
     return _msgpack
 
 
+class Sealer:
+    """Seal and open frames under one key: HMAC-SHA256 (RFC 2104) with the key's inner and outer
+    SHA-256 states computed once, so that a frame costs two state copies and the hashing of the
+    frame itself, not the key schedule of a one-shot ``hmac.digest`` (about half its time on the
+    hot path). The MAC is the same bytes as ``hmac.digest(key, payload, "sha256")``.
+
+    It is on the path of every request and reply: the server's loop holds one, each client channel
+    its own (a Sealer is used by one thread at a time: its msgpack Packer is not shared).
+    """
+
+    __slots__ = ("_inner", "_outer", "_packb", "_unpackb")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # RFC 2104: a key longer than the block is hashed first
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        msgpack = msgpack_module()
+        # One Packer reused (packb builds a new one per call, 3x the cost): a Packer is not for
+        # concurrent use, hence one Sealer per thread at a time (the server's loop, a client channel).
+        self._packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+        self._unpackb: Callable[..., Any] = msgpack.unpackb
+
+    def mac(self, payload: bytes | memoryview) -> bytes:
+        inner = self._inner.copy()
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def seal(self, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
+        """One authenticated frame carrying ``body`` (msgpack-able: lists, ints, str, bytes, None)."""
+        payload = _HEADER.pack(magic, VERSION, client_id, seq, ts, instance) + self._packb(body)
+        return self.mac(payload) + payload
+
+    def open(self, frame: bytes, magic: bytes, max_size: int) -> tuple[bytes, int, float, bytes, list[Any]]:
+        """Check and open a frame: ``(client_id, seq, ts, instance, body)``; BadFrame("auth"|"malformed"|
+        "oversized") otherwise.
+
+        The MAC is checked (in constant time) before anything after it is parsed, so an
+        unauthenticated frame is never decoded, not even as msgpack.
+        """
+        size = len(frame)
+        if size > max_size:
+            raise BadFrame("oversized")
+        if size < MAC_SIZE + HEADER_SIZE:
+            raise BadFrame("malformed")
+        view = memoryview(frame)
+        if not hmac.compare_digest(view[:MAC_SIZE], self.mac(view[MAC_SIZE:])):
+            raise BadFrame("auth")
+        got_magic, version, client_id, seq, ts, instance = _HEADER.unpack_from(frame, MAC_SIZE)
+        if got_magic != magic or version != VERSION:
+            raise BadFrame("malformed")
+        try:
+            # raw=False: str stays str; strict_map_key keeps a hostile (but authenticated) peer from
+            # using anything but str/bytes as map keys.
+            body = self._unpackb(view[MAC_SIZE + HEADER_SIZE :], raw=False, strict_map_key=True)
+        except Exception:  # msgpack raises several unrelated types for bad input
+            raise BadFrame("malformed") from None
+        if type(body) is not list or not body or type(body[0]) is not str:
+            raise BadFrame("malformed")
+        return client_id, seq, ts, instance, body
+
+
 def seal(key: bytes, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
-    """One authenticated frame carrying ``body`` (msgpack-able: lists, ints, str, bytes, None)."""
-    msgpack = msgpack_module()
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    payload = _HEADER.pack(magic, VERSION, client_id, seq, ts, instance) + packed
-    return hmac.digest(key, payload, "sha256") + payload
+    """One authenticated frame carrying ``body`` (:meth:`Sealer.seal` under ``key``; a new Sealer per call:
+    for tools and tests, not for hot paths)."""
+    return Sealer(key).seal(magic, client_id, seq, ts, instance, body)
 
 
 def unseal(key: bytes, frame: bytes, magic: bytes, max_size: int) -> tuple[Header, Any]:
-    """Check and open a frame; BadFrame("auth"|"malformed"|"oversized") otherwise.
-
-    The MAC is checked (in constant time) before anything after it is parsed, so an unauthenticated
-    frame is never decoded, not even as msgpack.
-    """
-    if len(frame) > max_size:
-        raise BadFrame("oversized")
-    if len(frame) < MAC_SIZE + HEADER_SIZE:
-        raise BadFrame("malformed")
-    mac, payload = frame[:MAC_SIZE], frame[MAC_SIZE:]
-    if not hmac.compare_digest(mac, hmac.digest(key, payload, "sha256")):
-        raise BadFrame("auth")
-    got_magic, version, client_id, seq, ts, instance = _HEADER.unpack_from(payload)
-    if got_magic != magic or version != VERSION:
-        raise BadFrame("malformed")
-    msgpack = msgpack_module()
-    try:
-        # raw=False: str stays str; strict limits keep a hostile (but authenticated) peer from
-        # asking for huge containers.
-        body = msgpack.unpackb(payload[HEADER_SIZE:], raw=False, strict_map_key=True)
-    except Exception:  # msgpack raises several unrelated types for bad input
-        raise BadFrame("malformed") from None
-    if not isinstance(body, list) or not body or not isinstance(body[0], str):
-        raise BadFrame("malformed")
-    return Header(got_magic, client_id, seq, ts, instance), body
+    """Check and open a frame (:meth:`Sealer.open` under ``key``), its header as a :class:`Header`."""
+    client_id, seq, ts, instance, body = Sealer(key).open(frame, magic, max_size)
+    return Header(magic, client_id, seq, ts, instance), body
 
 
 # -- keys ------------------------------------------------------------------------------------
