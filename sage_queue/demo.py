@@ -12,20 +12,24 @@ Part 1, for every queue type this installation can provide (``QUEUE_STUB_MAPPING
    picks a descriptor, the code after it is the same whatever the type.
 3. **job pipeline** — the library's :class:`~sage_queue.job.JobManager` runs
    numbers -> square -> increment -> collect over three queues of the type, with the two
-   transforms in worker processes (threads for ``local``).
+   transforms in worker processes (Ray workers for the Ray types, threads for ``local``).
 
-Part 2, the main job: ``source -> parse -> enrich -> sink`` over three queues of three types
-(``sage``, ``rpc``, ``ray_actor``), run by the library's JobManager with real workers: source and
-parse are processes, enrich is a Ray worker (a process that joins the demo's Ray where the
-JobManager cannot start Ray workers), the sink is a thread of this process. Items carry their
-own timestamps (``time.monotonic()`` is one clock for every process of a Linux host): each stage
-stamps when it takes an item and when it hands it on, and the sink turns the stamps into items,
-throughput and p50/p99 latency per queue and end to end.
+Part 2, the main job: ``source -> [raw] -> parse -> [parsed] -> enrich -> [enriched] -> sink``, run by
+the library's JobManager with real workers: the source is a process on host "edge" (this machine,
+started through ``HostSpec()`` as a second host would be through ssh), parse a Ray worker, enrich
+a process, the sink a thread of this process. Every queue is ``"auto"``: the JobManager picks rpc
+(an end on another host; on a loopback server it starts), ray_actor (an end is a Ray worker) and
+sage (two processes of this host); without Ray or rpc the hop runs on shm/sage, the reason printed.
+Items carry their own timestamps (``time.monotonic()`` is one clock for every process of a Linux
+host): each stage stamps when it asks for an item, when it gets it and when it hands it on, and
+the sink turns the stamps into items, items/s, p50/p99 latency and transfer time per queue and end
+to end, with a progress display (a tqdm bar on a terminal, a plain line otherwise).
 
-Services: an rpc server on loopback (the rpc backend's ``local_service``) and a local Ray instance
-(when Ray is installed and not ``--no-ray``) live as long as the run. Every queue is destroyed,
-every child and worker stopped, the server stopped and Ray shut down before ``main`` returns,
-also on Ctrl-C (exit status 130) or SIGTERM; the exit status is 1 if anything failed.
+Services: a local Ray instance (when Ray is installed, needed and not ``--no-ray``) and, for part 1,
+an rpc server on loopback (the rpc backend's ``local_service``) live as long as the run. Every
+queue is destroyed, every child and worker stopped, the servers stopped and Ray shut down before
+``main`` returns, also on Ctrl-C (exit status 130) or SIGTERM; the exit status is 1 if anything
+failed, each failure listed with its cause.
 """
 
 from __future__ import annotations
