@@ -24,7 +24,7 @@ from _helpers import registered_queue_type
 
 from sage_queue import QUEUE_STUB_MAPPING, _segment
 from sage_queue.backends.local import LocalQueueStub, live_queue_ids
-from sage_queue.demo import QUICK_ITEMS, Hop, JobStats, _body, all_types, choose_descriptor
+from sage_queue.demo import QUICK_ITEMS, Hop, JobStats, Plan, _body, all_types, choose_descriptor, run_main_job
 from sage_queue.demo import main as demo_main
 from sage_queue.registry import unavailable_reason
 from sage_queue.tools import describe
@@ -382,3 +382,35 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO: the child closed its side
         return b""
+
+
+class _CorruptsEveryThirdBody(LocalQueueStub):
+    """A backend with a bug: every third item's payload arrives with its first byte changed."""
+
+    def __init__(self, descriptor: Any) -> None:
+        super().__init__(descriptor)
+        self._puts = 0
+
+    def _put(self, item: Any, timeout: Optional[float]) -> None:
+        self._puts += 1
+        if isinstance(item, dict) and "body" in item and self._puts % 3 == 0:
+            item = {**item, "body": bytes([item["body"][0] ^ 1]) + item["body"][1:]}
+        super()._put(item, timeout)
+
+
+@pytest.mark.timeout(60)
+def test_main_job_reports_a_corrupting_queue_with_its_cause() -> None:
+    import io
+
+    before = live_queue_ids()
+    with registered_queue_type("corrupt", _CorruptsEveryThirdBody) as corrupt:
+        # Every stage a thread of this process: a type registered here only is reachable by them.
+        plan = Plan(
+            where={"source": "thread", "parse": "thread", "enrich": "thread", "sink": "thread"},
+            queues={"raw": "local", "parsed": corrupt, "enriched": "local"},
+            notes={},
+        )
+        report = run_main_job(50, plan, io.StringIO())
+    assert report.error is not None and "altered on the way" in report.error, report.error
+    assert report.error.startswith("worker sink[0] raised ValueError"), report.error
+    assert live_queue_ids() == before, "the failed job's queues were not destroyed"
