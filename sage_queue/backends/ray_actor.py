@@ -397,11 +397,23 @@ class RayActorQueueStub(QueueStub):
 
     def _call(self, method: str, *args: Any) -> Any:
         """A call that does not wait inside the actor; its answer's payload."""
+        return self._result(self._answer(getattr(self._actor, method).remote(self._epoch, *args), method), None)
+
+    def _answer(self, ref: Any, method: str) -> Any:
+        """The answer of a call that does not wait inside the actor, taken within _GRACE_S (RAY13): a
+        stopped actor makes it QueueConnectionError (a task_done may or may not have counted), not a
+        hang; a close() of this handle meanwhile, QueueClosed."""
         try:
-            answer = ray.get(getattr(self._actor, method).remote(self._epoch, *args))
+            return _ray.wait_ref(ref, time.monotonic() + _GRACE_S, self._stop, _SLICE_S)
+        except GetTimeoutError:
+            if self._closed:
+                raise self._closed_error() from None
+            raise QueueConnectionError(
+                f"the Ray actor of ray_actor queue {self._md['actor_name']!r} did not answer a {method} within "
+                f"{_GRACE_S:.0f} s (stopped or overloaded)"
+            ) from None
         except RayActorError as exc:
             raise self._died(exc) from None
-        return self._result(answer, None)
 
     def _result(self, answer: Any, timed_out: Optional[type[Exception]]) -> Any:
         if type(answer) is not tuple:
@@ -557,7 +569,10 @@ class RayActorQueueStub(QueueStub):
                 # item raises exactly once and every good one is delivered (as SHM8).
                 rest = blobs[i + 1 :] if i == 0 else blobs[i:]
                 if rest:
-                    ray.get(self._actor.unget.remote(rest))
+                    try:
+                        self._answer(self._actor.unget.remote(rest), "unget")
+                    except (QueueConnectionError, QueueClosed):
+                        pass  # the call is sent: the actor puts them back when it runs it
                 if i == 0:
                     raise
                 return out
@@ -584,7 +599,11 @@ class RayActorQueueStub(QueueStub):
 
     def _destroy(self) -> None:
         try:
-            first = ray.get(self._actor.destroy.remote())
+            first = _ray.wait_ref(self._actor.destroy.remote(), time.monotonic() + _GRACE_S, lambda: False, _SLICE_S)
+        except GetTimeoutError:
+            # Stopped or starved (RAY13): killing it is what destroy() asks; waiters in other processes
+            # then fail on the dead actor and read the tombstone (QueueDestroyed), its items go with it.
+            first = True
         except RayActorError as exc:
             raise self._died(exc) from None
         if not first:

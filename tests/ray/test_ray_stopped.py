@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 import ray
 
-from sage_queue import QueueActorLost, QueueClosed, QueueConnectionError, QueueDescriptor, resolve_descriptor
+from sage_queue import (
+    QueueActorLost,
+    QueueClosed,
+    QueueConnectionError,
+    QueueDescriptor,
+    QueueDestroyed,
+    resolve_descriptor,
+)
 from sage_queue.backends import ray_actor as ray_actor_backend
 from sage_queue.backends._ray import full_name, namespace_of
 
@@ -88,7 +95,10 @@ def _stopped(pid: int) -> Iterator[None]:
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # killed meanwhile (destroy)
+            pass
 
 
 def _drain(q: Any) -> list[Any]:
@@ -371,6 +381,82 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     other.put("x")
     assert other.get(timeout=10) == "x", "the item went to the get abandoned by close()"
     assert other.qsize() == 0
+
+
+@pytest.mark.spec("RAY13", "E16")
+@pytest.mark.timeout(90)
+def test_calls_that_do_not_wait_on_a_stopped_actor(ray_address: str, made: list[Any]) -> None:
+    """qsize, stats, task_done hung (ray.get without a bound) on a stopped actor, and close() did not
+    wake them: now QueueConnectionError after the grace, QueueClosed on close; destroy() kills it."""
+    desc = _desc("ray_actor", ray_address)
+    q, other = _open(made, desc), _open(made, desc)
+    q.put("a")
+    parked: list[tuple[BaseException | None, float]] = []
+    waiter = threading.Thread(target=lambda: parked.append(_timed(lambda: other.put_many(["b"] * 3, timeout=None))))
+    pid = _actor_pid(q)
+    with _stopped(pid):
+        for name, call in (("qsize", q.qsize), ("stats", q.stats), ("task_done", q.task_done)):
+            exc, elapsed = _timed(call)
+            assert isinstance(exc, QueueConnectionError), f"{name}: {exc!r}"
+            assert elapsed < GRACE + SLACK, f"{name} took {elapsed:.2f} s"
+        closer = threading.Timer(0.3, q.close)
+        closer.start()
+        exc, elapsed = _timed(q.qsize)
+        closer.join()
+        assert type(exc) is QueueClosed and elapsed < 0.3 + 0.1 + SLACK, (exc, elapsed)
+    assert other.qsize() == 1 and other.stats().puts == 1  # the actor resumed, unharmed
+    q2 = _open(made, desc)
+    with _stopped(pid):
+        waiter.start()
+        time.sleep(0.5)
+        exc, elapsed = _timed(q2.destroy)  # its answer never comes: the actor is killed anyway
+        assert exc is None and elapsed < GRACE + SLACK + 5, (exc, elapsed)
+        waiter.join(30)
+    assert parked and isinstance(parked[0][0], QueueDestroyed), parked
+    with pytest.raises(QueueDestroyed):
+        other.qsize()
+
+
+_PARK_AND_REPORT = """
+import sys
+from sage_queue import resolve_descriptor
+q = resolve_descriptor(sys.argv[1])
+print("got", q.get(timeout=60), flush=True)
+"""
+
+
+@pytest.mark.spec("RAY5")
+@pytest.mark.timeout(120)
+def test_a_stopped_caller_parked_in_get_is_dropped_then_parks_again(ray_address: str, made: list[Any]) -> None:
+    """A process parked in get is SIGSTOPped for longer than _STALE_S: an item put meanwhile is not
+    handed to it (it might be dead) but stays in the queue; resumed, it parks again unseen by its
+    user and gets the next item."""
+    desc = _desc("ray_actor", ray_address)
+    q = _open(made, desc)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PARK_AND_REPORT, desc.to_json()],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_parked(q, 1)
+        with _stopped(child.pid):
+            time.sleep(ray_actor_backend._STALE_S + 1.0)
+            q.put("while stopped")
+            assert q.get(timeout=10) == "while stopped", "the item went to the stopped process's get"
+        end = time.monotonic() + 30
+        while _parked(q) < 1:  # the child's call came back "gone" and was made again
+            assert child.poll() is None and time.monotonic() < end, child.communicate(timeout=10)
+            time.sleep(0.05)
+        q.put("after")
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+        child.wait(30)
+    assert child.returncode == 0 and out.split() == ["got", "after"], (out, err[-2000:])
+    assert q.qsize() == 0
 
 
 _PARK_IN_CHILD = """
