@@ -10,7 +10,8 @@ from the generic ``QueueDescriptor.create``, so a third-party type needs no code
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Optional
 
 from sage_queue import QueueDescriptor
@@ -25,7 +26,11 @@ __all__ = [
     "descriptor_factory",
     "unavailable_reason",
     "backends_for",
+    "harness_service",
 ]
+
+RAY_TYPES = ("ray_actor", "ray_queue")
+"""Types whose queues live on a Ray cluster that the harness's workers must join (see :func:`harness_service`)."""
 
 
 def _in_process_only(queue_type: str) -> bool:
@@ -83,3 +88,30 @@ def unavailable_reason(backend: str) -> Optional[str]:
 def backends_for(choice: str) -> list[str]:
     """``all`` -> every harness backend, else ``[choice]``."""
     return list(harness_backends()) if choice == "all" else [choice]
+
+
+@contextmanager
+def _ray_cluster(queue_type: str) -> Iterator[dict[str, Any]]:
+    """The Ray cluster this process is connected to (connecting as RAY1 says when it is not yet): its address
+    goes into every descriptor of the run, so the harness's workers join it. Without it a worker resolves
+    through ``RAY_ADDRESS`` as its fork server saw it, which a fork server started before Ray (or a Ray
+    started by ``ray.init()`` without setting ``RAY_ADDRESS``) does not have: each worker would then start
+    a Ray of its own and reach a queue of its own. Nothing to stop: the cluster outlives the run."""
+    import ray
+
+    from sage_queue.backends import _ray
+
+    _ray.connect(queue_type, {"actor_name": "harness"})
+    yield {"address": str(ray.get_runtime_context().gcs_address)}
+
+
+def harness_service(backend: str) -> Optional[Callable[[], AbstractContextManager[Mapping[str, Any]]]]:
+    """What a run of ``backend`` must start (its class's ``local_service``: rpc's throw-away server) or join
+    (Ray's types: the cluster of this process), as a context manager yielding descriptor metadata; None for
+    a type that needs nothing (shm, sage)."""
+    service = getattr(backend_class(backend), "local_service", None)
+    if service is not None:
+        return service  # type: ignore[no-any-return]
+    if backend in RAY_TYPES:
+        return lambda: _ray_cluster(backend)
+    return None

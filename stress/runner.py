@@ -116,9 +116,9 @@ class Target:
     ``harness_processes = "multiprocessing"`` (the stdlib) when its queue relies on the stdlib's process
     machinery (``multiprocessing.Queue`` flushes its feeder thread at a stdlib process's exit only)."""
     service: Optional[Callable[[], AbstractContextManager[Mapping[str, Any]]]] = None
-    """The backend's ``local_service`` (sage_queue/stub.py) when its queues need a service (rpc: a
-    server): :func:`run` starts it for the run (unless the scenario brings its own) and stops it after
-    the queue is destroyed."""
+    """What the queues need (:func:`stress.backends.harness_service`): the backend's ``local_service``
+    (sage_queue/stub.py; rpc: a server), or the Ray cluster to join; :func:`run` enters it for the run
+    (unless the scenario brings its own) and leaves it after the queue is destroyed."""
 
     def open(self, metadata: Optional[Mapping[str, Any]] = None) -> tuple[Any, Any, Callable[[], None]]:
         """(what a worker gets, the parent's handle, teardown); ``metadata``: the run's service metadata."""
@@ -163,17 +163,21 @@ def target_for(
         )
     from sage_queue.registry import backend_class
 
-    from .backends import descriptor_factory
+    from .backends import descriptor_factory, harness_service
 
     cls = backend_class(spec)
     caps = getattr(cls, "capabilities", ())
-    service = getattr(cls, "local_service", None)
+    service = harness_service(spec)
     return Target(
         spec,
         "thread" if threads else "descriptor",
         promise_for(spec),
         make_descriptor=descriptor_factory(
-            spec, maxsize=maxsize, capacity_bytes=capacity_bytes, prefix=prefix, check=service is None
+            spec,
+            maxsize=maxsize,
+            capacity_bytes=capacity_bytes,
+            prefix=prefix,
+            check=getattr(cls, "local_service", None) is None,
         ),
         batch="batch" in caps,
         maxsize=maxsize,

@@ -52,8 +52,13 @@ class CutConnections(Scenario):
     """Range of a blackhole's length (an instance may narrow it: below 2 s, no timed call gives up)."""
 
     def applies_to(self, target: Target) -> bool:
-        # A network backend: its queues live on a service that a proxy can stand in front of (rpc).
-        return target.mode == "descriptor" and target.service is not None
+        # A network backend: its queues live on a server it can start (local_service: rpc), which a proxy
+        # can stand in front of.
+        from sage_queue.registry import QUEUE_STUB_MAPPING, backend_class
+
+        if target.mode != "descriptor" or target.service is None or target.name not in QUEUE_STUB_MAPPING:
+            return False
+        return getattr(backend_class(target.name), "local_service", None) is not None
 
     def setup(self, target: Target, stack: ExitStack) -> Optional[Service]:
         assert target.service is not None

@@ -50,14 +50,9 @@ class KillActor(Scenario):
         return target.mode == "descriptor" and target.name in ("ray_actor", "ray_queue")
 
     def setup(self, target: Target, stack: ExitStack) -> Optional[Service]:
-        import ray
-
-        from sage_queue.backends import _ray
-
-        # Connect now (RAY1) so that the descriptors can name this cluster: a fork server started
-        # before Ray was (an earlier run of this process) has no RAY_ADDRESS to pass on.
-        _ray.connect(target.name, {"actor_name": "kill-actor"})
-        metadata: dict[str, Any] = {"address": str(ray.get_runtime_context().gcs_address)}
+        # The cluster of this process (the harness's service for Ray's types: its address, so that the
+        # workers join it, RAY1), plus the restarts this scenario asks of ray_actor.
+        metadata: dict[str, Any] = dict(stack.enter_context(target.service())) if target.service else {}
         if target.name == "ray_actor":
             metadata["max_restarts"] = -1 if self.restarts else 0
         return Service(metadata)

@@ -72,3 +72,18 @@ def test_kill_actor_can_fail_a_kill_the_scenario_does_not_record_breaks_the_prom
     assert not result.ok
     assert result.report is not None and result.report.lost > 0, result.summary()
     assert any("acked items lost" in p for p in result.problems), result.problems
+
+
+@pytest.mark.spec("RAY14")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scenario", ["kill-any", "stop-resume"])
+@pytest.mark.parametrize("queue_type", ["ray_actor", "ray_queue"])
+def test_worker_scenarios_keep_rays_promise(ray_address: str, queue_type: str, scenario: str) -> None:
+    # The worker scenarios of tests/test_faults_harness.py, here because Ray runs here (short counts:
+    # a Ray call costs milliseconds on this machine). A worker killed inside get may lose its call's items.
+    result = run(target_for(queue_type, prefix="tworker"), scenario=get_scenario(scenario), faults=3, seed=9)
+    assert result.ok, result.summary()
+    report = result.report
+    assert report is not None and report.got > 0 and report.duplicated == report.out_of_order == 0
+    assert result.kills == 3 if scenario == "kill-any" else result.stops == 3
+    assert _no_actor_of("tworker")
