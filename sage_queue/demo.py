@@ -28,7 +28,7 @@ to end, with a progress display (a tqdm bar on a terminal, a plain line otherwis
 Services: a local Ray instance (when Ray is installed, needed and not ``--no-ray``) and, for part 1,
 an rpc server on loopback (the rpc backend's ``local_service``) live as long as the run. Every
 queue is destroyed, every child and worker stopped, the servers stopped and Ray shut down before
-``main`` returns, also on Ctrl-C (exit status 130) or SIGTERM; the exit status is 1 if anything
+``main`` returns, also on Ctrl-C (exit status 130) or SIGTERM (143); the exit status is 1 if anything
 failed, each failure listed with its cause.
 """
 
@@ -992,14 +992,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     with _Signals() as signals, _quiet_library_logs():
         try:
             return _main(args, items, out, started)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            # The signal: ours, or the JobManager's own SIGTERM handler's (KeyboardInterrupt("SIGTERM")).
+            name = signals.interrupted or (str(exc) if str(exc) in ("SIGINT", "SIGTERM") else "SIGINT")
             print(
-                f"\nsage-queue demo: interrupted ({signals.interrupted or 'KeyboardInterrupt'}); every queue it "
-                "created is destroyed, every worker and child stopped, its rpc servers and Ray shut down",
+                f"\nsage-queue demo: interrupted ({name}); every queue it created is destroyed, every worker and "
+                "child stopped, its rpc servers and Ray shut down",
                 file=sys.stderr,
                 flush=True,
             )
-            return 130
+            return 128 + signal.Signals[name].value  # as a shell reports death by that signal: 130, 143
 
 
 def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> int:

@@ -198,10 +198,11 @@ def test_items_option_sets_the_main_job_size() -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("target", ["pid", "group"])
+@pytest.mark.parametrize("target", ["pid", "group", "sigterm"])
 def test_sigint_mid_job_tears_everything_down(target: str) -> None:
     """SIGINT to the demo alone, or to its process group as a terminal's Ctrl-C does (its workers, its
-    rpc server and its host worker get it too): exit 130, and nothing is left running or mapped."""
+    rpc server and its host worker get it too), or SIGTERM to the demo: exit 128 + the signal's number,
+    and nothing is left running or mapped."""
     token = uuid.uuid4().hex
     proc = _start("--skip-scenarios", "--no-ray", "--items", "50000", token=token)
     assert proc.stdout is not None
@@ -213,17 +214,18 @@ def test_sigint_mid_job_tears_everything_down(target: str) -> None:
                 f"the demo ended before the job ran: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
             )
             seen += chunk
-        if target == "pid":
-            proc.send_signal(signal.SIGINT)
-        else:
+        if target == "group":
             os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM if target == "sigterm" else signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 130, (proc.returncode, seen + out, err)
-    assert "interrupted (SIGINT)" in err
+    sig = signal.SIGTERM if target == "sigterm" else signal.SIGINT
+    assert proc.returncode == 128 + sig, (proc.returncode, seen + out, err)
+    assert f"interrupted ({sig.name})" in err
     assert " 100%" not in seen + out
     assert_nothing_left(token, proc.pid)
 
