@@ -469,13 +469,14 @@ def _run(backend: str, scenario: str, body: Callable[[_Tracker, _Children], Outc
         with _resources() as (tracker, children):
             outcome = body(tracker, children)
     except BackendUnavailable as exc:  # the module imports but its dependency does not (e.g. an unbuilt C core)
-        return Row(backend, scenario, f"skipped: {exc.missing} ({exc.hint})"[:120])
+        return Row(backend, scenario, "skipped", detail=f"{exc.missing} ({exc.hint})"[:160])
     except Exception as exc:
         return Row(
             backend,
             scenario,
-            f"FAILED: {type(exc).__name__}: {_one_line(exc)}"[:160],
+            "FAILED",
             seconds=f"{time.perf_counter() - started:.2f}s",
+            detail=f"{type(exc).__name__}: {_one_line(exc)}"[:200],
             failed=True,
         )
     return Row(backend, scenario, "ok", str(outcome.items), f"{time.perf_counter() - started:.2f}s", outcome.detail)
@@ -489,13 +490,13 @@ def run_scenarios(types: list[str], services: ExitStack, ray_note: Optional[str]
         if reason is None and ray_note is not None and _is_ray_type(queue_type):
             reason = ray_note
         if reason is not None:
-            rows.append(Row(queue_type, "all", f"skipped: {reason}"[:120]))
+            rows.append(Row(queue_type, "all", "skipped", detail=reason[:160]))
             continue
         try:
             _start_service(services, queue_type)
         except Exception as exc:
-            message = f"FAILED: its service did not start: {type(exc).__name__}: {_one_line(exc)}"
-            rows.append(Row(queue_type, "all", message[:160], failed=True))
+            message = f"its service did not start: {type(exc).__name__}: {_one_line(exc)}"
+            rows.append(Row(queue_type, "all", "FAILED", detail=message[:200], failed=True))
             continue
         rows.append(_run(queue_type, "1 cross-process", partial(scenario_cross_process, queue_type)))
         rows.append(_run(queue_type, "2 adaptive", partial(scenario_adaptive, queue_type)))
@@ -1033,7 +1034,7 @@ def _main(args: argparse.Namespace, items: int, out: TextIO, started: float) -> 
             print(f"\nPart 1: the seed's three scenarios on {', '.join(types)}\n", file=out, flush=True)
             rows = run_scenarios(types, services, ray_note)
             print(format_table(rows), file=out)
-            failures += [f"{r.backend} / {r.scenario}: {r.result}" for r in rows if r.failed]
+            failures += [f"{r.backend} / {r.scenario}: FAILED: {r.detail}" for r in rows if r.failed]
             print(f"{sum(not r.failed for r in rows)} of {len(rows)} rows without failure", file=out)
 
         if run_job:

@@ -168,9 +168,9 @@ def test_demo_runs_every_backend_and_the_main_job_and_leaves_nothing() -> None:
                 assert result_cell == "ok", (queue_type, scenario, rows[(queue_type, scenario)])
                 assert int(items) > 0 and seconds.endswith("s")
         elif queue_type in available:
-            assert rows[(queue_type, "all")][0] == "skipped: Ray not started (--no-ray)"
+            assert rows[(queue_type, "all")] == ["skipped", "-", "-", "Ray not started (--no-ray)"]
         else:
-            assert rows[(queue_type, "all")][0].startswith("skipped: "), rows[(queue_type, "all")]
+            assert rows[(queue_type, "all")][0] == "skipped", rows[(queue_type, "all")]
     # local: the child holding the JSON must get QueueNotFound, and threads share the queue.
     assert "QueueNotFound" in " ".join(rows[("local", "1 cross-process")])
     assert "2 worker threads" in " ".join(rows[("local", "3 job pipeline")])
@@ -263,7 +263,8 @@ def test_demo_fails_loudly_on_a_broken_backend_and_still_cleans_up(
     rows = scenario_rows(out)
     assert [rows[("local", s)][0] for s in SCENARIOS] == ["ok"] * 3
     for scenario in SCENARIOS:
-        assert rows[(broken_type, scenario)][0].startswith("FAILED: "), rows[(broken_type, scenario)]
+        assert rows[(broken_type, scenario)][0] == "FAILED", rows[(broken_type, scenario)]
+        assert rows[(broken_type, scenario)][-1], "a failed row names its cause"
     assert "1 FAILED" not in out and "3 FAILED" in out  # the summary counts and lists every failure
     assert out.rstrip().splitlines()[-1].startswith(f"  {broken_type} / 3 job pipeline: FAILED")
     assert live_queue_ids() == before, "queues of the failed scenarios were not destroyed"
@@ -273,7 +274,7 @@ def test_demo_fails_loudly_on_a_broken_backend_and_still_cleans_up(
 def test_demo_skips_what_is_not_registered(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo_main(["--backends", "no_such_type", "--no-ray", "--skip-job"]) == 0
     rows = scenario_rows(capsys.readouterr().out)
-    assert rows[("no_such_type", "all")][0] == "skipped: not registered"
+    assert rows[("no_such_type", "all")] == ["skipped", "-", "-", "not registered"]
 
 
 def test_bad_item_count_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
