@@ -459,6 +459,41 @@ def test_a_stopped_caller_parked_in_get_is_dropped_then_parks_again(ray_address:
     assert q.qsize() == 0
 
 
+@pytest.mark.spec("RAY7", "RAY13")
+@pytest.mark.timeout(90)
+def test_close_with_64_threads_parked_on_a_stopped_actor(ray_address: str, made: list[Any]) -> None:
+    """64 threads of one handle parked in get (no timeout), the actor stopped, the handle closed from
+    another thread: every thread raises QueueClosed within the grace; after the actor resumes, items
+    put by another handle are all there (none handed to the abandoned gets, or they were given back)."""
+    desc = _desc("ray_actor", ray_address)
+    q, other = _open(made, desc), _open(made, desc)
+    outcomes: list[tuple[BaseException | None, float]] = []
+    lock = threading.Lock()
+
+    def park() -> None:
+        result = _timed(q.get)
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=park) for _ in range(64)]
+    for t in threads:
+        t.start()
+    _wait_parked(other, 64)
+    with _stopped(_actor_pid(q)):
+        closed_at = time.monotonic()
+        q.close()
+        for t in threads:
+            t.join(max(0.1, closed_at + 0.1 + GRACE + SLACK + 10 - time.monotonic()))
+        ended = time.monotonic()
+    assert not any(t.is_alive() for t in threads), "threads stuck after close() on a stopped actor"
+    assert len(outcomes) == 64 and all(type(exc) is QueueClosed for exc, _ in outcomes), outcomes[:3]
+    assert ended - closed_at < 0.1 + GRACE + SLACK, f"the last thread took {ended - closed_at:.2f} s"
+    other.put_many(list(range(64)))
+    time.sleep(1.0)
+    assert sorted(_drain(other)) == list(range(64)), "items went to gets abandoned by close()"
+    assert _parked(other) == 0
+
+
 _PARK_IN_CHILD = """
 import sys
 from sage_queue import resolve_descriptor
