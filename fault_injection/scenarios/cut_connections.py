@@ -9,7 +9,7 @@ for a drawn time, then back to ``pass`` for a while:
 * ``blackhole``: nothing moves, sometimes for longer than a timed call's grace (its timeout + 2 s,
   RPC9), so some calls give up with QueueConnectionError (the worker logs them failed and goes on);
   what was sent meanwhile arrives late when the blackhole ends, unless the next fault resets it;
-* ``delay``: 50-400 ms of latency each way;
+* ``delay``: 50-400 ms of latency each way (from about 200 ms, calls give up: see DELAY_SECONDS);
 * ``slow``: 2-64 KB/s per direction.
 
 The promise judged (rpc, stress/checker.py): nothing acked lost, nothing delivered twice, per-producer
@@ -30,6 +30,8 @@ from . import scenario
 BLACKHOLE_SECONDS = (0.2, 3.5)
 """A blackhole's length: up to past a timed call's grace (0.5 s timeout + 2 s), so that some calls give up."""
 DELAY_SECONDS = (0.05, 0.4)
+"""One-way latency of ``delay`` mode. From about 0.2 s (a round trip near the client's 0.5 s resend), rpc
+calls reconnect again and again and give up (a finding: tests/rpc/test_rpc_faults.py)."""
 SLOW_RATE = (2_000, 64_000)
 """Bytes per second per direction in ``slow`` mode."""
 FAULT_SECONDS = (0.3, 1.5)
@@ -50,6 +52,8 @@ class CutConnections(Scenario):
     modes = ("descriptor",)
     blackhole_seconds = BLACKHOLE_SECONDS
     """Range of a blackhole's length (an instance may narrow it: below 2 s, no timed call gives up)."""
+    delay_seconds = DELAY_SECONDS
+    """Range of the one-way latency of ``delay`` mode (an instance may narrow it: see DELAY_SECONDS)."""
 
     def applies_to(self, target: Target) -> bool:
         # A network backend: its queues live on a server it can start (local_service: rpc), which a proxy
@@ -84,7 +88,7 @@ class CutConnections(Scenario):
                     what = f"blackhole {seconds:.1f} s"
                 elif mode == "delay":
                     seconds = ctx.rng.uniform(*FAULT_SECONDS)
-                    delay = ctx.rng.uniform(*DELAY_SECONDS)
+                    delay = ctx.rng.uniform(*self.delay_seconds)
                     proxy.set_mode("delay", delay=delay)
                     what = f"delay {delay * 1e3:.0f} ms for {seconds:.1f} s"
                 elif mode == "slow":

@@ -61,20 +61,50 @@ def test_a_get_that_gives_up_in_a_blackhole_takes_nothing(rpc_server: ServerProc
             direct.destroy()
 
 
-def _cut(blackhole: tuple[float, float]) -> CutConnections:
+@pytest.mark.spec("RPC9", "RPC17")
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding (H1): with 300 ms of one-way latency every call fails with QueueConnectionError: the client "
+    "drops its socket and reconnects whenever the server is silent for 0.5 s (RESEND_S), less than a round trip "
+    "plus the new connection's ZMTP handshake, so no connection ever lives long enough to get an answer",
+)
+def test_calls_get_through_a_slow_link(rpc_server: ServerProcess, rpc_key_file: str) -> None:
+    with Proxy(rpc_server.address) as proxy:
+        q = resolve_descriptor(
+            QueueDescriptor.create(
+                "rpc",
+                f"lat_{time.monotonic_ns()}",
+                host=proxy.address[0],
+                port=proxy.address[1],
+                key_file=rpc_key_file,
+                retry_timeout=10.0,
+            )
+        )
+        try:
+            proxy.set_mode("delay", delay=0.3)  # a 0.6 s round trip: a satellite link
+            q.put("far", timeout=5)
+            assert q.get(timeout=5) == "far"
+        finally:
+            proxy.set_mode("pass")
+            q.destroy()
+
+
+def _cut(blackhole: tuple[float, float], delay: tuple[float, float]) -> CutConnections:
     scenario = CutConnections()
-    scenario.blackhole_seconds = blackhole
+    scenario.blackhole_seconds, scenario.delay_seconds = blackhole, delay
     return scenario
 
 
 @pytest.mark.spec("RPC17", "RPC10")
 @pytest.mark.timeout(120)
 def test_cut_connections_lose_and_duplicate_nothing_through_the_harness() -> None:
-    # Blackholes shorter than a timed call's grace (0.5 s + 2 s): every call gets its answer, through
-    # resets, partitions, latency and throttling; exactly once, in order, within timeout + 2 s.
+    # Blackholes shorter than a timed call's grace (0.5 s + 2 s) and latencies under the client's resend
+    # interval (see the latency finding below): every call gets its answer, through resets, partitions,
+    # latency and throttling; exactly once, in order, within timeout + 2 s.
     target = target_for("rpc", prefix="tcut")
     assert target.promise is PROMISES["rpc"]
-    result = run(target, scenario=_cut((0.2, 1.5)), faults=6, seed=20261130, drain_timeout=60)
+    result = run(target, scenario=_cut((0.2, 1.2), (0.02, 0.1)), faults=6, seed=20261130, drain_timeout=60)
     assert result.ok, result.summary()
     report = result.report
     assert report is not None and result.faults == 6 and report.got > 100
