@@ -190,8 +190,6 @@ class _QueueActor:
 
     async def hello(self) -> tuple[int, int, float, str]:
         """Incarnation, maxsize, this actor's clock and node (the client's clock-offset estimate)."""
-        import ray
-
         return self.epoch, self.maxsize, time.time(), ray.get_runtime_context().get_node_id()
 
     def _refused(self, status: str) -> Any:
