@@ -35,9 +35,18 @@ SOAK = os.environ.get("SAGE_SOAK") == "1"
 SCENARIOS = ["kill-producers", "kill-consumers", "kill-any", "stop-resume", "kill-all-restart"]
 
 
+SERVICE_SCENARIOS = {"cut-connections": "rpc", "kill-server": "rpc", "kill-actor": "ray_actor"}
+"""Scenarios that fault a service, with a type they apply to: run in tests/rpc/test_rpc_faults.py and
+tests/ray/test_ray_faults.py (where their services run)."""
+
+
 def test_the_registry_lists_at_least_the_required_scenarios() -> None:
     known = all_scenarios()
-    assert set(SCENARIOS) <= set(known)
+    assert set(SCENARIOS) | set(SERVICE_SCENARIOS) <= set(known)
+    for name, queue_type in SERVICE_SCENARIOS.items():  # they apply where they should, and not to shm
+        if unavailable_reason(queue_type) is None:
+            assert known[name].applies_to(target_for(queue_type)), name
+        assert not known[name].applies_to(target_for("shm")), name
     assert all(s.description and s.faults > 0 for s in known.values())
 
 
