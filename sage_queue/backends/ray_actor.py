@@ -119,6 +119,7 @@ class _QueueActor:
         self.waiting: dict[tuple[int, int], bool] = {}  # key -> cancelled?
         # handle id -> [loop time it was last heard from, calls of it waiting]; only handles with waiters.
         self.seen: dict[int, list[Any]] = {}
+        self.dropped = 0  # waiters dropped as silent (GONE): not in stats(), for whoever inspects the actor
         self._changed: Any = None
 
     # -- waiting ----------------------------------------------------------------------
@@ -166,6 +167,7 @@ class _QueueActor:
                 if time.time() > expire:  # e.g. this process was stopped while the call waited
                     return _EXPIRED
                 if loop.time() - seen[0] > _STALE_S:  # its caller is dead, or stopped: take nothing
+                    self.dropped += 1
                     return _GONE
                 if ready():
                     return _OK

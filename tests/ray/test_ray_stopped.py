@@ -82,6 +82,12 @@ def _parked(h: Any) -> int:
     return n
 
 
+def _dropped(h: Any) -> int:
+    """How many waiters the ray_actor actor dropped as silent (their handle sent no heartbeat)."""
+    n: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: self.dropped), timeout=30)
+    return n
+
+
 def _wait_parked(h: Any, n: int) -> None:
     end = time.monotonic() + 30
     while _parked(h) < n:
@@ -417,6 +423,34 @@ def test_calls_that_do_not_wait_on_a_stopped_actor(ray_address: str, made: list[
         other.qsize()
 
 
+@pytest.mark.spec("RAY5")
+@pytest.mark.timeout(90)
+def test_live_callers_parked_long_are_not_dropped(ray_address: str, made: list[Any]) -> None:
+    """64 threads of one live handle parked in get (no timeout) for twice the stale time: the handle's
+    heartbeats keep them parked (the actor counts one wait each, no re-park), and each gets an item."""
+    desc = _desc("ray_actor", ray_address)
+    q, other = _open(made, desc), _open(made, desc)
+    got: list[Any] = []
+    lock = threading.Lock()
+
+    def park() -> None:
+        item = q.get(timeout=60)
+        with lock:
+            got.append(item)
+
+    threads = [threading.Thread(target=park) for _ in range(64)]
+    for t in threads:
+        t.start()
+    _wait_parked(other, 64)
+    time.sleep(2 * ray_actor_backend._STALE_S)
+    other.put_many(list(range(64)))
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got) == list(range(64))
+    assert _dropped(other) == 0, "live waiters were dropped as silent"
+
+
 _PARK_AND_REPORT = """
 import sys
 from sage_queue import resolve_descriptor
@@ -530,6 +564,7 @@ def test_a_killed_process_parked_in_get_takes_no_later_item(timeout: str, ray_ad
     q.put("x")
     assert q.get(timeout=10) == "x", "the item went to the get of a killed process"
     assert _parked(q) == 0, "the dead process's waiter is still parked"
+    assert _dropped(q) == 1
 
 
 @pytest.mark.spec("E16")
