@@ -7,6 +7,7 @@ fails the session otherwise). Waits are bounded by timeouts; no test depends on 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -476,3 +477,39 @@ def test_timeout_and_queue_full(ray_address: str, made: list[Any]) -> None:
         q.put_many([1, 2, 3])
     assert q.get_many(5) == [1, 2]
     assert q.stats().waits == 1
+
+
+@pytest.mark.spec("RAY6", "Q36", "Q37")
+@pytest.mark.timeout(90)
+def test_ray_queue_stats_count_what_this_handle_did(ray_address: str, made: list[Any]) -> None:
+    """ray_queue's stats() are per handle (scope "handle"): items and pickled bytes it put and got,
+    its calls that had to wait, the items it could not pickle or unpickle; depth is the actor's."""
+    desc = _desc("ray_queue", ray_address, maxsize=2)
+    a, b = _open(made, desc), _open(made, desc)
+    a.put("x")
+    a.put(b"yy")
+    s = a.stats()
+    assert s.scope == "handle"
+    assert (s.puts, s.gets, s.depth, s.waits, s.errors) == (2, 0, 2, 0, 0)
+    assert s.bytes_in == len(pickle.dumps("x", protocol=pickle.HIGHEST_PROTOCOL)) + len(
+        pickle.dumps(b"yy", protocol=pickle.HIGHEST_PROTOCOL)
+    )
+    assert s.bytes_out == 0
+    with pytest.raises(queue.Full):  # the queue is full: this put had to wait, and put nothing
+        b.put("z", timeout=0.2)
+    assert b.get(timeout=10) == "x"  # an item was there: no wait
+    sb = b.stats()
+    assert (sb.puts, sb.gets, sb.depth, sb.waits, sb.errors) == (0, 1, 1, 1, 0)
+    assert sb.bytes_in == 0 and sb.bytes_out == len(pickle.dumps("x", protocol=pickle.HIGHEST_PROTOCOL))
+    with pytest.raises(TypeError):  # an unpicklable item: pickle's own error, counted, nothing put
+        a.put(threading.Lock())
+    ray.get(_actor_of(a).put_nowait.remote(b"not a pickle"))  # an undecodable item, behind b"yy"
+    assert b.get(timeout=10) == b"yy"
+    with pytest.raises(pickle.UnpicklingError):
+        b.get(timeout=10)
+    sa, sb = a.stats(), b.stats()
+    assert (sa.puts, sa.errors, sa.depth) == (2, 1, 0)
+    assert (sb.gets, sb.errors, sb.waits, sb.depth) == (3, 1, 1, 0)  # the undecodable item left the queue
+    with pytest.raises(queue.Empty):  # empty: a wait, no get
+        b.get(timeout=0.2)
+    assert (b.stats().gets, b.stats().waits) == (3, 2)
