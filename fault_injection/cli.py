@@ -39,6 +39,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list:
         for name, s in known.items():
             modes = "registered types, MODULE:ATTR factories" if "object" in s.modes else ", ".join(s.modes)
+            if s.types:
+                modes = ", ".join(s.types)
             print(f"{name:18} {s.description}\n{'':18} applies to: {modes}; {s.faults} faults ({s.soak_faults} soak)")
         return 0
     names = list(known) if args.scenario == "all" else [args.scenario]

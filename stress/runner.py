@@ -422,6 +422,8 @@ class Scenario:
     description = ""
     modes: tuple[str, ...] = ("descriptor", "object")
     """Target modes it applies to (no signal reaches a thread worker)."""
+    types: tuple[str, ...] = ()
+    """The queue types it is meant for, as ``--list`` shows them (empty: any; :meth:`applies_to` decides)."""
     faults = 20
     """Default number of faults of a short run (``--faults``)."""
     soak_faults = 2000

@@ -50,6 +50,7 @@ class CutConnections(Scenario):
     faults = 6
     soak_faults = 400
     modes = ("descriptor",)
+    types = ("rpc",)
     blackhole_seconds = BLACKHOLE_SECONDS
     """Range of a blackhole's length (an instance may narrow it: below 2 s, no timed call gives up)."""
     delay_seconds = DELAY_SECONDS

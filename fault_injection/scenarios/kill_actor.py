@@ -43,6 +43,7 @@ class KillActor(Scenario):
     faults = 3
     soak_faults = 100
     modes = ("descriptor",)
+    types = ("ray_actor", "ray_queue")
     restarts = True
     """ray_actor: ``max_restarts=-1`` (False: 0, the queue ends at the first kill as ray_queue's does)."""
 

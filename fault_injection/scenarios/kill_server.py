@@ -68,6 +68,7 @@ class KillServer(Scenario):
     faults = 3
     soak_faults = 200
     modes = ("descriptor",)
+    types = ("rpc",)
     durable = True
     """False: a server without ``--data-dir`` (RPC11: a restart is a new, empty instance), which must lose
     items: how the tests show that this scenario's verdict can fail."""
