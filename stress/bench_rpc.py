@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(o / r for o, r in zip(ones, raws, strict=True))
             print(f"raw pyzmq REQ/REP      {raw:12,.0f} round trips/s ({args.payload} B, median of {args.rounds})")
             print(f"rpc put/get            {one:12,.0f} round trips/s   ratio {ratio:.2f} (floor 0.80)")
+            print("  per-round ratios       " + " ".join(f"{o / r:.2f}" for o, r in zip(ones, raws, strict=True)))
             items = batch_items(desc("batch"), args.seconds)
             print(f"rpc put_many/get_many  {items:12,.0f} items/s        (floor 200,000)")
             out, go = ctx.Queue(), ctx.Event()

@@ -372,7 +372,9 @@ class RPCQueueStub(QueueStub):
         return out
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
-        self._put_many([item], timeout)
+        reply = self._request(["put", self._encode([item]), timeout], timeout)
+        if reply[0] == "full":
+            raise queue.Full
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
         reply = self._request(["put", self._encode(items), timeout], timeout)
