@@ -339,11 +339,11 @@ def _judge(report: CheckReport, promise: Promise) -> None:
     if report.deadlock:
         broken.append("the run did not finish (deadlock or stall)")
     if report.lost > report.lost_bound:
-        broken.append(
-            f"{report.lost} acked items lost, more than the {report.lost_bound} allowed "
-            f"(items taken by calls in flight in killed workers"
-            f"{', or in the queue when its holder was killed' if promise.loss_at_queue_kill else ''})"
-        )
+        allowed = ["items taken by calls in flight in killed workers"] if promise.loss_per_killed_get else []
+        if promise.loss_at_queue_kill:
+            allowed.append("items in the queue when its holder was killed")
+        why = f" ({', or '.join(allowed)})" if allowed and report.lost_bound else ""
+        broken.append(f"{report.lost} acked items lost, more than the {report.lost_bound} allowed{why}")
     if report.duplicated and not promise.duplicates:
         broken.append(f"{report.duplicated} items delivered more than once")
     if report.unexpected:

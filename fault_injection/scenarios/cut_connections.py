@@ -53,6 +53,8 @@ class CutConnections(Scenario):
     types = ("rpc",)
     blackhole_seconds = BLACKHOLE_SECONDS
     """Range of a blackhole's length (an instance may narrow it: below 2 s, no timed call gives up)."""
+    fault_modes = MODES
+    """The proxy modes drawn from (an instance may narrow them)."""
     delay_seconds = DELAY_SECONDS
     """Range of the one-way latency of ``delay`` mode (an instance may narrow it: see DELAY_SECONDS)."""
 
@@ -82,7 +84,7 @@ class CutConnections(Scenario):
         try:
             while ctx.faults_done < ctx.faults:
                 ctx.sleep(ctx.rng.uniform(*PASS_SECONDS))
-                mode = ctx.rng.choice(MODES)
+                mode = ctx.rng.choice(self.fault_modes)
                 if mode == "blackhole":
                     seconds = ctx.rng.uniform(*self.blackhole_seconds)
                     proxy.set_mode("blackhole")
