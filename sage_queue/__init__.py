@@ -11,6 +11,7 @@ import them only when a queue of their type is resolved.
 
 from __future__ import annotations
 
+import logging as _logging
 from typing import Any
 
 from .descriptor import DESCRIPTOR_VERSION, QueueDescriptor
@@ -37,6 +38,10 @@ from .protocol import KNOWN_CAPABILITIES, QueueLike, QueueStats
 from .registry import QUEUE_STUB_MAPPING, register_queue_implementation, unregister_queue_implementation
 from .resolve import create_descriptor_from_existing_queue, get_local_queue, resolve_descriptor
 from .stub import QueueStub
+
+# A library stays quiet unless the application configures logging (the logging HOWTO): without a
+# handler on our logger, a warning would reach stderr through logging's "last resort" handler.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -160,3 +160,12 @@ def test_cli_log_json_in_a_subprocess(tmp_path: Path) -> None:
     records = [json.loads(line) for line in out.stderr.splitlines()]
     assert [r["job"] for r in records if "stale entry" in r["msg"]] == ["gone"]
     assert "no running sage-queue job" in out.stdout
+
+
+def test_import_sage_queue_alone_makes_a_library_warning_silent() -> None:
+    # A warning from any sage_queue logger before anything else ran (no JobManager started, no
+    # sage_queue.log imported) must not reach stderr through logging's last-resort handler.
+    code = "import logging, sage_queue; logging.getLogger('sage_queue.job').warning('should not be seen')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "should not be seen" not in done.stderr
