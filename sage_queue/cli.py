@@ -19,7 +19,7 @@ from .log import configure_logging
 
 # subcommand -> ("module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("sage_queue.demo:main", "run the seed's scenarios with real processes on every available backend"),
+    "demo": ("sage_queue.demo:main", "the seed's scenarios on every backend, then one job over rpc, ray_actor, sage"),
     "conformance": ("conformance.cli:main", "run the conformance kit against a backend (see --help)"),
     "bench": ("stress.bench:main", "benchmark a backend against multiprocessing.Queue and faster-fifo"),
     "stress": ("stress.cli:main", "many producers x consumers; check nothing lost, duplicated or reordered"),
