@@ -109,9 +109,10 @@ class QueueConnectionError(SageQueueError, ConnectionError):
     """A network backend's server (or a Ray queue's live actor) stopped answering within the deadline.
 
     The outcome of the call that raises it is unknown, but it executed at most once: a put
-    may or may not have been enqueued (so it is never reported as ``queue.Full``); a get
-    that the server executed keeps its item for this handle's channel and puts it back at
-    the head of the queue when the handle is closed (rpc: spec RPC9, RPC13; Ray: RAY7).
+    may or may not have been enqueued (so it is never reported as ``queue.Full``); a get's
+    item is not lost: rpc keeps it for this handle's channel and puts it back at the head of
+    the queue when the handle is closed (RPC9, RPC13); ray_actor puts a late answer's items
+    back at the head when it arrives (RAY13).
     At resolve time an unreachable server is QueueNotFound.
     """
 
