@@ -41,9 +41,9 @@ enum { FMT_PICKLE = 0, FMT_BYTES = 1, FMT_PARTS = 2, FMT_RAW = 3 };
 #define PARTS_TABLE_OFFSET SR_PARTS_TABLE_OFFSET
 #define parts_data_offset sr_parts_data_offset
 
-/* Fields of the 8-tuple Ring.stats() returns, in order. */
+/* Fields of the 9-tuple Ring.stats() returns, in order. */
 enum { STAT_PUTS, STAT_GETS, STAT_BYTES_IN, STAT_BYTES_OUT, STAT_WAITS, STAT_ABANDONED, STAT_DEPTH,
-       STAT_CAPACITY, STAT_COUNT };
+       STAT_CAPACITY, STAT_ERRORS, STAT_COUNT };
 
 /*
  * Lifecycle.  Every method runs with the GIL held except where it releases it to wait or
@@ -692,15 +692,26 @@ static PyObject *loads_in_place(const sr_claim *c) {
     return out;
 }
 
+/* After an unpickling call of take_item returned NULL (the claim is ended: the item has
+ * left the queue): count the item in stats `errors` if it raised an Exception, the item's
+ * own fault (an error of its pickle, SAGE7).  A KeyboardInterrupt (or another
+ * BaseException) is not counted, as in shm.  Returns NULL for the caller to return. */
+static PyObject *undecodable(RingObject *self) {
+    if (PyErr_ExceptionMatches(PyExc_Exception)) sr_note_error(&self->h);
+    return NULL;
+}
+
 /* Decode a claimed record into the item itself, then end the claim.  `parts_flag` is
  * unused (items always mark multi-part records FMT_PARTS): it gives take_item the
- * signature of take_record so that both serve get_one/get_batch. */
+ * signature of take_record so that both serve get_one/get_batch.  An item that fails to
+ * decode is counted once (undecodable), here, whether get or get_many met it: the
+ * error get_batch keeps for the next call (raise_pending) is not counted again. */
 static PyObject *take_item(RingObject *self, sr_claim *c, int parts_flag) {
     (void)parts_flag;
     if (c->flags == FMT_PICKLE) {
         PyObject *out = loads_in_place(c);
         sr_get_end(&self->h, c);
-        return out;
+        return out ? out : undecodable(self);
     }
     PyObject *rec = take_record(self, c, FMT_PARTS);
     if (!rec) return NULL;
@@ -710,6 +721,7 @@ static PyObject *take_item(RingObject *self, sr_claim *c, int parts_flag) {
         PyObject *kwnames = PyTuple_Pack(1, str_buffers);
         out = kwnames ? PyObject_Vectorcall(pickle_loads, args, 1, kwnames) : NULL;
         Py_XDECREF(kwnames);
+        if (!out) undecodable(self);
     } else {
         out = PyTuple_GET_ITEM(rec, 1);
         Py_INCREF(out);
@@ -840,6 +852,7 @@ static PyObject *Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored)) {
     v[STAT_ABANDONED] = s.abandoned;
     v[STAT_DEPTH] = depth;
     v[STAT_CAPACITY] = self->h.capacity;
+    v[STAT_ERRORS] = s.errors;
     PyObject *out = PyTuple_New(STAT_COUNT);
     for (int i = 0; out && i < STAT_COUNT; i++) {
         PyObject *x = PyLong_FromUnsignedLongLong(v[i]);
@@ -870,7 +883,7 @@ static PyMethodDef Ring_methods[] = {
      "get_items(max_items, timeout) -> [items]"},
     {"depth", (PyCFunction)Ring_depth, METH_NOARGS, "items in the queue"},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS,
-     "(puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity)"},
+     "(puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity, errors)"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "close this handle (idempotent)"},
     {"abandon", (PyCFunction)Ring_abandon, METH_NOARGS, "drop a forked copy without touching shared state"},
     {"destroy", (PyCFunction)Ring_destroy, METH_NOARGS, "mark the queue destroyed for every handle"},

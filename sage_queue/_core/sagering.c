@@ -1246,7 +1246,13 @@ void sr_read_stats(const sr_handle *h, sr_stats *out) {
     out->bytes_in = v[SR_STAT_BYTES_IN];
     out->bytes_out = v[SR_STAT_BYTES_OUT];
     out->waits = v[SR_STAT_WAITS];
+    out->errors = v[SR_STAT_ERRORS];
     out->abandoned = atomic_load_explicit(&hdr->shared.abandoned, memory_order_relaxed);
+}
+
+void sr_note_error(sr_handle *h) {
+    /* relaxed: a statistic; retire_block_stats moves it with the others on detach/reclaim */
+    atomic_fetch_add_explicit(&h->block->stats[SR_STAT_ERRORS], 1, memory_order_relaxed);
 }
 
 uint32_t sr_attached_pids(const void *base, uint32_t *pids, uint32_t max) {

@@ -174,11 +174,24 @@ typedef struct sr_waitword {
     uint8_t pad_[SR_LINE - 8];
 } sr_waitword;
 
-/* Indexes of a block's (and the retired) counters. */
-enum sr_stat_index { SR_STAT_PUTS, SR_STAT_GETS, SR_STAT_BYTES_IN, SR_STAT_BYTES_OUT, SR_STAT_WAITS, SR_STAT_COUNT };
+/* Indexes of a block's (and the retired) counters.  SR_STAT_ERRORS (items got that the
+ * binding could not decode, see sr_note_error) took the last zero padding word of the
+ * block's line 0 and of the shared line without a version change: a ring made by an older
+ * release has zeros there, and an older release's handle neither writes nor reads it (nor
+ * retires it when it reclaims a dead block: the count then stays in that block, counted
+ * once by newer readers). */
+enum sr_stat_index {
+    SR_STAT_PUTS,
+    SR_STAT_GETS,
+    SR_STAT_BYTES_IN,
+    SR_STAT_BYTES_OUT,
+    SR_STAT_WAITS,
+    SR_STAT_ERRORS,
+    SR_STAT_COUNT
+};
 
 typedef struct sr_stats {
-    uint64_t puts, gets, bytes_in, bytes_out, waits, abandoned;
+    uint64_t puts, gets, bytes_in, bytes_out, waits, abandoned, errors;
 } sr_stats;
 
 typedef struct sr_shared {
@@ -214,9 +227,8 @@ typedef struct sr_block {
     _Atomic uint32_t pid;       /* owner process, 0 = free */
     uint32_t pad0_;
     _Atomic uint64_t start_time; /* owner's start time (clock ticks since boot): pid reuse guard */
-    _Atomic uint64_t stats[SR_STAT_COUNT]; /* sr_stat_index counters; the owner writes */
-    uint8_t pad_[SR_LINE - 16 - 8 * SR_STAT_COUNT];
-    sr_entry entries[SR_BLOCK_ENTRIES];
+    _Atomic uint64_t stats[SR_STAT_COUNT]; /* sr_stat_index counters; the owner writes (relaxed adds) */
+    sr_entry entries[SR_BLOCK_ENTRIES];     /* line 0 above is exactly full: no padding */
 } sr_block;
 
 _Static_assert(sizeof(sr_config) == SR_LINE, "config is one line");
@@ -230,6 +242,8 @@ _Static_assert(offsetof(sr_header, shared) == SR_SHARED_OFFSET, "shared line");
 _Static_assert(sizeof(sr_header) <= SR_BLOCKS_OFFSET, "header fits before the blocks");
 _Static_assert(sizeof(sr_entry) == SR_LINE, "one claim entry per line");
 _Static_assert(sizeof(sr_block) == SR_BLOCK_SIZE, "block size");
+_Static_assert(offsetof(sr_block, entries) == SR_LINE, "a block's owner line is one line");
+_Static_assert(sizeof(sr_shared) == SR_LINE, "the shared counters are one line");
 _Static_assert(SR_DATA_OFFSET % 4096u == 0, "ring starts on a page");
 _Static_assert(SR_MAX_BLOCKS * SR_BLOCK_ENTRIES < 65535u, "claim idx fits 16 bits");
 
@@ -365,6 +379,11 @@ sr_status sr_depth(const sr_handle *h, uint64_t *depth);
 
 /* Queue-wide counters: retired blocks plus every attached block. */
 void sr_read_stats(const sr_handle *h, sr_stats *out);
+
+/* Count one item this handle took (its claim ended: the item left the queue) that the
+ * caller could not decode, e.g. an unpickling error (stats `errors`, spec SAGE7).  A relaxed
+ * add to this handle's block, like the other per-block counters; never fails. */
+void sr_note_error(sr_handle *h);
 
 /* Block/liveness helpers exposed for `sage-queue ls`/tests. */
 uint32_t sr_attached_pids(const void *base, uint32_t *pids, uint32_t max);

@@ -238,7 +238,7 @@ class SAGEQueueStub(QueueStub):
         return int(self._ring.depth())
 
     def _stats(self) -> QueueStats:
-        puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity = self._ring.stats()
+        puts, gets, bytes_in, bytes_out, waits, abandoned, depth, capacity, errors = self._ring.stats()
         return QueueStats(
             scope="queue",
             puts=puts,
@@ -249,6 +249,7 @@ class SAGEQueueStub(QueueStub):
             waits=waits,
             abandoned=abandoned,
             capacity_bytes=capacity,
+            errors=errors,
         )
 
     def _close(self) -> None:

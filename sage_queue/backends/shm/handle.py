@@ -81,6 +81,7 @@ from .layout import (
     DATA_OFFSET,
     DESTROYED,
     FIXED,
+    GET_ERRORS_OFFSET,
     GET_SEQ_OFFSET,
     GET_SLEEP_EPOCH_OFFSET,
     GET_STATS_OFFSET,
@@ -692,8 +693,29 @@ class SharedMemoryQueueStub(QueueStub):
         finally:
             thread_lock.release()
         if data is None:  # nothing taken: _take waits, or finds what is wrong and says so
-            return pickle.loads(self._take(1, timeout, False)[0])
-        return pickle.loads(data)
+            data = self._take(1, timeout, False)[0]
+        try:
+            return pickle.loads(data)
+        except Exception:
+            self._count_undecodable()
+            raise
+
+    def _count_undecodable(self) -> None:
+        """Count in ``stats().errors`` an item a ``get`` removed and could not unpickle.
+
+        ``get`` unpickles after its commit, outside the lock (SHM8), so the count takes the
+        consumer lock once more: the errors word, like every consumer-line word, is written
+        only under that lock (layout.GET_ERRORS_OFFSET). A handle closed in between, or a
+        kill before the store, misses this one count (as SHM12 allows for statistics).
+        """
+        try:
+            self._acquire(CONSUMER)
+        except QueueClosed:
+            return
+        try:
+            store64(self._buf, GET_ERRORS_OFFSET, _unpack_u64(self._buf, GET_ERRORS_OFFSET)[0] + 1)
+        finally:
+            self._release(CONSUMER)
 
     def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
         return self._take(max_items, timeout, True)
@@ -785,6 +807,8 @@ class SharedMemoryQueueStub(QueueStub):
                         buf[C_WORD_OFFSET : C_WORD_OFFSET + 8] = commit_word(gets + taken, pos)
                         if gets + taken > MASK32:
                             store64(buf, GET_STATS_OFFSET, unpack_u64(buf, GET_STATS_OFFSET)[0] + 1)
+                        if error is not None:  # the undecodable record this commit removed (stats().errors)
+                            store64(buf, GET_ERRORS_OFFSET, unpack_u64(buf, GET_ERRORS_OFFSET)[0] + 1)
                         committed = True
                     else:
                         state = U32.unpack_from(buf, STATE_OFFSET)[0]  # woken by destroy()?
@@ -833,7 +857,7 @@ class SharedMemoryQueueStub(QueueStub):
             if self._closed:
                 raise self._closed_error()
             depth = self._depth()
-            gets_wraps, _, get_waits = STATS3.unpack_from(self._buf, GET_STATS_OFFSET)
+            gets_wraps, errors, get_waits = STATS3.unpack_from(self._buf, GET_STATS_OFFSET)
             puts_wraps, _, put_waits = STATS3.unpack_from(self._buf, PUT_STATS_OFFSET)
             gets = gets_wraps << 32 | U64.unpack_from(self._buf, C_WORD_OFFSET)[0] >> 32
             puts = puts_wraps << 32 | U64.unpack_from(self._buf, P_WORD_OFFSET)[0] >> 32
@@ -845,6 +869,7 @@ class SharedMemoryQueueStub(QueueStub):
             waits=put_waits + get_waits,
             abandoned=None,
             capacity_bytes=self._capacity,
+            errors=errors,
         )
 
     @property

@@ -28,7 +28,7 @@ One segment ``/dev/shm/sageq-shm-<name>`` (mode 0600, spec/segments.md)::
     128     8  C word         (gets mod 2**32) << 32 | head / 8     THE CONSUMER COMMIT WORD
     136     4  get_sleep_epoch
     140     4  get_waiters
-    144    24  gets_wraps, -, get_waits
+    144    24  gets_wraps, get_errors, get_waits   (get_errors: items got that did not unpickle)
     168     8  get_woken
     ---- ----
     320  1024  pid table      PID_SLOTS u32 pids of processes with the queue open (0 = free)
@@ -77,17 +77,30 @@ PID_OVERFLOW_OFFSET = 48  # u32 1 = the pid table is incomplete
 P_WORD_OFFSET = 64  # u64 producer commit word
 PUT_SLEEP_EPOCH_OFFSET = 72  # u32
 PUT_WAITERS_OFFSET = 76  # u32
-PUT_STATS_OFFSET = 80  # u64 puts_wraps, u64 pad, u64 put_waits
+PUT_STATS_OFFSET = 80  # u64 puts_wraps, u64 pad (free), u64 put_waits
 PUT_WOKEN_OFFSET = 104  # u64 1 << 32 | last consumer sleep epoch producers woke (0: none yet)
 C_WORD_OFFSET = 128  # u64 consumer commit word
 GET_SLEEP_EPOCH_OFFSET = 136  # u32
 GET_WAITERS_OFFSET = 140  # u32
-GET_STATS_OFFSET = 144  # u64 gets_wraps, u64 pad, u64 get_waits
+GET_STATS_OFFSET = 144  # u64 gets_wraps, u64 get_errors, u64 get_waits
 GET_WOKEN_OFFSET = 168  # u64, as PUT_WOKEN_OFFSET
 PID_TABLE_OFFSET = 320  # PID_SLOTS x u32
 PID_SLOTS = 256
 DATA_OFFSET = 4096  # first byte of the ring
 WAITS_IN_STATS = 16  # offset of the waits counter inside a stats block
+ERRORS_IN_STATS = 8  # offset of the errors counter inside the consumer's stats block
+GET_ERRORS_OFFSET = GET_STATS_OFFSET + ERRORS_IN_STATS
+"""u64 ``stats().errors``: items removed by a get/get_many whose unpickling raised (SHM9).
+
+Same discipline as the other consumer-line statistics: written only under the consumer
+lock (read-modify-write with ``store64``, so it wraps and never tears), after the commit
+that removed the item, so a consumer killed between the two misses that one count
+(SHM12). Readers (``stats()``) read it without the lock: a stale value is an older count.
+The word was the zero padding of layout version 1 before it was a counter, and the
+version did not change: a handle of an older release never writes it and does not
+report it (its ``errors`` is None), so an old handle's undecodable items are not
+counted; the zero in a segment created by an older release is a correct start.
+"""
 
 DESTROYED = 1
 BROKEN = 2
@@ -109,6 +122,7 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 assert FIXED.size == PID_OVERFLOW_OFFSET
 assert P_WORD_OFFSET % 64 == 0 and C_WORD_OFFSET % 64 == 0, "each side's words on their own cache line"
 assert GET_WOKEN_OFFSET + 8 <= PID_TABLE_OFFSET
+assert GET_ERRORS_OFFSET % 8 == 0 and C_WORD_OFFSET < GET_ERRORS_OFFSET < C_WORD_OFFSET + 64, "on the consumer line"
 assert PID_TABLE_OFFSET + 4 * PID_SLOTS <= DATA_OFFSET
 assert DATA_OFFSET % 8 == 0 and MIN_CAPACITY_BYTES % 8 == 0
 assert (MAX_CAPACITY_BYTES >> 3) - 1 <= MASK32, "a ring offset / 8 fits the low half of a commit word"
