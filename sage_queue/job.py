@@ -239,7 +239,9 @@ StageFn = Union[str, Callable[..., Any]]
 @dataclass(frozen=True)
 class Stage:
     """A stage: ``replicas`` workers running ``fn`` (a callable or ``"module:name"``), reading
-    ``input`` and writing ``output`` (queue names of the job; at least one of the two)."""
+    ``input`` and writing ``output`` (queue names of the job; at least one of the two).
+    ``args``: keyword arguments for ``fn`` in every worker, a JSON object (JOB17): each worker gets
+    its JSON copy (a tuple arrives as a list), wherever it runs."""
 
     name: str
     fn: StageFn
@@ -247,6 +249,7 @@ class Stage:
     output: Optional[str] = None
     where: Where = "thread"
     replicas: int = 1
+    args: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _check_where(self.where)
@@ -254,6 +257,23 @@ class Stage:
             raise ValueError(f"stage {self.name!r} has neither input nor output")
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
             raise ValueError(f"stage {self.name!r}: replicas must be an int >= 1, got {self.replicas!r}")
+        _args_json(self.name, self.args)  # refused here, before any job starts, not in a worker
+
+
+def _args_json(stage: str, args: Any) -> str:
+    """``args`` as the JSON text its workers get (JOB17); TypeError/ValueError naming the stage."""
+    if not isinstance(args, Mapping):
+        raise TypeError(f"stage {stage!r}: args must be a mapping of keyword arguments, got {type(args).__name__}")
+    bad = [k for k in args if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"stage {stage!r}: args keys must be str (keyword names), got {bad[0]!r}")
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and another host's decoder may refuse them.
+        return json.dumps(dict(args), allow_nan=False)
+    except TypeError as exc:
+        raise TypeError(f"stage {stage!r}: args must be JSON-serialisable: {exc}") from None
+    except ValueError as exc:  # a NaN or an infinity, or a circular reference
+        raise ValueError(f"stage {stage!r}: args must be JSON-serialisable: {exc}") from None
 
 
 Policy = Literal["fail_fast", "restart"]
@@ -439,16 +459,24 @@ def _put(q: Any, item: Any, stop: Optional[threading.Event], counts: _Counts) ->
     counts.items_out += 1
 
 
-def _run_stage(fn: Callable[..., Any], source: Any, sink: Any, stop: Optional[threading.Event], counts: _Counts) -> Any:
-    """Run one worker's function between its handles; the sink's result, else None."""
+def _run_stage(
+    fn: Callable[..., Any],
+    source: Any,
+    sink: Any,
+    stop: Optional[threading.Event],
+    counts: _Counts,
+    kwargs: Mapping[str, Any],
+) -> Any:
+    """Run one worker's function between its handles, with the stage's ``args`` as keyword
+    arguments (JOB17); the sink's result, else None."""
     if source is None:
-        for item in fn():
+        for item in fn(**kwargs):
             _put(sink, item, stop, counts)
         return None
     items = _items(source, stop, counts)
     if sink is None:
-        return fn(items)
-    for item in fn(items):
+        return fn(items, **kwargs)
+    for item in fn(items, **kwargs):
         _put(sink, item, stop, counts)
     return None
 
@@ -467,9 +495,8 @@ def _work(payload: Mapping[str, Any]) -> dict[str, Any]:
 
     try:
         try:
-            result = _run_stage(
-                _load_fn(payload["fn"]), open_(payload["input"]), open_(payload["output"]), None, counts
-            )
+            source, sink = open_(payload["input"]), open_(payload["output"])
+            result = _run_stage(_load_fn(payload["fn"]), source, sink, None, counts, payload.get("args") or {})
             message: dict[str, Any] = {"ok": True, "result": result}
         except BaseException as exc:  # reported to the manager
             message = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
@@ -794,16 +821,23 @@ class JobManager:
         in_json, out_json = self._worker_json(stage.input, remote), self._worker_json(stage.output, remote)
         if stage.where == "thread":
             fn = _load_fn(stage.fn) if isinstance(stage.fn, str) else stage.fn
+            # The JSON copy, as every other kind of worker gets it (JOB17): same values everywhere.
+            kwargs = json.loads(_args_json(stage.name, stage.args))
             w.thread = threading.Thread(
                 target=self._thread_main,
-                args=(w, fn, in_json, out_json),
+                args=(w, fn, in_json, out_json, kwargs),
                 name=f"sage-job-{stage.name}-{replica}",
                 daemon=True,
             )
             w.thread.start()
         else:
             # Only what this worker needs, as JSON (JOB2); the function by reference.
-            payload: dict[str, Any] = {"fn": _fn_ref(stage.fn), "input": in_json, "output": out_json}
+            payload: dict[str, Any] = {
+                "fn": _fn_ref(stage.fn),
+                "input": in_json,
+                "output": out_json,
+                "args": json.loads(_args_json(stage.name, stage.args)),
+            }
             if stage.where == "process":
                 parent_conn, child_conn = self._ctx.Pipe(duplex=False)
                 proc = self._ctx.Process(
@@ -888,10 +922,18 @@ class JobManager:
         except OSError:  # it died at once (bad launcher): the supervisor reports its exit
             pass
 
-    def _thread_main(self, w: _Worker, fn: Callable[..., Any], in_json: Optional[str], out_json: Optional[str]) -> None:
+    def _thread_main(
+        self,
+        w: _Worker,
+        fn: Callable[..., Any],
+        in_json: Optional[str],
+        out_json: Optional[str],
+        kwargs: Mapping[str, Any],
+    ) -> None:
         handles = [resolve_descriptor(j) if j is not None else None for j in (in_json, out_json)]
         try:
-            w.outcome = {"ok": True, "result": _run_stage(fn, handles[0], handles[1], self._stop, w.counts)}
+            result = _run_stage(fn, handles[0], handles[1], self._stop, w.counts, kwargs)
+            w.outcome = {"ok": True, "result": result}
         except BaseException as exc:  # reported by the supervisor
             w.outcome = {"ok": False, "cause": f"raised {type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
         finally:

@@ -28,6 +28,7 @@ from sage_queue.errors import QueueNotFound, UnknownQueueType
 from sage_queue.job import (
     EOS,
     EndOfStream,
+    HostSpec,
     Job,
     JobFailed,
     JobManager,
@@ -801,3 +802,92 @@ def test_failed_job_is_unpublished_and_an_untrusted_registry_does_not_stop_a_job
     job = Job(queues={"a": "local"}, stages=[Stage("src", numbers, output="a"), Stage("sink", count, input="a")])
     assert JobManager(job).run(timeout=30).results["sink"] == [N]
     assert "publishing job" in caplog.text
+
+
+# -- per-stage keyword arguments (JOB17) ---------------------------------------------------------
+
+
+def numbers_between(start: int, stop: int, step: int = 1) -> range:
+    return range(start, stop, step)
+
+
+def scale_and_tag(items: Iterator[int], factor: int, tag: Any) -> Iterator[list[Any]]:
+    for x in items:
+        yield [x * factor, tag, os.getpid()]
+
+
+def collect_with(items: Iterator[Any], label: str, pair: Any) -> list[Any]:
+    return [label, pair, list(items)]
+
+
+@needs_sage
+@pytest.mark.spec("JOB17", "JOB2", "JOB14")
+@pytest.mark.timeout(120)
+def test_stage_args_reach_process_host_and_thread_workers() -> None:
+    # A source in a process, a transform on host "localhost" (the local launcher), a sink thread:
+    # each gets its own stage's args, as JSON (the tuples arrive as lists, in the thread too).
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=8), "b": QueueSpec("auto", maxsize=8)},
+        stages=[
+            Stage("src", numbers_between, output="a", where="process", args={"start": 5, "stop": 25, "step": 2}),
+            Stage(
+                "mid",
+                scale_and_tag,
+                input="a",
+                output="b",
+                where="host:localhost",
+                args={"factor": 3, "tag": ("h", {"k": [1, None, True]})},
+            ),
+            Stage("sink", collect_with, input="b", where="thread", args={"label": "t", "pair": (1, 2.5)}),
+        ],
+    )
+    hosts = {"localhost": HostSpec(launcher=[], env={"PYTHONPATH": str(ROOT / "tests")})}
+    manager = JobManager(job, hosts=hosts)
+    result = manager.run(timeout=100)
+    label, pair, got = result.results["sink"][0]
+    assert (label, pair) == ("t", [1, 2.5])
+    assert [x for x, _, _ in got] == [3 * x for x in range(5, 25, 2)]
+    assert all(tag == ["h", {"k": [1, None, True]}] for _, tag, _ in got)
+    mid_pid = next(e.pid for e in result.exits if e.stage == "mid")
+    assert {pid for _, _, pid in got} == {mid_pid} and mid_pid != os.getpid()  # ran in the host worker
+    assert all(_gone(d) for d in manager.descriptors.values())
+
+
+@pytest.mark.spec("JOB17")
+@pytest.mark.timeout(60)
+def test_stage_args_missing_one_is_the_workers_error() -> None:
+    # The function's own TypeError, reported as any exception of a stage (JOB10), from a process.
+    job = Job(
+        queues={"a": "shm"}, stages=[Stage("src", numbers_between, output="a", where="process", args={"start": 1})]
+    )
+    with pytest.raises(JobFailed, match=r"worker src\[0\] .* raised TypeError: .*'stop'"):
+        JobManager(job).run(timeout=50)
+
+
+@pytest.mark.spec("JOB17")
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ([("start", 1)], TypeError, "args must be a mapping of keyword arguments, got list"),
+        ({1: 2}, TypeError, "args keys must be str"),
+        ({"x": object()}, TypeError, "args must be JSON-serialisable: Object of type object"),
+        ({"x": {1, 2}}, TypeError, "args must be JSON-serialisable: Object of type set"),
+        ({"x": float("nan")}, ValueError, "args must be JSON-serialisable: Out of range float"),
+        ({"x": float("inf")}, ValueError, "args must be JSON-serialisable"),
+    ],
+)
+def test_stage_args_are_checked_when_the_stage_is_made(args: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=rf"stage 'src': {message}"):
+        Stage("src", numbers_between, output="a", args=args)
+
+
+@pytest.mark.spec("JOB17")
+def test_stage_args_circular_reference_is_refused() -> None:
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match=r"stage 'src': args must be JSON-serialisable: Circular reference"):
+        Stage("src", numbers_between, output="a", args={"x": circular})
+    # A Stage with args still hashes (args are left out of the hash) and compares by value.
+    a = Stage("src", numbers_between, output="a", args={"start": 1, "stop": 2})
+    assert hash(a) == hash(Stage("src", numbers_between, output="a"))
+    assert a == Stage("src", numbers_between, output="a", args={"start": 1, "stop": 2})

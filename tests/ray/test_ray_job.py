@@ -175,3 +175,30 @@ def test_ray_worker_killed(ray_address: str, kill: str, policy: str) -> None:
     mids = [e for e in outcome.exits if e.stage == "mid"]
     assert [(e.attempt, e.ok) for e in mids] == [(0, False), (1, True)] and mids[0].cause.startswith(cause)
     assert outcome.restarts == 1
+
+
+@pytest.mark.spec("JOB17", "JOB13")
+@pytest.mark.timeout(180)
+def test_ray_stage_gets_its_args(ray_address: str) -> None:
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=8), "b": QueueSpec("auto", maxsize=8)},
+        stages=[
+            Stage("src", numbers, output="a", where="thread"),
+            Stage(
+                "mid",
+                "_ray_job_more_stages:scale_and_tag",
+                input="a",
+                output="b",
+                where="ray",
+                args={"factor": 3, "tag": ("r", {"k": [1, None]})},
+            ),
+            Stage("sink", collect, input="b", where="thread"),
+        ],
+    )
+    manager = JobManager(job)
+    result = manager.run(timeout=150)
+    got = result.results["sink"][0]
+    assert [x for x, _, _ in got] == [3 * x for x in range(N)]
+    assert all(tag == ["r", {"k": [1, None]}] for _, tag, _ in got)  # the JSON copy: the tuple is a list
+    assert {pid for _, _, pid in got} != {os.getpid()}  # it ran in a Ray worker
+    _check_nothing_left(manager)
