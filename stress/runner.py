@@ -188,8 +188,15 @@ def target_for(
 # -- workers (module level: forkserver children import them) ---------------------------------
 
 
-def _open_queue(endpoint: Any) -> tuple[Any, bool]:
-    """(queue, close it when done): a descriptor's JSON is resolved here, an object is used as is."""
+def _open_queue(endpoint: Any, env: Optional[dict[str, str]] = None) -> tuple[Any, bool]:
+    """(queue, close it when done): a descriptor's JSON is resolved here, an object is used as is.
+
+    ``env``: the harness's environment when it started this worker, applied first. A forkserver child
+    inherits the environment of the fork server as it was when the server started, which may be
+    before the harness connected to a service that set variables its clients need (Ray sets
+    ``RAY_AUTH_MODE=token``: without it a worker cannot join the harness's cluster)."""
+    if env:
+        os.environ.update(env)
     if isinstance(endpoint, str):
         return resolve_descriptor(endpoint), True
     return endpoint, False
@@ -219,6 +226,7 @@ def producer_main(
     batch: int,
     hook: Optional[ChildHook],
     survivable: tuple[str, ...] = (),
+    env: Optional[dict[str, str]] = None,
 ) -> None:
     """Put ``count`` items (None: until the stop file appears), logging every call (invoke, then completion).
 
@@ -227,7 +235,7 @@ def producer_main(
     most once) and the producer goes on with new items; any other error ends the worker (and the run).
     """
     parent = os.getppid()
-    q, owned = _open_queue(endpoint)
+    q, owned = _open_queue(endpoint, env)
     log = HistoryLog(os.path.join(workdir, f"p-{slot}-{incarnation}.log"))
     stop, abort = os.path.join(workdir, "stop"), os.path.join(workdir, "abort")
     seq = 0
@@ -286,6 +294,7 @@ def consumer_main(
     handback_timeout: float,
     hook: Optional[ChildHook],
     survivable: tuple[str, ...] = (),
+    env: Optional[dict[str, str]] = None,
 ) -> None:
     """Get until a ``None`` sentinel, logging every call; the items got are checked against their checksum.
 
@@ -293,7 +302,7 @@ def consumer_main(
     goes on; any other error ends the worker (and the run).
     """
     parent = os.getppid()
-    q, owned = _open_queue(endpoint)
+    q, owned = _open_queue(endpoint, env)
     log = HistoryLog(os.path.join(workdir, f"c-{slot}-{incarnation}.log"))
     abort = os.path.join(workdir, "abort")
     done = 0
@@ -681,6 +690,7 @@ class _Run:
         worker.stopped = False
         worker.stderr_path = os.path.join(self.workdir, f"{worker.role[0]}-{worker.slot}-{worker.incarnation}.stderr")
         args: tuple[Any, ...]
+        env = dict(os.environ) if self.target.mode == "descriptor" else None  # see _open_queue
         if worker.role == "producer":
             target: Callable[..., None] = producer_main
             batch = self.batch if self.target.batch else 1
@@ -694,6 +704,7 @@ class _Run:
                 batch,
                 self.hook,
                 self.target.promise.survivable,
+                env,
             )
         else:
             target = consumer_main
@@ -707,6 +718,7 @@ class _Run:
                 self.drain_timeout,
                 self.hook,
                 self.target.promise.survivable,
+                env,
             )
         if self.ctx is None:
             worker.process = _ThreadProcess(target, args, worker.stderr_path)

@@ -410,3 +410,26 @@ def test_the_proxy_delays_and_throttles(echo_proxy: Proxy) -> None:
         assert _recv_exactly(c, 30_000) == b"z" * 30_000
         assert time.monotonic() - start >= 1.0  # 30 kB at 20 kB/s, each way
     assert echo_proxy.forwarded > 30_000  # counted after each send: the last echo bytes may not be yet
+
+
+def _env_is(name: str, value: str, role: str, index: int, done: int) -> None:
+    if os.environ.get(name) != value:
+        raise RuntimeError(f"worker environment: {name}={os.environ.get(name)!r}, harness has {value!r}")
+
+
+@pytest.mark.timeout(60)
+def test_workers_see_the_harness_environment_even_with_an_older_fork_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Workers of registered types are forked by a fork server that keeps the environment it started with.
+    # A variable the harness gets later (Ray's ray.init sets RAY_AUTH_MODE=token, without which a worker
+    # cannot join the harness's cluster) must still reach them.
+    factory = descriptor_factory("shm", capacity_bytes=4096, prefix="tenv")
+    first = run(Target("shm", "descriptor", PROMISES["shm"], make_descriptor=factory), items_per_producer=5, seed=1)
+    assert first.ok, first.summary()  # the fork server runs now, without the variable
+    monkeypatch.setenv("SAGEQ_HARNESS_ENV_PROBE", "set after the fork server started")
+    hook = functools.partial(_env_is, "SAGEQ_HARNESS_ENV_PROBE", "set after the fork server started")
+    result = run(
+        Target("shm", "descriptor", PROMISES["shm"], make_descriptor=factory), items_per_producer=5, seed=1, hook=hook
+    )
+    assert result.ok, result.summary()
