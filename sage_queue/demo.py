@@ -75,9 +75,6 @@ JOB_ITEMS = 1000
 QUICK_ITEMS = 200
 JOB_MAXSIZE = 64
 PAYLOAD_BYTES = 256
-_ITEMS_ENV = "SAGE_QUEUE_DEMO_ITEMS"
-"""How the source process learns the item count: a stage function takes no arguments
-(``Stage`` has no per-stage parameters), and a spawned worker inherits this environment."""
 _NO_RAY_NOTE = "Ray not started (--no-ray)"
 
 
@@ -535,9 +532,9 @@ def _body(seq: int) -> bytes:
     return hashlib.blake2b(seq.to_bytes(8, "little"), digest_size=32).digest() * (PAYLOAD_BYTES // 32)
 
 
-def job_source() -> Iterator[dict[str, Any]]:
-    """Stage "source": the items (how many: $SAGE_QUEUE_DEMO_ITEMS), each stamped just before its put."""
-    for seq in range(int(os.environ[_ITEMS_ENV])):
+def job_source(items: int) -> Iterator[dict[str, Any]]:
+    """Stage "source": ``items`` items (the stage's args, JOB17), each stamped just before its put."""
+    for seq in range(items):
         body = _body(seq)
         yield {"seq": seq, "body": body, "crc": zlib.crc32(body), "t": [time.monotonic()]}
 
@@ -831,19 +828,6 @@ class MainJobReport:
     error: Optional[str] = None
 
 
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
 _KIND = {"thread": "a thread of the demo", "process": "a process", "ray": "a Ray worker"}
 
 
@@ -867,6 +851,7 @@ def run_main_job(items: int, plan: Plan, out: TextIO) -> MainJobReport:
             input=queue_names[k - 1] if k > 0 else None,
             output=queue_names[k] if k < len(queue_names) else None,
             where=plan.where[name],
+            args={"items": items} if name == "source" else {},  # JOB17: the source's item count
         )
         for k, name in enumerate(names)
     ]
@@ -881,8 +866,7 @@ def run_main_job(items: int, plan: Plan, out: TextIO) -> MainJobReport:
     # Start-up (spawned workers, a Ray worker) plus a floor of 100 items/s on the slowest hop.
     timeout = 6 * WAIT_S + items / 100
     try:
-        with _env(_ITEMS_ENV, str(items)):  # the source's item count (a process or a host worker inherits it)
-            result = manager.run(timeout=timeout)
+        result = manager.run(timeout=timeout)
         if result.results["sink"] != [items]:
             error = f"the sink received {result.results['sink']} items, expected {items}"
     except JobFailed as exc:
