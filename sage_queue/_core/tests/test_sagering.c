@@ -848,6 +848,41 @@ static void test_blocks_reclaimed(void) {
     free_segment(s);
 }
 
+/* ---- stats `errors`: per block, summed, kept when a block is retired ------------------- */
+
+static uint64_t errors_seen(sr_handle *h) {
+    sr_stats st;
+    sr_read_stats(h, &st);
+    return st.errors;
+}
+
+static void test_errors_counted_and_retired(void) {
+    seg_t s = new_segment(4096, 0);
+    sr_handle a, b, c;
+    open_here(&a, s);
+    open_here(&b, s);
+    CHECK(errors_seen(&b) == 0);
+    sr_note_error(&a);
+    sr_note_error(&a);
+    sr_note_error(&b);
+    CHECK(errors_seen(&a) == 3 && errors_seen(&b) == 3); /* queue-wide: every block summed */
+    close_handle(&a);                                     /* a's block is retired into the shared line */
+    CHECK(errors_seen(&b) == 3);
+    uint32_t b_index = b.block_index;
+    atomic_store(&b.block->pid, dead_pid()); /* b's owner "died": its block is reclaimed by c */
+    atomic_store(&b.block->start_time, 0);
+    uint32_t n = 0;
+    do { /* take free blocks until c lands on b's dead one (free blocks may be taken first) */
+        open_here(&c, s);
+    } while (c.block_index != b_index && ++n < SR_MAX_BLOCKS);
+    CHECK(c.block_index == b_index);
+    CHECK(errors_seen(&c) == 3); /* retired on reclaim, not lost, not counted twice */
+    sr_stats st;
+    sr_read_stats(&c, &st);
+    CHECK(st.puts == 0 && st.gets == 0 && st.abandoned == 0); /* errors is its own counter */
+    free_segment(s);
+}
+
 /* ---- close wakes a blocked waiter ----------------------------------------------------- */
 
 static void *blocked_get(void *p) {
@@ -895,6 +930,7 @@ int main(void) {
     test_pollers_reap_a_dead_producer();
     test_polling_producers_reap_a_dead_reader();
     test_blocks_reclaimed();
+    test_errors_counted_and_retired();
     test_close_wakes();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
