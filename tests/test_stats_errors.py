@@ -163,3 +163,53 @@ def test_sage_get_bytes_on_a_pickled_item_is_not_a_decode_error() -> None:
     finally:
         handle.destroy()
         handle.close()
+
+
+def _drain_child(descriptor_json: str, out: Any) -> None:
+    """In a spawned process: take until the queue stays empty, alternating get_many and get."""
+    handle = resolve_descriptor(QueueDescriptor.from_json(descriptor_json))
+    good = raised = 0
+    try:
+        for call in range(100_000):  # bounded; ends at the first Empty
+            try:
+                good += len(handle.get_many(3, timeout=0.5)) if call % 2 else int(handle.get(timeout=0.5) is not None)
+            except Undecodable:
+                raised += 1
+            except queue.Empty:
+                break
+        out.send((good, raised))
+    finally:
+        handle.close()
+
+
+@pytest.mark.spec("SHM9", "SAGE7", "SHM10", "SAGE9")
+def test_errors_is_exact_with_several_consumer_processes(q: Any) -> None:
+    items: list[Any] = [BadItem(f"bad{i}") if i % 4 == 1 else i for i in range(240)]
+    q.put_many(items[:120])
+    q.put_many(items[120:])
+    bad = sum(isinstance(item, BadItem) for item in items)
+    ctx = multiprocessing.get_context("spawn")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(3)]
+    children = [ctx.Process(target=_drain_child, args=(q.descriptor.to_json(), w)) for _, w in pipes]
+    for child in children:
+        child.start()
+    try:
+        results = []
+        for receiver, sender in pipes:
+            sender.close()
+            assert receiver.poll(CHILD_TIMEOUT_S), "a child sent nothing"
+            results.append(receiver.recv())
+        for child in children:
+            child.join(CHILD_TIMEOUT_S)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+        for receiver, _ in pipes:
+            receiver.close()
+    assert sum(good for good, _ in results) == len(items) - bad  # Q34: nothing else lost
+    assert sum(raised for _, raised in results) == bad
+    s = q.stats()
+    assert (s.errors, s.gets, s.depth) == (bad, len(items), 0)
