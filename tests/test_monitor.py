@@ -419,9 +419,9 @@ def test_openmetrics_text_parses_and_leaves_unknown_fields_out(queues: list[Any]
         ("etl", "mid", "local"): 1,
         ("", gone.queue_id, "shm"): 0,
     }
-    # local counts no bytes: absent, not 0; it knows it has no errors (0), sage does not count them (absent)
+    # local counts no bytes: absent, not 0; both count errors (sage: undecodable items, SAGE7), none here
     assert set(values("sage_queue_bytes_in")) == {("etl", "in", "sage")}
-    assert values("sage_queue_errors") == {("etl", "mid", "local"): 0}
+    assert values("sage_queue_errors") == {("etl", "in", "sage"): 0, ("etl", "mid", "local"): 0}
     assert [s.name for s in fams["sage_queue_puts"].samples] == ["sage_queue_puts_total"] * 2
     # the Prometheus 0.0.4 flavour parses with that format's parser
     prom = {f.name: f for f in prometheus_text(render_openmetrics(samples, openmetrics=False))}
