@@ -69,6 +69,9 @@ class KillServer(Scenario):
     soak_faults = 200
     modes = ("descriptor",)
     types = ("rpc",)
+    down_seconds = DOWN_SECONDS
+    """Range of the time the server stays dead (an instance may widen it: past a call's grace of 2.5 s, gets
+    that give up while it is down lose items: the finding of tests/rpc/test_rpc_faults.py)."""
     durable = True
     """False: a server without ``--data-dir`` (RPC11: a restart is a new, empty instance), which must lose
     items: how the tests show that this scenario's verdict can fail."""
@@ -92,7 +95,7 @@ class KillServer(Scenario):
         ctx.wait_ready(ctx.workers())
         while ctx.faults_done < ctx.faults:
             ctx.sleep(ctx.rng.uniform(*UP_SECONDS))
-            down = ctx.rng.uniform(*DOWN_SECONDS)
+            down = ctx.rng.uniform(*self.down_seconds)
             server.kill()
             ctx.sleep(down)
             server.restart()
