@@ -1,13 +1,16 @@
 """Benchmark of the rpc backend against raw pyzmq REQ/REP, in one run (issue 11 floors).
 
-    python -m stress.bench_rpc [--seconds 2] [--payload 64]
+    python -m stress.bench_rpc [--seconds 2] [--payload 64] [--rounds 15] [--round-seconds 0.4]
 
 Every server runs in its own process (the rpc server via ``RPCQueueServer.spawn``, the raw echo
 server via this module's ``--echo`` mode), the clients in this process or in child processes, so
 both sides pay the same IPC. Prints one line per measure and the ratios against the floors:
 
 * round trips: rpc put and get (each one request-reply) per second / raw REQ/REP round trips per
-  second, same payload (floor 0.8);
+  second, same payload (floor 0.8): ``--rounds`` interleaved pairs of rounds of ``--round-seconds``
+  each, after one warm-up pair that is not counted (both sides start cold alike); the ratio is the
+  median of the per-round ratios, all of which are printed (on a loaded machine single rounds
+  scatter widely: 0.4x to 4x);
 * put_many/get_many items per second (floor 200 000);
 * 4 client processes in parallel / 1 (floor 1.5);
 * CPU of a client blocked in get, and of the server meanwhile (floor < 1 % of a core).
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stress.bench_rpc", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--payload", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved raw/rpc rounds for the ratio")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved raw/rpc rounds for the ratio")
+    parser.add_argument("--round-seconds", type=float, default=0.4, help="length of one raw or rpc round")
     args = parser.parse_args(argv)
     payload = os.urandom(args.payload)
     ctx = mp.get_context("spawn")
@@ -154,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
             # Interleaved rounds, so that load from other processes hits both sides alike; the ratio
             # reported is the median of the per-round ratios.
+            raw_round_trips(echo_port, payload, args.round_seconds)  # warm-up pair, not counted
+            rpc_round_trips(desc("rt"), payload, args.round_seconds)
             raws, ones = [], []
             for _ in range(args.rounds):
-                raws.append(raw_round_trips(echo_port, payload, args.seconds / args.rounds))
-                ones.append(rpc_round_trips(desc("rt"), payload, args.seconds / args.rounds))
+                raws.append(raw_round_trips(echo_port, payload, args.round_seconds))
+                ones.append(rpc_round_trips(desc("rt"), payload, args.round_seconds))
             raw, one = statistics.median(raws), statistics.median(ones)
             ratio = statistics.median(o / r for o, r in zip(ones, raws, strict=True))
             print(f"raw pyzmq REQ/REP      {raw:12,.0f} round trips/s ({args.payload} B, median of {args.rounds})")
