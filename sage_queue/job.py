@@ -634,6 +634,48 @@ def queue_stats(handle: Any) -> Optional[QueueStats]:
     return None
 
 
+class _SignalsHeld:
+    """Holds SIGTERM and SIGINT while the manager tears down in the main thread (JOB18).
+
+    A Python signal handler runs in the main thread between bytecodes; the KeyboardInterrupt
+    of a second Ctrl-C or SIGTERM raised in the middle of the teardown would leave workers
+    running and queues not destroyed. Here each such signal is only recorded; on exit the
+    handlers found on entry are put back and the first recorded signal is raised again, so
+    it reaches them once the teardown is complete (a KeyboardInterrupt then, say). A handler
+    that was not set from Python (``signal.getsignal`` is None) cannot be put back: SIG_DFL.
+    Outside the main thread nothing is held (no handler could be set; none runs there).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: list[int] = []
+
+    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.pending.append(signum)
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self.previous.clear()
+
+    def __enter__(self) -> _SignalsHeld:
+        if threading.current_thread() is threading.main_thread():
+            try:
+                for signum in self.SIGNALS:
+                    self.previous[signum] = signal.signal(signum, self._record)
+            except BaseException:  # interrupted between the two: nothing left half-set
+                self._restore()
+                raise
+        return self
+
+    def __exit__(self, exc_type: Optional[type[BaseException]], *rest: object) -> None:
+        self._restore()
+        if self.pending and exc_type is None:
+            signal.raise_signal(self.pending[0])  # its handler runs as this returns
+
+
 _RPC_KEY_ENV = "SAGE_QUEUE_JOB_RPC_KEY"
 """The variable a host worker's rpc descriptors name (key_env) for the key of the manager's server."""
 
@@ -1150,15 +1192,24 @@ class JobManager:
                 raise KeyboardInterrupt("SIGTERM")
 
             previous = signal.signal(signal.SIGTERM, on_sigterm)
+        interrupted = False
         try:
             self.start()
             return self.wait(timeout)
+        except BaseException:
+            interrupted = True
+            raise
         finally:
             try:
                 self.teardown()
+            except KeyboardInterrupt:
+                # A signal that came during the teardown, delivered once it was complete (JOB18).
+                # Already ending on an exception (the first interrupt, say): that one goes on.
+                if not interrupted:
+                    raise
             finally:
-                if in_main:
-                    signal.signal(signal.SIGTERM, previous)
+                if in_main:  # None: a handler not set from Python, which cannot be put back
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     # -- monitoring and teardown ----------------------------------------------------------------
 
@@ -1186,10 +1237,15 @@ class JobManager:
 
     def teardown(self) -> None:
         """Stop every worker, then destroy every queue, then stop the job's rpc server.
-        Idempotent; never raises for a worker."""
+        Idempotent; never raises for a worker. In the main thread, a SIGTERM or SIGINT that comes
+        meanwhile is held until the teardown is complete, then delivered (JOB18)."""
         if self._torn_down:
             return
-        self._torn_down = True
+        with _SignalsHeld():
+            self._torn_down = True
+            self._teardown()
+
+    def _teardown(self) -> None:
         self._unpublish()  # monitors stop attaching before the queues go
         self._stop.set()
         self._stop_workers()

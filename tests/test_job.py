@@ -477,6 +477,125 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
                 resolve_descriptor(d).destroy()
 
 
+def stubborn_forever(pid_dir: str) -> Iterator[int]:
+    """Writes ``pid-<pid>``, then never ends; a SIGTERM only writes ``sigterm-<pid>`` (so the
+    manager's teardown waits its grace for this worker, then SIGKILLs it)."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        (Path(pid_dir) / f"sigterm-{os.getpid()}").write_text("")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    (Path(pid_dir) / f"pid-{os.getpid()}").write_text("")
+    return forever()
+
+
+_INTERRUPTED_TWICE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from sage_queue import QueueDescriptor
+    from sage_queue.job import Job, JobManager, QueueSpec, Stage
+    if __name__ == "__main__":
+        qa = QueueDescriptor.create("sage", maxsize=4)
+        qb = QueueDescriptor.create("sage", maxsize=4)
+        print(json.dumps([qa.to_json(), qb.to_json()]), flush=True)
+        job = Job(queues={{"a": qa, "b": qb}},
+                  stages=[Stage("src", "test_job:stubborn_forever", output="a", where="process",
+                                args={{"pid_dir": {pid_dir!r}}}),
+                          Stage("relay", "test_job:square", input="a", output="b", where="process"),
+                          Stage("sink", "test_job:count", input="b", where="process")])
+        JobManager(job).run()
+""")
+
+
+@needs_sage
+@pytest.mark.spec("JOB18", "JOB1")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, second: int) -> None:
+    # The first SIGTERM starts the teardown; the source worker ignores the SIGTERM it gets, so the
+    # teardown sits in its 3 s grace when the second signal comes: it must still end every worker
+    # and destroy every queue. (Before JOB18 the second signal's KeyboardInterrupt broke out of the
+    # teardown: the manager then hung in multiprocessing's exit join on the stubborn worker.)
+    script = tmp_path / "job_main.py"
+    script.write_text(_INTERRUPTED_TWICE.format(tests=str(ROOT / "tests"), pid_dir=str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    descs: list[QueueDescriptor] = []
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob("pid-*")):
+            assert time.monotonic() < deadline, "the worker never started"
+            assert proc.poll() is None, "the manager ended early"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while not list(tmp_path.glob("sigterm-*")):  # the teardown has begun stopping workers
+            assert time.monotonic() < deadline, "the worker never got the teardown's SIGTERM"
+            time.sleep(0.01)
+        proc.send_signal(second)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0, err  # interrupted, not finished
+        # The first interrupt is what run() ended on; the second was held, then dropped.
+        ends = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
+        assert ends == ["KeyboardInterrupt: SIGTERM"] and "During handling" not in err, err
+        pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+        assert not any(map(_alive, pids)), "a worker outlived the teardown"
+        assert all(_gone(d) for d in descs)
+        assert not [s for s in _segments() for d in descs if d.queue_id in s]
+    finally:  # leave nothing behind, whatever failed above
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pid in [int(p.name[4:]) for p in tmp_path.glob("pid-*")]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for d in descs:
+            if not _gone(d):
+                resolve_descriptor(d).destroy()
+
+
+@needs_sage
+@pytest.mark.spec("JOB18")
+@pytest.mark.timeout(60)
+def test_signal_held_during_teardown_is_delivered_once_it_is_complete(tmp_path: Path) -> None:
+    # In this (main) thread: a SIGINT sent while teardown() waits for a worker that ignores SIGTERM
+    # comes out of teardown() as KeyboardInterrupt only after every worker and queue is gone.
+    job = Job(
+        queues={"a": QueueSpec("sage", maxsize=4)},
+        stages=[
+            Stage("src", stubborn_forever, output="a", where="process", args={"pid_dir": str(tmp_path)}),
+            Stage("sink", count, input="a", where="process"),
+        ],
+    )
+    manager = JobManager(job).start()
+
+    def interrupt_when_the_teardown_signals_the_worker() -> None:
+        deadline = time.monotonic() + 50
+        while not list(tmp_path.glob("sigterm-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        deadline = time.monotonic() + 50
+        while not list(tmp_path.glob("pid-*")):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+        sender = threading.Thread(target=interrupt_when_the_teardown_signals_the_worker)
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            manager.teardown()
+        sender.join()
+        assert list(tmp_path.glob("sigterm-*"))  # the SIGINT came during the teardown
+        assert signal.getsignal(signal.SIGINT) is previous  # the handler found was put back
+        assert all(not w.running for w in manager.workers())
+        assert not any(_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+        assert all(_gone(d) for d in manager.descriptors.values())
+    finally:
+        manager.teardown()
+
+
 # -- stats --------------------------------------------------------------------------------------
 
 
