@@ -883,6 +883,8 @@ def test_sealer_mac_is_hmac_sha256_and_tampering_is_caught(key_len: int) -> None
             sealer.open(bytes(tampered), REQUEST_MAGIC, 1 << 20)
     with pytest.raises(BadFrame, match="auth"):
         Sealer(os.urandom(key_len)).open(frame, REQUEST_MAGIC, 1 << 20)
+    with pytest.raises(BadFrame, match="malformed"):  # only str/bytes map keys (msgpack's strict_map_key)
+        sealer.open(sealer.seal(REQUEST_MAGIC, cid, 8, 1.0, instance, ["put", {1: 2}]), REQUEST_MAGIC, 1 << 20)
     with pytest.raises(BadFrame, match="malformed"):  # a reply is never taken for a request
         sealer.open(sealer.seal(REPLY_MAGIC, cid, 7, 1.0, instance, ["ok"]), REQUEST_MAGIC, 1 << 20)
 

@@ -15,6 +15,7 @@ checked, and items inside it are opaque ``bytes`` that the server never decodes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib
@@ -106,7 +107,14 @@ class Sealer:
         # One Packer reused (packb builds a new one per call, 3x the cost): a Packer is not for
         # concurrent use, hence one Sealer per thread at a time (the server's loop, a client channel).
         self._packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
-        self._unpackb: Callable[..., Any] = msgpack.unpackb
+        # raw=False (str stays str) and strict_map_key=True (a hostile but authenticated peer can use
+        # only str/bytes map keys) are msgpack's defaults since 1.0; passing them costs a keyword parse
+        # per frame, so they are passed only to an older msgpack.
+        self._unpackb: Callable[[Any], Any] = (
+            msgpack.unpackb
+            if tuple(msgpack.version) >= (1, 0)
+            else functools.partial(msgpack.unpackb, raw=False, strict_map_key=True)
+        )
 
     def mac(self, payload: bytes | memoryview) -> bytes:
         inner = self._inner.copy()
@@ -139,9 +147,7 @@ class Sealer:
         if got_magic != magic or version != VERSION:
             raise BadFrame("malformed")
         try:
-            # raw=False: str stays str; strict_map_key keeps a hostile (but authenticated) peer from
-            # using anything but str/bytes as map keys.
-            body = self._unpackb(view[MAC_SIZE + HEADER_SIZE :], raw=False, strict_map_key=True)
+            body = self._unpackb(view[MAC_SIZE + HEADER_SIZE :])
         except Exception:  # msgpack raises several unrelated types for bad input
             raise BadFrame("malformed") from None
         if type(body) is not list or not body or type(body[0]) is not str:
