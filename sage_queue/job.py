@@ -481,9 +481,44 @@ def _run_stage(
     return None
 
 
-def _work(payload: Mapping[str, Any]) -> dict[str, Any]:
+_RAY_TYPES = frozenset({"ray_actor", "ray_queue"})
+
+
+def _hold_sigterm(payload: Mapping[str, Any]) -> bool:
+    """In a worker process about to join Ray through its queues: block SIGTERM until they are
+    resolved (:func:`_default_sigterm`); True when it did. Call before the process starts a thread
+    (threads inherit the mask: Ray's, started by ``ray.init``, then never take a SIGTERM)."""
+    try:
+        descriptors = [QueueDescriptor.from_json(payload[k]) for k in ("input", "output") if payload[k]]
+        types = {canonical_type(d.queue_type) for d in descriptors}
+    except Exception:  # a bad descriptor or type: resolving it reports the error to the manager
+        return False
+    if not types & _RAY_TYPES:
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return True
+
+
+def _default_sigterm(held: bool) -> None:
+    """Once a worker process's queues are resolved: SIGTERM ends it at once and silently (JOB19).
+
+    ``ray.init`` (a Ray queue's resolve joins the cluster) replaces SIGTERM's action with Ray's
+    failure handler, which prints a stack dump to stderr ("*** SIGTERM received ...") before
+    exiting: the teardown's SIGTERM would print one per such worker. Setting SIG_DFL puts the
+    kernel's action back (the process ends, killed by SIGTERM, like any other worker); a SIGTERM
+    that came while it was held (``held``: during ``ray.init``) takes effect on the unblock.
+    The stage function, called after this, may still set a handler of its own.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if held:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _work(payload: Mapping[str, Any], held: Optional[bool] = None) -> dict[str, Any]:
     """One out-of-process worker's life (process, host or Ray): resolve its queues from the
-    payload's JSON, run the stage, close (never destroy) its handles; the result message."""
+    payload's JSON, run the stage, close (never destroy) its handles; the result message.
+    ``held``: None in a Ray task (Ray owns that process's signals), else whether the worker
+    process holds SIGTERM (:func:`_hold_sigterm`) until its queues are resolved."""
     handles: list[Any] = []
     counts = _Counts()
 
@@ -495,7 +530,11 @@ def _work(payload: Mapping[str, Any]) -> dict[str, Any]:
 
     try:
         try:
-            source, sink = open_(payload["input"]), open_(payload["output"])
+            try:
+                source, sink = open_(payload["input"]), open_(payload["output"])
+            finally:
+                if held is not None:
+                    _default_sigterm(held)
             result = _run_stage(_load_fn(payload["fn"]), source, sink, None, counts, payload.get("args") or {})
             message: dict[str, Any] = {"ok": True, "result": result}
         except BaseException as exc:  # reported to the manager
@@ -539,9 +578,11 @@ def _watch_parent(parent: int) -> None:
 
 def _worker_process_main(payload_json: str, conn: multiprocessing.connection.Connection) -> None:
     """Entry point of a worker process: it receives JSON only (descriptors and a function path)."""
+    payload = json.loads(payload_json)
+    held = _hold_sigterm(payload)  # before the watch thread starts: it inherits the mask
     _watch_parent(os.getppid())
     try:
-        message = _work(json.loads(payload_json))
+        message = _work(payload, held)
         conn.send_bytes(_encode(message).encode())
     finally:
         conn.close()
@@ -578,8 +619,9 @@ def _host_worker_main() -> int:
             pass
         os._exit(_ORPHAN_EXIT)
 
+    held = _hold_sigterm(payload)  # before the watch thread starts: it inherits the mask
     threading.Thread(target=watch_stdin, name="sage-job-stdin-watch", daemon=True).start()
-    message = _work(payload)
+    message = _work(payload, held)
     proto.write(_encode(message) + "\n")
     proto.flush()
     return 0 if message["ok"] else 1
