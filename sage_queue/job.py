@@ -1237,6 +1237,15 @@ class JobManager:
         interrupted = False
         try:
             self.start()
+            if in_main:
+                # Joining Ray in start() (ray.init, for a Ray stage or queue) gave SIGTERM Ray's
+                # handlers: a stack dump, then SystemExit. Ours goes back (re-set even when Python
+                # still reports it: ray.init from a thread replaces it in C only); the handler Ray
+                # set from Python is the one put back after the run (JOB19).
+                found = signal.getsignal(signal.SIGTERM)
+                if found is not on_sigterm and found is not None:
+                    previous = found
+                signal.signal(signal.SIGTERM, on_sigterm)
             return self.wait(timeout)
         except BaseException:
             interrupted = True

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ import ray
 from _ray_job_stages import N, collect, fail_on_3, numbers, slow_numbers, square, square_with_pid
 from ray_support import leaked_actors
 
+from sage_queue import QueueDescriptor
 from sage_queue.backends._ray import full_name, namespace_of
 from sage_queue.job import Job, JobFailed, JobManager, JobResult, QueueSpec, Stage
 
@@ -268,3 +272,55 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+_MANAGER = textwrap.dedent("""
+    import sys
+    from sage_queue.job import Job, JobManager, QueueSpec, Stage
+    if __name__ == "__main__":
+        job = Job(queues={{"a": QueueSpec("ray_actor", maxsize=8)}},
+                  stages=[Stage("src", "_ray_job_more_stages:endless_with_pid", output="a", where="process",
+                                args={{"pid_dir": {pid_dir!r}}}),
+                          Stage("sink", "_ray_job_stages:collect", input="a", where="thread")],
+                  name={name!r})
+        manager = JobManager(job)
+        try:
+            manager.run()
+        finally:
+            print(";".join(d.to_json() for d in manager.descriptors.values()), flush=True)
+""")
+
+
+@pytest.mark.spec("JOB19", "JOB1")
+@pytest.mark.timeout(180)
+def test_manager_that_joined_ray_in_run_takes_sigterm_quietly(ray_address: str, tmp_path: Path) -> None:
+    # The manager joins Ray inside run() (its ray_actor queue; $RAY_ADDRESS: this session's Ray).
+    # Before, ray.init's handlers then had SIGTERM: a stack dump and SystemExit(15) in the manager.
+    script = tmp_path / "manager.py"
+    script.write_text(_MANAGER.format(pid_dir=str(tmp_path), name=f"quiet-{os.getpid()}"))
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("pid-*")):
+            assert time.monotonic() < deadline, "the worker never started"
+            assert proc.poll() is None, "the manager ended early"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "SIGTERM received" not in err and "logging.cc" not in err, err[-3000:]
+    assert "KeyboardInterrupt: SIGTERM" in err, err[-3000:]  # run()'s own handler, not Ray's SystemExit
+    assert not any(_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+    descs = [QueueDescriptor.from_json(t) for t in out.strip().splitlines()[-1].split(";")]
+    names = {f"{namespace_of(dict(d.metadata))}/{full_name(d.queue_type, dict(d.metadata))}" for d in descs}
+    assert len(names) == 1
+    deadline = time.monotonic() + 10
+    while names & set(leaked_actors()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not names & set(leaked_actors()), "the job's queue actor outlived it"
