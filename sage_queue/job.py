@@ -18,7 +18,8 @@ A stage runs where it says: ``"thread"``, ``"process"`` (spawned here), ``"ray"`
 JOB13) or ``"host:NAME"`` (a process started on host NAME through ``JobManager(job,
 hosts={"NAME": HostSpec(launcher=["ssh", "NAME"], address="10.0.0.1")})``, JOB14; its queues are
 rpc, on a server the manager starts). Every worker but a thread gets JSON only: its queues'
-descriptors and its function as ``"module:name"``.
+descriptors, its function as ``"module:name"`` and the stage's keyword arguments
+(``Stage(..., args={"n": 10})``: ``fn(**args)``, ``fn(items, **args)``; JOB17).
 
 Importing this module imports no backend (nor Ray, nor pyzmq); queues are created with the
 generic ``QueueDescriptor.create`` and resolved with ``resolve_descriptor``.
