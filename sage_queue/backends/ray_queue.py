@@ -25,6 +25,21 @@ What the contract asks that ``ray.util.queue.Queue`` lacks, and how (spec/backen
   got, the calls of it that had to wait (their first attempt found the queue full or empty),
   the items it could not pickle or unpickle; ``depth`` is the actor's ``qsize``;
 * not provided (capabilities not declared): ``batch``, ``task_done``.
+
+An actor that lives but does not answer (its process stopped, or starved of CPU; RAY15)::
+
+    every answer is awaited in local slices of _LOCAL_S (ray.get with a timeout on the one
+    ObjectRef: no remote call), so a close() from any thread or from a signal handler in the
+    waiting thread is seen between two slices;
+    a call with a deadline waits for each answer until that deadline plus _GRACE_S (a call that
+    need not wait, qsize: from its start); close() shortens that to _GRACE_S from when it is seen
+    (an answer that comes meanwhile is still taken: a put that landed is not reported as closed);
+    no answer by then: QueueConnectionError (QueueClosed if closed), outcome unknown. Ray's actor
+    takes no deadline, so an abandoned put (put_nowait or a put slice) may still land when the
+    actor resumes; an abandoned get (get_nowait or a get slice) may still take an item then: the
+    ObjectRef keeps a done-callback that puts such an item back at the head of the actor's
+    asyncio.Queue (_give_back_later), so a get that gave up loses nothing while this process lives;
+    calls with no deadline wait for their answer until close() (then _GRACE_S, as above).
 """
 
 from __future__ import annotations
@@ -37,18 +52,55 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..descriptor import QueueDescriptor
-from ..errors import IncompatibleQueue, QueueClosed, QueueDestroyed, QueueNotFound
+from ..errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ..protocol import CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
 from ..stub import QueueStub
 from . import _ray
-from ._ray import GetTimeoutError, QueueActorLost, RayActorError, ray
+from ._ray import GetTimeoutError, RayActorError, ray
 
 __all__ = ["RayQueueStub"]
 
 _SLICE_S = 0.2
 """Longest single wait inside the actor: a close() is seen within this plus one round trip."""
-_ANSWER_S = 10.0
-"""A slice's answer should come within _SLICE_S plus a round trip; past this the actor is stuck."""
+_LOCAL_S = 0.1
+"""Local wait on an answer (ray.get with this timeout): close() is seen within it, even from a signal
+handler in the waiting thread, which Python runs only between two such waits."""
+_GRACE_S = 2.0
+"""How long past its deadline a call waits for the actor's answer, then gives up (QueueConnectionError):
+ray_actor's grace (RAY13), measured there: a live actor starved of CPU on 2 cores answered late by
+up to 2.8 s under load; shorter would turn load into errors of unknown outcome."""
+
+
+def _unget_in_actor(blob: bytes) -> Any:
+    """The function (run in ray.util.queue's actor by ``__ray_call__``) that puts a late get's item back
+    at the head of the actor's ``asyncio.Queue``. Built here, not at module level, so that cloudpickle
+    sends it by value: the actor's worker needs no sage_queue.
+
+    ``__ray_call__`` runs in a thread of its own, not on the actor's event loop, so the change is made
+    on the loop (``call_soon_threadsafe``) when the queue has one; ``asyncio.Queue`` binds its loop
+    when a call first waits on it, so without one no getter waits and a deque append, atomic under
+    the GIL, is enough (a getter that starts waiting at that very moment misses the wake-up and
+    takes the item at its next slice, <= _SLICE_S later). The item goes in even when the queue is
+    full (it was in the queue before the get took it): the queue then holds maxsize + 1 items for a
+    while, and puts wait until gets bring it below maxsize.
+    """
+
+    def unget(actor: Any) -> None:
+        q = actor.queue
+
+        def put_back() -> None:
+            q._queue.appendleft(blob)
+            q._unfinished_tasks += 1
+            q._finished.clear()
+            q._wakeup_next(q._getters)
+
+        loop = getattr(q, "_loop", None)
+        if loop is None:
+            put_back()
+        else:
+            loop.call_soon_threadsafe(put_back)
+
+    return unget
 
 
 class RayQueueStub(QueueStub):
@@ -97,13 +149,57 @@ class RayQueueStub(QueueStub):
             return QueueDestroyed(f"ray_queue {self._md['actor_name']!r} was destroyed")
         return QueueClosed(f"ray_queue handle {self._md['actor_name']!r} is closed")
 
-    def _ask(self, ref: Any) -> Any:
+    def _ask(self, ref: Any, until: Optional[float], method: str) -> Any:
+        """The answer of one actor call, awaited until ``until`` (monotonic; None: no bound) plus
+        _GRACE_S, in local slices (RAY7, RAY15); see the module docstring."""
         try:
-            return ray.get(ref, timeout=_ANSWER_S)
+            return ray.get(ref, timeout=_LOCAL_S)  # the common case: a live actor answers in ~1 ms
+        except GetTimeoutError:
+            pass
         except RayActorError as exc:
             raise self._died(exc) from None
-        except GetTimeoutError:
-            raise QueueActorLost(f"the actor of ray_queue {self._md['actor_name']!r} does not answer") from None
+        limit = None if until is None else until + _GRACE_S
+        closed_seen = False
+        while True:
+            if self._closed and not closed_seen:
+                closed_seen = True  # from now on the answer has _GRACE_S, however long the call had
+                grace_end = time.monotonic() + _GRACE_S
+                limit = grace_end if limit is None else min(limit, grace_end)
+            step = _LOCAL_S if limit is None else min(_LOCAL_S, limit - time.monotonic())
+            if step <= 0:
+                break
+            try:
+                return ray.get(ref, timeout=step)
+            except GetTimeoutError:
+                pass
+            except RayActorError as exc:
+                raise self._died(exc) from None
+        # No answer in time: the actor lives (Ray would have said RayActorError) but is stopped or
+        # starved. The call may still run when it resumes: a get's item then goes back to the head.
+        if method.startswith("get"):
+            self._give_back_later(ref)
+        if self._closed:
+            raise self._closed_error()
+        effect = {"put": "may still be enqueued", "get": "may still take an item, which is then put back at the head"}
+        raise QueueConnectionError(
+            f"the Ray actor of ray_queue {self._md['actor_name']!r} did not answer a {method} within "
+            f"{_GRACE_S:.0f} s of the call's deadline (stopped or overloaded): the {method} "
+            + effect.get(method[:3], "was not answered")
+        )
+
+    def _give_back_later(self, ref: Any) -> None:
+        """A get's answer that came too late for its caller: its item goes back to the head of the queue."""
+        actor = self._actor
+
+        def done(fut: Any) -> None:
+            try:
+                blob = fut.result()
+            except Exception:  # Empty (it took nothing), or the actor died: nothing to give back
+                return
+            if type(blob) is bytes:
+                actor.__ray_call__.remote(_unget_in_actor(blob))  # fire and forget: Ray runs it anyway
+
+        ref.future().add_done_callback(done)
 
     def _sliced(self, method: str, until: Optional[float], timed_out: type[Exception], *args: Any) -> Any:
         """Call ``method(*args, timeout=slice)`` until it succeeds, the deadline ``until`` (monotonic)
@@ -113,7 +209,7 @@ class RayQueueStub(QueueStub):
             if remaining > 0:
                 try:
                     # timeout positional: a keyword argument costs Ray's call path more
-                    return self._ask(getattr(self._actor, method).remote(*args, remaining))
+                    return self._ask(getattr(self._actor, method).remote(*args, remaining), until, method)
                 except timed_out:  # ray.util.queue's Empty/Full subclass the standard ones
                     pass
             if self._closed:
@@ -137,7 +233,7 @@ class RayQueueStub(QueueStub):
         until = None if timeout is None else time.monotonic() + timeout  # the first attempt counts
         try:
             # First (and on an unbounded queue only) attempt: the actor's plain put_nowait.
-            self._ask(self._actor.put_nowait.remote(blob))
+            self._ask(self._actor.put_nowait.remote(blob), until, "put")
         except asyncio.QueueFull:
             if timeout == 0:
                 raise queue.Full from None
@@ -148,7 +244,7 @@ class RayQueueStub(QueueStub):
     def _get(self, timeout: Optional[float]) -> Any:
         until = None if timeout is None else time.monotonic() + timeout  # the first attempt counts
         try:
-            blob = self._ask(self._actor.get_nowait.remote())
+            blob = self._ask(self._actor.get_nowait.remote(), until, "get")
         except asyncio.QueueEmpty:
             if timeout == 0:
                 raise queue.Empty from None
@@ -177,11 +273,14 @@ class RayQueueStub(QueueStub):
             )
 
     def _qsize(self) -> int:
-        n: int = self._ask(self._actor.qsize.remote())
+        n: int = self._ask(self._actor.qsize.remote(), time.monotonic(), "qsize")
         return n
 
     def _destroy(self) -> None:
         # Whether another handle destroyed it already: the actor is dead then, and the tombstone says why.
-        self._ask(self._actor.qsize.remote())
+        try:
+            self._ask(self._actor.qsize.remote(), time.monotonic(), "qsize")
+        except QueueConnectionError:
+            pass  # alive but not answering (stopped): kill it all the same, as ray_actor does (RAY13)
         _ray.mark_destroyed(self.queue_type, self._md, self._actor)
         ray.kill(self._actor, no_restart=True)

@@ -1,0 +1,299 @@
+"""ray_queue with a stopped actor: Ray's ``_QueueActor`` worker process SIGSTOPped (as a debugger, an
+overloaded host or a paused container would), then SIGCONTed (spec RAY15, E16).
+
+Before RAY15 every call waited 10 s for an answer whatever its timeout, then raised QueueActorLost
+for an actor that was alive, and the get it abandoned ran when the actor resumed: its item was lost.
+Each test here failed on that code (checked by running them against it).
+
+The actor's pid comes from the actor itself (``__ray_call__``); every stop is undone in a finally.
+``ray_queue`` has no ``batch`` capability, so ``get_many`` is not part of these tests.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import ray
+
+from sage_queue import (
+    QueueActorLost,
+    QueueClosed,
+    QueueConnectionError,
+    QueueDescriptor,
+    resolve_descriptor,
+)
+from sage_queue.backends._ray import full_name, namespace_of
+
+GRACE = 2.0
+"""RAY15's grace (ray_queue._GRACE_S; a literal so that this file also runs against older code)."""
+SLACK = 1.5
+"""Scheduling on a loaded 2-core machine, on top of the documented bound (timeout + grace)."""
+
+
+def _desc(address: str, maxsize: int = 0) -> QueueDescriptor:
+    return QueueDescriptor.create("ray_queue", f"t_{uuid.uuid4().hex[:12]}", maxsize, address=address)
+
+
+@pytest.fixture
+def made(ray_address: str) -> Iterator[list[Any]]:
+    """Handles a test opens; each queue still alive at the end is destroyed (the leak guard)."""
+    handles: list[Any] = []
+    yield handles
+    for h in handles:
+        try:
+            if h.closed:
+                h = resolve_descriptor(h.descriptor)
+            h.destroy()
+        except (QueueClosed, QueueActorLost):
+            pass
+
+
+def _open(made: list[Any], desc: QueueDescriptor) -> Any:
+    h = resolve_descriptor(desc)
+    made.append(h)
+    return h
+
+
+def _actor_pid(h: Any) -> int:
+    md = dict(h.descriptor.metadata)
+    actor = ray.get_actor(full_name("ray_queue", md), namespace=namespace_of(md))
+    pid: int = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    assert pid != os.getpid()
+    return pid
+
+
+@contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # killed meanwhile (destroy)
+            pass
+
+
+def _drain(q: Any) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        try:
+            out.append(q.get(timeout=1.0))
+        except queue.Empty:
+            return out
+
+
+def _timed(call: Any) -> tuple[BaseException | None, float]:
+    t0 = time.monotonic()
+    try:
+        call()
+    except BaseException as exc:
+        return exc, time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
+@pytest.mark.spec("RAY15", "E16")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("maxsize", [0, 3])
+def test_every_call_on_a_stopped_actor_raises_connection_error_in_time(
+    maxsize: int, ray_address: str, made: list[Any]
+) -> None:
+    """put (timeout), put_nowait, get (timeout), get_nowait, qsize on a stopped actor: each raises
+    QueueConnectionError (not Full/Empty/QueueActorLost) within its timeout + grace; after SIGCONT
+    the items the abandoned gets took are back at the head, the abandoned puts landed at most once."""
+    q = _open(made, _desc(ray_address, maxsize))
+    q.put("a")
+    q.put("b")
+    outcomes: dict[str, tuple[BaseException | None, float, float]] = {}
+    with _stopped(_actor_pid(q)):
+        for name, timeout, call in (
+            ("put", 0.3, lambda: q.put("c", timeout=0.3)),
+            ("put_nowait", 0.0, lambda: q.put_nowait("d")),
+            ("get", 0.3, lambda: q.get(timeout=0.3)),
+            ("get_nowait", 0.0, lambda: q.get_nowait()),
+            ("qsize", 0.0, lambda: q.qsize()),
+        ):
+            exc, elapsed = _timed(call)
+            outcomes[name] = (exc, elapsed, timeout)
+    time.sleep(1.5)  # the actor runs the abandoned calls; the gets' items come back
+    rest = _drain(q)
+    for name, (exc, elapsed, timeout) in outcomes.items():
+        assert isinstance(exc, QueueConnectionError), f"{name}: {exc!r}"
+        assert elapsed < timeout + GRACE + SLACK, f"{name} took {elapsed:.2f} s"
+        assert elapsed >= timeout + GRACE - 0.3, f"{name} gave up after {elapsed:.2f} s, before its grace"
+    # Each late item goes back to the head: the two come back first, in either order.
+    assert sorted(rest[:2]) == ["a", "b"], f"an item taken by an abandoned get was lost or moved: {rest}"
+    assert Counter(rest)["c"] <= 1 and Counter(rest)["d"] <= 1, rest
+    assert set(rest) <= {"a", "b", "c", "d"}, rest
+    if maxsize == 0:  # nothing stops an unbounded put: both abandoned puts landed on resume
+        assert rest[2:] == ["c", "d"], rest
+    q.put("after")
+    assert q.get(timeout=10) == "after"
+    assert q.qsize() == 0
+
+
+@pytest.mark.spec("RAY15")
+@pytest.mark.timeout(120)
+def test_a_late_item_goes_back_even_over_maxsize(ray_address: str, made: list[Any]) -> None:
+    """maxsize 1, full with "a": a get abandoned on the stopped actor takes "a" when it resumes; a put
+    of "b" from another handle fills the queue meanwhile; "a" still goes back (the queue holds 2 items
+    for a while) and puts wait until it is below maxsize again; nothing is lost."""
+    desc = _desc(ray_address, maxsize=1)
+    q, other = _open(made, desc), _open(made, desc)
+    q.put("a")
+    with _stopped(_actor_pid(q)):
+        exc, _ = _timed(lambda: q.get(timeout=0.2))
+    assert isinstance(exc, QueueConnectionError), repr(exc)
+    # Take the race out: once "a" is out (taken by the late get), "b" goes in; then "a" comes back.
+    other.put("b", timeout=10)
+    end = time.monotonic() + 10
+    while other.qsize() < 2:
+        assert time.monotonic() < end, f"the late get's item did not come back: qsize {other.qsize()}"
+        time.sleep(0.05)
+    with pytest.raises(queue.Full):
+        other.put("c", timeout=0.3)  # 2 items in a queue of maxsize 1: full until below maxsize
+    assert _drain(other) == ["a", "b"]
+    other.put("c", timeout=5)
+    assert other.get(timeout=5) == "c"
+
+
+@pytest.mark.spec("RAY15", "Q6")
+@pytest.mark.timeout(180)
+def test_64_threads_through_a_stop(ray_address: str, made: list[Any]) -> None:
+    """32 producers and 32 consumers on one handle (maxsize 8, timeouts 0.5 s); the actor is stopped
+    for 3.5 s in the middle. Nothing that raised Full is in the queue or was got; nothing is lost or
+    duplicated; no call overruns timeout + grace; calls caught by the stop raise
+    QueueConnectionError, never QueueActorLost."""
+    q = _open(made, _desc(ray_address, maxsize=8))
+    stop = threading.Event()
+    lock = threading.Lock()
+    put_ok: list[tuple[int, int]] = []
+    put_full: list[tuple[int, int]] = []
+    put_unknown: list[tuple[int, int]] = []
+    got: list[tuple[int, int]] = []
+    errors: Counter[str] = Counter()
+    overruns: list[float] = []
+
+    def record(elapsed: float, timeout: float) -> None:
+        if elapsed > timeout + GRACE + SLACK:
+            with lock:
+                overruns.append(elapsed)
+
+    def produce(p: int) -> None:
+        i = 0
+        while not stop.is_set():
+            item = (p, i)
+            i += 1
+            exc, elapsed = _timed(lambda item=item: q.put(item, timeout=0.5))
+            record(elapsed, 0.5)
+            with lock:
+                if exc is None:
+                    put_ok.append(item)
+                elif isinstance(exc, queue.Full):
+                    put_full.append(item)
+                elif isinstance(exc, QueueConnectionError):
+                    put_unknown.append(item)
+                    errors["put: QueueConnectionError"] += 1
+                else:
+                    errors[f"put: {exc!r}"] += 1
+
+    def consume() -> None:
+        while not stop.is_set():
+            box: list[Any] = []
+            exc, elapsed = _timed(lambda box=box: box.append(q.get(timeout=0.5)))
+            record(elapsed, 0.5)
+            with lock:
+                if exc is None:
+                    got.append(box[0])
+                elif isinstance(exc, QueueConnectionError):
+                    errors["get: QueueConnectionError"] += 1
+                elif not isinstance(exc, queue.Empty):
+                    errors[f"get: {exc!r}"] += 1
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(32)]
+    threads += [threading.Thread(target=consume) for _ in range(32)]
+    pid = _actor_pid(q)
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        with _stopped(pid):
+            time.sleep(3.5)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), "threads stuck on one handle"
+    unexpected = {k: v for k, v in errors.items() if "QueueConnectionError" not in k}
+    assert not unexpected, unexpected
+    assert errors["put: QueueConnectionError"] + errors["get: QueueConnectionError"] > 0, (
+        f"no call caught by a 3.5 s stop raised QueueConnectionError: {errors}"
+    )
+    assert not overruns, f"{len(overruns)} calls overran timeout + grace, the longest {max(overruns):.2f} s"
+    time.sleep(1.5)  # late answers of abandoned gets give their items back
+    rest = _drain(q)
+    seen = got + rest
+    dup = [x for x, n in Counter(seen).items() if n > 1]
+    assert not dup, f"items delivered twice: {dup[:5]}"
+    assert not set(put_full) & set(seen), "a put that raised queue.Full took effect"
+    assert set(put_ok) <= set(seen), f"lost: {sorted(set(put_ok) - set(seen))[:5]}"
+    assert set(seen) <= set(put_ok) | set(put_unknown), "an item nobody put came out"
+    assert len(put_ok) > 64 and len(got) > 64, f"hardly any load: {len(put_ok)} puts, {len(got)} gets"
+    q.put("after")
+    assert q.get(timeout=5) == "after"
+
+
+@pytest.mark.spec("RAY7", "RAY15")
+@pytest.mark.timeout(60)
+def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str, made: list[Any]) -> None:
+    """A get (no timeout) blocked on a stopped actor; a signal handler in the blocked thread closes the
+    handle: QueueClosed within a local slice plus the grace of the close; the queue works after SIGCONT
+    and an item put then is not lost to the abandoned get."""
+    assert threading.current_thread() is threading.main_thread()
+    desc = _desc(ray_address)
+    q, other = _open(made, desc), _open(made, desc)
+    times: dict[str, float] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        q.close()
+        times["closed"] = time.monotonic()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    pid = _actor_pid(q)
+    main = threading.main_thread().ident or 0
+
+    def stop_then_signal() -> None:
+        try:
+            time.sleep(0.5)  # the get found the queue empty and waits in its slices
+            os.kill(pid, signal.SIGSTOP)
+            times["stopped"] = time.monotonic()
+            time.sleep(0.5)  # the slice in flight now is one the actor will not answer
+        finally:  # whatever happened, unblock the main thread
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    sender = threading.Thread(target=stop_then_signal)
+    try:
+        sender.start()
+        exc, _ = _timed(q.get)
+        ended = time.monotonic()
+    finally:
+        sender.join(30)
+        os.kill(pid, signal.SIGCONT)
+        signal.signal(signal.SIGUSR1, previous)
+    assert type(exc) is QueueClosed, repr(exc)
+    assert "closed" in times and ended - times["closed"] < 0.1 + GRACE + SLACK, times
+    time.sleep(1.0)  # the abandoned slice runs out in the actor
+    other.put("x")
+    assert other.get(timeout=10) == "x", "the item went to the get abandoned by close()"
+    assert other.qsize() == 0
