@@ -64,10 +64,13 @@ def _open(made: list[Any], desc: QueueDescriptor) -> Any:
     return h
 
 
-def _actor_pid(h: Any) -> int:
+def _actor_of(h: Any) -> Any:
     md = dict(h.descriptor.metadata)
-    actor = ray.get_actor(full_name("ray_queue", md), namespace=namespace_of(md))
-    pid: int = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    return ray.get_actor(full_name("ray_queue", md), namespace=namespace_of(md))
+
+
+def _actor_pid(h: Any) -> int:
+    pid: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
     assert pid != os.getpid()
     return pid
 
@@ -144,12 +147,20 @@ def test_every_call_on_a_stopped_actor_raises_connection_error_in_time(
 
 @pytest.mark.spec("RAY15")
 @pytest.mark.timeout(120)
-def test_a_late_item_goes_back_even_over_maxsize(ray_address: str, made: list[Any]) -> None:
+@pytest.mark.parametrize("waited", [False, True], ids=["no-waiter-yet", "loop-bound"])
+def test_a_late_item_goes_back_even_over_maxsize(waited: bool, ray_address: str, made: list[Any]) -> None:
     """maxsize 1, full with "a": a get abandoned on the stopped actor takes "a" when it resumes; a put
     of "b" from another handle fills the queue meanwhile; "a" still goes back (the queue holds 2 items
-    for a while) and puts wait until it is below maxsize again; nothing is lost."""
+    for a while) and puts wait until it is below maxsize again; nothing is lost. ``waited``: a get
+    waited in the actor before, which binds its asyncio.Queue to the event loop, so the give-back
+    goes through the loop (call_soon_threadsafe) rather than straight into the deque."""
     desc = _desc(ray_address, maxsize=1)
     q, other = _open(made, desc), _open(made, desc)
+    if waited:
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.3)
+    bound = ray.get(_actor_of(q).__ray_call__.remote(lambda self: self.queue._loop is not None), timeout=30)
+    assert bound is waited, "the asyncio.Queue's loop binding is not what this case is about"
     q.put("a")
     with _stopped(_actor_pid(q)):
         exc, _ = _timed(lambda: q.get(timeout=0.2))
