@@ -771,6 +771,28 @@ def _until_signalled(server: http.server.ThreadingHTTPServer) -> None:
             signal.signal(sig, handler)
 
 
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments naming what ``metrics`` and ``top`` watch: descriptors, or ``--job NAME``."""
+    parser.add_argument("descriptors", nargs="*", metavar="DESCRIPTOR_JSON", help="descriptor JSON text or @FILE")
+    parser.add_argument("--job", metavar="NAME", help="only the queues of the running job(s) of this name")
+
+
+def _check_source_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.job is not None and args.descriptors:
+        parser.error("give --job NAME or descriptors, not both")
+
+
+def _report_sources(command: str, refused: list[str], job: Optional[str], *, found: bool) -> bool:
+    """Tells on stderr each source skipped (``refused``), and that no job named ``job`` runs when
+    ``--job`` found nothing: True then (the command exits with status 1)."""
+    for why in refused:
+        print(f"sage-queue {command}: skipped: {why}", file=sys.stderr)
+    if not found and job is not None:
+        print(f"sage-queue {command}: no running job named {job!r}", file=sys.stderr)
+        return True
+    return False
+
+
 def metrics_main(argv: Optional[list[str]] = None) -> int:
     """``sage-queue metrics [--job NAME | DESCRIPTOR_JSON ...] [--file PATH | --serve PORT]``."""
     parser = argparse.ArgumentParser(
@@ -778,8 +800,7 @@ def metrics_main(argv: Optional[list[str]] = None) -> int:
         description="Export the stats of running jobs' queues (or of the queues given by descriptor) as "
         "OpenMetrics text: on stdout, into a file, or served over HTTP on 127.0.0.1.",
     )
-    parser.add_argument("descriptors", nargs="*", metavar="DESCRIPTOR_JSON", help="descriptor JSON text or @FILE")
-    parser.add_argument("--job", metavar="NAME", help="only the queues of the running job(s) of this name")
+    _add_source_args(parser)
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--file", metavar="PATH", help="write the text to PATH (atomically) instead of stdout")
     out.add_argument(
@@ -792,8 +813,7 @@ def metrics_main(argv: Optional[list[str]] = None) -> int:
         help="OpenMetrics 1.0 (default) or Prometheus text format 0.0.4 (node_exporter's textfile collector)",
     )
     args = parser.parse_args(argv)
-    if args.job is not None and args.descriptors:
-        parser.error("give --job NAME or descriptors, not both")
+    _check_source_args(parser, args)
     if args.serve is not None and not 0 <= args.serve <= 65535:
         parser.error(f"--serve PORT must be in 0..65535, got {args.serve}")
     openmetrics = args.format == "openmetrics"
@@ -822,12 +842,9 @@ def metrics_main(argv: Optional[list[str]] = None) -> int:
     except QueuePermissionError as exc:
         print(f"sage-queue metrics: {exc}", file=sys.stderr)
         return 2
-    for why in refused:
-        print(f"sage-queue metrics: skipped: {why}", file=sys.stderr)
+    if _report_sources("metrics", refused, args.job, found=bool(watched)):
+        return 1
     if not watched:
-        if args.job is not None:
-            print(f"sage-queue metrics: no running job named {args.job!r}", file=sys.stderr)
-            return 1
         print("sage-queue metrics: no running job and no descriptor given: nothing to export", file=sys.stderr)
     text = render_openmetrics(Sampler().sample(watched), openmetrics=openmetrics)
     if args.file:
@@ -919,14 +936,12 @@ def top_main(argv: Optional[list[str]] = None, *, out: Optional[TextIO] = None) 
         description="Watch the queues of running jobs (or the queues given by descriptor) live: depth, rates, "
         "consumers, stalls. Redraws in place on a terminal, prints one table per interval otherwise.",
     )
-    parser.add_argument("descriptors", nargs="*", metavar="DESCRIPTOR_JSON", help="descriptor JSON text or @FILE")
-    parser.add_argument("--job", metavar="NAME", help="only the queues of the running job(s) of this name")
+    _add_source_args(parser)
     parser.add_argument("--interval", type=_positive_float, default=1.0, metavar="S", help="seconds between samples")
     parser.add_argument("--once", action="store_true", help="print one sample and exit (rates need two: shown as -)")
     parser.add_argument("--iterations", type=_positive_int, metavar="N", help="stop after N samples")
     args = parser.parse_args(argv)
-    if args.job is not None and args.descriptors:
-        parser.error("give --job NAME or descriptors, not both")
+    _check_source_args(parser, args)
     stream = sys.stdout if out is None else out
     try:
         descriptors = _read_descriptor_args(args.descriptors)
@@ -935,12 +950,9 @@ def top_main(argv: Optional[list[str]] = None, *, out: Optional[TextIO] = None) 
     except (OSError, QueuePermissionError) as exc:
         print(f"sage-queue top: {exc}", file=sys.stderr)
         return 2
-    for why in refused:
-        print(f"sage-queue top: skipped: {why}", file=sys.stderr)
+    if _report_sources("top", refused, args.job, found=bool(watch)):
+        return 1
     if not watch:
-        if args.job is not None:
-            print(f"sage-queue top: no running job named {args.job!r}", file=sys.stderr)
-            return 1
         directory = _registry_root() / "jobs"
         print(f"no running sage-queue job (running jobs publish their queues in {directory})", file=stream)
         return 0
