@@ -86,3 +86,12 @@ def fail_in(role: str, index: int, after: int, how: str, hook_role: str, hook_in
 
 def _hang() -> None:
     time.sleep(3600)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

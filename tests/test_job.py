@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import pid_alive
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.errors import QueueNotFound, UnknownQueueType
@@ -129,14 +130,6 @@ def _gone(desc: QueueDescriptor) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 needs_sage = pytest.mark.skipif(unavailable_reason("sage") is not None, reason=f"sage: {unavailable_reason('sage')}")
 
 
@@ -164,7 +157,7 @@ def test_process_pipeline_runs_and_tears_down() -> None:
     # Every queue destroyed, every worker process gone.
     assert all(_gone(d) for d in manager.descriptors.values())
     assert multiprocessing.active_children() == []
-    assert all(not _alive(e.pid) for e in result.exits if e.pid)
+    assert all(not pid_alive(e.pid) for e in result.exits if e.pid)
 
 
 @pytest.mark.spec("JOB2")
@@ -434,6 +427,24 @@ def forever_with_pid() -> Iterator[int]:
     return forever()
 
 
+def _wait_for_a_worker(proc: subprocess.Popen[str], pid_dir: Path, deadline: float, poll: float) -> None:
+    """Until a worker of the manager ``proc`` wrote its ``pid-<pid>`` file in ``pid_dir``."""
+    while not list(pid_dir.glob("pid-*")):
+        assert time.monotonic() < deadline, "the worker never started"
+        assert proc.poll() is None, "the manager ended early"
+        time.sleep(poll)
+
+
+def _leave_nothing(pids: list[int], descs: list[QueueDescriptor]) -> None:
+    """SIGKILL each live pid, destroy each queue not gone: after a failed test, nothing left behind."""
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for d in descs:
+        if not _gone(d):
+            resolve_descriptor(d).destroy()
+
+
 @needs_sage
 @pytest.mark.spec("JOB1")
 @pytest.mark.timeout(120)
@@ -449,18 +460,15 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
         assert proc.stdout is not None
         descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
         deadline = time.monotonic() + 90
-        while not list(tmp_path.glob("pid-*")):
-            assert time.monotonic() < deadline, "the worker never started"
-            assert proc.poll() is None, "the manager ended early"
-            time.sleep(0.1)
+        _wait_for_a_worker(proc, tmp_path, deadline, poll=0.1)
         worker_pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
         assert code != 0  # interrupted, not finished
         deadline = time.monotonic() + 10
-        while any(map(_alive, worker_pids)) and time.monotonic() < deadline:
+        while any(map(pid_alive, worker_pids)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(map(_alive, worker_pids))  # for SIGKILL: the worker saw its manager gone
+        assert not any(map(pid_alive, worker_pids))  # for SIGKILL: the worker saw its manager gone
         if signum == signal.SIGKILL:  # nothing ran in the manager: the queues are still there
             assert not any(_gone(d) for d in descs)
         else:
@@ -469,12 +477,7 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in worker_pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for d in descs:
-            if not _gone(d):
-                resolve_descriptor(d).destroy()
+        _leave_nothing(worker_pids, descs)
 
 
 def stubborn_forever(pid_dir: str) -> Iterator[int]:
@@ -525,10 +528,7 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         assert proc.stdout is not None
         descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
         deadline = time.monotonic() + 90
-        while not list(tmp_path.glob("pid-*")):
-            assert time.monotonic() < deadline, "the worker never started"
-            assert proc.poll() is None, "the manager ended early"
-            time.sleep(0.05)
+        _wait_for_a_worker(proc, tmp_path, deadline, poll=0.05)
         proc.send_signal(signal.SIGTERM)
         while not list(tmp_path.glob("sigterm-*")):  # the teardown has begun stopping workers
             assert time.monotonic() < deadline, "the worker never got the teardown's SIGTERM"
@@ -540,19 +540,14 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         ends = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
         assert ends == ["KeyboardInterrupt: SIGTERM"] and "During handling" not in err, err
         pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
-        assert not any(map(_alive, pids)), "a worker outlived the teardown"
+        assert not any(map(pid_alive, pids)), "a worker outlived the teardown"
         assert all(_gone(d) for d in descs)
         assert not [s for s in _segments() for d in descs if d.queue_id in s]
     finally:  # leave nothing behind, whatever failed above
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        for pid in [int(p.name[4:]) for p in tmp_path.glob("pid-*")]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for d in descs:
-            if not _gone(d):
-                resolve_descriptor(d).destroy()
+        _leave_nothing([int(p.name[4:]) for p in tmp_path.glob("pid-*")], descs)
 
 
 @needs_sage
@@ -590,7 +585,7 @@ def test_signal_held_during_teardown_is_delivered_once_it_is_complete(tmp_path: 
         assert list(tmp_path.glob("sigterm-*"))  # the SIGINT came during the teardown
         assert signal.getsignal(signal.SIGINT) is previous  # the handler found was put back
         assert all(not w.running for w in manager.workers())
-        assert not any(_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+        assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
         assert all(_gone(d) for d in manager.descriptors.values())
     finally:
         manager.teardown()
@@ -864,7 +859,7 @@ def test_transforms_sigkilled_repeatedly_lose_at_most_their_items_in_flight(seed
     assert {e.pid for e in dead} <= set(killed) and result.restarts == len(dead) >= 1
     # Each dead transform held at most one item: taken from "a", its square not yet in "b".
     assert len(produced) - len(got) <= len(dead), (len(produced) - len(got), len(dead))
-    assert all(not _alive(p) for p in killed) and multiprocessing.active_children() == []
+    assert all(not pid_alive(p) for p in killed) and multiprocessing.active_children() == []
 
 
 # -- monitoring: the running job is published -------------------------------------------------------
