@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import ray
-from ray_support import check_no_leaked_actors, leaked_actors
+from ray_support import actor_of, check_no_leaked_actors, destroy_at_end, leaked_actors, open_handle
 
 from sage_queue import (
     IncompatibleQueue,
@@ -29,7 +29,7 @@ from sage_queue import (
     QueueNotFound,
     resolve_descriptor,
 )
-from sage_queue.backends._ray import QueueActorLost, full_name, namespace_of
+from sage_queue.backends._ray import QueueActorLost
 
 BOTH = ["ray_actor", "ray_queue"]
 
@@ -40,27 +40,7 @@ def _desc(queue_type: str, address: str, maxsize: int = 0, **metadata: Any) -> Q
 
 @pytest.fixture
 def made(ray_address: str) -> Iterator[list[Any]]:
-    """Handles a test opens; each queue still alive at the end is destroyed (nothing left for the guard)."""
-    handles: list[Any] = []
-    yield handles
-    for h in handles:
-        try:
-            if h.closed:
-                h = resolve_descriptor(h.descriptor)
-            h.destroy()
-        except (QueueClosed, QueueActorLost):  # destroyed by the test, or its actor killed
-            pass
-
-
-def _open(made: list[Any], desc: QueueDescriptor) -> Any:
-    h = resolve_descriptor(desc)
-    made.append(h)
-    return h
-
-
-def _actor_of(h: Any) -> Any:
-    md = dict(h.descriptor.metadata)
-    return ray.get_actor(full_name(h.descriptor.queue_type, md), namespace=namespace_of(md))
+    yield from destroy_at_end()
 
 
 # -- Ray tasks and actors as producers and consumers (RAY2) ------------------------------------------
@@ -100,7 +80,7 @@ class Producer:
 @pytest.mark.parametrize("queue_type", BOTH)
 def test_tasks_and_actors_share_the_queue(queue_type: str, ray_address: str, made: list[Any]) -> None:
     desc = _desc(queue_type, ray_address, maxsize=5)  # bounded: producers must wait for the consumers
-    q = _open(made, desc)
+    q = open_handle(made, desc)
     consumer = Consumer.remote(desc.to_json())
     producer = Producer.remote(desc.to_json())
     try:
@@ -126,7 +106,7 @@ def test_blocked_get_never_blocks_puts_from_other_actors(ray_address: str, made:
     (the puts time out) with _QueueActor run at max_concurrency=1, i.e. one call at a time.
     """
     desc = _desc("ray_actor", ray_address)
-    q = _open(made, desc)
+    q = open_handle(made, desc)
     consumer = Consumer.remote(desc.to_json())
     producers = [Producer.remote(desc.to_json()) for _ in range(2)]
     try:
@@ -185,7 +165,7 @@ def test_concurrent_resolve_makes_one_queue(queue_type: str, ray_address: str, m
         pids = ray.get([resolve_and_put.remote(desc.to_json(), barrier_name) for _ in range(n)], timeout=60)
     finally:
         ray.kill(barrier)
-    q = _open(made, desc)
+    q = open_handle(made, desc)
     got = [q.get(timeout=5) for _ in range(n)]
     assert sorted(got) == sorted(pids), "every resolver reached the same queue"
     ours = [a for a in leaked_actors() if a.endswith(f":{desc.queue_id}")]
@@ -196,7 +176,7 @@ def test_concurrent_resolve_makes_one_queue(queue_type: str, ray_address: str, m
 @pytest.mark.parametrize("queue_type", BOTH)
 def test_other_maxsize_is_incompatible(queue_type: str, ray_address: str, made: list[Any]) -> None:
     desc = _desc(queue_type, ray_address, maxsize=3)
-    _open(made, desc)
+    open_handle(made, desc)
     other = QueueDescriptor.create(queue_type, desc.queue_id, 4, address=ray_address)
     with pytest.raises(IncompatibleQueue, match="maxsize 3"):
         resolve_descriptor(other)
@@ -246,7 +226,7 @@ def test_destroy_kills_the_actor_and_reaches_every_handle(queue_type: str, ray_a
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("queue_type", BOTH)
 def test_killed_actor_fails_fast_with_a_clear_error(queue_type: str, ray_address: str, made: list[Any]) -> None:
-    q = _open(made, _desc(queue_type, ray_address))
+    q = open_handle(made, _desc(queue_type, ray_address))
     q.put("lost")
     outcome: list[BaseException] = []
 
@@ -260,7 +240,7 @@ def test_killed_actor_fails_fast_with_a_clear_error(queue_type: str, ray_address
     t = threading.Thread(target=blocked)
     t.start()
     time.sleep(0.3)
-    ray.kill(_actor_of(q), no_restart=True)  # not destroy(): a crash, as the kill-actor fault does
+    ray.kill(actor_of(q), no_restart=True)  # not destroy(): a crash, as the kill-actor fault does
     t.join(10)
     assert not t.is_alive(), "a blocked get hung on a dead actor"
     assert len(outcome) == 1 and isinstance(outcome[0], QueueActorLost), outcome
@@ -278,7 +258,7 @@ def test_killed_actor_fails_fast_with_a_clear_error(queue_type: str, ray_address
 def test_kill_under_load_ends_every_caller(queue_type: str, ray_address: str, made: list[Any]) -> None:
     """The kill-actor fault in small: 4 producers and 4 consumers blocked without timeouts on a queue
     of 4; after the kill every one of them ends with QueueActorLost, none hangs."""
-    q = _open(made, _desc(queue_type, ray_address, maxsize=4))
+    q = open_handle(made, _desc(queue_type, ray_address, maxsize=4))
     outcomes: list[BaseException] = []
     moved = Counter[str]()
 
@@ -297,7 +277,7 @@ def test_kill_under_load_ends_every_caller(queue_type: str, ray_address: str, ma
     for t in threads:
         t.start()
     time.sleep(0.5)
-    ray.kill(_actor_of(q), no_restart=True)
+    ray.kill(actor_of(q), no_restart=True)
     for t in threads:
         t.join(15)
     assert not any(t.is_alive() for t in threads), "callers hung on a killed actor"
@@ -309,10 +289,10 @@ def test_kill_under_load_ends_every_caller(queue_type: str, ray_address: str, ma
 @pytest.mark.timeout(90)
 def test_restart_loses_items_loudly(ray_address: str, made: list[Any]) -> None:
     desc = _desc("ray_actor", ray_address, maxsize=7, max_restarts=1)
-    q = _open(made, desc)
-    other = _open(made, desc)
+    q = open_handle(made, desc)
+    other = open_handle(made, desc)
     q.put_many(["a", "b", "c"])
-    ray.kill(_actor_of(q), no_restart=False)  # Ray restarts it (max_restarts=1)
+    ray.kill(actor_of(q), no_restart=False)  # Ray restarts it (max_restarts=1)
     deadline = time.monotonic() + 30
     errors: list[str] = []
     while True:
@@ -346,7 +326,7 @@ def test_restart_loses_items_loudly(ray_address: str, made: list[Any]) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("queue_type", BOTH)
 def test_64_threads_on_one_handle(queue_type: str, ray_address: str, made: list[Any]) -> None:
-    q = _open(made, _desc(queue_type, ray_address, maxsize=8))
+    q = open_handle(made, _desc(queue_type, ray_address, maxsize=8))
     producers, consumers, per = 32, 32, 6
     got: list[list[Any]] = [[] for _ in range(consumers)]
     errors: list[BaseException] = []
@@ -387,8 +367,8 @@ def test_64_threads_on_one_handle(queue_type: str, ray_address: str, made: list[
 def test_close_from_signal_handler_in_the_blocked_thread(queue_type: str, ray_address: str, made: list[Any]) -> None:
     """The kit's signal test without its fork (a Ray connection does not survive fork, RAY11)."""
     assert threading.current_thread() is threading.main_thread()
-    get_q = _open(made, _desc(queue_type, ray_address))
-    put_q = _open(made, _desc(queue_type, ray_address, maxsize=1))
+    get_q = open_handle(made, _desc(queue_type, ray_address))
+    put_q = open_handle(made, _desc(queue_type, ray_address, maxsize=1))
     put_q.put("full")
     for what, q, call in (("get", get_q, get_q.get), ("put", put_q, lambda: put_q.put("blocked"))):
         times: dict[str, float] = {}
@@ -421,7 +401,7 @@ def test_close_from_signal_handler_in_the_blocked_thread(queue_type: str, ray_ad
 @pytest.mark.spec("RAY11")
 @pytest.mark.timeout(60)
 def test_forked_child_gets_queue_not_found(ray_address: str, made: list[Any]) -> None:
-    q = _open(made, _desc("ray_actor", ray_address))
+    q = open_handle(made, _desc("ray_actor", ray_address))
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -467,7 +447,7 @@ def test_leak_guard_fails_on_a_live_queue_actor(ray_address: str) -> None:
 
 @pytest.mark.spec("RAY5")
 def test_timeout_and_queue_full(ray_address: str, made: list[Any]) -> None:
-    q = _open(made, _desc("ray_actor", ray_address, maxsize=2))
+    q = open_handle(made, _desc("ray_actor", ray_address, maxsize=2))
     q.put_many([1, 2])
     t0 = time.monotonic()
     with pytest.raises(queue.Full):
@@ -485,7 +465,7 @@ def test_ray_queue_stats_count_what_this_handle_did(ray_address: str, made: list
     """ray_queue's stats() are per handle (scope "handle"): items and pickled bytes it put and got,
     its calls that had to wait, the items it could not pickle or unpickle; depth is the actor's."""
     desc = _desc("ray_queue", ray_address, maxsize=2)
-    a, b = _open(made, desc), _open(made, desc)
+    a, b = open_handle(made, desc), open_handle(made, desc)
     a.put("x")
     a.put(b"yy")
     s = a.stats()
@@ -503,7 +483,7 @@ def test_ray_queue_stats_count_what_this_handle_did(ray_address: str, made: list
     assert sb.bytes_in == 0 and sb.bytes_out == len(pickle.dumps("x", protocol=pickle.HIGHEST_PROTOCOL))
     with pytest.raises(TypeError):  # an unpicklable item: pickle's own error, counted, nothing put
         a.put(threading.Lock())
-    ray.get(_actor_of(a).put_nowait.remote(b"not a pickle"))  # an undecodable item, behind b"yy"
+    ray.get(actor_of(a).put_nowait.remote(b"not a pickle"))  # an undecodable item, behind b"yy"
     assert b.get(timeout=10) == b"yy"
     with pytest.raises(pickle.UnpicklingError):
         b.get(timeout=10)

@@ -19,20 +19,26 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import ray
+from ray_support import (
+    actor_of,
+    actor_pid,
+    check_64_threads_through_a_stop,
+    destroy_at_end,
+    drain,
+    open_handle,
+    stopped,
+    timed,
+)
 
 from sage_queue import (
-    QueueActorLost,
     QueueClosed,
     QueueConnectionError,
     QueueDescriptor,
-    resolve_descriptor,
 )
-from sage_queue.backends._ray import full_name, namespace_of
 
 GRACE = 2.0
 """RAY15's grace (ray_queue._GRACE_S; a literal so that this file also runs against older code)."""
@@ -46,63 +52,7 @@ def _desc(address: str, maxsize: int = 0) -> QueueDescriptor:
 
 @pytest.fixture
 def made(ray_address: str) -> Iterator[list[Any]]:
-    """Handles a test opens; each queue still alive at the end is destroyed (the leak guard)."""
-    handles: list[Any] = []
-    yield handles
-    for h in handles:
-        try:
-            if h.closed:
-                h = resolve_descriptor(h.descriptor)
-            h.destroy()
-        except (QueueClosed, QueueActorLost):
-            pass
-
-
-def _open(made: list[Any], desc: QueueDescriptor) -> Any:
-    h = resolve_descriptor(desc)
-    made.append(h)
-    return h
-
-
-def _actor_of(h: Any) -> Any:
-    md = dict(h.descriptor.metadata)
-    return ray.get_actor(full_name("ray_queue", md), namespace=namespace_of(md))
-
-
-def _actor_pid(h: Any) -> int:
-    pid: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    assert pid != os.getpid()
-    return pid
-
-
-@contextmanager
-def _stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:  # killed meanwhile (destroy)
-            pass
-
-
-def _drain(q: Any) -> list[Any]:
-    out: list[Any] = []
-    while True:
-        try:
-            out.append(q.get(timeout=1.0))
-        except queue.Empty:
-            return out
-
-
-def _timed(call: Any) -> tuple[BaseException | None, float]:
-    t0 = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - t0
-    return None, time.monotonic() - t0
+    yield from destroy_at_end()
 
 
 @pytest.mark.spec("RAY15", "E16")
@@ -114,11 +64,11 @@ def test_every_call_on_a_stopped_actor_raises_connection_error_in_time(
     """put (timeout), put_nowait, get (timeout), get_nowait, qsize on a stopped actor: each raises
     QueueConnectionError (not Full/Empty/QueueActorLost) within its timeout + grace; after SIGCONT
     the items the abandoned gets took are back at the head, the abandoned puts landed at most once."""
-    q = _open(made, _desc(ray_address, maxsize))
+    q = open_handle(made, _desc(ray_address, maxsize))
     q.put("a")
     q.put("b")
     outcomes: dict[str, tuple[BaseException | None, float, float]] = {}
-    with _stopped(_actor_pid(q)):
+    with stopped(actor_pid(q)):
         for name, timeout, call in (
             ("put", 0.3, lambda: q.put("c", timeout=0.3)),
             ("put_nowait", 0.0, lambda: q.put_nowait("d")),
@@ -126,10 +76,10 @@ def test_every_call_on_a_stopped_actor_raises_connection_error_in_time(
             ("get_nowait", 0.0, lambda: q.get_nowait()),
             ("qsize", 0.0, lambda: q.qsize()),
         ):
-            exc, elapsed = _timed(call)
+            exc, elapsed = timed(call)
             outcomes[name] = (exc, elapsed, timeout)
     time.sleep(1.5)  # the actor runs the abandoned calls; the gets' items come back
-    rest = _drain(q)
+    rest = drain(q)
     for name, (exc, elapsed, timeout) in outcomes.items():
         assert isinstance(exc, QueueConnectionError), f"{name}: {exc!r}"
         assert elapsed < timeout + GRACE + SLACK, f"{name} took {elapsed:.2f} s"
@@ -155,15 +105,15 @@ def test_a_late_item_goes_back_even_over_maxsize(waited: bool, ray_address: str,
     waited in the actor before, which binds its asyncio.Queue to the event loop, so the give-back
     goes through the loop (call_soon_threadsafe) rather than straight into the deque."""
     desc = _desc(ray_address, maxsize=1)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     if waited:
         with pytest.raises(queue.Empty):
             q.get(timeout=0.3)
-    bound = ray.get(_actor_of(q).__ray_call__.remote(lambda self: self.queue._loop is not None), timeout=30)
+    bound = ray.get(actor_of(q).__ray_call__.remote(lambda self: self.queue._loop is not None), timeout=30)
     assert bound is waited, "the asyncio.Queue's loop binding is not what this case is about"
     q.put("a")
-    with _stopped(_actor_pid(q)):
-        exc, _ = _timed(lambda: q.get(timeout=0.2))
+    with stopped(actor_pid(q)):
+        exc, _ = timed(lambda: q.get(timeout=0.2))
     assert isinstance(exc, QueueConnectionError), repr(exc)
     # Take the race out: once "a" is out (taken by the late get), "b" goes in; then "a" comes back.
     other.put("b", timeout=10)
@@ -173,7 +123,7 @@ def test_a_late_item_goes_back_even_over_maxsize(waited: bool, ray_address: str,
         time.sleep(0.05)
     with pytest.raises(queue.Full):
         other.put("c", timeout=0.3)  # 2 items in a queue of maxsize 1: full until below maxsize
-    assert _drain(other) == ["a", "b"]
+    assert drain(other) == ["a", "b"]
     other.put("c", timeout=5)
     assert other.get(timeout=5) == "c"
 
@@ -185,84 +135,8 @@ def test_64_threads_through_a_stop(ray_address: str, made: list[Any]) -> None:
     for 3.5 s in the middle. Nothing that raised Full is in the queue or was got; nothing is lost or
     duplicated; no call overruns timeout + grace; calls caught by the stop raise
     QueueConnectionError, never QueueActorLost."""
-    q = _open(made, _desc(ray_address, maxsize=8))
-    stop = threading.Event()
-    lock = threading.Lock()
-    put_ok: list[tuple[int, int]] = []
-    put_full: list[tuple[int, int]] = []
-    put_unknown: list[tuple[int, int]] = []
-    got: list[tuple[int, int]] = []
-    errors: Counter[str] = Counter()
-    overruns: list[float] = []
-
-    def record(elapsed: float, timeout: float) -> None:
-        if elapsed > timeout + GRACE + SLACK:
-            with lock:
-                overruns.append(elapsed)
-
-    def produce(p: int) -> None:
-        i = 0
-        while not stop.is_set():
-            item = (p, i)
-            i += 1
-            exc, elapsed = _timed(lambda item=item: q.put(item, timeout=0.5))
-            record(elapsed, 0.5)
-            with lock:
-                if exc is None:
-                    put_ok.append(item)
-                elif isinstance(exc, queue.Full):
-                    put_full.append(item)
-                elif isinstance(exc, QueueConnectionError):
-                    put_unknown.append(item)
-                    errors["put: QueueConnectionError"] += 1
-                else:
-                    errors[f"put: {exc!r}"] += 1
-
-    def consume() -> None:
-        while not stop.is_set():
-            box: list[Any] = []
-            exc, elapsed = _timed(lambda box=box: box.append(q.get(timeout=0.5)))
-            record(elapsed, 0.5)
-            with lock:
-                if exc is None:
-                    got.append(box[0])
-                elif isinstance(exc, QueueConnectionError):
-                    errors["get: QueueConnectionError"] += 1
-                elif not isinstance(exc, queue.Empty):
-                    errors[f"get: {exc!r}"] += 1
-
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(32)]
-    threads += [threading.Thread(target=consume) for _ in range(32)]
-    pid = _actor_pid(q)
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.5)
-        with _stopped(pid):
-            time.sleep(3.5)
-        time.sleep(2.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads), "threads stuck on one handle"
-    unexpected = {k: v for k, v in errors.items() if "QueueConnectionError" not in k}
-    assert not unexpected, unexpected
-    assert errors["put: QueueConnectionError"] + errors["get: QueueConnectionError"] > 0, (
-        f"no call caught by a 3.5 s stop raised QueueConnectionError: {errors}"
-    )
-    assert not overruns, f"{len(overruns)} calls overran timeout + grace, the longest {max(overruns):.2f} s"
-    time.sleep(1.5)  # late answers of abandoned gets give their items back
-    rest = _drain(q)
-    seen = got + rest
-    dup = [x for x, n in Counter(seen).items() if n > 1]
-    assert not dup, f"items delivered twice: {dup[:5]}"
-    assert not set(put_full) & set(seen), "a put that raised queue.Full took effect"
-    assert set(put_ok) <= set(seen), f"lost: {sorted(set(put_ok) - set(seen))[:5]}"
-    assert set(seen) <= set(put_ok) | set(put_unknown), "an item nobody put came out"
-    assert len(put_ok) > 64 and len(got) > 64, f"hardly any load: {len(put_ok)} puts, {len(got)} gets"
-    q.put("after")
-    assert q.get(timeout=5) == "after"
+    q = open_handle(made, _desc(ray_address, maxsize=8))
+    check_64_threads_through_a_stop(q, grace=GRACE, slack=SLACK, settle=1.5, batch=False)
 
 
 @pytest.mark.spec("RAY7", "RAY15")
@@ -273,7 +147,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     and an item put then is not lost to the abandoned get."""
     assert threading.current_thread() is threading.main_thread()
     desc = _desc(ray_address)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     times: dict[str, float] = {}
 
     def handler(signum: int, frame: Any) -> None:
@@ -281,7 +155,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
         times["closed"] = time.monotonic()
 
     previous = signal.signal(signal.SIGUSR1, handler)
-    pid = _actor_pid(q)
+    pid = actor_pid(q)
     main = threading.main_thread().ident or 0
 
     def stop_then_signal() -> None:
@@ -296,7 +170,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     sender = threading.Thread(target=stop_then_signal)
     try:
         sender.start()
-        exc, _ = _timed(q.get)
+        exc, _ = timed(q.get)
         ended = time.monotonic()
     finally:
         sender.join(30)

@@ -17,24 +17,29 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import ray
+from ray_support import (
+    actor_of,
+    actor_pid,
+    check_64_threads_through_a_stop,
+    destroy_at_end,
+    drain,
+    open_handle,
+    stopped,
+    timed,
+)
 
 from sage_queue import (
-    QueueActorLost,
     QueueClosed,
     QueueConnectionError,
     QueueDescriptor,
     QueueDestroyed,
-    resolve_descriptor,
 )
 from sage_queue.backends import ray_actor as ray_actor_backend
-from sage_queue.backends._ray import full_name, namespace_of
 
 GRACE = ray_actor_backend._GRACE_S
 SLACK = 1.5
@@ -47,44 +52,18 @@ def _desc(queue_type: str, address: str, maxsize: int = 0) -> QueueDescriptor:
 
 @pytest.fixture
 def made(ray_address: str) -> Iterator[list[Any]]:
-    """Handles a test opens; each queue still alive at the end is destroyed (the leak guard)."""
-    handles: list[Any] = []
-    yield handles
-    for h in handles:
-        try:
-            if h.closed:
-                h = resolve_descriptor(h.descriptor)
-            h.destroy()
-        except (QueueClosed, QueueActorLost):
-            pass
-
-
-def _open(made: list[Any], desc: QueueDescriptor) -> Any:
-    h = resolve_descriptor(desc)
-    made.append(h)
-    return h
-
-
-def _actor_of(h: Any) -> Any:
-    md = dict(h.descriptor.metadata)
-    return ray.get_actor(full_name(h.descriptor.queue_type, md), namespace=namespace_of(md))
-
-
-def _actor_pid(h: Any) -> int:
-    pid: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    assert pid != os.getpid()
-    return pid
+    yield from destroy_at_end()
 
 
 def _parked(h: Any) -> int:
     """How many calls wait inside the ray_actor actor now."""
-    n: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: len(self.waiting)), timeout=30)
+    n: int = ray.get(actor_of(h).__ray_call__.remote(lambda self: len(self.waiting)), timeout=30)
     return n
 
 
 def _dropped(h: Any) -> int:
     """How many waiters the ray_actor actor dropped as silent (their handle sent no heartbeat)."""
-    n: int = ray.get(_actor_of(h).__ray_call__.remote(lambda self: self.dropped), timeout=30)
+    n: int = ray.get(actor_of(h).__ray_call__.remote(lambda self: self.dropped), timeout=30)
     return n
 
 
@@ -95,43 +74,17 @@ def _wait_parked(h: Any, n: int) -> None:
         time.sleep(0.02)
 
 
-@contextmanager
-def _stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:  # killed meanwhile (destroy)
-            pass
-
-
 def _drain(q: Any) -> list[Any]:
-    out: list[Any] = []
-    while True:
-        try:
-            out.extend(q.get_many(1000, timeout=1.0))
-        except queue.Empty:
-            return out
-
-
-def _timed(call: Any) -> tuple[BaseException | None, float]:
-    t0 = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - t0
-    return None, time.monotonic() - t0
+    return drain(q, batch=True)
 
 
 @pytest.mark.spec("RAY13", "E16")
 @pytest.mark.timeout(120)
 def test_calls_on_a_stopped_actor_raise_connection_error_and_do_nothing(ray_address: str, made: list[Any]) -> None:
     """Old code: the put raised queue.Full 2.5 s after a 0.5 s timeout, and was enqueued on resume."""
-    q = _open(made, _desc("ray_actor", ray_address, maxsize=3))
+    q = open_handle(made, _desc("ray_actor", ray_address, maxsize=3))
     q.put("kept")
-    pid = _actor_pid(q)
+    pid = actor_pid(q)
     calls = {
         "put": lambda: q.put("late put", timeout=0.5),
         "get": lambda: q.get(timeout=0.5),
@@ -140,9 +93,9 @@ def test_calls_on_a_stopped_actor_raise_connection_error_and_do_nothing(ray_addr
         "put_nowait": lambda: q.put_nowait("late nowait"),
     }
     outcomes: dict[str, tuple[BaseException | None, float]] = {}
-    with _stopped(pid):
+    with stopped(pid):
         for name, call in calls.items():
-            outcomes[name] = _timed(call)
+            outcomes[name] = timed(call)
     for name, (exc, elapsed) in outcomes.items():
         assert isinstance(exc, QueueConnectionError), f"{name} on a stopped actor: {exc!r}, not QueueConnectionError"
         assert not isinstance(exc, queue.Full | queue.Empty)
@@ -164,17 +117,17 @@ def test_stop_while_a_call_is_parked(kind: str, ray_address: str, made: list[Any
     given up by then: it raised QueueConnectionError (old code: Empty/Full), and the item is neither
     lost nor duplicated."""
     desc = _desc("ray_actor", ray_address, maxsize=1)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     if kind == "put":
         q.put("first")
     outcome: list[tuple[BaseException | None, float]] = []
     call = (lambda: q.get(timeout=1.0)) if kind == "get" else (lambda: q.put("parked put", timeout=1.0))
-    t = threading.Thread(target=lambda: outcome.append(_timed(call)))
+    t = threading.Thread(target=lambda: outcome.append(timed(call)))
     t.start()
     _wait_parked(q, 1)
-    pid = _actor_pid(q)
+    pid = actor_pid(q)
     late: list[Any] = []
-    with _stopped(pid):
+    with stopped(pid):
         # The other handle's call reaches the actor only on resume; its own timeout outlasts the stop.
         mover = threading.Thread(
             target=lambda: late.append(other.put("x", timeout=30) if kind == "get" else other.get(timeout=30))
@@ -202,7 +155,7 @@ def test_stop_while_a_call_is_parked(kind: str, ray_address: str, made: list[Any
 def test_a_short_stop_is_only_a_delay(ray_address: str, made: list[Any]) -> None:
     """A stop shorter than the callers' timeouts changes nothing: the parked get and the put sent
     during the stop both succeed on resume (the expiry never refuses a call its caller still waits for)."""
-    q = _open(made, _desc("ray_actor", ray_address))
+    q = open_handle(made, _desc("ray_actor", ray_address))
     got: list[Any] = []
     t = threading.Thread(target=lambda: got.append(q.get(timeout=20)))
     t.start()
@@ -215,7 +168,7 @@ def test_a_short_stop_is_only_a_delay(ray_address: str, made: list[Any]) -> None
         except BaseException as exc:
             put_errors.append(exc)
 
-    with _stopped(_actor_pid(q)):
+    with stopped(actor_pid(q)):
         p = threading.Thread(target=put)
         p.start()
         time.sleep(1.0)
@@ -232,84 +185,8 @@ def test_64_threads_through_a_stop(ray_address: str, made: list[Any]) -> None:
     for 3.5 s in the middle. Nothing that raised Full is in the queue or was got; nothing is lost or
     duplicated; no call overruns timeout + grace; calls caught by the stop raise
     QueueConnectionError (old code: none did, they raised Full/Empty)."""
-    q = _open(made, _desc("ray_actor", ray_address, maxsize=8))
-    stop = threading.Event()
-    lock = threading.Lock()
-    put_ok: list[tuple[int, int]] = []
-    put_full: list[tuple[int, int]] = []
-    put_unknown: list[tuple[int, int]] = []
-    got: list[tuple[int, int]] = []
-    errors: Counter[str] = Counter()
-    overruns: list[float] = []
-
-    def record(elapsed: float, timeout: float) -> None:
-        if elapsed > timeout + GRACE + SLACK:
-            with lock:
-                overruns.append(elapsed)
-
-    def produce(p: int) -> None:
-        i = 0
-        while not stop.is_set():
-            item = (p, i)
-            i += 1
-            exc, elapsed = _timed(lambda item=item: q.put(item, timeout=0.5))
-            record(elapsed, 0.5)
-            with lock:
-                if exc is None:
-                    put_ok.append(item)
-                elif isinstance(exc, queue.Full):
-                    put_full.append(item)
-                elif isinstance(exc, QueueConnectionError):
-                    put_unknown.append(item)
-                    errors["put: QueueConnectionError"] += 1
-                else:
-                    errors[f"put: {exc!r}"] += 1
-
-    def consume() -> None:
-        while not stop.is_set():
-            box: list[Any] = []
-            exc, elapsed = _timed(lambda box=box: box.append(q.get(timeout=0.5)))
-            record(elapsed, 0.5)
-            with lock:
-                if exc is None:
-                    got.append(box[0])
-                elif isinstance(exc, QueueConnectionError):
-                    errors["get: QueueConnectionError"] += 1
-                elif not isinstance(exc, queue.Empty):
-                    errors[f"get: {exc!r}"] += 1
-
-    threads = [threading.Thread(target=produce, args=(p,)) for p in range(32)]
-    threads += [threading.Thread(target=consume) for _ in range(32)]
-    pid = _actor_pid(q)
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(1.5)
-        with _stopped(pid):
-            time.sleep(3.5)
-        time.sleep(2.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads), "threads stuck on one handle"
-    unexpected = {k: v for k, v in errors.items() if "QueueConnectionError" not in k}
-    assert not unexpected, unexpected
-    assert errors["put: QueueConnectionError"] + errors["get: QueueConnectionError"] > 0, (
-        f"no call caught by a 3.5 s stop raised QueueConnectionError: {errors}"
-    )
-    assert not overruns, f"{len(overruns)} calls overran timeout + grace, the longest {max(overruns):.2f} s"
-    time.sleep(1.0)  # late answers of abandoned gets give their items back
-    rest = _drain(q)
-    seen = got + rest
-    dup = [x for x, n in Counter(seen).items() if n > 1]
-    assert not dup, f"items delivered twice: {dup[:5]}"
-    assert not set(put_full) & set(seen), "a put that raised queue.Full took effect"
-    assert set(put_ok) <= set(seen), f"lost: {sorted(set(put_ok) - set(seen))[:5]}"
-    assert set(seen) <= set(put_ok) | set(put_unknown), "an item nobody put came out"
-    assert len(put_ok) > 64 and len(got) > 64, f"hardly any load: {len(put_ok)} puts, {len(got)} gets"
-    q.put("after")
-    assert q.get(timeout=5) == "after"
+    q = open_handle(made, _desc("ray_actor", ray_address, maxsize=8))
+    check_64_threads_through_a_stop(q, grace=GRACE, slack=SLACK, settle=1.0, batch=True)
 
 
 @pytest.mark.spec("RAY13")
@@ -318,7 +195,7 @@ def test_an_actor_clock_ahead_is_corrected_not_refused(ray_address: str, made: l
     """The handle's offset estimate made 100 s wrong (as an actor clock 100 s ahead of it would): the
     actor refuses the first call before its caller's deadline, the handle corrects the estimate and
     makes the call again; nothing fails, nothing is done twice."""
-    q = _open(made, _desc("ray_actor", ray_address))
+    q = open_handle(made, _desc("ray_actor", ray_address))
     q._skew -= 100.0
     q.put("a", timeout=10)
     assert abs(q._skew) < 5.0, "the estimate was not corrected"
@@ -333,11 +210,11 @@ def test_a_late_get_gives_its_item_back_to_the_head(ray_address: str, made: list
     """Without the expiry's protection (the handle's estimate puts the actor's clock 1000 s ahead, as an
     actor clock behind it would), a get abandoned on a stopped actor is executed on resume and takes
     the head item: the handle puts it back at the head when the late answer arrives."""
-    q = _open(made, _desc("ray_actor", ray_address))
+    q = open_handle(made, _desc("ray_actor", ray_address))
     q.put_many([1, 2, 3])
     q._skew += 1000.0
-    with _stopped(_actor_pid(q)):
-        exc, _ = _timed(lambda: q.get(timeout=0.3))
+    with stopped(actor_pid(q)):
+        exc, _ = timed(lambda: q.get(timeout=0.3))
     assert isinstance(exc, QueueConnectionError), repr(exc)
     end = time.monotonic() + 20
     while q.stats().gets != 0:  # the late get ran (gets 1), then its item came back (gets 0)
@@ -354,7 +231,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     item put after the actor resumes is not lost to the abandoned get."""
     assert threading.current_thread() is threading.main_thread()
     desc = _desc("ray_actor", ray_address)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     times: dict[str, float] = {}
 
     def handler(signum: int, frame: Any) -> None:
@@ -362,7 +239,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
         times["closed"] = time.monotonic()
 
     previous = signal.signal(signal.SIGUSR1, handler)
-    pid = _actor_pid(q)
+    pid = actor_pid(q)
     main = threading.main_thread().ident or 0
 
     def stop_then_signal() -> None:
@@ -376,7 +253,7 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     sender = threading.Thread(target=stop_then_signal)
     try:
         sender.start()
-        exc, _ = _timed(q.get)
+        exc, _ = timed(q.get)
         ended = time.monotonic()
     finally:
         sender.join(30)
@@ -395,27 +272,27 @@ def test_calls_that_do_not_wait_on_a_stopped_actor(ray_address: str, made: list[
     """qsize, stats, task_done hung (ray.get without a bound) on a stopped actor, and close() did not
     wake them: now QueueConnectionError after the grace, QueueClosed on close; destroy() kills it."""
     desc = _desc("ray_actor", ray_address)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     q.put("a")
     parked: list[tuple[BaseException | None, float]] = []
-    waiter = threading.Thread(target=lambda: parked.append(_timed(lambda: other.put_many(["b"] * 3, timeout=None))))
-    pid = _actor_pid(q)
-    with _stopped(pid):
+    waiter = threading.Thread(target=lambda: parked.append(timed(lambda: other.put_many(["b"] * 3, timeout=None))))
+    pid = actor_pid(q)
+    with stopped(pid):
         for name, call in (("qsize", q.qsize), ("stats", q.stats), ("task_done", q.task_done)):
-            exc, elapsed = _timed(call)
+            exc, elapsed = timed(call)
             assert isinstance(exc, QueueConnectionError), f"{name}: {exc!r}"
             assert elapsed < GRACE + SLACK, f"{name} took {elapsed:.2f} s"
         closer = threading.Timer(0.3, q.close)
         closer.start()
-        exc, elapsed = _timed(q.qsize)
+        exc, elapsed = timed(q.qsize)
         closer.join()
         assert type(exc) is QueueClosed and elapsed < 0.3 + 0.1 + SLACK, (exc, elapsed)
     assert other.qsize() == 1 and other.stats().puts == 1  # the actor resumed, unharmed
-    q2 = _open(made, desc)
-    with _stopped(pid):
+    q2 = open_handle(made, desc)
+    with stopped(pid):
         waiter.start()
         time.sleep(0.5)
-        exc, elapsed = _timed(q2.destroy)  # its answer never comes: the actor is killed anyway
+        exc, elapsed = timed(q2.destroy)  # its answer never comes: the actor is killed anyway
         assert exc is None and elapsed < GRACE + SLACK + 5, (exc, elapsed)
         waiter.join(30)
     assert parked and isinstance(parked[0][0], QueueDestroyed), parked
@@ -429,7 +306,7 @@ def test_live_callers_parked_long_are_not_dropped(ray_address: str, made: list[A
     """64 threads of one live handle parked in get (no timeout) for twice the stale time: the handle's
     heartbeats keep them parked (the actor counts one wait each, no re-park), and each gets an item."""
     desc = _desc("ray_actor", ray_address)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     got: list[Any] = []
     lock = threading.Lock()
 
@@ -466,7 +343,7 @@ def test_a_stopped_caller_parked_in_get_is_dropped_then_parks_again(ray_address:
     handed to it (it might be dead) but stays in the queue; resumed, it parks again unseen by its
     user and gets the next item."""
     desc = _desc("ray_actor", ray_address)
-    q = _open(made, desc)
+    q = open_handle(made, desc)
     child = subprocess.Popen(
         [sys.executable, "-c", _PARK_AND_REPORT, desc.to_json()],
         env={**os.environ, "RAY_ADDRESS": ray_address},
@@ -476,7 +353,7 @@ def test_a_stopped_caller_parked_in_get_is_dropped_then_parks_again(ray_address:
     )
     try:
         _wait_parked(q, 1)
-        with _stopped(child.pid):
+        with stopped(child.pid):
             time.sleep(ray_actor_backend._STALE_S + 1.0)
             q.put("while stopped")
             assert q.get(timeout=10) == "while stopped", "the item went to the stopped process's get"
@@ -500,12 +377,12 @@ def test_close_with_64_threads_parked_on_a_stopped_actor(ray_address: str, made:
     another thread: every thread raises QueueClosed within the grace; after the actor resumes, items
     put by another handle are all there (none handed to the abandoned gets, or they were given back)."""
     desc = _desc("ray_actor", ray_address)
-    q, other = _open(made, desc), _open(made, desc)
+    q, other = open_handle(made, desc), open_handle(made, desc)
     outcomes: list[tuple[BaseException | None, float]] = []
     lock = threading.Lock()
 
     def park() -> None:
-        result = _timed(q.get)
+        result = timed(q.get)
         with lock:
             outcomes.append(result)
 
@@ -513,7 +390,7 @@ def test_close_with_64_threads_parked_on_a_stopped_actor(ray_address: str, made:
     for t in threads:
         t.start()
     _wait_parked(other, 64)
-    with _stopped(_actor_pid(q)):
+    with stopped(actor_pid(q)):
         closed_at = time.monotonic()
         q.close()
         for t in threads:
@@ -545,7 +422,7 @@ def test_a_killed_process_parked_in_get_takes_no_later_item(timeout: str, ray_ad
     Ray does not cancel its call: the old actor handed the next item to the dead waiter, and it was
     lost. Now the waiter, silent for _STALE_S, is dropped when the item arrives."""
     desc = _desc("ray_actor", ray_address)
-    q = _open(made, desc)
+    q = open_handle(made, desc)
     child = subprocess.Popen(
         [sys.executable, "-c", _PARK_IN_CHILD, desc.to_json(), timeout],
         env={**os.environ, "RAY_ADDRESS": ray_address},
@@ -570,18 +447,13 @@ def test_a_killed_process_parked_in_get_takes_no_later_item(timeout: str, ray_ad
 @pytest.mark.spec("E16", "RAY15")
 @pytest.mark.timeout(120)
 def test_ray_queue_on_a_stopped_actor(ray_address: str, made: list[Any]) -> None:
-    q = _open(made, _desc("ray_queue", ray_address))
+    q = open_handle(made, _desc("ray_queue", ray_address))
     q.put(1)
-    with _stopped(_actor_pid(q)):
-        put = _timed(lambda: q.put(2, timeout=0.5))
-        get = _timed(lambda: q.get(timeout=0.5))
+    with stopped(actor_pid(q)):
+        put = timed(lambda: q.put(2, timeout=0.5))
+        get = timed(lambda: q.get(timeout=0.5))
     time.sleep(1.0)
-    rest: list[Any] = []  # ray_queue has no get_many (no "batch"), so not _drain
-    while True:
-        try:
-            rest.append(q.get(timeout=1.0))
-        except queue.Empty:
-            break
+    rest = drain(q)  # ray_queue has no get_many (no "batch")
     assert 1 in rest, f"the item taken by the abandoned get was lost: {rest}"
     assert rest in ([1], [1, 2]), rest
     for name, (exc, elapsed) in (("put", put), ("get", get)):
