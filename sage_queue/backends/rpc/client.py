@@ -9,16 +9,30 @@ concurrent calls.
 
 Exchange (Lazy Pirate). A request is sent with the channel's next seq; the caller then polls its
 socket in short slices (checking the handle's closed flag between them) for the matching reply.
-With no word from the server for RESEND_S, the socket is dropped and reconnected and the same
-request (same seq) sent again; the server answers a retransmission from its record (or ``pending``
-while the request is parked there), so nothing executes twice. ``pending`` answers also serve as
-a heartbeat: a call gives up with QueueConnectionError only when the server has been silent for
-``retry_timeout`` (or, for a timed call, past its timeout plus GRACE_S).
+With no word from the server for RESEND_S, the same request (same seq) is sent again on the same
+socket; only a longer silence drops the socket and connects a new one, after RECONNECT_S, then
+twice as long each time up to RECONNECT_MAX_S (a slow link needs a round trip plus a ZMTP
+handshake: reconnecting sooner would never let a connection live long enough to answer). The
+server answers a retransmission from its record (or ``pending`` while the request is parked
+there), so nothing executes twice. ``pending`` answers also serve as a heartbeat: a call gives up
+with QueueConnectionError only when the server has been silent for ``retry_timeout`` (or, for a
+timed call, past its timeout plus GRACE_S).
 
-Invariant of the pool: ``_idle``, ``_busy``, ``_ctx`` and ``_ctx_done`` change only under
-``_lock``; a channel is either in ``_idle`` or owned by exactly one running call; the context is
-terminated exactly once, by whoever sees ``closed`` with no call running (close(), or the last call
-to finish after it).
+Owed cancels. A call that gives up (or is closed) sends ``cancel`` for its request; its channel is
+then *owed*: it is not reused until the server has answered that cancel, because the request may
+still reach the server later (a partition that heals, a stopped server that resumes, a durable
+server restarted) and a get's items would stay with the abandoned channel. A settler thread
+(started only while some channel is owed) retransmits the cancels with backoff until each is
+answered; an answered channel goes back to the pool. The server answers a cancel that overtook
+its request with a tombstone, so the request never executes. After close() the settler tries for
+at most CLOSE_SETTLE_S more; a cancel not answered by then (the server unreachable) loses the
+items that request may take, as a killed consumer does (RPC12).
+
+Invariant of the pool: ``_idle``, ``_owed``, ``_settler``, ``_busy``, ``_ctx`` and ``_ctx_done``
+change only under ``_lock``; a channel is either in ``_idle``, in ``_owed``, or owned by exactly
+one thread (a running call, or the settler, which counts in ``_busy`` while it runs); the context
+is terminated exactly once, by whoever sees ``closed`` with nothing running (close(), or the last
+call or settler to finish after it).
 """
 
 from __future__ import annotations
@@ -51,7 +65,19 @@ from .wire import (
 __all__ = ["RPCQueueStub"]
 
 RESEND_S = 0.5
-"""With no word from the server for this long, reconnect and retransmit."""
+"""With no word from the server for this long, retransmit (on the same socket)."""
+RECONNECT_S = 2.0
+"""With no word from the server for this long, drop the socket and connect a new one..."""
+RECONNECT_MAX_S = 8.0
+"""...then twice as long after each new connection, up to this."""
+RESEND_MAX_BYTES = 1 << 20
+"""A request larger than this is retransmitted only on a new connection (never queued twice on one)."""
+SETTLE_WAIT_S = 1.0
+"""How long a get waits for this handle's owed cancels to be answered before it goes ahead (out of its timeout)."""
+CLOSE_SETTLE_S = 0.5
+"""After close(), how long the settler still tries to deliver owed cancels."""
+OWED_GIVE_UP_S = 600.0
+"""An owed cancel unanswered this long is given up (the channel record expires on the server anyway)."""
 HEARTBEAT_S = 2.0
 """While the server holds a request (``pending``), retransmit this often to learn it is alive."""
 GRACE_S = 2.0
@@ -81,7 +107,7 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Channel:
-    __slots__ = ("client_id", "instance", "sealer", "seq", "sock")
+    __slots__ = ("client_id", "instance", "owed", "owed_since", "sealer", "seq", "sock")
 
     def __init__(self, sock: zmq.Socket[bytes], instance: bytes, key: bytes) -> None:
         self.sock = sock
@@ -89,6 +115,9 @@ class _Channel:
         self.seq = 0
         self.instance = instance
         self.sealer = Sealer(key)  # its own: a channel is used by one thread at a time
+        self.owed = False
+        """Its request ``seq`` was given up and the server has not answered the cancel yet."""
+        self.owed_since = 0.0
 
 
 class RPCQueueStub(QueueStub):
@@ -117,6 +146,12 @@ class RPCQueueStub(QueueStub):
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._ctx_done = False
         self._idle: list[_Channel] = []
+        self._owed: list[_Channel] = []
+        self._owed_n = 0
+        """Channels owed, in _owed or the settler's hands (under _lock; read without it as a hint)."""
+        self._settled = threading.Condition(self._lock)
+        """Notified when _owed_n falls."""
+        self._settler: Optional[threading.Thread] = None
         self._busy = 0
         self._instance = NO_INSTANCE
         """The server instance last greeted (shared by new channels); written under _lock."""
@@ -153,11 +188,15 @@ class RPCQueueStub(QueueStub):
             # A forked child must not touch the parent's context (libzmq forbids it), nor wait for a lock
             # another thread of the parent held at fork time: start afresh (the child's first call).
             self._lock = threading.Lock()
+            self._settled = threading.Condition(self._lock)
             with self._lock:
                 self._forks = _forks
                 self._ctx = zmq.Context()
                 self._ctx_done = False
                 self._idle = []
+                self._owed = []
+                self._owed_n = 0
+                self._settler = None
                 self._busy = 0
         with self._lock:
             if self._closed:
@@ -179,7 +218,14 @@ class RPCQueueStub(QueueStub):
         with self._lock:
             self._busy -= 1
             if ch is not None:
-                if dead or self._closed:
+                if ch.owed:  # the settler delivers its cancel (a bounded last try if closed)
+                    self._owed.append(ch)
+                    self._owed_n += 1
+                    if self._settler is None:
+                        self._busy += 1  # the settler's, given back when it ends
+                        self._settler = threading.Thread(target=self._settle, name="sage-queue-rpc-cancel", daemon=True)
+                        self._settler.start()
+                elif dead or self._closed:
                     to_close.append(ch)
                 else:
                     self._idle.append(ch)
@@ -204,12 +250,16 @@ class RPCQueueStub(QueueStub):
             idle, self._idle = self._idle, []
             term = self._busy == 0 and not self._ctx_done
             self._ctx_done = self._ctx_done or term
+            settler = self._settler
         finally:
             self._lock.release()
         for c in idle:
             c.sock.close()
         if term:
             self._ctx.term()
+        if settler is not None and settler is not threading.current_thread():
+            # Its bounded last try at the owed cancels (we hold no lock it needs: acquired above).
+            settler.join(CLOSE_SETTLE_S + 0.5)
 
     def _raise_closed(self) -> NoReturn:
         if self._destroyed:
@@ -218,7 +268,8 @@ class RPCQueueStub(QueueStub):
 
     # -- one exchange ------------------------------------------------------------------------
 
-    def _send(self, ch: _Channel, seq: int, body: list[Any]) -> None:
+    def _send(self, ch: _Channel, seq: int, body: list[Any]) -> int:
+        """Send ``body`` as request ``seq`` (a hello first if the server is not greeted); its size."""
         if ch.instance == NO_INSTANCE:
             body, seq = ["hello"], 0  # greet first; the request follows the answer
         frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, body)
@@ -226,6 +277,7 @@ class RPCQueueStub(QueueStub):
             ch.sock.send(frame, _NOBLOCK)
         except zmq.Again:  # nothing connected and nothing queued: the next resend tries again
             pass
+        return len(frame)
 
     def _exchange(self, ch: _Channel, body: list[Any], wait: Optional[float], give_up: float) -> list[Any]:
         """Send ``body`` as the channel's next request; return the server's answer (see module doc)."""
@@ -234,7 +286,11 @@ class RPCQueueStub(QueueStub):
         start = time.monotonic()
         end = None if wait is None else start + wait + min(give_up, GRACE_S)
         last_heard = start
-        self._send(ch, seq, body)
+        quiet_from = start
+        """Since when the server's silence counts: its last word, or when a new connection began, or
+        (parked) when the next heartbeat is due."""
+        reconnect_after = RECONNECT_S
+        big = self._send(ch, seq, body) > RESEND_MAX_BYTES
         resend_at = start + RESEND_S
         while True:
             if self._closed:
@@ -251,10 +307,14 @@ class RPCQueueStub(QueueStub):
                     "it is down, unreachable, or does not share our key"
                 )
             if now >= resend_at:
-                if now - last_heard >= RESEND_S:  # silence: a new connection (Lazy Pirate)
+                if now - quiet_from >= reconnect_after:  # a long silence: a new connection (Lazy Pirate)
                     ch.sock.close()
                     ch.sock = self._new_socket()
-                self._send(ch, seq, body)
+                    quiet_from = now
+                    reconnect_after = min(2 * reconnect_after, RECONNECT_MAX_S)
+                    self._send(ch, seq, body)
+                elif not big:  # on the same socket: a slow link's answer may be on its way
+                    self._send(ch, seq, body)
                 resend_at = now + RESEND_S
             try:
                 # One blocking receive of at most SLICE_S (the socket's RCVTIMEO), GIL released: cheaper
@@ -270,42 +330,170 @@ class RPCQueueStub(QueueStub):
             if client_id != ch.client_id:
                 continue
             if got_seq == 0 and reply[0] == "ok" and len(reply) == 4:  # the answer to a hello
-                last_heard = time.monotonic()
+                last_heard = quiet_from = time.monotonic()
+                reconnect_after = RECONNECT_S
                 ch.instance = bytes(reply[1])
                 with self._lock:
                     self._instance = ch.instance
                     self._max_frame = int(reply[2])
                     self._server_durable = bool(reply[3])
-                self._send(ch, seq, body)
+                big = self._send(ch, seq, body) > RESEND_MAX_BYTES
                 resend_at = last_heard + RESEND_S
                 continue
             if got_seq != seq:
                 continue  # a late answer to an earlier request of this channel
-            last_heard = time.monotonic()
+            last_heard = quiet_from = time.monotonic()
+            reconnect_after = RECONNECT_S
             if reply[0] == "pending":
-                resend_at = last_heard + HEARTBEAT_S
+                resend_at = quiet_from = last_heard + HEARTBEAT_S
                 continue
             if reply[0] == "stale":  # the server restarted: greet the new instance, then retransmit
                 ch.instance = NO_INSTANCE
-                self._send(ch, seq, body)
+                big = self._send(ch, seq, body) > RESEND_MAX_BYTES
                 resend_at = last_heard + RESEND_S
                 continue
             answer: list[Any] = reply
             return answer
 
     def _abandon(self, ch: _Channel, seq: int) -> None:
-        """Tell the server this channel gives request ``seq`` up (closed): unpark it or return its items."""
+        """Tell the server this channel gives request ``seq`` up: unpark it or put a get's items back.
+        The channel is owed until the server answers (module doc): the settler retries the cancel."""
         if ch.instance == NO_INSTANCE:
-            return
-        frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, ["cancel"])
+            return  # never greeted: no request of it reached this server
+        self._send_cancel(ch)
+        ch.owed = True
+        ch.owed_since = time.monotonic()
+
+    def _send_cancel(self, ch: _Channel) -> None:
+        frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, ch.seq, time.time(), ch.instance, ["cancel"])
         try:
-            ch.sock.setsockopt(zmq.LINGER, 500)  # let the cancel leave before the socket closes
-            ch.sock.send(frame, zmq.NOBLOCK)
+            ch.sock.send(frame, _NOBLOCK)
         except zmq.ZMQError:
             pass
 
+    def _cancel_answered(self, ch: _Channel) -> bool:
+        """Read what the channel's socket holds; True once the server answered its cancel."""
+        while True:
+            try:
+                frame = ch.sock.recv(_NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            try:
+                client_id, got_seq, _, _, reply = ch.sealer.open(frame, REPLY_MAGIC, 1 << 62)
+            except BadFrame:
+                continue
+            if client_id != ch.client_id or got_seq != ch.seq or not reply:
+                continue
+            # ["ok"]: the cancel's answer (or a put's, which holds nothing); "cancelled": the record of a
+            # cancelled request; "stale": a server restarted without its state, the request died with it.
+            # A get's late ["ok", items] is not an answer to the cancel: it still holds them.
+            if reply == ["ok"] or reply[0] in ("cancelled", "stale"):
+                if reply[0] == "stale":
+                    ch.instance = NO_INSTANCE  # greets the new instance when it is used again
+                return True
+
+    def _settle(self) -> None:
+        """The settler thread: deliver the owed cancels (module doc), then end.
+
+        It owns the channels it took out of ``_owed``; it counts in ``_busy`` (set by whoever started
+        it), so the context outlives its sockets."""
+        mine: list[_Channel] = []
+        due: dict[int, tuple[float, float]] = {}  # id(channel) -> (next resend, its interval)
+        closed_at: Optional[float] = None
+        poller = zmq.Poller()
+        try:
+            while True:
+                with self._lock:
+                    if self._forks != _forks:
+                        return
+                    for ch in self._owed:
+                        mine.append(ch)
+                        poller.register(ch.sock, zmq.POLLIN)
+                        due[id(ch)] = (time.monotonic() + RESEND_S, RESEND_S)
+                    self._owed = []
+                    if not mine:
+                        self._settler = None
+                        return
+                    if self._closed and closed_at is None:
+                        closed_at = time.monotonic()
+                now = time.monotonic()
+                if closed_at is not None and now - closed_at > CLOSE_SETTLE_S:
+                    return  # what is still owed is lost (RPC12)
+                ready = dict(poller.poll(int(SLICE_S * 1000)))
+                now = time.monotonic()
+                keep = []
+                for ch in mine:
+                    if ch.sock in ready and self._cancel_answered(ch):
+                        poller.unregister(ch.sock)
+                        ch.owed = False
+                        self._give_back(ch)
+                        continue
+                    if now - ch.owed_since > OWED_GIVE_UP_S:
+                        poller.unregister(ch.sock)
+                        ch.sock.close()
+                        self._unowe()
+                        continue
+                    at, every = due[id(ch)]
+                    if now >= at:
+                        if every >= RECONNECT_S:  # a long silence: a new connection, as in _exchange
+                            poller.unregister(ch.sock)
+                            ch.sock.close()
+                            ch.sock = self._new_socket()
+                            poller.register(ch.sock, zmq.POLLIN)
+                        self._send_cancel(ch)
+                        every = min(2 * every, RECONNECT_MAX_S)
+                        due[id(ch)] = (now + every, every)
+                    keep.append(ch)
+                mine = keep
+        finally:
+            leftover: list[_Channel] = []
+            with self._lock:
+                # Only while it is still *the* settler: once it set _settler to None, a channel owed since
+                # belongs to the next settler.
+                if self._settler is threading.current_thread():
+                    self._settler = None
+                    leftover, self._owed = self._owed, []
+                self._owed_n -= len(mine) + len(leftover)
+                self._settled.notify_all()
+            for ch in mine + leftover:
+                ch.sock.close()
+            self._give(None)
+
+    def _give_back(self, ch: _Channel) -> None:
+        """A channel whose cancel was answered: usable again (its next request acknowledges the record)."""
+        with self._lock:
+            self._owed_n -= 1
+            self._settled.notify_all()
+            if not self._closed and self._forks == _forks:
+                self._idle.append(ch)
+                return
+        ch.sock.close()
+
+    def _unowe(self) -> None:
+        with self._lock:
+            self._owed_n -= 1
+            self._settled.notify_all()
+
+    def _await_settled(self, limit: float) -> float:
+        """Wait (at most ``limit`` s, or until closed) until no cancel of this handle is owed; the time
+        waited. A get waits so, because the items an abandoned get of this handle took go back to the
+        queue when its cancel is answered: taking newer ones first would break Q3 for this consumer."""
+        start = time.monotonic()
+        with self._settled:
+            while self._owed_n > 0 and not self._closed:
+                left = start + limit - time.monotonic()
+                if left <= 0:
+                    break
+                self._settled.wait(min(left, SLICE_S))
+        return time.monotonic() - start
+
     def _request(self, body: list[Any], wait: Optional[float]) -> list[Any]:
         """One operation on this handle's queue: an exchange, reopening after a server restart."""
+        if self._owed_n and body[0] == "get":
+            waited = self._await_settled(SETTLE_WAIT_S if wait is None else min(SETTLE_WAIT_S, wait))
+            if wait is not None:  # out of the call's own time: its bound stays timeout + GRACE_S
+                wait = max(0.0, wait - waited)
+                body = [body[0], body[1], wait]
         ch = self._take()
         dead = False
         try:

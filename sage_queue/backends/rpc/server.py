@@ -305,9 +305,12 @@ class RPCQueueServer:
             client = self._clients[client_id] = _Client(client_id)
         client.last_seen = time.monotonic()
         if op == "cancel":
-            if seq == client.seq:
+            # The client gave request ``seq`` up. It may retry this cancel (RPC9: until it is answered),
+            # and it may arrive before the request itself (a new connection overtakes one that held it):
+            # ``seq`` above the record's makes a tombstone, so the request is never executed.
+            if seq >= client.seq:
                 client.route = route
-                self._cancel(client)
+                self._cancel(client, seq)
                 self._send(route, client_id, seq, ["ok"])
             return
         if seq < client.seq or (
@@ -328,7 +331,7 @@ class RPCQueueServer:
                 self._execute(client, again)
             return
         if client.pending is not None:  # a new request while the old one waits: the old one is abandoned
-            self._cancel(client)
+            self._cancel(client, client.seq)
         client.seq = seq
         client.reply = None
         client.unparked = None
@@ -592,31 +595,62 @@ class RPCQueueServer:
         if w.client.pending is w:
             w.client.pending = None
 
-    def _cancel(self, client: _Client) -> None:
-        """The client gave its current request up (handle closed): unpark it, or return a get's items."""
-        if client.pending is not None:
-            w = client.pending
+    def _cancel(self, client: _Client, seq: int) -> None:
+        """The client gave request ``seq`` up (its call raised QueueConnectionError, or its handle was
+        closed): unpark it, or put a get's items back at the head; afterwards the record answers the
+        request "cancelled", so a copy of it still in the network never executes (RPC9, RPC12)."""
+        w = client.pending
+        if w is not None:
             self._remove_waiter(w)
-            client.reply = ["cancelled"]
-            if w.op == "put":
+            if w.op == "put":  # a smaller batch behind it may fit now
                 self._pump(w.queue)
-            return
-        if client.held is not None:
-            name, uid, taken = client.held
+        if seq > client.seq:
+            # The request has not arrived (held in the network, or lost): a tombstone. The client sent it
+            # only after the answer to seq - 1 arrived, which this therefore acknowledges.
+            client.seq = seq
             client.held = None
-            q = self._queue(name, uid)
+            client.reply = None
+        held, client.held = client.held, None
+        q = None if held is None else self._queue(held[0], held[1])
+        if client.reply is None or held is not None or w is not None:
             client.reply = ["cancelled"]
-            if q is not None:
-                if self._store is not None:
-                    self._store.begin()
-                self._requeue(q, [d for _, d in taken])
-                q.gets -= len(taken)
-                q.bytes_out -= sum(len(d) for _, d in taken)
-                if self._store is not None:
-                    self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
-                    self._store.client(client.client_id, client.seq, None, None, None)
-                    self._store.commit()
-                self._pump(q)
+        client.unparked = None
+        if self._store is not None:
+            self._store.begin()
+        if held is not None and q is not None:
+            taken = held[2]
+            self._return(q, taken)
+            q.gets -= len(taken)
+            q.bytes_out -= sum(len(d) for _, d in taken)
+            if self._store is not None:
+                self._store.counters(q.name, q.puts, q.gets, q.bytes_in, q.bytes_out)
+        if self._store is not None:
+            reply = None if client.reply is None else msgpack_module().packb(client.reply, use_bin_type=True)
+            self._store.client(client.client_id, client.seq, reply, None, None)
+            self._store.commit()
+        if q is not None:
+            self._pump(q)
+
+    def _return(self, q: _Queue, taken: list[tuple[int, bytes]]) -> None:
+        """Put a cancelled get's items back where they were: before every item put after them (inside
+        the caller's open transaction, if durable). Not simply at the head: two abandoned gets whose
+        cancels arrive in the other order must not swap their items (Q3).
+
+        Invariant: ``q.items`` is in ascending position order (puts append above every position, put-backs
+        go below the head). The returned items are merged, by their original positions, with the prefix
+        of the queue below the largest of them, and that merged run is renumbered just below the first
+        item above it, so positions stay unique (a put-back may have reused one)."""
+        top = max(p for p, _ in taken)
+        prefix: list[tuple[int, bytes]] = []
+        while q.items and q.items[0][0] <= top:
+            prefix.append(q.items.popleft())
+        merged = sorted(taken + prefix, key=lambda item: item[0])
+        above = q.items[0][0] if q.items else q.next_pos
+        back = [(above - len(merged) + i, d) for i, (_, d) in enumerate(merged)]
+        q.items.extendleft(reversed(back))
+        if self._store is not None:
+            self._store.remove_items(q.name, [p for p, _ in prefix])
+            self._store.add_items(q.name, back)
 
     def _requeue(self, q: _Queue, items: list[bytes]) -> None:
         """Put ``items`` back at the head of ``q`` (inside the caller's open transaction, if durable)."""
