@@ -8,6 +8,7 @@ and the leak guard on this library's named actors.
   prefix, spec RAY2, RAY12) in any namespace fails the run (the session fixture's teardown raises,
   after killing them so that nothing outlives the run). ``ray_support.check_no_leaked_actors()`` is the guard;
   test_ray_backends.py shows that it fails on a leaked actor.
+* ``made``: the handles a test opens with ``ray_support.open_handle``, destroyed at its end.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install sage-queue[ray])")
 
-from ray_support import check_no_leaked_actors  # noqa: E402  (needs ray: after the importorskip)
+from ray_support import check_no_leaked_actors, destroy_at_end  # noqa: E402  (needs ray: after the importorskip)
 
 _HERE = Path(__file__).resolve().parent
 
@@ -38,9 +40,10 @@ def ray_address() -> Iterator[str]:
         raise RuntimeError("Ray is already initialised in this test process; tests/ray starts its own")
     os.environ.pop("RAY_ADDRESS", None)
     # Ray workers (started by this process's raylet, with its environment) import the test modules'
-    # remote functions by reference: this directory must be on their path.
+    # remote functions by reference: this directory must be on their path, and tests/ (the job
+    # tests' stages, tests/_job_stages.py).
     path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(_HERE) if not path else f"{_HERE}{os.pathsep}{path}"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(_HERE), str(_HERE.parent), *([path] if path else [])])
     # address="local": a new instance, never the latest `ray start` cluster on this (shared) machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -52,3 +55,9 @@ def ray_address() -> Iterator[str]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = path
+
+
+@pytest.fixture
+def made(ray_address: str) -> Iterator[list[Any]]:
+    """Handles a test opens (``ray_support.open_handle``); each queue still alive at the end is destroyed."""
+    yield from destroy_at_end()

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import ray
-from _ray_job_stages import N, collect, fail_on_3, numbers, slow_numbers, square, square_with_pid
+from _helpers import pid_alive
+from _job_stages import N, collect, fail_on_3, numbers, slow_numbers, square, square_with_pid
 from ray_support import leaked_actors
 
 from sage_queue import QueueDescriptor
@@ -57,7 +58,7 @@ def test_ray_stage_between_process_and_thread_stages(ray_address: str) -> None:
         stages=[
             Stage("src", numbers, output="a", where="process"),
             Stage("square", square, input="a", output="b", where="ray", replicas=2),
-            Stage("relay", "_ray_job_stages:square", input="b", output="c", where="process"),
+            Stage("relay", "_job_stages:square", input="b", output="c", where="process"),
             Stage("sink", collect, input="c", where="thread"),
         ],
         name="ray-pipeline",
@@ -260,20 +261,12 @@ def test_teardown_of_a_process_that_joined_ray_is_quiet_and_prompt(
     assert "SIGTERM received" not in err and "logging.cc" not in err, err[-3000:]
     # The SIGTERM ended it, no SIGKILL was needed (a host worker may see its stdin end first: 70).
     assert popen.returncode in ((-signal.SIGTERM,) if where == "process" else (-signal.SIGTERM, 70))
-    assert not any(_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+    assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
     names = _actor_names(manager)
     deadline = time.monotonic() + 10
     while names & set(leaked_actors()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not names & set(leaked_actors()), "the job's queue actor outlived it"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 _MANAGER = textwrap.dedent("""
@@ -283,7 +276,7 @@ _MANAGER = textwrap.dedent("""
         job = Job(queues={{"a": QueueSpec("ray_actor", maxsize=8)}},
                   stages=[Stage("src", "_ray_job_more_stages:endless_with_pid", output="a", where="process",
                                 args={{"pid_dir": {pid_dir!r}}}),
-                          Stage("sink", "_ray_job_stages:collect", input="a", where="thread")],
+                          Stage("sink", "_job_stages:collect", input="a", where="thread")],
                   name={name!r})
         manager = JobManager(job)
         try:
@@ -318,7 +311,7 @@ def test_manager_that_joined_ray_in_run_takes_sigterm_quietly(ray_address: str, 
             proc.communicate()
     assert "SIGTERM received" not in err and "logging.cc" not in err, err[-3000:]
     assert "KeyboardInterrupt: SIGTERM" in err, err[-3000:]  # run()'s own handler, not Ray's SystemExit
-    assert not any(_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+    assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
     descs = [QueueDescriptor.from_json(t) for t in out.strip().splitlines()[-1].split(";")]
     names = {f"{namespace_of(dict(d.metadata))}/{full_name(d.queue_type, dict(d.metadata))}" for d in descs}
     assert len(names) == 1

@@ -21,24 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import pid_alive
 from _job_stages import N, collect, fail_on_3, noisy_square, numbers, slow_numbers, square, square_where
 
 from sage_queue.job import HostSpec, Job, JobFailed, JobManager, QueueSpec, Stage
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent.parent
+"""Holds _job_stages.py, which host workers import by ``module:name``."""
 ALIAS = "localhost-alias"  # a host name that is not "localhost": queues touching it are rpc
 
 
 def _local_host() -> HostSpec:
-    return HostSpec(launcher=[], env={"PYTHONPATH": str(HERE)})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return HostSpec(launcher=[], env={"PYTHONPATH": str(TESTS)})
 
 
 def _port_free(address: tuple[str, int]) -> bool:
@@ -66,9 +60,9 @@ def _pipeline(host: str, src: object = numbers, mid: object = square, policy: st
 
 def _check_torn_down(manager: JobManager, rpc_address: tuple[str, int], rpc_dir: str, pids: list[int]) -> None:
     deadline = time.monotonic() + 10
-    while any(map(_alive, pids)) and time.monotonic() < deadline:
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(map(_alive, pids)), "a worker outlived the job"
+    assert not any(map(pid_alive, pids)), "a worker outlived the job"
     assert multiprocessing.active_children() == []
     assert _port_free(rpc_address), "the job's rpc server still holds its port"
     assert not os.path.exists(rpc_dir), "the job's rpc key file was left behind"
@@ -228,7 +222,7 @@ def other_host() -> Iterator[tuple[str, HostSpec]]:
             made_link = made_link or step[:2] == ("link", "add")
         yield (
             ns,
-            HostSpec(launcher=["ip", "netns", "exec", ns], address=f"10.215.{octet}.1", env={"PYTHONPATH": str(HERE)}),
+            HostSpec(launcher=["ip", "netns", "exec", ns], address=f"10.215.{octet}.1", env={"PYTHONPATH": str(TESTS)}),
         )
     finally:
         if made_link:
@@ -296,7 +290,7 @@ _MANAGER = textwrap.dedent("""
 @pytest.mark.timeout(120)
 def test_manager_sigkilled_takes_its_host_workers_and_rpc_server_along(tmp_path: Path) -> None:
     script = tmp_path / "manager.py"
-    script.write_text(_MANAGER.format(here=str(HERE)))
+    script.write_text(_MANAGER.format(here=str(TESTS)))
     env = dict(os.environ, SAGE_JOB_TEST_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     worker_pids: list[int] = []
@@ -313,16 +307,16 @@ def test_manager_sigkilled_takes_its_host_workers_and_rpc_server_along(tmp_path:
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while (any(map(_alive, worker_pids)) or not _port_free((host, port))) and time.monotonic() < deadline:
+        while (any(map(pid_alive, worker_pids)) or not _port_free((host, port))) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(map(_alive, worker_pids)), "a host worker outlived its manager (its stdin ended)"
+        assert not any(map(pid_alive, worker_pids)), "a host worker outlived its manager (its stdin ended)"
         assert _port_free((host, port)), "the job's rpc server outlived its manager"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         for pid in worker_pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if rpc_dir is not None:  # nothing ran in the killed manager to remove its key directory
             shutil.rmtree(rpc_dir, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""Stage functions of tests/rpc/test_rpc_job.py, in a module of their own: a host worker imports
-them by ``module:name`` (its PYTHONPATH names this directory), without importing pytest."""
+"""Stage functions of the job tests on Ray and rpc hosts (tests/ray/test_ray_job.py,
+tests/rpc/test_rpc_job.py), in a module of their own, without pytest: Ray workers, spawned worker
+processes and host workers import them by ``module:name`` (tests/ray/conftest.py and the rpc tests
+put this directory on their path)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ def slow_numbers() -> Iterator[int]:
 def square(items: Iterator[int]) -> Iterator[int]:
     for x in items:
         yield x * x
+
+
+def square_with_pid(items: Iterator[int]) -> Iterator[list[int]]:
+    """[pid of this worker, x * x]: the test learns which process to kill from the stream."""
+    pid = os.getpid()
+    for x in items:
+        yield [pid, x * x]
 
 
 def collect(items: Iterator[Any]) -> list[Any]:
