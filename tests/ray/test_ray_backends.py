@@ -14,12 +14,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import ray
-from ray_support import actor_of, check_no_leaked_actors, destroy_at_end, leaked_actors, open_handle
+from ray_support import actor_of, check_no_leaked_actors, leaked_actors, open_handle
 
 from sage_queue import (
     IncompatibleQueue,
@@ -36,11 +35,6 @@ BOTH = ["ray_actor", "ray_queue"]
 
 def _desc(queue_type: str, address: str, maxsize: int = 0, **metadata: Any) -> QueueDescriptor:
     return QueueDescriptor.create(queue_type, f"t_{uuid.uuid4().hex[:12]}", maxsize, address=address, **metadata)
-
-
-@pytest.fixture
-def made(ray_address: str) -> Iterator[list[Any]]:
-    yield from destroy_at_end()
 
 
 # -- Ray tasks and actors as producers and consumers (RAY2) ------------------------------------------

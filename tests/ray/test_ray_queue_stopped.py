@@ -18,16 +18,15 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import ray
 from ray_support import (
+    SLACK,
     actor_of,
     actor_pid,
     check_64_threads_through_a_stop,
-    destroy_at_end,
     drain,
     open_handle,
     stopped,
@@ -42,17 +41,10 @@ from sage_queue import (
 
 GRACE = 2.0
 """RAY15's grace (ray_queue._GRACE_S; a literal so that this file also runs against older code)."""
-SLACK = 1.5
-"""Scheduling on a loaded 2-core machine, on top of the documented bound (timeout + grace)."""
 
 
 def _desc(address: str, maxsize: int = 0) -> QueueDescriptor:
     return QueueDescriptor.create("ray_queue", f"t_{uuid.uuid4().hex[:12]}", maxsize, address=address)
-
-
-@pytest.fixture
-def made(ray_address: str) -> Iterator[list[Any]]:
-    yield from destroy_at_end()
 
 
 @pytest.mark.spec("RAY15", "E16")

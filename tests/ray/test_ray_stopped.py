@@ -17,16 +17,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import ray
 from ray_support import (
+    SLACK,
     actor_of,
     actor_pid,
     check_64_threads_through_a_stop,
-    destroy_at_end,
     drain,
     open_handle,
     stopped,
@@ -42,17 +42,10 @@ from sage_queue import (
 from sage_queue.backends import ray_actor as ray_actor_backend
 
 GRACE = ray_actor_backend._GRACE_S
-SLACK = 1.5
-"""Scheduling on a loaded 2-core machine, on top of the documented bound (timeout + grace)."""
 
 
 def _desc(queue_type: str, address: str, maxsize: int = 0) -> QueueDescriptor:
     return QueueDescriptor.create(queue_type, f"t_{uuid.uuid4().hex[:12]}", maxsize, address=address)
-
-
-@pytest.fixture
-def made(ray_address: str) -> Iterator[list[Any]]:
-    yield from destroy_at_end()
 
 
 def _parked(h: Any) -> int:
@@ -72,6 +65,24 @@ def _wait_parked(h: Any, n: int) -> None:
     while _parked(h) < n:
         assert time.monotonic() < end, f"fewer than {n} calls parked in the actor after 30 s"
         time.sleep(0.02)
+
+
+def _park_64(call: Callable[[], Any], watch: Any) -> tuple[list[threading.Thread], list[Any]]:
+    """64 threads, each adding what ``call()`` returns to the list returned; returns once 64 calls wait
+    in the actor (as another handle, ``watch``, sees)."""
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def park() -> None:
+        result = call()
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=park) for _ in range(64)]
+    for t in threads:
+        t.start()
+    _wait_parked(watch, 64)
+    return threads, results
 
 
 def _drain(q: Any) -> list[Any]:
@@ -307,18 +318,7 @@ def test_live_callers_parked_long_are_not_dropped(ray_address: str, made: list[A
     heartbeats keep them parked (the actor counts one wait each, no re-park), and each gets an item."""
     desc = _desc("ray_actor", ray_address)
     q, other = open_handle(made, desc), open_handle(made, desc)
-    got: list[Any] = []
-    lock = threading.Lock()
-
-    def park() -> None:
-        item = q.get(timeout=60)
-        with lock:
-            got.append(item)
-
-    threads = [threading.Thread(target=park) for _ in range(64)]
-    for t in threads:
-        t.start()
-    _wait_parked(other, 64)
+    threads, got = _park_64(lambda: q.get(timeout=60), other)
     time.sleep(2 * ray_actor_backend._STALE_S)
     other.put_many(list(range(64)))
     for t in threads:
@@ -378,18 +378,7 @@ def test_close_with_64_threads_parked_on_a_stopped_actor(ray_address: str, made:
     put by another handle are all there (none handed to the abandoned gets, or they were given back)."""
     desc = _desc("ray_actor", ray_address)
     q, other = open_handle(made, desc), open_handle(made, desc)
-    outcomes: list[tuple[BaseException | None, float]] = []
-    lock = threading.Lock()
-
-    def park() -> None:
-        result = timed(q.get)
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=park) for _ in range(64)]
-    for t in threads:
-        t.start()
-    _wait_parked(other, 64)
+    threads, outcomes = _park_64(lambda: timed(q.get), other)
     with stopped(actor_pid(q)):
         closed_at = time.monotonic()
         q.close()
