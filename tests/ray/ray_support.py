@@ -212,3 +212,54 @@ def check_64_threads_through_a_stop(q: Any, *, grace: float, slack: float, settl
     assert len(put_ok) > 64 and len(got) > 64, f"hardly any load: {len(put_ok)} puts, {len(got)} gets"
     q.put("after")
     assert q.get(timeout=5) == "after"
+
+
+def check_close_from_a_signal_handler(
+    q: Any,
+    other: Any,
+    *,
+    before_stop: Callable[[], None],
+    after_stop: Callable[[], None],
+    grace: float,
+    settle: float,
+) -> None:
+    """``q.get()`` (no timeout) in this, the main thread; another thread calls ``before_stop()`` (until
+    the get waits), SIGSTOPs the actor, calls ``after_stop()``, then sends SIGUSR1 to this thread, whose
+    handler closes ``q``: the get raises QueueClosed within 0.1 s + ``grace`` (+ SLACK) of the close. After
+    SIGCONT (and ``settle`` seconds for an abandoned call to run out in the actor), an item put through
+    ``other`` is not lost to the abandoned get."""
+    assert threading.current_thread() is threading.main_thread()
+    times: dict[str, float] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        q.close()
+        times["closed"] = time.monotonic()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    pid = actor_pid(q)
+    main = threading.main_thread().ident or 0
+
+    def stop_then_signal() -> None:
+        try:
+            before_stop()
+            os.kill(pid, signal.SIGSTOP)
+            times["stopped"] = time.monotonic()
+            after_stop()
+        finally:  # whatever happened, unblock the main thread
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    sender = threading.Thread(target=stop_then_signal)
+    try:
+        sender.start()
+        exc, _ = timed(q.get)
+        ended = time.monotonic()
+    finally:
+        sender.join(30)
+        os.kill(pid, signal.SIGCONT)
+        signal.signal(signal.SIGUSR1, previous)
+    assert type(exc) is QueueClosed, repr(exc)
+    assert "closed" in times and ended - times["closed"] < 0.1 + grace + SLACK, times
+    time.sleep(settle)
+    other.put("x")
+    assert other.get(timeout=10) == "x", "the item went to the get abandoned by close()"
+    assert other.qsize() == 0

@@ -11,10 +11,7 @@ The actor's pid comes from the actor itself (``__ray_call__``); every stop is un
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -27,6 +24,7 @@ from ray_support import (
     actor_of,
     actor_pid,
     check_64_threads_through_a_stop,
+    check_close_from_a_signal_handler,
     drain,
     open_handle,
     stopped,
@@ -34,7 +32,6 @@ from ray_support import (
 )
 
 from sage_queue import (
-    QueueClosed,
     QueueConnectionError,
     QueueDescriptor,
 )
@@ -137,40 +134,13 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     """A get (no timeout) blocked on a stopped actor; a signal handler in the blocked thread closes the
     handle: QueueClosed within a local slice plus the grace of the close; the queue works after SIGCONT
     and an item put then is not lost to the abandoned get."""
-    assert threading.current_thread() is threading.main_thread()
     desc = _desc(ray_address)
     q, other = open_handle(made, desc), open_handle(made, desc)
-    times: dict[str, float] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        q.close()
-        times["closed"] = time.monotonic()
-
-    previous = signal.signal(signal.SIGUSR1, handler)
-    pid = actor_pid(q)
-    main = threading.main_thread().ident or 0
-
-    def stop_then_signal() -> None:
-        try:
-            time.sleep(0.5)  # the get found the queue empty and waits in its slices
-            os.kill(pid, signal.SIGSTOP)
-            times["stopped"] = time.monotonic()
-            time.sleep(0.5)  # the slice in flight now is one the actor will not answer
-        finally:  # whatever happened, unblock the main thread
-            signal.pthread_kill(main, signal.SIGUSR1)
-
-    sender = threading.Thread(target=stop_then_signal)
-    try:
-        sender.start()
-        exc, _ = timed(q.get)
-        ended = time.monotonic()
-    finally:
-        sender.join(30)
-        os.kill(pid, signal.SIGCONT)
-        signal.signal(signal.SIGUSR1, previous)
-    assert type(exc) is QueueClosed, repr(exc)
-    assert "closed" in times and ended - times["closed"] < 0.1 + GRACE + SLACK, times
-    time.sleep(1.0)  # the abandoned slice runs out in the actor
-    other.put("x")
-    assert other.get(timeout=10) == "x", "the item went to the get abandoned by close()"
-    assert other.qsize() == 0
+    check_close_from_a_signal_handler(
+        q,
+        other,
+        before_stop=lambda: time.sleep(0.5),  # the get found the queue empty and waits in its slices
+        after_stop=lambda: time.sleep(0.5),  # the slice in flight now is one the actor will not answer
+        grace=GRACE,
+        settle=1.0,  # the abandoned slice runs out in the actor
+    )

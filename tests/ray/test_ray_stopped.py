@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from ray_support import (
     actor_of,
     actor_pid,
     check_64_threads_through_a_stop,
+    check_close_from_a_signal_handler,
     drain,
     open_handle,
     stopped,
@@ -240,41 +240,11 @@ def test_close_from_a_signal_handler_while_the_actor_is_stopped(ray_address: str
     """A get parked (no timeout) on a stopped actor; a signal handler in the blocked thread closes the
     handle: QueueClosed within the close wake-up plus the grace (the cancel is not answered), and an
     item put after the actor resumes is not lost to the abandoned get."""
-    assert threading.current_thread() is threading.main_thread()
     desc = _desc("ray_actor", ray_address)
     q, other = open_handle(made, desc), open_handle(made, desc)
-    times: dict[str, float] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        q.close()
-        times["closed"] = time.monotonic()
-
-    previous = signal.signal(signal.SIGUSR1, handler)
-    pid = actor_pid(q)
-    main = threading.main_thread().ident or 0
-
-    def stop_then_signal() -> None:
-        try:
-            _wait_parked(other, 1)
-            os.kill(pid, signal.SIGSTOP)
-            times["stopped"] = time.monotonic()
-        finally:  # whatever happened, unblock the main thread
-            signal.pthread_kill(main, signal.SIGUSR1)
-
-    sender = threading.Thread(target=stop_then_signal)
-    try:
-        sender.start()
-        exc, _ = timed(q.get)
-        ended = time.monotonic()
-    finally:
-        sender.join(30)
-        os.kill(pid, signal.SIGCONT)
-        signal.signal(signal.SIGUSR1, previous)
-    assert type(exc) is QueueClosed, repr(exc)
-    assert "closed" in times and ended - times["closed"] < 0.1 + GRACE + SLACK, times
-    other.put("x")
-    assert other.get(timeout=10) == "x", "the item went to the get abandoned by close()"
-    assert other.qsize() == 0
+    check_close_from_a_signal_handler(
+        q, other, before_stop=lambda: _wait_parked(other, 1), after_stop=lambda: None, grace=GRACE, settle=0.0
+    )
 
 
 @pytest.mark.spec("RAY13", "E16")
