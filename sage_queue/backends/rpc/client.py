@@ -18,25 +18,31 @@ there), so nothing executes twice. ``pending`` answers also serve as a heartbeat
 with QueueConnectionError only when the server has been silent for ``retry_timeout`` (or, for a
 timed call, past its timeout plus GRACE_S).
 
-Owed cancels. A call that gives up (or is closed) sends ``cancel`` for its request; its channel is
-then *owed*: it is not reused until the server has answered that cancel, because the request may
-still reach the server later (a partition that heals, a stopped server that resumes, a durable
-server restarted) and a get's items would stay with the abandoned channel. A settler thread
-(started only while some channel is owed) retransmits the cancels with backoff until each is
-answered; an answered channel goes back to the pool. The server answers a cancel that overtook
-its request with a tombstone, so the request never executes. After close() the settler tries for
-at most CLOSE_SETTLE_S more; a cancel not answered by then (the server unreachable) loses the
-items that request may take, as a killed consumer does (RPC12).
+A get that gives up takes nothing (RPC9). Three mechanisms, for the ways its request can still
+take items after the call raised: (1) a timed put/get carries the time, on the server's clock (its
+offset measured at the hello, erring late), after which its call takes no answer, less
+LATE_MARGIN_S: a copy arriving later (held by a partition, a stopped server) is answered ``late``
+and never executed; (2) a get the server did execute (its answer was lost) leaves its channel
+*owed* "fetch" in ``_fetch``: the handle's next get retransmits that request on it, gets the
+recorded answer and returns those items first (what it did not ask for waits in ``_kept`` for the
+next gets), so they come before anything newer (Q3); (3) a put that gives up, a call closed, and at
+close() the fetch channels and the kept items, are settled by a settler thread (started only while
+some channel is owed): it retransmits ``cancel`` (or ``unget`` for kept items) with backoff until
+the server answers; an answered channel goes back to the pool. The server answers a cancel that
+overtook its request with a tombstone, so the request never executes. After close() the settler
+tries for at most CLOSE_SETTLE_S more; what is not answered by then (the server unreachable) is
+lost, as with a killed consumer (RPC12).
 
-Invariant of the pool: ``_idle``, ``_owed``, ``_settler``, ``_busy``, ``_ctx`` and ``_ctx_done``
-change only under ``_lock``; a channel is either in ``_idle``, in ``_owed``, or owned by exactly
-one thread (a running call, or the settler, which counts in ``_busy`` while it runs); the context
-is terminated exactly once, by whoever sees ``closed`` with nothing running (close(), or the last
-call or settler to finish after it).
+Invariant of the pool: ``_idle``, ``_owed``, ``_fetch``, ``_kept``, ``_settler``, ``_busy``, ``_ctx``
+and ``_ctx_done`` change only under ``_lock``; a channel is either in ``_idle``, ``_owed`` or
+``_fetch``, or owned by exactly one thread (a running call, or the settler, which counts in
+``_busy`` while it runs); the context is terminated exactly once, by whoever sees ``closed`` with
+nothing running (close(), or the last call or settler to finish after it).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -72,8 +78,9 @@ RECONNECT_MAX_S = 8.0
 """...then twice as long after each new connection, up to this."""
 RESEND_MAX_BYTES = 1 << 20
 """A request larger than this is retransmitted only on a new connection (never queued twice on one)."""
-SETTLE_WAIT_S = 1.0
-"""How long a get waits for this handle's owed cancels to be answered before it goes ahead (out of its timeout)."""
+LATE_MARGIN_S = 0.5
+"""A timed put/get must reach the server this long before its call gives up, or it is not executed: the
+time for the answer to come back."""
 CLOSE_SETTLE_S = 0.5
 """After close(), how long the settler still tries to deliver owed cancels."""
 OWED_GIVE_UP_S = 600.0
@@ -107,7 +114,7 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Channel:
-    __slots__ = ("client_id", "instance", "owed", "owed_since", "sealer", "seq", "sock")
+    __slots__ = ("client_id", "instance", "owed", "owed_body", "owed_since", "sealer", "seq", "sock")
 
     def __init__(self, sock: zmq.Socket[bytes], instance: bytes, key: bytes) -> None:
         self.sock = sock
@@ -115,8 +122,12 @@ class _Channel:
         self.seq = 0
         self.instance = instance
         self.sealer = Sealer(key)  # its own: a channel is used by one thread at a time
-        self.owed = False
-        """Its request ``seq`` was given up and the server has not answered the cancel yet."""
+        self.owed = ""
+        """Its request ``seq`` was given up and is not settled: "fetch" (a get: the handle's next get
+        retransmits it and returns its answer), "cancel" (the settler unparks it, or has its items put
+        back), "unget" (request ``seq`` puts back items the handle kept, at close)."""
+        self.owed_body: list[Any] = []
+        """The request to retransmit ("fetch", "unget")."""
         self.owed_since = 0.0
 
 
@@ -152,11 +163,18 @@ class RPCQueueStub(QueueStub):
         self._settled = threading.Condition(self._lock)
         """Notified when _owed_n falls."""
         self._settler: Optional[threading.Thread] = None
+        self._fetch: list[_Channel] = []
+        """Channels of given-up gets, for the next gets to resume (module doc; under _lock)."""
+        self._kept: collections.deque[list[bytes]] = collections.deque()
+        """Items a resumed get had taken beyond what its resumer asked: the next gets return them first
+        (under _lock)."""
         self._busy = 0
         self._instance = NO_INSTANCE
         """The server instance last greeted (shared by new channels); written under _lock."""
         self._max_frame = 0
         self._server_durable = False
+        self._offset = 0.0
+        """The server's clock minus ours (seconds, plus a trip out), measured at the last hello; under _lock."""
         self._uid = b""
         self._open_instance = NO_INSTANCE
         try:
@@ -197,6 +215,8 @@ class RPCQueueStub(QueueStub):
                 self._owed = []
                 self._owed_n = 0
                 self._settler = None
+                self._kept = collections.deque()
+                self._fetch = []
                 self._busy = 0
         with self._lock:
             if self._closed:
@@ -218,13 +238,14 @@ class RPCQueueStub(QueueStub):
         with self._lock:
             self._busy -= 1
             if ch is not None:
-                if ch.owed:  # the settler delivers its cancel (a bounded last try if closed)
+                if ch.owed == "fetch" and self._closed:
+                    ch.owed = "cancel"  # closed: its items go back to the queue (RPC12)
+                if ch.owed == "fetch":
+                    self._fetch.append(ch)
+                elif ch.owed:  # the settler delivers its cancel (a bounded last try if closed)
                     self._owed.append(ch)
                     self._owed_n += 1
-                    if self._settler is None:
-                        self._busy += 1  # the settler's, given back when it ends
-                        self._settler = threading.Thread(target=self._settle, name="sage-queue-rpc-cancel", daemon=True)
-                        self._settler.start()
+                    self._start_settler()
                 elif dead or self._closed:
                     to_close.append(ch)
                 else:
@@ -248,6 +269,13 @@ class RPCQueueStub(QueueStub):
             return
         try:
             idle, self._idle = self._idle, []
+            for ch in self._fetch:  # given-up gets no get will resume: cancelled (RPC12)
+                ch.owed = "cancel"
+                self._owed.append(ch)
+                self._owed_n += 1
+            self._fetch = []
+            if self._kept or self._owed:
+                self._start_settler()  # it puts the kept items back (and counts as busy: no term yet)
             term = self._busy == 0 and not self._ctx_done
             self._ctx_done = self._ctx_done or term
             settler = self._settler
@@ -279,12 +307,29 @@ class RPCQueueStub(QueueStub):
             pass
         return len(frame)
 
-    def _exchange(self, ch: _Channel, body: list[Any], wait: Optional[float], give_up: float) -> list[Any]:
-        """Send ``body`` as the channel's next request; return the server's answer (see module doc)."""
-        ch.seq += 1
+    def _exchange(
+        self,
+        ch: _Channel,
+        body: list[Any],
+        wait: Optional[float],
+        give_up: float,
+        stamp: bool = False,
+        resume: bool = False,
+    ) -> list[Any]:
+        """Send ``body`` as the channel's next request; return the server's answer (see module doc).
+
+        ``stamp`` (a timed put/get): append the time, on the server's clock, after which this call takes
+        no answer, less LATE_MARGIN_S; a copy of the request that reaches the server
+        later (held by a partition) is answered ``late`` and never executed (RPC9). ``resume``: retransmit
+        the channel's current request (a given-up get, module doc) instead of a new one."""
+        if not resume:
+            ch.seq += 1
         seq = ch.seq
         start = time.monotonic()
         end = None if wait is None else start + wait + min(give_up, GRACE_S)
+        if stamp and end is not None:
+            body = [*body, time.time() + self._offset + (end - start) - LATE_MARGIN_S]
+        sent = start
         last_heard = start
         quiet_from = start
         """Since when the server's silence counts: its last word, or when a new connection began, or
@@ -294,14 +339,14 @@ class RPCQueueStub(QueueStub):
         resend_at = start + RESEND_S
         while True:
             if self._closed:
-                self._abandon(ch, seq)
+                self._abandon(ch, body)
                 self._raise_closed()
             now = time.monotonic()
             if now - last_heard > give_up or (end is not None and now > end):
-                # The server may still execute the request later (it was only stopped or slow): the
-                # cancel, queued behind it, makes it unpark the request or put a get's items back at
-                # the head, so a call that gave up never takes items with it (RPC9, RPC13).
-                self._abandon(ch, seq)
+                # The server may still execute the request later (it was only stopped or slow, or a
+                # partition held the request or the answer): the channel is owed (module doc), so a
+                # call that gave up never takes items with it (RPC9).
+                self._abandon(ch, body)
                 raise QueueConnectionError(
                     f"rpc server {self._endpoint} did not answer within {give_up:g} s (request {body[0]!r}); "
                     "it is down, unreachable, or does not share our key"
@@ -315,6 +360,7 @@ class RPCQueueStub(QueueStub):
                     self._send(ch, seq, body)
                 elif not big:  # on the same socket: a slow link's answer may be on its way
                     self._send(ch, seq, body)
+                sent = now
                 resend_at = now + RESEND_S
             try:
                 # One blocking receive of at most SLICE_S (the socket's RCVTIMEO), GIL released: cheaper
@@ -324,7 +370,7 @@ class RPCQueueStub(QueueStub):
                 continue
             # One frame per turn of the loop: close() and the deadlines are checked between frames.
             try:
-                client_id, got_seq, _, _, reply = ch.sealer.open(frame, REPLY_MAGIC, 1 << 62)
+                client_id, got_seq, server_time, _, reply = ch.sealer.open(frame, REPLY_MAGIC, 1 << 62)
             except BadFrame:
                 continue  # not from our server (or damaged): ignore it
             if client_id != ch.client_id:
@@ -334,10 +380,15 @@ class RPCQueueStub(QueueStub):
                 reconnect_after = RECONNECT_S
                 ch.instance = bytes(reply[1])
                 with self._lock:
+                    # The server's clock when it answered, minus ours when we sent: the offset plus the trip
+                    # out, never less than the offset, so a deadline on the server's clock errs late (the
+                    # cancel covers that) rather than refusing requests the call still waits for.
+                    self._offset = server_time - (time.time() - (last_heard - sent))
                     self._instance = ch.instance
                     self._max_frame = int(reply[2])
                     self._server_durable = bool(reply[3])
                 big = self._send(ch, seq, body) > RESEND_MAX_BYTES
+                sent = last_heard
                 resend_at = last_heard + RESEND_S
                 continue
             if got_seq != seq:
@@ -352,17 +403,23 @@ class RPCQueueStub(QueueStub):
                 big = self._send(ch, seq, body) > RESEND_MAX_BYTES
                 resend_at = last_heard + RESEND_S
                 continue
+            if reply[0] == "late" and not resume:  # reached the server too late for us: not executed
+                raise QueueConnectionError(
+                    f"rpc server {self._endpoint}: request {body[0]!r} arrived too late to be answered in time"
+                )
             answer: list[Any] = reply
             return answer
 
-    def _abandon(self, ch: _Channel, seq: int) -> None:
-        """Tell the server this channel gives request ``seq`` up: unpark it or put a get's items back.
-        The channel is owed until the server answers (module doc): the settler retries the cancel."""
+    def _abandon(self, ch: _Channel, body: list[Any]) -> None:
+        """This channel gives its current request up: it is owed until settled (module doc)."""
         if ch.instance == NO_INSTANCE:
             return  # never greeted: no request of it reached this server
-        self._send_cancel(ch)
-        ch.owed = True
         ch.owed_since = time.monotonic()
+        if body[0] == "get" and not self._closed:
+            ch.owed, ch.owed_body = "fetch", body  # the next get resumes it: its answer, never a second take
+        else:
+            ch.owed = "cancel"
+            self._send_cancel(ch)
 
     def _send_cancel(self, ch: _Channel) -> None:
         frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, ch.seq, time.time(), ch.instance, ["cancel"])
@@ -371,67 +428,84 @@ class RPCQueueStub(QueueStub):
         except zmq.ZMQError:
             pass
 
-    def _cancel_answered(self, ch: _Channel) -> bool:
-        """Read what the channel's socket holds; True once the server answered its cancel."""
+    def _start_settler(self) -> None:
+        """Under _lock: make sure the settler runs."""
+        if self._settler is None:
+            self._busy += 1  # the settler's, given back when it ends
+            self._settler = threading.Thread(target=self._settle, name="sage-queue-rpc-settle", daemon=True)
+            self._settler.start()
+
+    def _settle_answer(self, ch: _Channel) -> Optional[list[Any]]:
+        """Read what the channel's socket holds; the answer that settles it (module doc), or None."""
         while True:
             try:
                 frame = ch.sock.recv(_NOBLOCK)
             except zmq.ZMQError:
-                return False
+                return None
             try:
                 client_id, got_seq, _, _, reply = ch.sealer.open(frame, REPLY_MAGIC, 1 << 62)
             except BadFrame:
                 continue
             if client_id != ch.client_id or got_seq != ch.seq or not reply:
                 continue
-            # ["ok"]: the cancel's answer (or a put's, which holds nothing); "cancelled": the record of a
-            # cancelled request; "stale": a server restarted without its state, the request died with it.
-            # A get's late ["ok", items] is not an answer to the cancel: it still holds them.
-            if reply == ["ok"] or reply[0] in ("cancelled", "stale"):
-                if reply[0] == "stale":
-                    ch.instance = NO_INSTANCE  # greets the new instance when it is used again
-                return True
+            if reply[0] == "stale":  # a server restarted without its state: the request died with it
+                return reply
+            if ch.owed == "cancel":
+                # ["ok"]: the cancel's answer (or a put's, which holds nothing); "cancelled": the record of a
+                # cancelled request. A get's late ["ok", items] is not: the cancel puts those items back.
+                if reply == ["ok"] or reply[0] == "cancelled":
+                    return reply
+                continue
+            if reply[0] != "pending":  # unget: done, or the queue is gone (and its items with it)
+                return reply
 
     def _settle(self) -> None:
-        """The settler thread: deliver the owed cancels (module doc), then end.
+        """The settler thread: settle the owed channels (module doc), then end.
 
-        It owns the channels it took out of ``_owed``; it counts in ``_busy`` (set by whoever started
-        it), so the context outlives its sockets."""
+        It owns the channels it took out of ``_owed`` (and of ``_kept`` at close); it counts in
+        ``_busy`` (set by whoever started it), so the context outlives its sockets."""
         mine: list[_Channel] = []
         due: dict[int, tuple[float, float]] = {}  # id(channel) -> (next resend, its interval)
         closed_at: Optional[float] = None
         poller = zmq.Poller()
         try:
             while True:
+                now = time.monotonic()
                 with self._lock:
-                    if self._forks != _forks:
-                        return
+                    if self._closed:
+                        if closed_at is None:
+                            closed_at = now
+                        while self._kept:  # items kept for gets that will not come: back to the queue
+                            items = self._kept.popleft()
+                            ch = _Channel(self._new_socket(), self._instance, self._key)
+                            ch.seq = 1
+                            ch.owed, ch.owed_since = "unget", now
+                            ch.owed_body = ["unget", self._name, self._uid, items]
+                            self._owed.append(ch)
+                            self._owed_n += 1
                     for ch in self._owed:
                         mine.append(ch)
                         poller.register(ch.sock, zmq.POLLIN)
-                        due[id(ch)] = (time.monotonic() + RESEND_S, RESEND_S)
+                        due[id(ch)] = (now, RESEND_S)
                     self._owed = []
                     if not mine:
                         self._settler = None
                         return
-                    if self._closed and closed_at is None:
-                        closed_at = time.monotonic()
-                now = time.monotonic()
                 if closed_at is not None and now - closed_at > CLOSE_SETTLE_S:
                     return  # what is still owed is lost (RPC12)
                 ready = dict(poller.poll(int(SLICE_S * 1000)))
                 now = time.monotonic()
                 keep = []
                 for ch in mine:
-                    if ch.sock in ready and self._cancel_answered(ch):
+                    answer = self._settle_answer(ch) if ch.sock in ready else None
+                    if answer is not None:
                         poller.unregister(ch.sock)
-                        ch.owed = False
-                        self._give_back(ch)
+                        self._settled_one(ch, answer)
                         continue
                     if now - ch.owed_since > OWED_GIVE_UP_S:
                         poller.unregister(ch.sock)
                         ch.sock.close()
-                        self._unowe()
+                        self._settled_one(None, [])
                         continue
                     at, every = due[id(ch)]
                     if now >= at:
@@ -440,9 +514,11 @@ class RPCQueueStub(QueueStub):
                             ch.sock.close()
                             ch.sock = self._new_socket()
                             poller.register(ch.sock, zmq.POLLIN)
-                        self._send_cancel(ch)
-                        every = min(2 * every, RECONNECT_MAX_S)
-                        due[id(ch)] = (now + every, every)
+                        if ch.owed == "cancel":
+                            self._send_cancel(ch)
+                        else:
+                            self._send(ch, ch.seq, ch.owed_body)
+                        due[id(ch)] = (now + every, min(2 * every, RECONNECT_MAX_S))
                     keep.append(ch)
                 mine = keep
         finally:
@@ -459,47 +535,65 @@ class RPCQueueStub(QueueStub):
                 ch.sock.close()
             self._give(None)
 
-    def _give_back(self, ch: _Channel) -> None:
-        """A channel whose cancel was answered: usable again (its next request acknowledges the record)."""
+    def _settled_one(self, ch: Optional[_Channel], answer: list[Any]) -> None:
+        """A channel is settled: usable again (its next request acknowledges the record), or closed."""
         with self._lock:
             self._owed_n -= 1
             self._settled.notify_all()
-            if not self._closed and self._forks == _forks:
+            if ch is None:
+                return
+            ch.owed = ""
+            if answer[0] != "stale" and not self._closed and self._forks == _forks:
                 self._idle.append(ch)
                 return
         ch.sock.close()
 
-    def _unowe(self) -> None:
+    def _take_kept(self, max_items: int) -> Optional[list[Any]]:
+        """The reply a get would have had, from the items kept for it (module doc), or None."""
         with self._lock:
-            self._owed_n -= 1
-            self._settled.notify_all()
+            if not self._kept or self._closed:
+                return None
+            items = self._kept[0]
+            out, rest = items[:max_items], items[max_items:]
+            if rest:
+                self._kept[0] = rest
+            else:
+                self._kept.popleft()
+        return ["ok", out]
 
-    def _await_settled(self, limit: float) -> float:
-        """Wait (at most ``limit`` s, or until closed) until no cancel of this handle is owed; the time
-        waited. A get waits so, because the items an abandoned get of this handle took go back to the
-        queue when its cancel is answered: taking newer ones first would break Q3 for this consumer."""
-        start = time.monotonic()
-        with self._settled:
-            while self._owed_n > 0 and not self._closed:
-                left = start + limit - time.monotonic()
-                if left <= 0:
-                    break
-                self._settled.wait(min(left, SLICE_S))
-        return time.monotonic() - start
+    def _take_fetch(self) -> Optional[_Channel]:
+        """A channel of a given-up get for this get to resume (counted busy), or None."""
+        with self._lock:
+            if not self._fetch or self._closed:
+                return None
+            self._busy += 1
+            return self._fetch.pop(0)
 
     def _request(self, body: list[Any], wait: Optional[float]) -> list[Any]:
         """One operation on this handle's queue: an exchange, reopening after a server restart."""
-        if self._owed_n and body[0] == "get":
-            waited = self._await_settled(SETTLE_WAIT_S if wait is None else min(SETTLE_WAIT_S, wait))
-            if wait is not None:  # out of the call's own time: its bound stays timeout + GRACE_S
-                wait = max(0.0, wait - waited)
-                body = [body[0], body[1], wait]
-        ch = self._take()
+        resumed = None
+        if body[0] == "get" and (self._kept or self._fetch):
+            # Order (Q3): what a given-up get of this handle took comes before anything newer.
+            kept = self._take_kept(int(body[1]))
+            if kept is not None:
+                return kept
+            resumed = self._take_fetch()
+        ch = self._take() if resumed is None else resumed
         dead = False
         try:
+            if resumed is not None:
+                ch.owed = ""
+                reply = self._exchange(ch, ch.owed_body, wait, self._retry_timeout, resume=True)
+                if reply[0] == "ok" and len(reply) == 2 and reply[1]:
+                    items = list(reply[1])
+                    if len(items) > int(body[1]):
+                        with self._lock:
+                            self._kept.append(items[int(body[1]) :])
+                    return ["ok", items[: int(body[1])]]
+                # It took nothing ("empty", "late", "cancelled", an error): this get goes ahead on it.
             for _ in range(3):
                 uid = self._uid  # one attribute read: atomic, no lock needed (written under _lock)
-                reply = self._exchange(ch, [body[0], self._name, uid, *body[1:]], wait, self._retry_timeout)
+                reply = self._exchange(ch, [body[0], self._name, uid, *body[1:]], wait, self._retry_timeout, True)
                 if reply[0] == "err" and reply[1] == "gone" and ch.instance != self._open_instance:
                     # The server restarted without its state (not durable): the queue is new and empty.
                     self._open_on(ch, self._retry_timeout)

@@ -379,7 +379,7 @@ class RPCQueueServer:
         of one item with room and no putter parked, a get of one item with an item there and no getter
         parked. Same checks, effect, counters and reply as :meth:`_execute`, which handles every other
         case (False: nothing was done). Raises what _execute raises for an ill-formed request."""
-        if len(body) != 5:
+        if len(body) != 5 and (len(body) != 6 or _late(body[5])):
             return False
         op = body[0]
         q = self._queues.get(body[1])
@@ -447,24 +447,32 @@ class RPCQueueServer:
             if 0 < q.maxsize < len(items):
                 return self._commit(client, ["err", "value", f"{len(items)} items can never fit maxsize {q.maxsize}"])
             timeout = _timeout(args[3])
+            left = _left(args)
+            if left is not None and left <= 0:
+                return self._commit(client, ["late"])
             if not q.putters and q.room(len(items)):
                 self._do_put(client, None, q, items)
                 return self._pump(q)
             if timeout == 0:
                 return self._commit(client, ["full"])
-            self._park(_Waiter(client, client.seq, "put", q, _deadline(timeout), items=items, body=body), q.putters)
+            deadline = _deadline(timeout, left)
+            self._park(_Waiter(client, client.seq, "put", q, deadline, items=items, body=body), q.putters)
         elif op == "get":
             max_items = int(args[2])
             if max_items < 1:
                 raise ValueError
             timeout = _timeout(args[3])
+            left = _left(args)
+            if left is not None and left <= 0:
+                return self._commit(client, ["late"])
             if q.items and not q.getters:
                 self._do_get(client, None, q, max_items)
                 return self._pump(q)
             if timeout == 0:
                 return self._commit(client, ["empty"])
             self._park(
-                _Waiter(client, client.seq, "get", q, _deadline(timeout), max_items=max_items, body=body), q.getters
+                _Waiter(client, client.seq, "get", q, _deadline(timeout, left), max_items=max_items, body=body),
+                q.getters,
             )
         elif op == "unget":  # items a client could not decode after them: back to the head (Q34)
             items = args[2]
@@ -813,8 +821,27 @@ def local_service(data_dir: Optional[str] = None) -> Iterator[dict[str, Any]]:
             server.stop()
 
 
-def _deadline(timeout: Optional[float]) -> Optional[float]:
+def _deadline(timeout: Optional[float], left: Optional[float] = None) -> Optional[float]:
+    """When a parked request is answered empty/full: its timeout from now, or sooner if its client gives
+    up before that (``left``, RPC9)."""
+    if left is not None:
+        timeout = left if timeout is None else min(timeout, left)
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _late(value: Any) -> bool:
+    """A put/get's last field: the time (server clock) after which its client no longer takes an answer."""
+    return value is not None and time.time() >= float(value)
+
+
+def _left(args: list[Any]) -> Optional[float]:
+    """Seconds until a put/get request's client gives up (its optional last field), or None."""
+    if len(args) < 5 or args[4] is None:
+        return None
+    left = float(args[4]) - time.time()
+    if math.isnan(left):
+        raise ValueError("bad deadline")
+    return left
 
 
 def main(argv: Optional[list[str]] = None) -> int:
