@@ -481,6 +481,50 @@ def test_cancel_returns_an_answered_get_to_the_head(rpc_server: ServerProcess, r
     raw.close()
 
 
+@pytest.mark.spec("RPC9", "RPC12")
+@pytest.mark.timeout(60)
+def test_a_cancel_that_overtakes_its_request_keeps_it_from_ever_executing(
+    rpc_server: ServerProcess, rpc_key_file: str
+) -> None:
+    # The cancel comes first (sent on a new connection, while a partition held the request): the request
+    # that arrives after it is answered "cancelled" and takes nothing; the channel carries on at seq + 1.
+    raw = RawClient(rpc_server.address, load_key(rpc_key_file))
+    raw.hello()
+    name = f"tomb_{os.getpid()}"
+    uid = raw.call(1, ["open", name, 0, True])[1]  # type: ignore[index]
+    assert raw.call(2, ["put", name, uid, [b"a", b"b"], None]) == ["ok"]
+    assert raw.call(3, ["cancel"]) == ["ok"]
+    assert raw.call(3, ["get", name, uid, 5, 0.0]) == ["cancelled"]
+    assert raw.call(4, ["get", name, uid, 5, 0.0]) == ["ok", [b"a", b"b"]]
+    assert raw.call(5, ["destroy", name, uid]) == ["ok"]
+    raw.close()
+
+
+@pytest.mark.spec("RPC9")
+@pytest.mark.timeout(60)
+def test_a_request_that_arrives_after_its_call_gave_up_is_never_executed(
+    rpc_server: ServerProcess, rpc_key_file: str
+) -> None:
+    # A timed put/get carries the time after which its client takes no answer: later, it is answered
+    # "late" and changes nothing (a get takes no item, a put enqueues none); in time, it executes.
+    raw = RawClient(rpc_server.address, load_key(rpc_key_file))
+    raw.hello()
+    name = f"late_{os.getpid()}"
+    uid = raw.call(1, ["open", name, 0, True])[1]  # type: ignore[index]
+    assert raw.call(2, ["put", name, uid, [b"a"], 1.0, time.time() + 30]) == ["ok"]
+    assert raw.call(3, ["get", name, uid, 1, 1.0, time.time() - 1]) == ["late"]
+    assert raw.call(3, ["get", name, uid, 1, 1.0, time.time() - 1]) == ["late"]  # from the record
+    assert raw.call(4, ["put", name, uid, [b"b"], 1.0, time.time() - 1]) == ["late"]
+    assert raw.call(5, ["qsize", name, uid]) == ["ok", 1]
+    assert raw.call(6, ["get", name, uid, 1, 5.0, time.time() + 30]) == ["ok", [b"a"]]
+    # A parked get is answered "empty" when its client gives up, even before its own timeout.
+    start = time.monotonic()
+    assert raw.call(7, ["get", name, uid, 1, 30.0, time.time() + 0.5]) == ["empty"]
+    assert time.monotonic() - start < 10
+    assert raw.call(8, ["destroy", name, uid]) == ["ok"]
+    raw.close()
+
+
 @pytest.mark.spec("RPC13")
 @pytest.mark.timeout(60)
 def test_destroy_reaches_blocked_and_idle_handles(rpc: RpcFactory) -> None:
