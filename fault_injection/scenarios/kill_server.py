@@ -70,8 +70,9 @@ class KillServer(Scenario):
     modes = ("descriptor",)
     types = ("rpc",)
     down_seconds = DOWN_SECONDS
-    """Range of the time the server stays dead (an instance may widen it: past a call's grace of 2.5 s, gets
-    that give up while it is down lose items: the finding of tests/rpc/test_rpc_faults.py)."""
+    """Range of the time the server stays dead (an instance may widen it: past a call's grace of 2.5 s, calls
+    give up while it is down; a get that gave up takes nothing, RPC17-RPC18, which tests/rpc/test_rpc_faults.py
+    checks with a longer outage)."""
     durable = True
     """False: a server without ``--data-dir`` (RPC11: a restart is a new, empty instance), which must lose
     items: how the tests show that this scenario's verdict can fail."""
