@@ -607,9 +607,12 @@ class RunResult(Verdict):
 
     @property
     def verdict(self) -> str:
-        if self.problems:
-            return "BROKEN" if self.report is None or self.report.judged else "no promise"
-        return "OK"
+        # An unjudged run (an anchor: nothing promised) is "no promise" whether or not it happened to go
+        # well: "OK" would read as a verdict on a queue that promised nothing. A run with no report at all
+        # (the harness aborted it) is BROKEN.
+        if self.report is not None and not self.report.judged:
+            return "no promise"
+        return "BROKEN" if self.problems else "OK"
 
     def counts(self) -> str:
         faults = f"{self.kills} kills, {self.stops} stops, " if self.kills or self.stops else ""

@@ -26,7 +26,7 @@ from fault_injection.proxy import Proxy
 from fault_injection.scenarios import all_scenarios
 from sage_queue import QueueConnectionError, resolve_descriptor
 from stress.backends import descriptor_factory, harness_backends, unavailable_reason
-from stress.checker import PROMISES, Promise
+from stress.checker import PROMISES, CheckReport, Promise
 from stress.runner import FaultContext, RunResult, Scenario, Service, Target, run, target_for
 
 FAIL_FAST_SECONDS = 10.0
@@ -103,6 +103,22 @@ def test_an_anchor_through_module_attr_is_counted_not_judged(
     assert run["seed"] == 3 and run["verdict"] == "no promise" and run["kills"] == 6
     assert run["report"]["acked"] > 0
     assert "stress.anchors:mp_queue" in capsys.readouterr().out
+
+
+def test_an_unjudged_run_is_no_promise_even_when_nothing_went_wrong() -> None:
+    # The anchor test above saw "OK" once: mp.Queue happened not to stall (no consumer was killed
+    # holding its reader lock), so the run had no problems, and an unjudged run without problems
+    # was called OK. A verdict on a queue that promised nothing must not read as a pass.
+    quiet = RunResult("stress.anchors:mp_queue", "kill-consumers", 3, report=CheckReport("none", judged=False))
+    assert quiet.verdict == "no promise"
+    stalled = RunResult("stress.anchors:mp_queue", "kill-consumers", 3, report=CheckReport("none", judged=False))
+    stalled.problems.append("deadlock")
+    assert stalled.verdict == "no promise"
+    judged = RunResult("shm", "kill-consumers", 3, report=CheckReport("shm"))
+    assert judged.verdict == "OK"
+    judged.problems.append("2 lost")
+    assert judged.verdict == "BROKEN"
+    assert RunResult("shm", "kill-consumers", 3, problems=["no worker ready"]).verdict == "BROKEN"
 
 
 @pytest.mark.timeout(60)
