@@ -722,6 +722,28 @@ class _SignalsHeld:
 _RPC_KEY_ENV = "SAGE_QUEUE_JOB_RPC_KEY"
 """The variable a host worker's rpc descriptors name (key_env) for the key of the manager's server."""
 
+JOB_DIR_PREFIX = "sageq-job-"
+"""A manager's key directory is ``$TMPDIR/sageq-job-*`` (mode 0700, JOB14)."""
+JOB_DIR_OWNER = "owner.json"
+"""The file in a key directory that names the manager's process (JOB20): ``{"version": 1, "pid": P,
+"pid_start": T}``, T the process's start time in clock ticks since boot (None where unknown)."""
+
+
+def _record_owner(directory: str) -> None:
+    """Write ``directory``'s owner record (JOB20): this process, told from a later one of the same pid
+    by its start time (the job registry's rule, ``sage_queue.monitor``). Written aside and renamed:
+    a reader sees the whole record or none."""
+    # Imported here: monitoring must not weigh on importing the job module (nor on a job without rpc).
+    from .monitor import _start_time
+
+    pid = os.getpid()
+    record = json.dumps({"version": 1, "pid": pid, "pid_start": _start_time(pid)})
+    tmp = os.path.join(directory, "." + JOB_DIR_OWNER + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(record)
+    os.replace(tmp, os.path.join(directory, JOB_DIR_OWNER))
+
 
 class JobManager:
     """Creates a job's queues, runs its workers, delivers end-of-stream, recovers or fails, tears down.
@@ -814,7 +836,10 @@ class JobManager:
                     "rpc server binds one: give the rpc queues as descriptors of a server you run"
                 )
             address = addresses.pop() if addresses else "127.0.0.1"
-            self._rpc_dir = tempfile.mkdtemp(prefix="sageq-job-")  # mode 0700
+            self._rpc_dir = tempfile.mkdtemp(prefix=JOB_DIR_PREFIX)  # mode 0700
+            # Its owner first, before the key: a manager killed by SIGKILL cannot remove the
+            # directory, and `sage-queue gc` removes it only once this record says its owner is dead.
+            _record_owner(self._rpc_dir)
             key_file = os.path.join(self._rpc_dir, "rpc.key")
             self._rpc_key_hex = generate_key_file(key_file)[1].hex()
             self._rpc_server = RPCQueueServer.spawn(host=address, key_file=key_file)

@@ -74,6 +74,7 @@ __all__ = [
     "running_jobs",
     "sample_queue",
     "sources",
+    "stale_jobs",
     "top_main",
     "unpublish_job",
 ]
@@ -155,8 +156,8 @@ def jobs_dir(create: bool = True) -> Optional[Path]:
     return jobs
 
 
-def _start_time(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid; None if unknown."""
+def _proc_stat(pid: int) -> Optional[tuple[bytes, int]]:
+    """(state letter, start time in clock ticks since boot) of a process (Linux); None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read()
@@ -165,18 +166,31 @@ def _start_time(pid: int) -> Optional[int]:
     # The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     fields = text[text.rfind(b")") + 2 :].split()
     try:
-        return int(fields[19])  # field 22, starttime
+        return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime)
     except (IndexError, ValueError):
         return None
 
 
+def _start_time(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid; None if unknown."""
+    stat_ = _proc_stat(pid)
+    return None if stat_ is None else stat_[1]
+
+
 def _alive(pid: int, pid_start: Optional[int]) -> bool:
+    """Whether process ``pid`` runs and, when ``pid_start`` is known, is the one started then.
+
+    A zombie (dead, not yet reaped: under an init that never reaps, say, one stays forever) is
+    dead: it holds no mapping and runs nothing (the C core's ``sr_pid_alive`` says the same)."""
     if not pid_alive(pid):
         return False
-    if pid_start is None:
-        return True
-    now = _start_time(pid)
-    return now is None or now == pid_start
+    stat_ = _proc_stat(pid)
+    if stat_ is None:
+        return True  # no /proc: kill(pid, 0) is all there is
+    state, now = stat_
+    if state in (b"Z", b"X"):
+        return False
+    return pid_start is None or now == pid_start
 
 
 def publish_job(
@@ -294,10 +308,24 @@ def running_jobs(name: Optional[str] = None, *, refused: Optional[list[str]] = N
     appended to ``refused`` when a list is given (and logged at WARNING). Raises
     QueuePermissionError when the registry directory itself is not trusted.
     """
+    found, _ = _scan_registry(refused, remove_stale=True)
+    return [e for e in found if name is None or e.name == name]
+
+
+def stale_jobs(*, remove: bool = False) -> list[JobEntry]:
+    """The published entries whose process is dead (or whose pid was reused): what a manager killed
+    by SIGKILL left behind. ``remove=True`` removes them (``sage-queue gc``); untrusted or
+    unreadable entries are neither returned nor removed."""
+    _, stale = _scan_registry(None, remove_stale=remove)
+    return stale
+
+
+def _scan_registry(refused: Optional[list[str]], *, remove_stale: bool) -> tuple[list[JobEntry], list[JobEntry]]:
+    """(live entries oldest first, stale entries); the stale ones removed when ``remove_stale``."""
     directory = jobs_dir(create=False)
     if directory is None:
-        return []
-    found = []
+        return [], []
+    found, stale = [], []
     for path in sorted(directory.glob("*.json")):
         if path.name.startswith(".tmp-"):
             continue
@@ -311,18 +339,19 @@ def running_jobs(name: Optional[str] = None, *, refused: Optional[list[str]] = N
                 refused.append(str(exc))
             continue
         if not _alive(entry.pid, entry.pid_start):
-            log.info(
-                "job registry: removing stale entry %s (pid %d is gone)",
-                path,
-                entry.pid,
-                extra={"job": entry.name, "pid": entry.pid, "path": str(path)},
-            )
-            _unlink(path)
+            if remove_stale:
+                log.info(
+                    "job registry: removing stale entry %s (pid %d is gone)",
+                    path,
+                    entry.pid,
+                    extra={"job": entry.name, "pid": entry.pid, "path": str(path)},
+                )
+                _unlink(path)
+            stale.append(entry)
             continue
-        if name is None or entry.name == name:
-            found.append(entry)
+        found.append(entry)
     found.sort(key=lambda e: (e.started, e.name))
-    return found
+    return found, stale
 
 
 def _unlink(path: Path) -> bool:

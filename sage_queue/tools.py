@@ -12,29 +12,51 @@ print or act on the result.
 and shows its ``stats()``, or that it is gone.
 
 ``gc`` removes a segment only when it is an *orphan*: every pid recorded in its header
-is dead (``SegmentInfo.orphan``), its backend could describe it, it does not say its pid
+is dead (a zombie, dead but never reaped, counts as dead), its backend could describe it, it does not say its pid
 list is incomplete, and it is older than ``--min-age`` seconds (a segment whose creator
 is still writing its header has no pid yet).
+
+``gc`` also removes what a job manager killed by SIGKILL leaves behind (spec/job.md JOB20):
+its key directory ``$TMPDIR/sageq-job-*`` once the owner record in it says that its manager
+is dead, and its stale entry in the job registry (``sage_queue.monitor.stale_jobs``). Its
+shm/sage queues are orphans once its workers are gone (they exit within about a second of
+their manager, JOB1). Only directories of our uid, mode 0700, not symbolic links, with an
+owner record that is ours are judged by that record; anything else is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
+import shutil
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from . import _segment, monitor
 from ._segment import SegmentInfo
 from .descriptor import QueueDescriptor
-from .errors import DescriptorError
+from .errors import DescriptorError, QueuePermissionError
+from .job import JOB_DIR_OWNER, JOB_DIR_PREFIX
 
-__all__ = ["ls_main", "gc_main", "inspect_main", "describe", "collect_orphans", "SEGMENT_MODULES"]
+__all__ = [
+    "ls_main",
+    "gc_main",
+    "inspect_main",
+    "describe",
+    "collect_orphans",
+    "collect_job_dirs",
+    "job_dirs",
+    "JobDirInfo",
+    "SEGMENT_MODULES",
+]
 
 SEGMENT_MODULES = {"shm": "sage_queue.backends.shm", "sage": "sage_queue.backends.sage"}
 """Segment kind -> module providing ``describe_segment`` (and optionally ``remove_segment``)."""
@@ -87,11 +109,11 @@ def _removable(info: SegmentInfo, min_age: float) -> Optional[str]:
         return info.note
     if _INCOMPLETE in info.note:
         return "its pid list is incomplete"
-    live = [pid for pid in info.attached_pids if _segment.pid_alive(pid)]
+    # Not info.orphan: _segment.pid_alive counts a zombie (a killed worker its parent never reaped,
+    # e.g. re-parented to an init that does not reap) as alive, which would keep its queue forever.
+    live = [pid for pid in info.attached_pids if monitor._alive(pid, None)]
     if live:
         return f"live pids {live}"
-    if not info.orphan:
-        return "not an orphan"
     age = _age(info.kind, info.name)
     if age < min_age:
         return f"younger than {min_age} s ({age:.1f} s): its creator may still be initialising it"
@@ -115,10 +137,142 @@ def collect_orphans(kind: Optional[str] = None, *, min_age: float = 2.0, dry_run
     return removed
 
 
+# -- a killed manager's key directory (JOB20) ----------------------------------------------------------
+
+EMPTY_JOB_DIR_AGE_S = 3600.0
+"""A key directory with no owner record is removed only when it is empty (its manager died between
+making it and writing the record, microseconds) and untouched for this long; otherwise it is kept."""
+_OWNER_TMP = "." + JOB_DIR_OWNER + ".tmp"
+_MAX_OWNER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class JobDirInfo:
+    """A job manager's key directory as ``sage-queue gc`` judges it."""
+
+    path: str
+    owner_pid: Optional[int]
+    """The manager's pid from the owner record; None when there is no trusted record."""
+    kept: Optional[str]
+    """Why gc leaves it alone; None when it may be removed."""
+    why: str = ""
+    """Why it may be removed (when ``kept`` is None)."""
+
+
+def _read_owner(dir_fd: int) -> Optional[tuple[int, Optional[int]]]:
+    """(pid, start time) from the owner record in the directory ``dir_fd``; None when it has none;
+    ValueError (naming the fault) when the record is not trusted or not one."""
+    try:
+        fd = os.open(JOB_DIR_OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("its owner record is a symbolic link") from None
+        raise ValueError(f"its owner record cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        # Checked on the opened descriptor: what is checked is what is read.
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("its owner record is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ValueError(f"its owner record is owned by uid {st.st_uid}")
+        if st.st_mode & 0o022:
+            raise ValueError(f"its owner record has mode {st.st_mode & 0o777:04o} (group/others may write it)")
+        raw = f.read(_MAX_OWNER_BYTES + 1)
+    try:
+        if len(raw) > _MAX_OWNER_BYTES:
+            raise ValueError("too long")
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise ValueError("not a version-1 owner record")
+        pid, start = data["pid"], data.get("pid_start")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"bad pid {pid!r}")
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
+            raise ValueError(f"bad pid_start {start!r}")
+    except (KeyError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"its owner record is corrupt ({exc})") from None
+    return pid, start
+
+
+def _judge_job_dir(base: str, base_fd: int, name: str) -> JobDirInfo:
+    path = os.path.join(base, name)
+    try:
+        st = os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return JobDirInfo(path, None, "gone meanwhile")
+    if not stat.S_ISDIR(st.st_mode):
+        return JobDirInfo(path, None, "not a directory (a symbolic link?): not a job manager's")
+    if st.st_uid != os.geteuid():
+        return JobDirInfo(path, None, f"owned by uid {st.st_uid}, not by us: never touched")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        return JobDirInfo(path, None, f"mode {stat.S_IMODE(st.st_mode):04o}, not 0700: not a job manager's")
+    try:
+        dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
+    except OSError as exc:
+        return JobDirInfo(path, None, f"cannot open it ({exc.strerror})")
+    try:
+        if (os.fstat(dir_fd).st_ino, os.fstat(dir_fd).st_dev) != (st.st_ino, st.st_dev):
+            return JobDirInfo(path, None, "replaced while looked at")
+        try:
+            owner = _read_owner(dir_fd)
+        except ValueError as exc:
+            return JobDirInfo(path, None, f"{exc}: the owner decides")
+        entries = set(os.listdir(dir_fd))
+    finally:
+        os.close(dir_fd)
+    if owner is None:
+        age = time.time() - st.st_mtime
+        if entries <= {_OWNER_TMP} and age >= EMPTY_JOB_DIR_AGE_S:
+            return JobDirInfo(path, None, None, f"empty, no owner record, untouched for {age:.0f} s")
+        return JobDirInfo(
+            path,
+            None,
+            "no owner record (made by a sage-queue older than JOB20, or its manager is making it): "
+            "remove it by hand once no job uses it",
+        )
+    pid, start = owner
+    if monitor._alive(pid, start):
+        return JobDirInfo(path, pid, f"its manager (pid {pid}) is alive")
+    return JobDirInfo(path, pid, None, f"its manager (pid {pid}) is gone")
+
+
+def job_dirs(tmpdir: Optional[str] = None) -> list[JobDirInfo]:
+    """Every ``sageq-job-*`` entry of ``tmpdir`` (default: ``$TMPDIR``, where managers make them), judged."""
+    base = tempfile.gettempdir() if tmpdir is None else tmpdir
+    try:
+        base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        names = sorted(n for n in os.listdir(base_fd) if n.startswith(JOB_DIR_PREFIX))
+        return [_judge_job_dir(base, base_fd, n) for n in names]
+    finally:
+        os.close(base_fd)
+
+
+def collect_job_dirs(tmpdir: Optional[str] = None, *, dry_run: bool = False) -> list[JobDirInfo]:
+    """Remove (unless ``dry_run``) the key directories of dead managers; return them."""
+    removed = []
+    for info in job_dirs(tmpdir):
+        if info.kept is not None:
+            continue
+        if not dry_run:
+            # Ours, 0700, in a directory where (sticky $TMPDIR) only we may rename it: nobody else can
+            # swap it; rmtree never follows a symbolic link inside it.
+            try:
+                shutil.rmtree(info.path)
+            except FileNotFoundError:
+                continue
+        removed.append(info)
+    return removed
+
+
 def _format_table(infos: list[SegmentInfo]) -> str:
     rows = [("KIND", "NAME", "SIZE", "DEPTH", "PIDS (* = alive)", "CREATOR", "VER", "NOTE")]
     for info in infos:
-        pids = ",".join(f"{p}{'*' if _segment.pid_alive(p) else ''}" for p in info.attached_pids) or "-"
+        pids = ",".join(f"{p}{'*' if monitor._alive(p, None) else ''}" for p in info.attached_pids) or "-"
         rows.append(
             (
                 info.kind,
@@ -141,7 +295,7 @@ def _format_table(infos: list[SegmentInfo]) -> str:
 def _info_dict(info: SegmentInfo) -> dict[str, Any]:
     data = asdict(info)
     data["attached_pids"] = list(info.attached_pids)
-    data["orphan"] = info.orphan
+    data["orphan"] = not any(monitor._alive(p, None) for p in info.attached_pids)  # gc's rule
     return data
 
 
@@ -166,30 +320,63 @@ def ls_main(argv: Optional[list[str]] = None) -> int:
 
 
 def gc_main(argv: Optional[list[str]] = None) -> int:
-    """``sage-queue gc [--kind K] [--dry-run] [--min-age S]``: remove orphans (every recorded pid dead)."""
+    """``sage-queue gc [--kind K] [--dry-run] [--min-age S]``: remove orphans (every recorded pid dead)
+    and what dead job managers left behind (key directories, registry entries: JOB20)."""
     parser = argparse.ArgumentParser(
-        prog="sage-queue gc", description="Remove shared-memory queues whose recorded processes are all dead."
+        prog="sage-queue gc",
+        description="Remove shared-memory queues whose recorded processes are all dead, and the key directories "
+        "($TMPDIR/sageq-job-*) and job registry entries of job managers that are dead.",
     )
-    parser.add_argument("--kind", choices=sorted(SEGMENT_MODULES))
+    parser.add_argument(
+        "--kind", choices=[*sorted(SEGMENT_MODULES), "job"], help="only segments of this backend, or only job leftovers"
+    )
     parser.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     parser.add_argument("--min-age", type=float, default=2.0, help="never remove segments younger than this (s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="also say why each kept segment is kept")
     args = parser.parse_args(argv)
-    try:
-        if args.verbose:
-            for info in _all_segments(args.kind):
-                reason = _removable(info, args.min_age)
-                if reason is not None:
-                    print(f"kept {info.kind}:{info.name}: {reason}")
-        removed = collect_orphans(args.kind, min_age=args.min_age, dry_run=args.dry_run)
-    except OSError as exc:
-        print(f"sage-queue gc: {exc}", file=sys.stderr)
-        return 2
     verb = "would remove" if args.dry_run else "removed"
-    for info in removed:
-        print(f"{verb} {info.kind}:{info.name} (pids {list(info.attached_pids) or 'none'} all dead)")
-    print(f"{verb} {len(removed)} orphan segment(s)")
+    if args.kind != "job":
+        try:
+            if args.verbose:
+                for info in _all_segments(args.kind):
+                    reason = _removable(info, args.min_age)
+                    if reason is not None:
+                        print(f"kept {info.kind}:{info.name}: {reason}")
+            removed = collect_orphans(args.kind, min_age=args.min_age, dry_run=args.dry_run)
+        except OSError as exc:
+            print(f"sage-queue gc: {exc}", file=sys.stderr)
+            return 2
+        for info in removed:
+            print(f"{verb} {info.kind}:{info.name} (pids {list(info.attached_pids) or 'none'} all dead)")
+        print(f"{verb} {len(removed)} orphan segment(s)")
+    if args.kind in (None, "job"):
+        return _gc_jobs(verb, dry_run=args.dry_run, verbose=args.verbose)
     return 0
+
+
+def _gc_jobs(verb: str, *, dry_run: bool, verbose: bool) -> int:
+    """The job half of gc: dead managers' key directories, then stale registry entries."""
+    status = 0
+    try:
+        if verbose:
+            for info in job_dirs():
+                if info.kept is not None:
+                    print(f"kept job dir {info.path}: {info.kept}")
+        dirs = collect_job_dirs(dry_run=dry_run)
+    except OSError as exc:
+        print(f"sage-queue gc: {tempfile.gettempdir()}: {exc}", file=sys.stderr)
+        dirs, status = [], 2
+    for info in dirs:
+        print(f"{verb} job dir {info.path} ({info.why})")
+    try:
+        entries = monitor.stale_jobs(remove=not dry_run)
+    except (QueuePermissionError, OSError) as exc:  # an untrusted registry: said, and left alone
+        print(f"sage-queue gc: job registry skipped: {exc}", file=sys.stderr)
+        entries, status = [], 2
+    for entry in entries:
+        print(f"{verb} job entry {entry.path} (job {entry.name!r}: its manager, pid {entry.pid}, is gone)")
+    print(f"{verb} {len(dirs)} job key directory(ies) and {len(entries)} job registry entry(ies) of dead managers")
+    return status
 
 
 def inspect_main(argv: Optional[list[str]] = None) -> int:
