@@ -9,6 +9,16 @@ cluster is used; otherwise ``ray.init(address=metadata["address"] or $RAY_ADDRES
 ``ray.init(address="local")`` starts a local instance that lives as long as this process, and
 ``RAY_ADDRESS`` is set to it so that processes started afterwards join it.
 
+Loopback only (RAY16): an instance this library starts (:func:`start_local`: the embedded one, and
+the demo's, the tests', the benchmarks') listens and advertises on 127.0.0.1 only. Ray on Linux
+takes as a node's address the machine's outward one (the source address of its route towards
+8.8.8.8), and rewrites a 127.0.0.1 it is given (``_node_ip_address``, an address to join) into that
+one, unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads once, when it is imported. So
+:func:`start_local` sets that variable in this process's environment (Ray's processes and the
+processes started afterwards inherit it, as they inherit ``RAY_ADDRESS``), and every ``ray.init``
+here runs with Ray's copy of it read again from the environment (:func:`_init`). Joining a cluster
+someone else started changes nothing else.
+
 Destroyed versus died (RAY8): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
 into the cluster's key-value store before it kills the actor, so that another handle whose call
 fails with ``RayActorError`` can tell ``QueueDestroyed`` (E13) from an actor that died for another
@@ -28,6 +38,7 @@ from ..errors import BackendUnavailable, QueueActorLost, QueueDestroyed, QueueNo
 
 try:
     import ray
+    import ray._private.ray_constants as _ray_constants
     from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
     from ray.experimental import internal_kv
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess with ray blocked
@@ -48,6 +59,9 @@ __all__ = [
     "was_destroyed",
     "died",
     "ACTOR_NAME_PREFIX",
+    "LOOPBACK",
+    "LOOPBACK_ENV",
+    "start_local",
     "check_not_forked",
     "wait_ref",
 ]
@@ -98,11 +112,65 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
         address: str = metadata.get("address") or os.environ.get("RAY_ADDRESS") or "local"
         # log_to_driver=False: actor prints are not this process's business; the dashboard is not
         # needed by a queue and costs a second and a process.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
         if address == "local":
-            # The embedded instance: processes this one starts from now on (subprocess, spawn) inherit
-            # RAY_ADDRESS and so join it, and reach the same queues from the same descriptors (RAY1).
-            os.environ.setdefault("RAY_ADDRESS", str(ray.get_runtime_context().gcs_address))
+            # The embedded instance, on 127.0.0.1 only (RAY16): processes this one starts from now on
+            # (subprocess, spawn) inherit RAY_ADDRESS and LOOPBACK_ENV, and so join it, and reach the
+            # same queues from the same descriptors (RAY1).
+            local = start_local(include_dashboard=False, log_to_driver=False)
+            os.environ.setdefault("RAY_ADDRESS", local)
+        else:
+            _init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+LOOPBACK = "127.0.0.1"
+"""The only address of an instance this library starts (RAY16): the machine's rule is network on loopback only."""
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for clusters of several hosts: "0" makes Ray take 127.0.0.1 as this node's address and
+keep a 127.0.0.1 it is told to join as it is (else it rewrites both into the machine's outward address)."""
+
+
+def _init(**options: Any) -> None:
+    """``ray.init(**options)``, with Ray's copy of LOOPBACK_ENV read from the environment as it is now.
+
+    Ray reads the variable once, into ``ray_constants.ENABLE_RAY_CLUSTER``, when it is imported; this
+    process (or the fork server it was forked from) may have imported Ray before its environment got
+    the variable (:func:`start_local` sets it). With a stale copy, a process told to join
+    ``127.0.0.1:port`` would try the outward address instead, where a loopback-only instance does
+    not listen (and Ray retries that forever). Ray's copy is put back afterwards: nothing else changes.
+    """
+    before = _ray_constants.ENABLE_RAY_CLUSTER
+    value = os.environ.get(LOOPBACK_ENV)  # read as Ray reads it (ray._common.utils.env_bool)
+    enabled = not _ray_constants.IS_WINDOWS_OR_OSX if value is None else value.lower() in ("true", "1")
+    _ray_constants.ENABLE_RAY_CLUSTER = enabled
+    try:
+        ray.init(**options)
+    finally:
+        _ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def start_local(**options: Any) -> str:
+    """Start a new Ray instance owned by this process, on 127.0.0.1 only (RAY16); its address ``127.0.0.1:port``.
+
+    ``options``: further ``ray.init`` keywords (``num_cpus``, ``include_dashboard``, ``logging_level``...).
+    Sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in this process's environment and leaves it there
+    (unless the start fails): Ray's processes (GCS, raylet, agents, workers) inherit it at the start,
+    and a process started afterwards needs it to join the instance by its address (Ray would
+    otherwise rewrite 127.0.0.1 into the outward address, where nothing listens). The caller that
+    shuts the instance down may put the variable back. Does not set ``RAY_ADDRESS`` (:func:`connect` does).
+    """
+    before = os.environ.get(LOOPBACK_ENV)
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        # _node_ip_address: the node's address, given and not guessed; _init keeps Ray from rewriting it.
+        _init(address="local", _node_ip_address=LOOPBACK, **options)
+    except BaseException:
+        if before is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before
+        raise
+    return str(ray.get_runtime_context().gcs_address)
 
 
 def namespace_of(metadata: dict[str, Any]) -> str:

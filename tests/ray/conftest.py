@@ -1,9 +1,10 @@
 """One Ray instance for every test in tests/ray/, the xdist group that keeps them on one worker,
 and the leak guard on this library's named actors.
 
-* ``ray_address`` (session): ``ray.init(num_cpus=2)`` once (~3 s here), shut down at the end.
-  Every test in this directory is marked ``xdist_group("ray")``, so under ``--dist loadgroup``
-  one worker runs them all and starts one Ray.
+* ``ray_address`` (session): a local Ray with 2 CPUs, started once (~3 s here) as this library
+  starts its own (``sage_queue.backends._ray.start_local``: on 127.0.0.1 only, RAY16), shut down
+  at the end. Every test in this directory is marked ``xdist_group("ray")``, so under
+  ``--dist loadgroup`` one worker runs them all and starts one Ray.
 * leak guard: at the end of the session, any live actor named ``sageq:...`` (this library's
   prefix, spec RAY2, RAY12) in any namespace fails the run (the session fixture's teardown raises,
   after killing them so that nothing outlives the run). ``ray_support.check_no_leaked_actors()`` is the guard;
@@ -24,6 +25,8 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install sage-
 
 from ray_support import check_no_leaked_actors, destroy_at_end  # noqa: E402  (needs ray: after the importorskip)
 
+from sage_queue.backends._ray import LOOPBACK_ENV, start_local  # noqa: E402
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -42,19 +45,23 @@ def ray_address() -> Iterator[str]:
     # Ray workers (started by this process's raylet, with its environment) import the test modules'
     # remote functions by reference: this directory must be on their path, and tests/ (the job
     # tests' stages, tests/_job_stages.py).
-    path = os.environ.get("PYTHONPATH")
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", LOOPBACK_ENV)}
+    path = saved["PYTHONPATH"]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(_HERE), str(_HERE.parent), *([path] if path else [])])
-    # address="local": a new instance, never the latest `ray start` cluster on this (shared) machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A new instance (never the latest `ray start` cluster on this shared machine), on 127.0.0.1 only:
+    # start_local also leaves LOOPBACK_ENV=0 in this environment, without which the processes the tests
+    # start could not join it by its address (Ray would rewrite 127.0.0.1 into the outward address).
+    address = start_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield str(ray.get_runtime_context().gcs_address)
+        yield address
         check_no_leaked_actors()
     finally:
         ray.shutdown()
-        if path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = path
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture

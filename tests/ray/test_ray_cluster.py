@@ -4,6 +4,9 @@
 ``--temp-dir`` (so that no other process on this shared machine finds it as "the latest
 cluster"), and stops it by killing exactly the processes that belong to that temp dir and their
 descendants (never ``ray stop``, which would stop every Ray instance of this user).
+``--node-ip-address=127.0.0.1`` alone is not enough: ``ray start`` rewrites it into the machine's
+outward address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the machine's rule: loopback only),
+and the processes that join it need that variable too (the session's fixture leaves it set, RAY16).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ray_loopback import not_on_loopback, tcp_sockets
 
 from sage_queue import QueueDescriptor, resolve_descriptor
+from sage_queue.backends._ray import LOOPBACK_ENV
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 
@@ -80,8 +85,8 @@ def _stop(marker: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def head_node(ray_address: str) -> Iterator[str]:
-    """``host:port`` of a separate single-node cluster started with ``ray start --head``."""
+def head(ray_address: str) -> Iterator[tuple[str, str]]:
+    """``(host:port, temp dir)`` of a separate single-node cluster started with ``ray start --head``."""
     temp_dir = tempfile.mkdtemp(prefix="sqr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
     cmd = [
@@ -96,15 +101,22 @@ def head_node(ray_address: str) -> Iterator[str]:
         "--disable-usage-stats",
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[LOOPBACK_ENV] = "0"  # else ray start rewrites --node-ip-address=127.0.0.1 (see the module docstring)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
         assert proc.returncode == 0, f"ray start failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", temp_dir
     finally:
         _stop(temp_dir)
         left = _pids_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"the head node left processes running: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def head_node(head: tuple[str, str]) -> str:
+    """``host:port`` of the separate head (``head``)."""
+    return head[0]
 
 
 _CHILD = textwrap.dedent(
@@ -142,7 +154,7 @@ def _child(desc: QueueDescriptor, action: str, env_address: Any = None) -> dict[
     return result
 
 
-@pytest.mark.spec("RAY1", "RAY2", "RAY6")
+@pytest.mark.spec("RAY1", "RAY2", "RAY6", "RAY16")
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("queue_type", ["ray_actor", "ray_queue"])
 def test_plain_processes_reach_one_queue_by_address(queue_type: str, head_node: str) -> None:
@@ -153,14 +165,36 @@ def test_plain_processes_reach_one_queue_by_address(queue_type: str, head_node: 
     name = f"t_{uuid.uuid4().hex[:12]}"
     no_address = QueueDescriptor.create(queue_type, name, 10)
     with_address = QueueDescriptor.create(queue_type, name, 10, address=head_node)
-    port = head_node.rsplit(":", 1)[1]
     try:
         put = _child(no_address, "put", env_address=head_node)
         got = _child(with_address, "get")
-        assert put["address"].endswith(port) and got["address"].endswith(port)
+        # the address as named: Ray did not rewrite 127.0.0.1 into the outward address (RAY16)
+        assert put["address"] == head_node and got["address"] == head_node, (put, got)
         assert got["items"] == [repr(("child", i)) for i in range(5)] + ["bytearray(b'ba')"]
     finally:
         _child(with_address, "destroy")
+
+
+@pytest.mark.spec("RAY16")
+@pytest.mark.timeout(120)
+def test_ray_start_head_on_loopback_listens_advertises_and_connects_there(head: tuple[str, str]) -> None:
+    """The head (``ray start --head --node-ip-address=127.0.0.1``, with the variable) and a plain driver
+    joining it: the node's address is 127.0.0.1 and every TCP socket of the head's processes is on loopback."""
+    address, temp_dir = head
+    plain = (
+        "import json, ray; ray.init(log_to_driver=False); "
+        "print(json.dumps([ray.get_runtime_context().gcs_address, [n['NodeManagerAddress'] for n in ray.nodes()]]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ADDRESS=address, **{LOOPBACK_ENV: "0"})
+    proc = subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [address, ["127.0.0.1"]]
+    pids = _pids_of(temp_dir)
+    sockets = tcp_sockets(pids)
+    port = int(address.rsplit(":", 1)[1])
+    assert any(s.listening and s.local[1] == port for s in sockets), sockets  # the GCS, seen
+    assert not_on_loopback(pids) == []
 
 
 @pytest.mark.spec("RAY4")
