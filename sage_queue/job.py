@@ -52,7 +52,7 @@ from typing import Any, Literal, Optional, Union, overload
 from .descriptor import QueueDescriptor
 from .errors import QueueClosed
 from .protocol import CROSS_PROCESS, STATS, QueueStats
-from .registry import backend_class, canonical_type, unavailable_reason
+from .registry import backend_class, canonical_type, type_schema, unavailable_reason
 from .resolve import resolve_descriptor
 
 __all__ = [
@@ -259,6 +259,14 @@ class Stage:
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
             raise ValueError(f"stage {self.name!r}: replicas must be an int >= 1, got {self.replicas!r}")
         _args_json(self.name, self.args)  # refused here, before any job starts, not in a worker
+        if isinstance(self.fn, str):
+            module, _, attr = self.fn.partition(":")
+            if not module or not attr or not all(p.isidentifier() for p in (*module.split("."), *attr.split("."))):
+                raise ValueError(f"stage {self.name!r}: fn must be 'module:name' (a dotted path), got {self.fn!r}")
+        elif not callable(self.fn):
+            raise TypeError(
+                f"stage {self.name!r}: fn must be a callable or 'module:name', got {type(self.fn).__name__}"
+            )
 
 
 def _args_json(stage: str, args: Any) -> str:
@@ -660,6 +668,15 @@ class _Worker:
         return None
 
 
+def _continue(pid: int) -> None:
+    """SIGCONT after the teardown's SIGTERM: a stopped worker (SIGSTOP, a debugger's stop) takes its
+    SIGTERM now instead of holding it pending until the SIGKILL of the grace (JOB1)."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except (ProcessLookupError, PermissionError):  # gone (or reaped) meanwhile
+        pass
+
+
 def _signal_cause(code: int) -> str:
     if code < 0:
         try:
@@ -678,12 +695,14 @@ def queue_stats(handle: Any) -> Optional[QueueStats]:
 
 
 class _SignalsHeld:
-    """Holds SIGTERM and SIGINT while the manager tears down in the main thread (JOB18).
+    """Holds SIGTERM and SIGINT while the manager tears down in the main thread (JOB18), and while
+    start() makes a queue or starts a worker, until it is recorded (JOB1).
 
     A Python signal handler runs in the main thread between bytecodes; the KeyboardInterrupt
     of a second Ctrl-C or SIGTERM raised in the middle of the teardown would leave workers
     running and queues not destroyed. Here each such signal is only recorded; on exit the
-    handlers found on entry are put back and the first recorded signal is raised again, so
+    handlers found on entry are put back (a handler set meanwhile, ray.init's, stays) and the
+    first recorded signal is raised again, so
     it reaches them once the teardown is complete (a KeyboardInterrupt then, say). A handler
     that was not set from Python (``signal.getsignal`` is None) cannot be put back: SIG_DFL.
     Outside the main thread nothing is held (no handler could be set; none runs there).
@@ -700,7 +719,10 @@ class _SignalsHeld:
 
     def _restore(self) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+            # A handler set meanwhile (ray.init's SIGTERM handler, joining Ray in start()) is left in
+            # place: run() finds it there and puts it back at its end (JOB19).
+            if signal.getsignal(signum) == self._record:
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self.previous.clear()
 
     def __enter__(self) -> _SignalsHeld:
@@ -771,6 +793,8 @@ class JobManager:
         self._eos_sent: dict[str, int] = {}  # queue -> markers put so far
         self._stop = threading.Event()
         self._torn_down = False
+        self._started = False  # start() ran (a manager runs once)
+        self._thread_fns: dict[str, Callable[..., Any]] = {}  # thread stage -> its function, loaded by start()
         self._ctx: Any = multiprocessing.get_context(job.start_method)
         self._rpc_server: Any = None  # a ServerProcess
         self._rpc_dir: Optional[str] = None  # holds its key file
@@ -889,8 +913,19 @@ class JobManager:
             log.exception("unpublishing job %s", self._published)
         self._published = None
 
+    def _first_start(self) -> None:
+        """RuntimeError unless this is the manager's first start: a manager runs its job once (JOB1)."""
+        if self._started:
+            raise RuntimeError(
+                "this JobManager has already run its job (a manager runs once: its queues are destroyed at "
+                "teardown); make a new JobManager to run the job again"
+            )
+        self._started = True
+
     def start(self) -> JobManager:
-        """Create every queue, then start every worker."""
+        """Create every queue, then start every worker. RuntimeError, with nothing created or stopped,
+        when the manager was started before (JOB1)."""
+        self._first_start()
         try:
             for stage in self.job.stages:  # unknown hosts are refused before anything is created
                 if _host(stage.where) is not None:
@@ -898,13 +933,23 @@ class JobManager:
             for name, spec in self.job.queues.items():  # every declared type checked (JOB8) before
                 if not isinstance(spec, QueueDescriptor):  # any queue or rpc server exists
                     self._choose(name, spec)
+            for stage in self.job.stages:  # a thread stage's function is imported here: its error
+                if stage.where == "thread":  # comes before any queue exists (JOB2)
+                    self._thread_fns[stage.name] = _load_fn(stage.fn) if isinstance(stage.fn, str) else stage.fn
+                else:
+                    _fn_ref(stage.fn)  # a lambda or a nested function, refused before anything exists
             for name, spec in self.job.queues.items():
-                desc = self._descriptor(name, spec)
-                self._handles[name] = resolve_descriptor(desc)  # creates it; the manager owns it
-                self.descriptors[name] = desc
+                # Signals held (JOB18's holder) from making the queue to recording it, so that an
+                # interrupt here cannot leave a queue that teardown does not know; the same around
+                # each worker's start (_start_worker) and the registry entry.
+                with _SignalsHeld():
+                    desc = self._descriptor(name, spec)
+                    self._handles[name] = resolve_descriptor(desc)  # creates it; the manager owns it
+                    self.descriptors[name] = desc
                 self._eos_sent[name] = 0
                 log.info("queue %s: %s (%s)", name, desc.queue_type, self.choices[name].reason)
-            self._publish()
+            with _SignalsHeld():
+                self._publish()
             for stage in self.job.stages:
                 for replica in range(stage.replicas):
                     self._start_worker(stage, replica, 0)
@@ -919,18 +964,32 @@ class JobManager:
         if queue is None:
             return None
         desc = self.descriptors[queue]
+        meta = dict(desc.metadata)
         if remote and queue in self._managed_rpc:
-            meta = {k: v for k, v in desc.metadata.items() if k != "key_file"}
+            del meta["key_file"]
             meta["key_env"] = _RPC_KEY_ENV
+        schema = type_schema(desc.queue_type)
+        if schema is not None and any(f.name == "create" for f in schema.fields):
+            # The manager made the queue before any worker starts: a worker only attaches (JOB2). A
+            # thread worker still resolving when teardown destroyed the queue would otherwise make it
+            # anew, and leave it behind.
+            meta["create"] = False
+        if meta != desc.metadata:
             desc = QueueDescriptor(desc.queue_id, desc.queue_type, meta, desc.created_timestamp)
         return desc.to_json()
 
     def _start_worker(self, stage: Stage, replica: int, attempt: int) -> _Worker:
+        # Held from the start of the worker to its record in self._workers: an interrupt in between
+        # would leave a worker that teardown does not know, running on after the job (JOB1).
+        with _SignalsHeld():
+            return self._start_worker_held(stage, replica, attempt)
+
+    def _start_worker_held(self, stage: Stage, replica: int, attempt: int) -> _Worker:
         w = _Worker(stage, replica, attempt)
         remote = _host(stage.where) is not None
         in_json, out_json = self._worker_json(stage.input, remote), self._worker_json(stage.output, remote)
         if stage.where == "thread":
-            fn = _load_fn(stage.fn) if isinstance(stage.fn, str) else stage.fn
+            fn = self._thread_fns[stage.name]
             # The JSON copy, as every other kind of worker gets it (JOB17): same values everywhere.
             kwargs = json.loads(_args_json(stage.name, stage.args))
             w.thread = threading.Thread(
@@ -1040,8 +1099,12 @@ class JobManager:
         out_json: Optional[str],
         kwargs: Mapping[str, Any],
     ) -> None:
-        handles = [resolve_descriptor(j) if j is not None else None for j in (in_json, out_json)]
+        handles: list[Any] = []
         try:
+            # Resolved inside the try: a queue that cannot be opened (no free slot, gone at teardown)
+            # is this worker's failure, reported; escaping, it would leave the worker never seen ended.
+            for j in (in_json, out_json):
+                handles.append(None if j is None else resolve_descriptor(j))
             result = _run_stage(fn, handles[0], handles[1], self._stop, w.counts, kwargs)
             w.outcome = {"ok": True, "result": result}
         except BaseException as exc:  # reported by the supervisor
@@ -1251,7 +1314,10 @@ class JobManager:
         raise JobFailed(message, self._exits)
 
     def run(self, timeout: Optional[float] = None) -> JobResult:
-        """Start, wait and tear down (also on KeyboardInterrupt, and SIGTERM in the main thread: JOB1)."""
+        """Start, wait and tear down (also on KeyboardInterrupt, and SIGTERM in the main thread: JOB1).
+        RuntimeError, touching nothing, on a manager that was started before."""
+        if self._started:  # before the try: its teardown would stop the job of an earlier start()
+            self._first_start()
         previous: Any = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -1367,6 +1433,7 @@ class JobManager:
         for p in procs:
             if p.is_alive():
                 p.terminate()
+                _continue(p.pid)
         for pp in popens:
             if pp.stdin is not None:
                 try:
@@ -1375,6 +1442,7 @@ class JobManager:
                     pass
             if pp.poll() is None:
                 pp.terminate()
+                _continue(pp.pid)
         deadline = time.monotonic() + _GRACE_S
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))

@@ -260,7 +260,9 @@ def read_job(path: Union[str, Path]) -> JobEntry:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO named like a job file would block the open until a writer came (top, metrics
+        # and gc hung on it); it opens at once, and is refused below as not a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _O_NOFOLLOW)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _refuse(path, "it is a symbolic link") from None

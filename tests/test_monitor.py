@@ -247,6 +247,43 @@ def test_a_malformed_file_is_reported(registry: Path) -> None:
     assert refused and "not a job file" in refused[0]
 
 
+@pytest.mark.spec("JOB16")
+def test_a_fifo_named_like_a_job_file_blocks_no_reader(registry: Path) -> None:
+    # Opening a FIFO for reading waits for a writer: top, metrics and gc hung on one (found by
+    # attacking the monitor); it is now refused as not a regular file, at once.
+    publish_job("good", _descs())
+    fifo = registry / "fifo-1-00000000.json"
+    os.mkfifo(fifo, 0o600)
+    for argv in (["top", "--once"], ["metrics"], ["gc", "--kind", "job", "--dry-run"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "sage_queue.cli", *argv], capture_output=True, text=True, timeout=30
+        )
+        assert "not a regular file" in done.stderr or argv[0] == "gc", (argv, done.stderr)
+        assert done.returncode == 0, (argv, done.stderr)
+    with pytest.raises(QueuePermissionError, match="not a regular file"):
+        read_job(fifo)
+    assert fifo.exists()  # refused, never removed
+
+
+@pytest.mark.spec("JOB16")
+def test_an_entry_of_a_zombie_is_stale(registry: Path) -> None:
+    # A manager killed and not yet reaped (its parent never waits, or an init that never reaps)
+    # runs nothing: its entry is stale, as for a dead pid.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        path = publish_job("zombie", _descs(), pid=child.pid)
+        assert [e.name for e in running_jobs()] == ["zombie"]
+        child.kill()
+        deadline = time.monotonic() + 30
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert running_jobs() == [] and not path.exists()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_no_registry_yet_means_no_job(registry: Path) -> None:
     assert jobs_dir(create=False) is None
     assert running_jobs() == []
