@@ -159,6 +159,19 @@ def _outlive_destroy(source: Source) -> None:
     print(json.dumps(outcome), flush=True)
 
 
+def _timed_get(source: Source, timeout_s: str) -> None:
+    """Say ``ready``, then one ``get(timeout=timeout_s)``; print (JSON, one line) how it ended: ``["item", x]``
+    for a str item, else ``[exception type, message]`` (the parent stops and resumes this process meanwhile)."""
+    handle = open_source(source)
+    print("ready", flush=True)
+    try:
+        outcome = ["item", handle.get(timeout=float(timeout_s))]
+    except Exception as exc:  # reported to the parent, which judges it
+        outcome = [type(exc).__name__, str(exc)[:500]]
+    _close(handle)
+    print(json.dumps(outcome, default=repr), flush=True)
+
+
 def _try_resolve(desc_json: str, pickled_b64: str) -> None:
     """Print, for the JSON and (if given) the pickled handle, the outcome of resolving it here."""
     from sage_queue import resolve_descriptor
@@ -182,6 +195,7 @@ _MODES: dict[str, Callable[..., None]] = {
     "consume": _consume,
     "churn": _churn,
     "outlive_destroy": _outlive_destroy,
+    "timed_get": _timed_get,
 }
 
 
@@ -256,6 +270,10 @@ class Child:
                 os.unlink(path)
             raise
         return cls(proc, out_path, err_path)
+
+    @property
+    def pid(self) -> int:
+        return int(self._proc.pid)
 
     @property
     def returncode(self) -> Optional[int]:

@@ -1748,6 +1748,47 @@ class QueueConformance:
         assert moved == items, "the queue lost or reordered items after a process using it was killed"
         assert q.qsize() == 0 and q.empty()
 
+    @requires("cross_process")
+    @clause("Q38", "Q5")
+    def test_a_caller_stopped_past_its_timeout_ends_its_call_normally(self) -> None:
+        # A consumer process is stopped (SIGSTOP: a debugger, a paused container, a thrashing host)
+        # inside get(timeout=1), an item is put meanwhile, and it is resumed well past its timeout
+        # (and past the 2 s grace the network backends give a silent peer). Its get must end as if
+        # it had run throughout: the item (or Empty with the item still in the queue), never an
+        # error blaming a peer that was never silent, and the item neither lost nor delivered twice.
+        # If the child is not yet inside get when it is stopped, the outcome must be the same.
+        q = self.make()
+        child = self.start_child(q, "timed_get", "1.0")
+        stopped = False
+        try:
+            line = child.readline(0, 20.0 * self.ts)
+            assert line == "ready", f"the child did not start: {line!r}; stderr: {child.stderr()[-2000:]}"
+            time.sleep(0.5)  # into its get, most likely
+            os.kill(child.pid, signal.SIGSTOP)
+            stopped = True
+            q.put("for-the-stopped-caller", timeout=5.0 * self.ts)
+            time.sleep(5.0)
+            os.kill(child.pid, signal.SIGCONT)
+            stopped = False
+            line = child.readline(1, 30.0 * self.ts)
+            assert line is not None, f"the resumed child did not end its get; stderr: {child.stderr()[-2000:]}"
+        finally:
+            if stopped:
+                os.kill(child.pid, signal.SIGCONT)
+            child.stop(grace=10.0 * self.ts)
+        outcome = json.loads(line)
+        left = _returned(_call(lambda: _drain(q), 5.0 * self.ts), "draining after the stopped caller")
+        if outcome[0] == "item":
+            assert outcome[1] == "for-the-stopped-caller" and left == [], (
+                f"the resumed get returned {outcome[1]!r}; the queue then held {left!r}"
+            )
+        else:
+            assert outcome[0] == "Empty", (
+                f"a get whose process was stopped past its timeout, then resumed, raised {outcome[0]}: "
+                f"{outcome[1]} (the queue's side never stopped answering)"
+            )
+            assert left == ["for-the-stopped-caller"], f"after the resumed get raised Empty the queue held {left!r}"
+
     # ======================================================================================
     # State machine
     # ======================================================================================

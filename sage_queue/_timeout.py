@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Optional
 
-__all__ = ["normalize_timeout", "Deadline"]
+__all__ = ["normalize_timeout", "Deadline", "STALL_S", "stalled"]
 
 
 def normalize_timeout(block: bool, timeout: Optional[float]) -> Optional[float]:
@@ -61,3 +61,20 @@ class Deadline:
 
     def expired(self) -> bool:
         return self._end is not None and time.monotonic() >= self._end
+
+
+STALL_S = 1.0
+"""A wait that returned this much later than it asked for: this process did not run meanwhile."""
+
+
+def stalled(since: float, asked: float, now: float) -> float:
+    """Seconds this process did not run in a wait for an answer (Q38).
+
+    ``since``: :func:`time.monotonic` when the previous wait ended (or the call began); ``asked``: how
+    long this wait asked to block at most; ``now``: when it returned. A wait that returned more than
+    :data:`STALL_S` late means the process was stopped (SIGSTOP, a debugger, a paused container) or not
+    scheduled: the peer's answer may have come meanwhile, unread. A caller adds the result to its give-up
+    time, so that a resumed call first reads what came instead of blaming a peer that was never silent.
+    Short hiccups (scheduling, a GC pause) are not counted: the grace of a give-up time covers them."""
+    late = now - since - asked
+    return late if late > STALL_S else 0.0

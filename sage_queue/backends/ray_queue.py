@@ -51,6 +51,7 @@ import threading
 import time
 from typing import Any, ClassVar, Optional
 
+from .._timeout import stalled
 from ..descriptor import QueueDescriptor
 from ..errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ..protocol import CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
@@ -152,6 +153,7 @@ class RayQueueStub(QueueStub):
     def _ask(self, ref: Any, until: Optional[float], method: str) -> Any:
         """The answer of one actor call, awaited until ``until`` (monotonic; None: no bound) plus
         _GRACE_S, in local slices (RAY7, RAY15); see the module docstring."""
+        turn = time.monotonic()
         try:
             return ray.get(ref, timeout=_LOCAL_S)  # the common case: a live actor answers in ~1 ms
         except GetTimeoutError:
@@ -159,13 +161,20 @@ class RayQueueStub(QueueStub):
         except RayActorError as exc:
             raise self._died(exc) from None
         limit = None if until is None else until + _GRACE_S
+        step = _LOCAL_S
         closed_seen = False
         while True:
+            # Time this process did not run (stopped, starved) is not the actor's silence: the answer may
+            # be waiting, unread. The give-up time moves by it, so a resumed call reads first (Q38).
+            now = time.monotonic()
+            if limit is not None:
+                limit += stalled(turn, step, now)
+            turn = now
             if self._closed and not closed_seen:
                 closed_seen = True  # from now on the answer has _GRACE_S, however long the call had
-                grace_end = time.monotonic() + _GRACE_S
+                grace_end = now + _GRACE_S
                 limit = grace_end if limit is None else min(limit, grace_end)
-            step = _LOCAL_S if limit is None else min(_LOCAL_S, limit - time.monotonic())
+            step = _LOCAL_S if limit is None else min(_LOCAL_S, limit - now)
             if step <= 0:
                 break
             try:
