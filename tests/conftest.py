@@ -5,6 +5,8 @@ The leak checks run in the controlling process only (under xdist, workers share
 
 * segments: this library's segments are recorded before the run, and the run
   fails if any new one is still there at the end;
+* temporary files: the same for ``sageq-*`` entries of the temporary directory (a job's
+  rpc key directory, a harness run's work directory...);
 * processes: the controller puts a token in the environment before the workers
   start, so every process the suite starts (workers, their children, orphans
   re-parented to init) inherits it; at the end, any live process other than the
@@ -14,6 +16,7 @@ The leak checks run in the controlling process only (under xdist, workers share
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -30,6 +33,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def _our_segments() -> set[str]:
     try:
         return {e for e in os.listdir("/dev/shm") if e.startswith("sageq-")}
+    except FileNotFoundError:
+        return set()
+
+
+def _our_temp_entries() -> set[str]:
+    """``sageq-*`` entries of the temporary directory: what this library and its tests name so there."""
+    try:
+        return {e for e in os.listdir(tempfile.gettempdir()) if e.startswith("sageq-")}
     except FileNotFoundError:
         return set()
 
@@ -96,6 +107,7 @@ def _leaked_processes() -> list[str]:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if _is_controller(session.config):
         session.config.stash[_BEFORE] = _our_segments()
+        session.config.stash[_BEFORE_TEMP] = _our_temp_entries()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
@@ -109,6 +121,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     if processes:
         session.config.stash[_LEAKED_PROCESSES] = processes
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # After the process check: what a leaked process would still remove has had its chance.
+    temp = sorted(_our_temp_entries() - session.config.stash.get(_BEFORE_TEMP, set()))
+    if temp:
+        session.config.stash[_LEAKED_TEMP] = temp
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: pytest.Config) -> None:
@@ -116,6 +133,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: pyte
     if leaked:
         terminalreporter.section("shared-memory leak", sep="=", red=True)
         terminalreporter.write_line(f"the suite left {len(leaked)} segment(s) in /dev/shm: {', '.join(leaked)}")
+    temp = config.stash.get(_LEAKED_TEMP, [])
+    if temp:
+        terminalreporter.section("temporary file leak", sep="=", red=True)
+        terminalreporter.write_line(
+            f"the suite left {len(temp)} entr(y/ies) in {tempfile.gettempdir()}: {', '.join(temp)}"
+        )
     processes = config.stash.get(_LEAKED_PROCESSES, [])
     if processes:
         terminalreporter.section("process leak", sep="=", red=True)
@@ -127,3 +150,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: pyte
 _BEFORE = pytest.StashKey[set[str]]()
 _LEAKED = pytest.StashKey[list[str]]()
 _LEAKED_PROCESSES = pytest.StashKey[list[str]]()
+_BEFORE_TEMP = pytest.StashKey[set[str]]()
+_LEAKED_TEMP = pytest.StashKey[list[str]]()

@@ -73,3 +73,24 @@ def test_leaks_a_process():
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.timeout(120)
+def test_a_leaked_temporary_directory_fails_the_run(pytester: pytest.Pytester) -> None:
+    path_file = pytester.path / "leaked.path"
+    result = _inner(
+        pytester,
+        f"""
+import tempfile
+
+def test_leaks_a_temporary_directory():
+    open({str(path_file)!r}, "w").write(tempfile.mkdtemp(prefix="sageq-leakguard-"))
+""",
+    )
+    try:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        leaked = Path(path_file.read_text())
+        result.stdout.fnmatch_lines(["*temporary file leak*", f"*{leaked.name}*"])
+    finally:
+        if path_file.exists():
+            shutil.rmtree(path_file.read_text(), ignore_errors=True)
