@@ -89,12 +89,22 @@ _ray_actors: list[Any] = []
 
 
 def _ray() -> Any:
-    """Ray, started once in this process (2 CPUs, no dashboard) and shut down at exit."""
+    """Ray, started once in this process (2 CPUs, no dashboard) and shut down at exit.
+
+    The cluster ``$RAY_ADDRESS`` names if set; else a new instance, started as sage-queue starts its
+    own: on 127.0.0.1 only (``start_local``, spec RAY16; plain ``ray.init`` takes this machine's
+    outward address), never the latest ``ray start`` cluster of the machine."""
     global _ray_started
-    import ray
+    import os
+
+    from sage_queue.backends._ray import ray, ray_init, start_local
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if os.environ.get("RAY_ADDRESS"):
+            ray_init(**options)
+        else:
+            start_local(num_cpus=2, **options)
         if not _ray_started:
             _ray_started = True
             atexit.register(ray.shutdown)
@@ -132,12 +142,15 @@ def _ray_share(handle: Any) -> Any:
 
 
 def _ray_attach(token: Any) -> Any:
-    import ray
     from ray import cloudpickle
+
+    from sage_queue.backends._ray import ray, ray_init
 
     address, blob = token
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        # ray_init: Ray takes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (inherited from the parent that started a
+        # loopback instance) as the environment has it now, so 127.0.0.1:port is joined as named.
+        ray_init(address=address, log_to_driver=False, configure_logging=False)
     return cloudpickle.loads(blob)
 
 

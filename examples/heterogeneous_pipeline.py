@@ -56,10 +56,13 @@ def total(items: Iterator[dict[str, Any]]) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     use_ray = "--no-ray" not in argv and unavailable_reason("ray_actor") is None
     if use_ray:  # a local Ray, quiet (processes that join it too); else the JobManager starts one itself
-        import ray
+        # start_local: as the library starts its own, on 127.0.0.1 only (ray.init alone would take this
+        # machine's outward address); it leaves RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment,
+        # which the job's processes inherit and need to join it at 127.0.0.1.
+        from sage_queue.backends._ray import ray, start_local
 
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="error")
+        start_local(include_dashboard=False, log_to_driver=False, logging_level="error")
     job = Job(
         queues={"raw": "auto", "parsed": "auto", "enriched": "auto"},
         stages=[

@@ -155,31 +155,31 @@ def _local_ray() -> Iterator[str]:
     """A local Ray instance for the whole run; processes started meanwhile join it via RAY_ADDRESS.
 
     ``address="local"``: always a new instance, never a cluster that ``ray start`` or the
-    user's RAY_ADDRESS names (the demo kills its queues' actors with the instance). If Ray is
+    user's RAY_ADDRESS names (the demo kills its queues' actors with the instance), on 127.0.0.1
+    only (``start_local``, spec RAY16). If Ray is
     already initialised in this process (the demo called from a program that uses Ray), that
     instance is used and left running.
     """
     import logging
 
-    import ray
+    from .backends._ray import LOOPBACK_ENV, ray, start_local
 
     if ray.is_initialized():
         yield str(ray.get_runtime_context().gcs_address)
         return
-    previous = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_LOGGER_LEVEL")}
+    previous = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_LOGGER_LEVEL", LOOPBACK_ENV)}
     # Ray's start-up notices are not the demo's output: logging_level here, and RAY_LOGGER_LEVEL for
     # the processes that join this instance (their ray.init is the backend's, with Ray's default level).
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     try:
         # Inside the try: an interrupt during start-up still shuts down what was started.
-        ray.init(
-            address="local",
+        # start_local: on 127.0.0.1 only (RAY16); it sets LOOPBACK_ENV, put back below like RAY_ADDRESS.
+        address = start_local(
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.ERROR,
             num_cpus=max(2, os.cpu_count() or 2),
         )
-        address = str(ray.get_runtime_context().gcs_address)
         os.environ["RAY_ADDRESS"] = address
         yield address
     finally:

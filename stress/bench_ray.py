@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds, interleaved; the best is kept (default 15)")
     args = parser.parse_args(argv)
 
-    import ray
     from ray.util.queue import Queue
 
     from sage_queue import QueueDescriptor, resolve_descriptor
+    from sage_queue.backends._ray import ray, start_local
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A new instance, on 127.0.0.1 only, as the library starts its own (RAY16).
+    start_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         n = args.items
         item = {"id": 1, "payload": "x" * 64}

@@ -16,7 +16,7 @@ takes as a node's address the machine's outward one (the source address of its r
 one, unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads once, when it is imported. So
 :func:`start_local` sets that variable in this process's environment (Ray's processes and the
 processes started afterwards inherit it, as they inherit ``RAY_ADDRESS``), and every ``ray.init``
-here runs with Ray's copy of it read again from the environment (:func:`_init`). Joining a cluster
+here runs with Ray's copy of it read again from the environment (:func:`ray_init`). Joining a cluster
 someone else started changes nothing else.
 
 Destroyed versus died (RAY8): ``destroy()`` writes a tombstone ``<namespace>/<name> -> actor id``
@@ -62,6 +62,7 @@ __all__ = [
     "LOOPBACK",
     "LOOPBACK_ENV",
     "start_local",
+    "ray_init",
     "check_not_forked",
     "wait_ref",
 ]
@@ -119,7 +120,7 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
             local = start_local(include_dashboard=False, log_to_driver=False)
             os.environ.setdefault("RAY_ADDRESS", local)
         else:
-            _init(address=address, include_dashboard=False, log_to_driver=False)
+            ray_init(address=address, include_dashboard=False, log_to_driver=False)
 
 
 LOOPBACK = "127.0.0.1"
@@ -130,7 +131,7 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 keep a 127.0.0.1 it is told to join as it is (else it rewrites both into the machine's outward address)."""
 
 
-def _init(**options: Any) -> None:
+def ray_init(**options: Any) -> None:
     """``ray.init(**options)``, with Ray's copy of LOOPBACK_ENV read from the environment as it is now.
 
     Ray reads the variable once, into ``ray_constants.ENABLE_RAY_CLUSTER``, when it is imported; this
@@ -162,8 +163,8 @@ def start_local(**options: Any) -> str:
     before = os.environ.get(LOOPBACK_ENV)
     os.environ[LOOPBACK_ENV] = "0"
     try:
-        # _node_ip_address: the node's address, given and not guessed; _init keeps Ray from rewriting it.
-        _init(address="local", _node_ip_address=LOOPBACK, **options)
+        # _node_ip_address: the node's address, given and not guessed; ray_init keeps Ray from rewriting it.
+        ray_init(address="local", _node_ip_address=LOOPBACK, **options)
     except BaseException:
         if before is None:
             os.environ.pop(LOOPBACK_ENV, None)
