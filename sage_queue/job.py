@@ -668,6 +668,16 @@ class _Worker:
         return None
 
 
+def _check_timeout(timeout: Optional[float]) -> None:
+    """The manager's timeout (JOB11): None, or a number of seconds >= 0 (infinity: none)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    if not timeout >= 0:  # NaN too: it compares false with every deadline, the job would never time out
+        raise ValueError(f"timeout must be >= 0 seconds (or None), got {timeout!r}")
+
+
 def _continue(pid: int) -> None:
     """SIGCONT after the teardown's SIGTERM: a stopped worker (SIGSTOP, a debugger's stop) takes its
     SIGTERM now instead of holding it pending until the SIGKILL of the grace (JOB1)."""
@@ -1243,7 +1253,13 @@ class JobManager:
                 self._eos_sent[name] += 1
 
     def wait(self, timeout: Optional[float] = None) -> JobResult:
-        """Supervise until every worker ended well; JobFailed otherwise (after tearing down)."""
+        """Supervise until every worker ended well; JobFailed otherwise (after tearing down).
+        RuntimeError when the job was not started, or was torn down (JOB11)."""
+        _check_timeout(timeout)
+        if not self._started:
+            raise RuntimeError("start() the job before waiting for it")
+        if self._torn_down:
+            raise RuntimeError("the job was torn down: there is nothing left to wait for")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._deliver_eos()
         while True:
@@ -1316,6 +1332,7 @@ class JobManager:
     def run(self, timeout: Optional[float] = None) -> JobResult:
         """Start, wait and tear down (also on KeyboardInterrupt, and SIGTERM in the main thread: JOB1).
         RuntimeError, touching nothing, on a manager that was started before."""
+        _check_timeout(timeout)  # before anything is made
         if self._started:  # before the try: its teardown would stop the job of an earlier start()
             self._first_start()
         previous: Any = None

@@ -46,6 +46,11 @@ def raise_at_once(items: Iterator[Any]) -> int:
     raise RuntimeError("this stage always fails")
 
 
+def forever() -> Iterator[int]:
+    while True:
+        yield 1
+
+
 def forever_with_pid(pid_dir: str) -> Iterator[int]:
     (Path(pid_dir) / f"pid-{os.getpid()}").write_text("")
     while True:
@@ -106,7 +111,8 @@ def test_a_thread_worker_that_cannot_open_its_queue_is_reported_not_waited_for()
     # without one).
     job = Job(
         queues={"a": QueueSpec("sage", maxsize=8)},
-        stages=[Stage("src", numbers, output="a"), Stage("sink", count, input="a", replicas=64)],
+        # A source that never ends: no handle is closed (its slot freed) before the failure.
+        stages=[Stage("src", forever, output="a"), Stage("sink", count, input="a", replicas=64)],
     )
     manager = JobManager(job)
     with pytest.raises(
@@ -366,3 +372,38 @@ def test_a_stopped_worker_takes_the_teardowns_sigterm(tmp_path: Path) -> None:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGCONT)
         _kill(_pids(tmp_path))
+
+
+# -- the manager's timeout, and wait() out of turn -----------------------------------------------------
+
+
+@pytest.mark.spec("JOB11")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError), ("5", TypeError)])
+def test_a_bad_timeout_is_refused_before_anything_is_made(timeout: Any, error: type[Exception]) -> None:
+    # Before: a negative timeout failed the job as "not finished after -1 s"; NaN never timed out.
+    job = Job(queues={"a": QueueSpec("local", maxsize=N)}, stages=[Stage("src", numbers, output="a")])
+    manager = JobManager(job)
+    with pytest.raises(error, match="timeout must be"):
+        manager.run(timeout=timeout)
+    assert manager.descriptors == {} and manager.workers() == []
+    assert JobManager(job).run(timeout=float("inf")).exits[0].ok  # infinity: no timeout
+
+
+@pytest.mark.spec("JOB11")
+@pytest.mark.timeout(60)
+def test_wait_on_a_manager_not_started_or_torn_down_is_refused() -> None:
+    # Before: wait() unstarted waited for workers that did not exist until its timeout (forever
+    # without one); after teardown, process workers made it look for Ray tasks (it started Ray).
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=4)},
+        stages=[Stage("src", numbers, output="a", where="process"), Stage("sink", count, input="a", where="process")],
+    )
+    manager = JobManager(job)
+    with pytest.raises(RuntimeError, match=r"start\(\) the job before waiting"):
+        manager.wait(timeout=5)
+    manager.start()
+    manager.teardown()
+    with pytest.raises(RuntimeError, match="torn down"):
+        manager.wait(timeout=5)
+    assert all(_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
