@@ -758,7 +758,8 @@ JOB_DIR_PREFIX = "sageq-job-"
 """A manager's key directory is ``$TMPDIR/sageq-job-*`` (mode 0700, JOB14)."""
 JOB_DIR_OWNER = "owner.json"
 """The file in a key directory that names the manager's process (JOB20): ``{"version": 1, "pid": P,
-"pid_start": T}``, T the process's start time in clock ticks since boot (None where unknown)."""
+"pid_start": T, "pid_ns": NS}``, T the process's start time in clock ticks since boot, NS its pid
+namespace (``pid:[inode]``), in which P means something (each None where unknown)."""
 
 
 def _record_owner(directory: str) -> None:
@@ -766,10 +767,10 @@ def _record_owner(directory: str) -> None:
     by its start time (the job registry's rule, ``sage_queue.monitor``). Written aside and renamed:
     a reader sees the whole record or none."""
     # Imported here: monitoring must not weigh on importing the job module (nor on a job without rpc).
-    from .monitor import _start_time
+    from .monitor import _pid_namespace, _start_time
 
     pid = os.getpid()
-    record = json.dumps({"version": 1, "pid": pid, "pid_start": _start_time(pid)})
+    record = json.dumps({"version": 1, "pid": pid, "pid_start": _start_time(pid), "pid_ns": _pid_namespace()})
     tmp = os.path.join(directory, "." + JOB_DIR_OWNER + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

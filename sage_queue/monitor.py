@@ -177,6 +177,14 @@ def _start_time(pid: int) -> Optional[int]:
     return None if stat_ is None else stat_[1]
 
 
+def _pid_namespace() -> Optional[str]:
+    """This process's pid namespace (``pid:[inode]``, Linux), in which its pids mean something; None if unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _alive(pid: int, pid_start: Optional[int]) -> bool:
     """Whether process ``pid`` runs and, when ``pid_start`` is known, is the one started then.
 

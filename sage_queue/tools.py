@@ -159,8 +159,8 @@ class JobDirInfo:
     """Why it may be removed (when ``kept`` is None)."""
 
 
-def _read_owner(dir_fd: int) -> Optional[tuple[int, Optional[int]]]:
-    """(pid, start time) from the owner record in the directory ``dir_fd``; None when it has none;
+def _read_owner(dir_fd: int) -> Optional[tuple[int, Optional[int], Optional[str]]]:
+    """(pid, start time, pid namespace) from the owner record in the directory ``dir_fd``; None when it has none;
     ValueError (naming the fault) when the record is not trusted or not one."""
     try:
         fd = os.open(JOB_DIR_OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
@@ -191,9 +191,12 @@ def _read_owner(dir_fd: int) -> Optional[tuple[int, Optional[int]]]:
             raise ValueError(f"bad pid {pid!r}")
         if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
             raise ValueError(f"bad pid_start {start!r}")
+        namespace = data.get("pid_ns")
+        if namespace is not None and not isinstance(namespace, str):
+            raise ValueError(f"bad pid_ns {namespace!r}")
     except (KeyError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"its owner record is corrupt ({exc})") from None
-    return pid, start
+    return pid, start, namespace
 
 
 def _judge_job_dir(base: str, base_fd: int, name: str) -> JobDirInfo:
@@ -232,7 +235,13 @@ def _judge_job_dir(base: str, base_fd: int, name: str) -> JobDirInfo:
             "no owner record (made by a sage-queue older than JOB20, or its manager is making it): "
             "remove it by hand once no job uses it",
         )
-    pid, start = owner
+    pid, start, namespace = owner
+    ours = monitor._pid_namespace()
+    if namespace is not None and ours is not None and namespace != ours:
+        # A $TMPDIR shared with a container: the pid is another namespace's, it says nothing here.
+        return JobDirInfo(
+            path, pid, f"made in another pid namespace ({namespace}, ours {ours}): its pid means nothing here"
+        )
     if monitor._alive(pid, start):
         return JobDirInfo(path, pid, f"its manager (pid {pid}) is alive")
     return JobDirInfo(path, pid, None, f"its manager (pid {pid}) is gone")

@@ -115,7 +115,12 @@ def test_gc_removes_what_a_sigkilled_manager_left(private: Path, tmp_path: Path)
         sage = QueueDescriptor.from_json(texts["a"])
         assert rpc_dir is not None and Path(rpc_dir).parent == private
         owner = json.loads((Path(rpc_dir) / JOB_DIR_OWNER).read_text())
-        assert owner == {"version": 1, "pid": proc.pid, "pid_start": _start_time(proc.pid)}
+        assert owner == {
+            "version": 1,
+            "pid": proc.pid,
+            "pid_start": _start_time(proc.pid),
+            "pid_ns": os.readlink("/proc/self/ns/pid"),
+        }
         assert (Path(rpc_dir) / JOB_DIR_OWNER).stat().st_mode & 0o777 == 0o600
         deadline = time.monotonic() + 90
         while not list(pid_dir.glob("pid-*")):
@@ -223,6 +228,7 @@ def test_gc_removes_only_our_dead_managers_directories(private: Path, capsys: py
     me = os.getpid()
     removable = {
         "dead": _key_dir(private, "dead", _record(dead)),
+        "dead-here": _key_dir(private, "dead-here", {**_record(dead), "pid_ns": os.readlink("/proc/self/ns/pid")}),
         # Our pid with another start time: the pid was reused, its manager is gone.
         "reused": _key_dir(private, "reused", _record(me, (_start_time(me) or 0) + 12345)),
     }
@@ -238,6 +244,12 @@ def test_gc_removes_only_our_dead_managers_directories(private: Path, capsys: py
         "badpid": (_key_dir(private, "badpid", _record(0)), "owner record is corrupt"),
         "version": (_key_dir(private, "version", {"version": 2, "pid": dead}), "owner record is corrupt"),
         "norecord": (_key_dir(private, "norecord"), "no owner record"),
+        # A $TMPDIR shared with a container: that pid is another namespace's (dead here or not).
+        "otherns": (
+            _key_dir(private, "otherns", {**_record(dead), "pid_ns": "pid:[1]"}),
+            "made in another pid namespace (pid:[1]",
+        ),
+        "badns": (_key_dir(private, "badns", {**_record(dead), "pid_ns": 7}), "owner record is corrupt"),
     }
     empty_young = private / "sageq-job-empty-young"
     empty_young.mkdir(mode=0o700)
