@@ -143,11 +143,24 @@ def ray_init(**options: Any) -> None:
     before = _ray_constants.ENABLE_RAY_CLUSTER
     value = os.environ.get(LOOPBACK_ENV)  # read as Ray reads it (ray._common.utils.env_bool)
     enabled = not _ray_constants.IS_WINDOWS_OR_OSX if value is None else value.lower() in ("true", "1")
+    if _is_loopback(options.get("address")):
+        # Told to join 127.0.0.1:port: whatever this process's environment says, Ray must not rewrite it
+        # into the outward address (a loopback-only instance does not listen there, and Ray retries that
+        # for ever): an unrelated process given a descriptor naming our instance joins it (RAY1, RAY16).
+        enabled = False
     _ray_constants.ENABLE_RAY_CLUSTER = enabled
     try:
         ray.init(**options)
     finally:
         _ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _is_loopback(address: Any) -> bool:
+    """Whether a ``ray.init`` address (``host:port``, ``ray://host:port``) names this machine's loopback."""
+    if not isinstance(address, str) or address in ("", "local", "auto"):
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def start_local(**options: Any) -> str:

@@ -24,10 +24,11 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import ray
+from ray_support import open_handle
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 
@@ -241,3 +242,27 @@ def test_the_check_sees_a_socket_off_loopback() -> None:
         mine = [b for b in tcp_sockets({os.getpid()}) if b.local == ("127.0.0.1", port)]
         assert len(mine) == 1 and mine[0].listening, mine
         assert mine[0] not in not_on_loopback({os.getpid()})
+
+
+_UNRELATED = (
+    "import signal, sys; signal.alarm(60); from sage_queue import resolve_descriptor; "
+    "q = resolve_descriptor(sys.argv[1]); print(q.get(timeout=20), flush=True); q.close()"
+)
+
+
+@pytest.mark.spec("RAY1", "RAY16")
+@pytest.mark.timeout(120)
+def test_an_unrelated_process_joins_by_the_descriptors_loopback_address(ray_address: str, made: list[Any]) -> None:
+    """A process that inherited nothing from us (no RAY_ADDRESS, not Ray's loopback switch), given a
+    descriptor that names our instance by ``127.0.0.1:port``, reaches the queue. Before, Ray rewrote the
+    address into the machine's outward one, where a loopback-only instance does not listen, and the
+    child retried that for ever (found by attacking: its resolve never returned)."""
+    desc = QueueDescriptor.create("ray_actor", f"t_{uuid.uuid4().hex[:12]}", 0, address=ray_address)
+    q = open_handle(made, desc)
+    q.put("to an unrelated process")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run(
+        [sys.executable, "-c", _UNRELATED, desc.to_json()], capture_output=True, text=True, timeout=90, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "to an unrelated process"
