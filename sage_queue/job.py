@@ -409,7 +409,10 @@ def _fn_ref(fn: StageFn) -> str:
     if isinstance(fn, str):
         return fn
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not module or "<" in qualname:
+    # No qualname: a callable instance or a partial; a method bound to an instance: its worker would
+    # import the plain function and call it without the instance. Refused before anything is made.
+    bound = getattr(fn, "__self__", None)
+    if not module or not qualname or "<" in qualname or not (bound is None or isinstance(bound, type)):
         raise ValueError(f"a process stage needs a module-level function, got {fn!r}")
     return f"{module}:{qualname}"
 

@@ -407,3 +407,31 @@ def test_wait_on_a_manager_not_started_or_torn_down_is_refused() -> None:
     with pytest.raises(RuntimeError, match="torn down"):
         manager.wait(timeout=5)
     assert all(_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
+
+
+class _Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def scale(self, items: Iterator[int]) -> Iterator[int]:
+        return (x * self.factor for x in items)
+
+    def __call__(self, items: Iterator[int]) -> Iterator[int]:
+        return self.scale(items)
+
+
+@pytest.mark.spec("JOB2")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fn", [_Scaler(2).scale, _Scaler(2)], ids=["bound method", "callable instance"])
+def test_a_process_stage_refuses_what_its_worker_cannot_import_by_name(fn: Any) -> None:
+    # Before: a bound method went as "test_job_attacks:_Scaler.scale" (the worker called the plain
+    # function without its instance), a callable instance as "test_job_attacks:" (a ValueError in the
+    # worker); both after the queues were made and the workers started.
+    job = Job(
+        queues={"a": QueueSpec("auto", maxsize=4)},
+        stages=[Stage("src", numbers, output="a"), Stage("sink", fn, input="a", where="process")],
+    )
+    manager = JobManager(job)
+    with pytest.raises(ValueError, match="a process stage needs a module-level function"):
+        manager.run(timeout=30)
+    assert manager.descriptors == {} and manager.workers() == []
