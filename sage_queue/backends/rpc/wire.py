@@ -128,7 +128,9 @@ class Sealer:
         payload = _HEADER.pack(magic, VERSION, client_id, seq, ts, instance) + self._packb(body)
         return self.mac(payload) + payload
 
-    def open(self, frame: bytes, magic: bytes, max_size: int) -> tuple[bytes, int, float, bytes, list[Any]]:
+    def open(
+        self, frame: bytes | memoryview, magic: bytes, max_size: int
+    ) -> tuple[bytes, int, float, bytes, list[Any]]:
         """Check and open a frame: ``(client_id, seq, ts, instance, body)``; BadFrame("auth"|"malformed"|
         "oversized") otherwise.
 
