@@ -29,6 +29,7 @@ name is not taken for destroyed.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -120,7 +121,34 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
             local = start_local(include_dashboard=False, log_to_driver=False)
             os.environ.setdefault("RAY_ADDRESS", local)
         else:
+            _check_reachable(queue_type, metadata, address)
             ray_init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+CONNECT_PROBE_S = 10.0
+"""How long resolve waits for a TCP connection to a named cluster's GCS before QueueNotFound (RAY1)."""
+
+
+def _check_reachable(queue_type: str, metadata: dict[str, Any], address: str) -> None:
+    """QueueNotFound unless something accepts a TCP connection at the cluster's ``host:port``.
+
+    Ray's own join retries a dead address for minutes (a stale descriptor of a cluster that is gone, a
+    typo): one TCP connect first makes that a prompt, documented error. ``ray://`` (Ray Client) and
+    addresses that are not ``host:port`` are left to Ray."""
+    if "://" in address:
+        return
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_PROBE_S).close()
+    except OSError as exc:
+        raise QueueNotFound(
+            f"{queue_type} {metadata.get('actor_name')!r}: no Ray cluster answers at {address} "
+            f"({exc.strerror or type(exc).__name__}); is it running, and is this its address?"
+        ) from None
 
 
 LOOPBACK = "127.0.0.1"

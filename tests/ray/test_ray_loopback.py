@@ -266,3 +266,28 @@ def test_an_unrelated_process_joins_by_the_descriptors_loopback_address(ray_addr
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "to an unrelated process"
+
+
+_DEAD = (
+    "import sys, time; from sage_queue import QueueNotFound, resolve_descriptor; t = time.monotonic()\n"
+    "try:\n    resolve_descriptor(sys.argv[1])\nexcept QueueNotFound as exc:\n"
+    "    print(round(time.monotonic() - t, 1), exc, flush=True)\n"
+)
+
+
+@pytest.mark.spec("RAY1")
+@pytest.mark.timeout(120)
+def test_a_descriptor_naming_a_cluster_that_is_gone_raises_queue_not_found_promptly() -> None:
+    """Before, resolve never returned (Ray's join retried the dead address for minutes; killed after 200 s)."""
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        desc = QueueDescriptor.create("ray_actor", "gone", 0, address=f"127.0.0.1:{port}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run(
+            [sys.executable, "-c", _DEAD, desc.to_json()], capture_output=True, text=True, timeout=90, env=env
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seconds, _, message = out.stdout.strip().partition(" ")
+    assert f"127.0.0.1:{port}" in message
+    assert float(seconds) < 30, out.stdout
