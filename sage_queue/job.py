@@ -573,26 +573,36 @@ def _encode(message: Mapping[str, Any]) -> str:
         )
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_parent(parent: int, manager: tuple[int, Optional[int]]) -> None:
     """Exit this worker process soon after the manager's process is gone, however it died (JOB1).
 
-    Polled rather than PR_SET_PDEATHSIG: that fires when the *thread* that started us
+    ``manager``: its pid and start time (``sage_queue.monitor._start_time``). Under ``spawn`` the
+    manager is the parent; under ``forkserver`` the parent is the fork server, which outlives a
+    manager killed by SIGKILL as long as any worker lives (each worker holds the fd whose end it
+    waits for): so the manager itself is watched too, told from a later process of its pid by its
+    start time. Polled rather than PR_SET_PDEATHSIG: that fires when the *thread* that started us
     exits, and a manager may start workers from a thread that ends before the job does.
     """
+    from .monitor import _alive
+
+    pid, start = manager
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and _alive(pid, start):
             time.sleep(_PARENT_POLL_S)
         os._exit(_ORPHAN_EXIT)
 
     threading.Thread(target=watch, name="sage-job-parent-watch", daemon=True).start()
 
 
-def _worker_process_main(payload_json: str, conn: multiprocessing.connection.Connection) -> None:
-    """Entry point of a worker process: it receives JSON only (descriptors and a function path)."""
+def _worker_process_main(
+    payload_json: str, conn: multiprocessing.connection.Connection, manager: tuple[int, Optional[int]]
+) -> None:
+    """Entry point of a worker process: it receives JSON only (descriptors and a function path), and
+    its manager's pid and start time (:func:`_watch_parent`)."""
     payload = json.loads(payload_json)
     held = _hold_sigterm(payload)  # before the watch thread starts: it inherits the mask
-    _watch_parent(os.getppid())
+    _watch_parent(os.getppid(), manager)
     try:
         message = _work(payload, held)
         conn.send_bytes(_encode(message).encode())
@@ -927,6 +937,13 @@ class JobManager:
             log.exception("unpublishing job %s", self._published)
         self._published = None
 
+    @staticmethod
+    def _identity() -> tuple[int, Optional[int]]:
+        """This process's pid and start time: what a worker process watches (:func:`_watch_parent`)."""
+        from .monitor import _start_time
+
+        return os.getpid(), _start_time(os.getpid())
+
     def _first_start(self) -> None:
         """RuntimeError unless this is the manager's first start: a manager runs its job once (JOB1)."""
         if self._started:
@@ -1025,7 +1042,7 @@ class JobManager:
                 parent_conn, child_conn = self._ctx.Pipe(duplex=False)
                 proc = self._ctx.Process(
                     target=_worker_process_main,
-                    args=(json.dumps(payload), child_conn),
+                    args=(json.dumps(payload), child_conn, self._identity()),
                     name=f"sage-job-{stage.name}-{replica}",
                     daemon=True,
                 )
