@@ -816,7 +816,8 @@ class JobManager:
         self._restarts = 0
         self._eos_sent: dict[str, int] = {}  # queue -> markers put so far
         self._stop = threading.Event()
-        self._torn_down = False
+        self._torn_down = False  # set first thing by teardown(); the supervisor stops at it
+        self._teardown_lock = threading.RLock()
         self._started = False  # start() ran (a manager runs once)
         self._thread_fns: dict[str, Callable[..., Any]] = {}  # thread stage -> its function, loaded by start()
         self._ctx: Any = multiprocessing.get_context(job.start_method)
@@ -1225,8 +1226,10 @@ class JobManager:
             message = self._poll_process(w)
         elif w.popen is not None:
             message = self._poll_host(w)
-        else:
+        elif w.ray_ref is not None:
             message = self._poll_ray(w)
+        else:  # a worker process whose object teardown closed: nothing left to look at
+            message = None
         if message is None:
             return None
         ok = bool(message["ok"])
@@ -1284,21 +1287,19 @@ class JobManager:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._deliver_eos()
         while True:
-            for w in list(self._workers):
-                if w.ended is not None:
-                    continue
-                ended = self._poll(w)
-                if ended is None:
-                    continue
-                w.ended = ended
-                self._exits.append(ended)
-                if ended.ok:
-                    continue
-                log.warning("worker %s[%d] ended: %s", ended.stage, ended.replica, ended.cause)
-                self._recover(w, ended)
-            self._deliver_eos()
+            try:
+                self._supervise()
+            except JobFailed:
+                raise
+            except Exception:
+                # teardown() from another thread closes what this loop polls (a process object, a
+                # pipe, a queue) under it: that is the job torn down, said below, not this error.
+                if not self._torn_down:
+                    raise
             if all(self._finished(s) for s in self.job.stages):
                 break
+            if self._torn_down:  # by another thread: it completes the teardown; run()'s waits for it
+                raise JobFailed("job torn down (teardown() called from another thread) before it finished", self._exits)
             if deadline is not None and time.monotonic() >= deadline:
                 self.teardown()
                 raise JobFailed(f"job not finished after {timeout} s (the manager's timeout)", self._exits)
@@ -1315,6 +1316,26 @@ class JobManager:
             self._restarts,
             self.stage_counts(),
         )
+
+    def _supervise(self) -> None:
+        """One tick: each worker's end taken in (a bad one recovered, JOB10), markers delivered (JOB4).
+        Nothing is recovered or delivered once the job is torn down (by another thread)."""
+        for w in list(self._workers):
+            if self._torn_down:
+                return
+            if w.ended is not None:
+                continue
+            ended = self._poll(w)
+            if ended is None:
+                continue
+            w.ended = ended
+            self._exits.append(ended)
+            if ended.ok or self._torn_down:  # a worker ended by the teardown is not recovered
+                continue
+            log.warning("worker %s[%d] ended: %s", ended.stage, ended.replica, ended.cause)
+            self._recover(w, ended)
+        if not self._torn_down:
+            self._deliver_eos()
 
     def stage_counts(self) -> dict[str, StageCounts]:
         """Items in and out per stage over the workers that have ended so far (JOB15)."""
@@ -1418,11 +1439,14 @@ class JobManager:
 
     def teardown(self) -> None:
         """Stop every worker, then destroy every queue, then stop the job's rpc server.
-        Idempotent; never raises for a worker. In the main thread, a SIGTERM or SIGINT that comes
+        Idempotent; never raises for a worker; called while another thread's teardown is under way, it
+        returns once that one is complete. In the main thread, a SIGTERM or SIGINT that comes
         meanwhile is held until the teardown is complete, then delivered (JOB18)."""
-        if self._torn_down:
-            return
-        with _SignalsHeld():
+        with _SignalsHeld(), self._teardown_lock:
+            # Under the lock: a teardown() that finds another thread's under way waits for it, so
+            # that whoever returns from it (run() included) returns with the job torn down (JOB1).
+            if self._torn_down:
+                return
             self._torn_down = True
             self._teardown()
 

@@ -435,3 +435,45 @@ def test_a_process_stage_refuses_what_its_worker_cannot_import_by_name(fn: Any) 
     with pytest.raises(ValueError, match="a process stage needs a module-level function"):
         manager.run(timeout=30)
     assert manager.descriptors == {} and manager.workers() == []
+
+
+# -- torn down from another thread -------------------------------------------------------------------
+
+
+@needs_sage
+@pytest.mark.spec("JOB1")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_teardown_from_another_thread_ends_run_with_the_job_torn_down(tmp_path: Path, where: str) -> None:
+    # A watchdog thread calls teardown() while run() supervises. Before: with process workers the
+    # supervisor, finding their process objects closed, went looking for Ray tasks (it started a Ray
+    # instance, then TypeError); with thread workers it reported the queue destroyed under them as
+    # the worker's failure (under restart it would have restarted it).
+    job = Job(
+        queues={"a": QueueSpec("sage", maxsize=4)},
+        stages=[
+            Stage("src", forever_with_pid, output="a", where=where, args={"pid_dir": str(tmp_path)}),
+            Stage("sink", count, input="a", where="process"),
+        ],
+        policy="restart",
+    )
+    manager = JobManager(job)
+
+    def watchdog() -> None:
+        deadline = time.monotonic() + 50
+        while not _pids(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        manager.teardown()
+
+    thread = threading.Thread(target=watchdog)
+    thread.start()
+    try:
+        with pytest.raises(JobFailed, match=r"job torn down \(teardown\(\) called from another thread\)"):
+            manager.run(timeout=50)
+        # run() returned after the watchdog's teardown was complete: nothing of the job is left.
+        assert all(not w.running for w in manager.workers())
+        assert all(_gone(d) for d in manager.descriptors.values())
+        assert multiprocessing.active_children() == [] and manager._restarts == 0
+    finally:
+        thread.join()
+        _kill([p for p in _pids(tmp_path) if p != os.getpid()])
