@@ -284,6 +284,45 @@ def test_an_entry_of_a_zombie_is_stale(registry: Path) -> None:
         child.wait()
 
 
+@pytest.mark.spec("JOB16")
+def test_top_and_metrics_over_a_hostile_registry(registry: Path) -> None:
+    # An entry naming a live process that is no job (pid 1, its real start time) with queues that do
+    # not exist, a truncated file, garbage, and (as root) a file of another user: each seen for what
+    # it is, nothing attached to a file not ours, nothing created, no crash. (A guard: it held.)
+    name = f"hostile-{uuid.uuid4().hex[:8]}"
+    path = publish_job("notajob", {"q": QueueDescriptor.create_sage_queue(name=name, maxsize=4)}, pid=1)
+    data = json.loads(path.read_text())
+    data["queues"]["bad"] = 5
+    path.write_text(json.dumps(data))
+    for bad, content in (("trunc", b'{"version": 1, "name": "x", "pid'), ("garbage", b"\x00\xff\xfe")):
+        fd = os.open(registry / f"{bad}-1-00000000.json", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, content)
+        os.close(fd)
+    theirs = registry / "theirs-1-00000000.json"
+    theirs.write_text(path.read_text())
+    theirs.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(theirs, NOBODY, NOBODY)
+    else:
+        theirs.chmod(0o666)  # group/others may write it: refused the same way
+    for argv in (["top", "--once"], ["metrics"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "sage_queue.cli", *argv], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        skipped = [line for line in done.stderr.splitlines() if "skipped:" in line]
+        assert len(skipped) == 3, done.stderr
+        assert any("trunc" in x and "not a job file" in x for x in skipped)
+        assert any("garbage" in x and "not a job file" in x for x in skipped)
+        assert any("theirs" in x and "not trusted" in x for x in skipped)
+        if argv[0] == "top":
+            rows = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("notajob")}
+            assert set(rows) == {"q", "bad"} and " gone " in rows["q"] and " error " in rows["bad"], done.stdout
+        else:
+            assert 'sage_queue_up{job="notajob",queue="q",type="sage"} 0' in done.stdout
+    assert not os.path.exists(f"/dev/shm/sageq-sage-{name}")  # looking created nothing
+
+
 def test_no_registry_yet_means_no_job(registry: Path) -> None:
     assert jobs_dir(create=False) is None
     assert running_jobs() == []
