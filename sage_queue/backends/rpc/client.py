@@ -237,6 +237,9 @@ class RPCQueueStub(QueueStub):
         term = False
         with self._lock:
             self._busy -= 1
+            if ch is not None and not ch.owed and not dead and not self._closed:  # the common case
+                self._idle.append(ch)
+                return
             if ch is not None:
                 if ch.owed == "fetch" and self._closed:
                     ch.owed = "cancel"  # closed: its items go back to the queue (RPC12)
@@ -375,6 +378,9 @@ class RPCQueueStub(QueueStub):
                 continue  # not from our server (or damaged): ignore it
             if client_id != ch.client_id:
                 continue
+            if got_seq == seq and reply[0] == "ok":
+                # The common case first: this request's answer (seq >= 1 here, so never a hello's answer).
+                return reply
             if got_seq == 0 and reply[0] == "ok" and len(reply) == 4:  # the answer to a hello
                 last_heard = quiet_from = time.monotonic()
                 reconnect_after = RECONNECT_S
@@ -569,12 +575,12 @@ class RPCQueueStub(QueueStub):
             self._busy += 1
             return self._fetch.pop(0)
 
-    def _request(self, body: list[Any], wait: Optional[float]) -> list[Any]:
-        """One operation on this handle's queue: an exchange, reopening after a server restart."""
+    def _request(self, op: str, args: tuple[Any, ...], wait: Optional[float]) -> list[Any]:
+        """One operation ``op`` on this handle's queue: an exchange, reopening after a server restart."""
         resumed = None
-        if body[0] == "get" and (self._kept or self._fetch):
+        if op == "get" and (self._kept or self._fetch):
             # Order (Q3): what a given-up get of this handle took comes before anything newer.
-            kept = self._take_kept(int(body[1]))
+            kept = self._take_kept(int(args[0]))
             if kept is not None:
                 return kept
             resumed = self._take_fetch()
@@ -586,14 +592,16 @@ class RPCQueueStub(QueueStub):
                 reply = self._exchange(ch, ch.owed_body, wait, self._retry_timeout, resume=True)
                 if reply[0] == "ok" and len(reply) == 2 and reply[1]:
                     items = list(reply[1])
-                    if len(items) > int(body[1]):
+                    if len(items) > int(args[0]):
                         with self._lock:
-                            self._kept.append(items[int(body[1]) :])
-                    return ["ok", items[: int(body[1])]]
+                            self._kept.append(items[int(args[0]) :])
+                    return ["ok", items[: int(args[0])]]
                 # It took nothing ("empty", "late", "cancelled", an error): this get goes ahead on it.
             for _ in range(3):
-                uid = self._uid  # one attribute read: atomic, no lock needed (written under _lock)
-                reply = self._exchange(ch, [body[0], self._name, uid, *body[1:]], wait, self._retry_timeout, True)
+                # self._uid: one attribute read, atomic, no lock needed (written under _lock).
+                reply = self._exchange(ch, [op, self._name, self._uid, *args], wait, self._retry_timeout, True)
+                if reply[0] == "ok":
+                    return reply
                 if reply[0] == "err" and reply[1] == "gone" and ch.instance != self._open_instance:
                     # The server restarted without its state (not durable): the queue is new and empty.
                     self._open_on(ch, self._retry_timeout)
@@ -654,23 +662,26 @@ class RPCQueueStub(QueueStub):
         return out
 
     def _put(self, item: Any, timeout: Optional[float]) -> None:
-        reply = self._request(["put", self._encode([item]), timeout], timeout)
+        data = self._dumps(item)  # the serialiser's own error propagates (Q18)
+        if self._max_frame and len(data) + 8 + MAC_SIZE + HEADER_SIZE + _OVERHEAD > self._max_frame:
+            self._encode([item])  # raises the ValueError that says why
+        reply = self._request("put", ([data], timeout), timeout)
         if reply[0] == "full":
             raise queue.Full
 
     def _put_many(self, items: list[Any], timeout: Optional[float]) -> None:
-        reply = self._request(["put", self._encode(items), timeout], timeout)
+        reply = self._request("put", (self._encode(items), timeout), timeout)
         if reply[0] == "full":
             raise queue.Full
 
     def _get(self, timeout: Optional[float]) -> Any:
-        reply = self._request(["get", 1, timeout], timeout)
+        reply = self._request("get", (1, timeout), timeout)
         if reply[0] == "empty":
             raise queue.Empty
         return self._loads(reply[1][0])  # an undecodable item is lost alone (Q34)
 
     def _get_many(self, max_items: int, timeout: Optional[float]) -> list[Any]:
-        reply = self._request(["get", max_items, timeout], timeout)
+        reply = self._request("get", (max_items, timeout), timeout)
         if reply[0] == "empty":
             raise queue.Empty
         data: list[bytes] = reply[1]
@@ -683,20 +694,20 @@ class RPCQueueStub(QueueStub):
                 # good items come before it (they are returned now, the next call meets it).
                 back = data[i + 1 :] if i == 0 else data[i:]
                 if back:
-                    self._request(["unget", back], 0.0)
+                    self._request("unget", (back,), 0.0)
                 if i == 0:
                     raise
                 return out
         return out
 
     def _qsize(self) -> int:
-        return int(self._request(["qsize"], 0.0)[1])
+        return int(self._request("qsize", (), 0.0)[1])
 
     def _destroy(self) -> None:
-        self._request(["destroy"], 0.0)
+        self._request("destroy", (), 0.0)
 
     def _stats(self) -> QueueStats:
-        _, puts, gets, depth, b_in, b_out, waits = self._request(["stats"], 0.0)
+        _, puts, gets, depth, b_in, b_out, waits = self._request("stats", (), 0.0)
         return QueueStats(scope="queue", puts=puts, gets=gets, depth=depth, bytes_in=b_in, bytes_out=b_out, waits=waits)
 
     def server_status(self) -> dict[str, Any]:
