@@ -75,6 +75,7 @@ __all__ = [
     "sample_queue",
     "sources",
     "stale_jobs",
+    "stale_temp_files",
     "top_main",
     "unpublish_job",
 ]
@@ -328,6 +329,32 @@ def stale_jobs(*, remove: bool = False) -> list[JobEntry]:
     unreadable entries are neither returned nor removed."""
     _, stale = _scan_registry(None, remove_stale=remove)
     return stale
+
+
+STALE_TEMP_AGE_S = 3600.0
+"""A half-written job file (``.tmp-*.json``) this old is a publisher's that died before renaming it."""
+
+
+def stale_temp_files(*, remove: bool = False, min_age: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """The registry's half-written job files (``.tmp-*.json``, regular files of ours) untouched for
+    ``min_age`` seconds: a publisher killed between writing and renaming one (a rename takes
+    microseconds). ``remove=True`` removes them (``sage-queue gc``)."""
+    directory = jobs_dir(create=False)
+    if directory is None:
+        return []
+    found = []
+    now = time.time()
+    for path in sorted(directory.glob(".tmp-*.json")):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or now - st.st_mtime < min_age:
+            continue
+        if remove and not _unlink(path):
+            continue
+        found.append(path)
+    return found
 
 
 def _scan_registry(refused: Optional[list[str]], *, remove_stale: bool) -> tuple[list[JobEntry], list[JobEntry]]:

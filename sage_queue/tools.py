@@ -379,12 +379,18 @@ def _gc_jobs(verb: str, *, dry_run: bool, verbose: bool) -> int:
         print(f"{verb} job dir {info.path} ({info.why})")
     try:
         entries = monitor.stale_jobs(remove=not dry_run)
+        partial = monitor.stale_temp_files(remove=not dry_run)
     except (QueuePermissionError, OSError) as exc:  # an untrusted registry: said, and left alone
         print(f"sage-queue gc: job registry skipped: {exc}", file=sys.stderr)
-        entries, status = [], 2
+        entries, partial, status = [], [], 2
     for entry in entries:
         print(f"{verb} job entry {entry.path} (job {entry.name!r}: its manager, pid {entry.pid}, is gone)")
-    print(f"{verb} {len(dirs)} job key directory(ies) and {len(entries)} job registry entry(ies) of dead managers")
+    for path in partial:
+        print(f"{verb} job entry {path} (half-written by a publisher that died, untouched for an hour)")
+    print(
+        f"{verb} {len(dirs)} job key directory(ies) and {len(entries) + len(partial)} job registry "
+        "entry(ies) of dead managers"
+    )
     return status
 
 

@@ -346,3 +346,29 @@ def test_a_zombie_holds_no_queue(private: Path, capsys: pytest.CaptureFixture[st
         child.wait()
         if not _gone(desc):
             resolve_descriptor(desc).destroy()
+
+
+@pytest.mark.spec("JOB20")
+@pytest.mark.timeout(60)
+def test_gc_removes_half_written_registry_entries_of_dead_publishers(
+    private: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A manager killed between writing its job file aside and renaming it leaves a .tmp-*.json that
+    # monitors skip: before, nothing ever removed it.
+    from sage_queue.monitor import jobs_dir
+
+    directory = jobs_dir(create=True)
+    assert directory is not None
+    old, young = directory / ".tmp-old.json", directory / ".tmp-young.json"
+    for path in (old, young):
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b'{"version": 1, "na')
+        os.close(fd)
+    past = time.time() - 3700
+    os.utime(old, (past, past))
+    assert gc_main(["--kind", "job", "--dry-run"]) == 0
+    assert f"would remove job entry {old} (half-written" in capsys.readouterr().out and old.exists()
+    assert gc_main(["--kind", "job"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed job entry {old} (half-written" in out and str(young) not in out
+    assert not old.exists() and young.exists()  # a young one may be a publisher's at work
