@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import json
 import os
 import pickle
@@ -278,11 +278,10 @@ def test_bad_frames_are_dropped_counted_and_the_server_keeps_serving(tmp_path: P
         raw2.hello()
         before = status(q)
         import hashlib
-        import hmac
         import struct
 
         payload = struct.pack("!4sB16sQd16s", REQUEST_MAGIC, 1, raw2.client_id, 1, time.time(), raw2.instance) + bomb
-        raw2.send_raw(hmac.new(key, payload, hashlib.sha256).digest() + payload)
+        raw2.send_raw(hashlib.blake2b(payload, key=key, digest_size=32, person=b"sage-queue rpc").digest() + payload)
         # And an authenticated put of the bomb as an item: stored as bytes, never loaded by the server.
         assert raw2.call(2, ["open", "victim", 0, True])[0] == "ok"  # type: ignore[index]
         time.sleep(0.3)
@@ -355,6 +354,11 @@ def test_keys_wrong_key_and_key_file_permissions(tmp_path: Path, rpc_server: Ser
         resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(tmp_path / "absent")))
     with pytest.raises(QueuePermissionError, match="unset"):
         resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_env="SAGEQ_NO_SUCH_VAR"))
+    short = tmp_path / "short.key"  # 31 bytes: below the 32 the MAC's strength needs
+    short.write_text(os.urandom(31).hex())
+    short.chmod(0o600)
+    with pytest.raises(QueuePermissionError, match="at least 32"):
+        resolve_descriptor(QueueDescriptor.create("rpc", "k", host=host, port=port, key_file=str(short)))
 
 
 @pytest.mark.spec("RPC4")
@@ -903,16 +907,21 @@ def test_authenticated_but_ill_formed_requests_get_an_error_and_change_nothing(
     raw.close()
 
 
-@pytest.mark.spec("RPC3")
-@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 200])
-def test_sealer_mac_is_hmac_sha256_and_tampering_is_caught(key_len: int) -> None:
-    """The Sealer's precomputed inner/outer states give exactly HMAC-SHA256 (RFC 2104), also for keys
-    longer than the hash block (hashed first), and any changed byte fails the MAC."""
+@pytest.mark.spec("RPC3", "RPC4")
+@pytest.mark.parametrize("key_len", [32, 64, 65, 200])
+def test_sealer_mac_is_keyed_blake2b_and_tampering_is_caught(key_len: int) -> None:
+    """The Sealer's copied keyed state gives exactly keyed BLAKE2b-256 with personalisation
+    "sage-queue rpc" (RPC3), also for keys longer than BLAKE2b's 64 (hashed to 64 first); any changed
+    byte fails the MAC; a key shorter than 32 bytes is refused (RPC4)."""
     key = os.urandom(key_len)
     sealer = Sealer(key)
     cid, instance = os.urandom(16), os.urandom(16)
     frame = sealer.seal(REQUEST_MAGIC, cid, 7, 1234.5, instance, ["put", "q", b"u", [b"item"], None])
-    assert frame[:32] == hmac.digest(key, frame[32:], "sha256")
+    person = b"sage-queue rpc"
+    mac_key = key if key_len <= 64 else hashlib.blake2b(key, digest_size=64, person=person).digest()
+    assert frame[:32] == hashlib.blake2b(frame[32:], key=mac_key, digest_size=32, person=person).digest()
+    with pytest.raises(ValueError, match="at least 32"):
+        Sealer(key[:31])
     assert Sealer(key).open(frame, REQUEST_MAGIC, 1 << 20) == (
         cid,
         7,

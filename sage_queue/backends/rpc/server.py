@@ -63,13 +63,14 @@ its next retransmission parks the request again (it had had no effect)."""
 """A client record idle this long is forgotten: any frame of it is older than the window by then."""
 _TICK_S = 0.2
 """Longest poll: the loop checks its stop flag at least this often (so 5 wake-ups a second idle)."""
+_TICK_MS = math.ceil(_TICK_S * 1000)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 """Plain ints: pyzmq's enum flags cost an enum operation per use, on the path of every message."""
 
 
-@dataclass
+@dataclass(slots=True)  # slots: attribute access on the path of every request
 class _Waiter:
     client: _Client
     seq: int
@@ -83,7 +84,7 @@ class _Waiter:
     """The request itself, to park it again after an unparking for silence (PARKED_SILENCE_S)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Queue:
     name: str
     uid: bytes
@@ -103,7 +104,7 @@ class _Queue:
         return self.maxsize == 0 or len(self.items) + n <= self.maxsize
 
 
-@dataclass
+@dataclass(slots=True)
 class _Client:
     client_id: bytes
     route: bytes = b""
@@ -120,7 +121,7 @@ class _Client:
 class RPCQueueServer:
     """Serve named queues on ``tcp://host:port`` (port 0: any free port; see :attr:`address`).
 
-    ``key`` (bytes) or ``key_file``: the shared HMAC key; neither: the default key file, created
+    ``key`` (bytes, >= 32) or ``key_file``: the shared MAC key; neither: the default key file, created
     0600 if absent (:attr:`generated_key_file` then names it). ``data_dir``: durable queues in
     SQLite there. Run it with :meth:`start` (a thread of this process), :meth:`serve_forever`
     (this thread, until :meth:`stop`), :meth:`spawn` (a child process) or ``sage-queue serve``.
@@ -234,10 +235,9 @@ class RPCQueueServer:
         last_sweep = time.monotonic()
         try:
             while not self._stop.is_set():
-                wait = _TICK_S
+                ms = _TICK_MS
                 if self._timers:
-                    wait = max(0.0, min(wait, self._timers[0][0] - time.monotonic()))
-                ms = math.ceil(wait * 1000)
+                    ms = math.ceil(max(0.0, min(_TICK_S, self._timers[0][0] - time.monotonic())) * 1000)
                 if ms != timeout_ms:
                     sock.setsockopt(_RCVTIMEO, ms)
                     timeout_ms = ms

@@ -4,8 +4,10 @@ Every message is ONE ZeroMQ frame (after the ROUTER's routing id)::
 
     mac[32] | magic[4] version[1] client_id[16] seq[8] ts[8] instance[16] | msgpack(body)
 
-``mac`` is HMAC-SHA256, under the shared key, of everything after it. ``magic`` is ``SQR1`` for
-a request and ``SQS1`` for a reply, so a reply can never be replayed to the server as a request.
+``mac`` is keyed BLAKE2b-256 (RFC 7693's keyed mode, a MAC; personalisation ``sage-queue rpc``),
+under the shared key (32 to 64 bytes; a longer one is first hashed to 64), of everything after it.
+``magic`` is ``SQR1`` for a request and ``SQS1`` for a reply, so a reply can never be replayed to the
+server as a request.
 ``client_id`` names one client channel (a random 16 bytes), ``seq`` its request number (each new
 request takes the next one; a retransmission repeats it), ``ts`` the sender's wall clock (the
 replay window), ``instance`` the server instance the client believes it talks to (zeros in a
@@ -37,6 +39,7 @@ __all__ = [
     "Header",
     "Sealer",
     "seal",
+    "mac",
     "unseal",
     "load_key",
     "generate_key_file",
@@ -47,6 +50,8 @@ __all__ = [
 
 
 MAC_SIZE = 32
+MAC_PERSON = b"sage-queue rpc"
+"""BLAKE2b personalisation: the same key used by another keyed-BLAKE2b protocol gives other MACs."""
 REQUEST_MAGIC = b"SQR1"
 REPLY_MAGIC = b"SQS1"
 VERSION = 1
@@ -56,6 +61,8 @@ _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
 _compare_digest = hmac.compare_digest
 KEY_BYTES = 32
+MIN_KEY_BYTES = 32
+"""A shorter key is refused (RPC4): BLAKE2b-256's security is the key's, at most."""
 NO_INSTANCE = bytes(16)
 
 
@@ -89,23 +96,20 @@ def msgpack_module() -> Any:
 
 
 class Sealer:
-    """Seal and open frames under one key: HMAC-SHA256 (RFC 2104) with the key's inner and outer
-    SHA-256 states computed once, so that a frame costs two state copies and the hashing of the
-    frame itself, not the key schedule of a one-shot ``hmac.digest`` (about half its time on the
-    hot path). The MAC is the same bytes as ``hmac.digest(key, payload, "sha256")``.
+    """Seal and open frames under one key: keyed BLAKE2b-256 (:func:`mac`), its keyed state (the key
+    block, compressed once) copied per frame, so that a frame costs one state copy and the hashing
+    of the frame itself. Keyed BLAKE2b is a MAC by design (no HMAC nesting needed); here it takes
+    ~0.39 us a frame where HMAC-SHA256 from precomputed states took ~0.57 us: four MACs per
+    request-reply, on the path of every one.
 
-    It is on the path of every request and reply: the server's loop holds one, each client channel
-    its own (a Sealer is used by one thread at a time: its msgpack Packer is not shared).
+    The server's loop holds one Sealer, each client channel its own (a Sealer is used by one thread
+    at a time: its msgpack Packer is not shared). A key shorter than MIN_KEY_BYTES: ValueError.
     """
 
-    __slots__ = ("_inner", "_outer", "_packb", "_unpackb")
+    __slots__ = ("_keyed", "_packb", "_unpackb")
 
     def __init__(self, key: bytes) -> None:
-        if len(key) > 64:  # RFC 2104: a key longer than the block is hashed first
-            key = hashlib.sha256(key).digest()
-        block = key.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._keyed = _keyed_state(key)
         msgpack = msgpack_module()
         # One Packer reused (packb builds a new one per call, 3x the cost): a Packer is not for
         # concurrent use, hence one Sealer per thread at a time (the server's loop, a client channel).
@@ -120,20 +124,16 @@ class Sealer:
         )
 
     def mac(self, payload: bytes | memoryview) -> bytes:
-        inner = self._inner.copy()
-        inner.update(payload)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        h = self._keyed.copy()
+        h.update(payload)
+        return h.digest()
 
     def seal(self, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
         """One authenticated frame carrying ``body`` (msgpack-able: lists, ints, str, bytes, None)."""
         payload = _pack_header(magic, VERSION, client_id, seq, ts, instance) + self._packb(body)
-        inner = self._inner.copy()  # self.mac(payload), inline: this is on the path of every frame
-        inner.update(payload)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest() + payload
+        h = self._keyed.copy()  # self.mac(payload), inline: this is on the path of every frame
+        h.update(payload)
+        return h.digest() + payload
 
     def open(
         self, frame: bytes | memoryview, magic: bytes, max_size: int
@@ -150,11 +150,9 @@ class Sealer:
         if size < MAC_SIZE + HEADER_SIZE:
             raise BadFrame("malformed")
         view = memoryview(frame)
-        inner = self._inner.copy()  # self.mac(view[MAC_SIZE:]), inline: on the path of every frame
-        inner.update(view[MAC_SIZE:])
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        if not _compare_digest(view[:MAC_SIZE], outer.digest()):
+        h = self._keyed.copy()  # self.mac(view[MAC_SIZE:]), inline: on the path of every frame
+        h.update(view[MAC_SIZE:])
+        if not _compare_digest(view[:MAC_SIZE], h.digest()):
             raise BadFrame("auth")
         got_magic, version, client_id, seq, ts, instance = _unpack_header(frame, MAC_SIZE)
         if got_magic != magic or version != VERSION:
@@ -166,6 +164,19 @@ class Sealer:
         if type(body) is not list or not body or type(body[0]) is not str:
             raise BadFrame("malformed")
         return client_id, seq, ts, instance, body
+
+
+def _keyed_state(key: bytes) -> hashlib.blake2b:
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"an rpc key of {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    if len(key) > 64:  # BLAKE2b takes at most 64 key bytes: a longer key is hashed to 64 first
+        key = hashlib.blake2b(key, digest_size=64, person=MAC_PERSON).digest()
+    return hashlib.blake2b(key=key, digest_size=MAC_SIZE, person=MAC_PERSON)
+
+
+def mac(key: bytes, payload: bytes) -> bytes:
+    """The MAC of ``payload`` under ``key``: keyed BLAKE2b-256, personalisation MAC_PERSON (RPC3)."""
+    return Sealer(key).mac(payload)
 
 
 def seal(key: bytes, magic: bytes, client_id: bytes, seq: int, ts: float, instance: bytes, body: Any) -> bytes:
@@ -194,8 +205,8 @@ def _parse_key(text: str, where: str) -> bytes:
         key = bytes.fromhex(text.strip())
     except ValueError:
         raise QueuePermissionError(f"the rpc key in {where} is not hex text") from None
-    if len(key) < 16:
-        raise QueuePermissionError(f"the rpc key in {where} is {len(key)} bytes; at least 16 are needed")
+    if len(key) < MIN_KEY_BYTES:
+        raise QueuePermissionError(f"the rpc key in {where} is {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
     return key
 
 
