@@ -221,7 +221,9 @@ def load_key(key_file: Optional[str] = None, key_env: Optional[str] = None) -> b
         return _parse_key(value, f"${key_env}")
     path = Path(key_file) if key_file is not None else default_key_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever; the fstat
+        # below then refuses anything that is not a regular file (where the flag changes nothing).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise QueuePermissionError(f"cannot read the rpc key file {path}: {exc.strerror}") from None
     try:
