@@ -28,6 +28,7 @@ name is not taken for destroyed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -35,7 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from ..errors import BackendUnavailable, QueueActorLost, QueueDestroyed, QueueNotFound
+from ..descriptor import QueueDescriptor
+from ..errors import BackendUnavailable, QueueActorLost, QueueDestroyed, QueueNotFound, QueuePermissionError
 
 try:
     import ray
@@ -122,7 +124,26 @@ def connect(queue_type: str, metadata: dict[str, Any]) -> None:
             os.environ.setdefault("RAY_ADDRESS", local)
         else:
             _check_reachable(queue_type, metadata, address)
-            ray_init(address=address, include_dashboard=False, log_to_driver=False)
+            try:
+                ray_init(address=address, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as exc:  # Ray's own words, kept as the cause
+                raise QueueNotFound(
+                    f"{queue_type} {metadata.get('actor_name')!r}: could not join the Ray cluster at {address} "
+                    f"({exc}). A cluster with token authentication (Ray's default for a local instance) "
+                    "needs RAY_AUTH_MODE=token and its token (~/.ray/auth_token) in the joining process"
+                ) from exc
+
+
+def naming_the_cluster(descriptor: QueueDescriptor) -> QueueDescriptor:
+    """``descriptor`` with ``address`` set to the cluster this process joined, when it named none (RAY1).
+
+    A handle's descriptor is what users hand to other processes: resolved from ``$RAY_ADDRESS`` or an
+    embedded instance, it would send an unrelated process (that inherited neither) to a new, empty
+    local instance and a new, empty queue of the same name."""
+    if descriptor.metadata.get("address"):
+        return descriptor
+    address = str(ray.get_runtime_context().gcs_address)
+    return dataclasses.replace(descriptor, metadata={**descriptor.metadata, "address": address})
 
 
 CONNECT_PROBE_S = 10.0
@@ -149,6 +170,35 @@ def _check_reachable(queue_type: str, metadata: dict[str, Any], address: str) ->
             f"{queue_type} {metadata.get('actor_name')!r}: no Ray cluster answers at {address} "
             f"({exc.strerror or type(exc).__name__}); is it running, and is this its address?"
         ) from None
+    if _is_loopback(address):
+        # A driver runs what its cluster sends it (objects are unpickled here, and Ray's token, if this
+        # process has one, goes to the cluster): joining another user's cluster on this machine, named by
+        # a descriptor that user wrote, would run their code as us. On loopback we can tell whose it is.
+        owners = _listener_uids(port)
+        strangers = sorted(uid for uid in owners if uid != os.geteuid())
+        if strangers:
+            raise QueuePermissionError(
+                f"{queue_type} {metadata.get('actor_name')!r}: the Ray cluster at {address} belongs to uid "
+                f"{strangers[0]}, not to us (uid {os.geteuid()}); this library joins only our own clusters"
+            )
+
+
+def _listener_uids(port: int) -> set[int]:
+    """Owners (uids) of the TCP sockets listening on ``port`` in this network namespace (Linux /proc; else
+    empty: nothing known, nothing refused)."""
+    uids: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid ...; st 0A is LISTEN
+            if len(fields) > 7 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                uids.add(int(fields[7]))
+    return uids
 
 
 LOOPBACK = "127.0.0.1"

@@ -344,6 +344,8 @@ class RayActorQueueStub(QueueStub):
         super().__init__(descriptor)
         self._md = dict(descriptor.metadata)
         _ray.connect(self.queue_type, self._md)
+        self._descriptor = _ray.naming_the_cluster(descriptor)  # its JSON reaches this queue from anywhere (RAY1)
+        self._md = dict(self._descriptor.metadata)
         self._handle_id = uuid.uuid4().int >> 65
         self._last_beat = 0.0
         self._requests = itertools.count()

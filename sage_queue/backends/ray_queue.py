@@ -121,6 +121,8 @@ class RayQueueStub(QueueStub):
         self._count_lock = threading.Lock()
         self._puts = self._gets = self._bytes_in = self._bytes_out = self._waits = self._errors = 0
         _ray.connect(self.queue_type, self._md)
+        self._descriptor = _ray.naming_the_cluster(descriptor)  # its JSON reaches this queue from anywhere (RAY1)
+        self._md = dict(self._descriptor.metadata)
         maxsize = int(self._md.get("maxsize", 0))
         self._queue = Queue(maxsize, actor_options=_ray.actor_options(self.queue_type, self._md))
         queue_actor: Any = self._queue.actor  # Any: ray's stubs do not know the actor's methods

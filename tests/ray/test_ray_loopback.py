@@ -18,10 +18,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -256,16 +258,27 @@ def test_an_unrelated_process_joins_by_the_descriptors_loopback_address(ray_addr
     """A process that inherited nothing from us (no RAY_ADDRESS, not Ray's loopback switch), given a
     descriptor that names our instance by ``127.0.0.1:port``, reaches the queue. Before, Ray rewrote the
     address into the machine's outward one, where a loopback-only instance does not listen, and the
-    child retried that for ever (found by attacking: its resolve never returned)."""
-    desc = QueueDescriptor.create("ray_actor", f"t_{uuid.uuid4().hex[:12]}", 0, address=ray_address)
-    q = open_handle(made, desc)
-    q.put("to an unrelated process")
+    child retried that for ever (found by attacking: its resolve never returned).
+
+    ``named``: the descriptor names the address; else it names none (this process found the cluster by
+    RAY_ADDRESS) and the handle's ``descriptor`` must name it (RAY1): before, its JSON sent an unrelated
+    process to a new local instance and a new, empty queue of the same name."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    out = subprocess.run(
-        [sys.executable, "-c", _UNRELATED, desc.to_json()], capture_output=True, text=True, timeout=90, env=env
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "to an unrelated process"
+    for named in (True, False):
+        address = {"address": ray_address} if named else {}
+        q = open_handle(made, QueueDescriptor.create("ray_actor", f"t_{uuid.uuid4().hex[:12]}", 0, **address))
+        assert q.descriptor.metadata["address"] == ray_address
+        assert resolve_descriptor(q.descriptor.to_json()).descriptor == q.descriptor
+        q.put("to an unrelated process")
+        out = subprocess.run(
+            [sys.executable, "-c", _UNRELATED, q.descriptor.to_json()],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip().splitlines()[-1] == "to an unrelated process"
 
 
 _DEAD = (
@@ -291,3 +304,49 @@ def test_a_descriptor_naming_a_cluster_that_is_gone_raises_queue_not_found_promp
     seconds, _, message = out.stdout.strip().partition(" ")
     assert f"127.0.0.1:{port}" in message
     assert float(seconds) < 30, out.stdout
+
+
+_JOIN = (
+    "import sys; from sage_queue import QueuePermissionError, resolve_descriptor\n"
+    "try:\n    resolve_descriptor(sys.argv[1])\n"
+    "except QueuePermissionError as exc:\n    print('refused:', exc, flush=True)\n"
+)
+
+
+@pytest.mark.spec("RAY1")
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user (uid 65534) needs root")
+def test_a_descriptor_naming_another_users_listener_on_loopback_is_refused() -> None:
+    """A descriptor written by another user, naming *their* listener on this machine's loopback: joining it
+    as a Ray driver would unpickle what it sends (their code, run as us). Refused before Ray is asked to join.
+    The listener is a plain socket of a process that became uid 65534 (forked: /root is not theirs to exec)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the other user's process
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            os.write(write_end, str(listener.getsockname()[1]).encode())
+            os.close(write_end)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        port = int(os.read(read_end, 64))
+        desc = QueueDescriptor.create("ray_actor", "theirs", 0, address=f"127.0.0.1:{port}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run(
+            [sys.executable, "-c", _JOIN, desc.to_json()], capture_output=True, text=True, timeout=60, env=env
+        )
+    finally:
+        os.close(read_end)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("refused:") and "uid 65534" in out.stdout, out.stdout + out.stderr[-2000:]
