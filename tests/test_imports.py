@@ -218,7 +218,7 @@ FUNCTION_LEVEL_IMPORTS = {
     ("job.py", "sage_queue.backends.rpc.server"): "the job's own rpc server needs pyzmq: only for rpc queues (JOB14)",
     ("job.py", "sage_queue.backends.rpc.wire"): "the rpc key file of the job's server: only for rpc queues (JOB14)",
     ("job.py", "sage_queue.monitor"): "monitoring is optional; importing sage_queue.job stays light",
-    ("demo.py", "ray"): "the demo quiets Ray's logger only when Ray is installed and used",
+    ("demo.py", "sage_queue.backends._ray"): "the demo starts its loopback-only Ray only when Ray is used",
     ("demo.py", "tqdm"): "the progress bar is optional (shown on a terminal only)",
     ("demo.py", "logging"): "the demo's log setup runs only in main(); importing the module stays light",
     ("monitor.py", "http.server"): "only metrics --serve needs it (~100 ms incl. ssl)",
