@@ -97,6 +97,9 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_RETRY_TIMEOUT_S = 30.0
 """metadata ``retry_timeout`` when absent: server silence after which a call gives up."""
 _NOBLOCK = int(zmq.NOBLOCK)
+_send = zmq.backend.Socket.send
+"""The socket's own send, not pyzmq's Python wrapper of it (which only adds the DRAFT routing_id and
+group arguments, unused here): ~0.16 us less per request."""
 """A plain int: pyzmq's enum flag costs an enum operation per send."""
 
 _forks = 0
@@ -305,7 +308,7 @@ class RPCQueueStub(QueueStub):
             body, seq = ["hello"], 0  # greet first; the request follows the answer
         frame = ch.sealer.seal(REQUEST_MAGIC, ch.client_id, seq, time.time(), ch.instance, body)
         try:
-            ch.sock.send(frame, _NOBLOCK)
+            _send(ch.sock, frame, _NOBLOCK)
         except zmq.Again:  # nothing connected and nothing queued: the next resend tries again
             pass
         return len(frame)
