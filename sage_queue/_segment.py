@@ -268,7 +268,10 @@ _PID_MAX = 0x3FFFFFFF
 
 
 def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (it may belong to another user)."""
+    """True if a process with this pid exists and is not a zombie (it may belong to another user).
+
+    A zombie (dead, not yet reaped: under an init that never reaps, one stays for ever) is dead here:
+    it holds no mapping, no lock, and runs nothing, as the C core's ``sr_pid_alive`` says too."""
     if not 0 < pid <= _PID_MAX:  # a pid read from a corrupt header: no such process
         return False
     try:
@@ -276,8 +279,13 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (kill(pid, 0) is all there is), or gone meanwhile
         return True
-    return True
+    return state not in (b"Z", b"X")
 
 
 @dataclass(frozen=True)

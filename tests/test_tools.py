@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -182,3 +183,35 @@ def test_inspect_stats_attaches_without_creating(names: list[str], capsys: pytes
         q.destroy()
         local.destroy()
     assert inspect_main(["--stats", f"shm:{name}"]) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="a zombie is told from /proc/PID/stat (Linux)")
+def test_a_zombie_is_not_alive(names: list[str]) -> None:
+    """A process that died and was never reaped (this machine's pid 1 never reaps orphans) holds no
+    mapping and no lock: pid_alive says dead, so gc removes its queue and shm reuses its pid slot.
+    Before, ``_segment.pid_alive`` said alive (``kill(pid, 0)`` succeeds on a zombie)."""
+    name = f"zombie-{uuid.uuid4().hex[:8]}"
+    names.append(name)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: attach, then die without closing
+        os.close(read_end)
+        try:
+            q = resolve_descriptor(QueueDescriptor.create_shm_queue(name))  # kept open: dies attached
+            q.put("left by a zombie")
+        finally:
+            os.write(write_end, b"x")
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"x"
+        deadline = time.monotonic() + 10
+        while _segment.pid_alive(pid):  # becomes a zombie: we do not reap it yet
+            assert time.monotonic() < deadline, "pid_alive still says a dead, unreaped child is alive"
+            time.sleep(0.01)
+        os.kill(pid, 0)  # still a process table entry: a zombie, not gone
+        info = shm.describe_segment(name)
+        assert pid in info.attached_pids and info.orphan
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
