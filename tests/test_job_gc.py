@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,16 +39,22 @@ needs_rpc = pytest.mark.skipif(unavailable_reason("rpc") is not None, reason=f"r
 
 @pytest.fixture
 def private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private ``$TMPDIR`` (returned) and job registry, for this process and the ones it starts."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(mode=0o700)
+    """A private ``$TMPDIR`` (returned) and job registry, for this process and the ones it starts.
+
+    Short, directly in the system's temporary directory, not under ``tmp_path``: a forkserver's socket
+    lives in ``$TMPDIR/pymp-*/listener-*``, and under xdist ``tmp_path`` made that longer than an
+    AF_UNIX path may be (the manager's forkserver failed: "AF_UNIX path too long")."""
+    tmp = Path(tempfile.mkdtemp(prefix="sqgc-"))  # 0700
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
-    yield tmp
-    monkeypatch.setattr(tempfile, "tempdir", None)
+    try:
+        yield tmp
+    finally:
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gone(desc: QueueDescriptor) -> bool:
