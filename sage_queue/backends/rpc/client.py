@@ -51,6 +51,7 @@ from typing import Any, ClassVar, NoReturn, Optional
 
 import zmq
 
+from ..._timeout import stalled
 from ...descriptor import QueueDescriptor
 from ...errors import IncompatibleQueue, QueueClosed, QueueConnectionError, QueueDestroyed, QueueNotFound
 from ...protocol import BATCH, CLOSE, CROSS_HOST, CROSS_PROCESS, PICKLABLE_HANDLE, STATS, QueueStats
@@ -343,11 +344,23 @@ class RPCQueueStub(QueueStub):
         reconnect_after = RECONNECT_S
         big = self._send(ch, seq, body) > RESEND_MAX_BYTES
         resend_at = start + RESEND_S
+        turn = start
         while True:
             if self._closed:
                 self._abandon(ch, body)
                 self._raise_closed()
             now = time.monotonic()
+            # A turn lasts at most SLICE_S plus a frame's handling. Much longer: this process did not run
+            # (stopped, starved), which is not the server's silence (Q38): the answer may be in the socket,
+            # unread. Every clock of this call moves by the pause, so the next receive reads it first.
+            paused = stalled(turn, SLICE_S, now)
+            if paused:
+                last_heard += paused
+                quiet_from += paused
+                resend_at += paused
+                if end is not None:
+                    end += paused
+            turn = now
             if now - last_heard > give_up or (end is not None and now > end):
                 # The server may still execute the request later (it was only stopped or slow, or a
                 # partition held the request or the answer): the channel is owed (module doc), so a
