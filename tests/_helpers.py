@@ -95,3 +95,19 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def queue_gone(desc: QueueDescriptor) -> bool:
+    """True when the queue no longer exists: resolving its descriptor without ``create`` finds nothing
+    (a ``local`` queue: there is none of that id in this process)."""
+    if desc.queue_type == "local":
+        from sage_queue.backends.local import destroy_local_queue
+
+        return not destroy_local_queue(desc.queue_id)
+    meta = dict(desc.metadata, create=False)
+    try:
+        handle = resolve_descriptor(QueueDescriptor(desc.queue_id, desc.queue_type, meta))
+    except QueueNotFound:
+        return True
+    handle.close()
+    return False

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import pid_alive
+from _helpers import pid_alive, queue_gone
 
 from sage_queue import QueueDescriptor, resolve_descriptor
-from sage_queue.errors import QueueNotFound, UnknownQueueType
+from sage_queue.errors import UnknownQueueType
 from sage_queue.job import (
     EOS,
     EndOfStream,
@@ -114,22 +114,6 @@ def _segments() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
-def _gone(desc: QueueDescriptor) -> bool:
-    """True when the queue no longer exists (resolving it without create finds nothing)."""
-    if desc.queue_type == "local":
-        from sage_queue.backends.local import destroy_local_queue
-
-        return not destroy_local_queue(desc.queue_id)
-    meta = dict(desc.metadata)
-    meta["create"] = False
-    try:
-        handle = resolve_descriptor(QueueDescriptor(desc.queue_id, desc.queue_type, meta))
-    except QueueNotFound:
-        return True
-    handle.close()
-    return False
-
-
 needs_sage = pytest.mark.skipif(unavailable_reason("sage") is not None, reason=f"sage: {unavailable_reason('sage')}")
 
 
@@ -155,7 +139,7 @@ def test_process_pipeline_runs_and_tears_down() -> None:
     assert result.queue_types == {"input": "sage", "processing": "sage", "output": "local"}
     assert [e.ok for e in result.exits] == [True] * 4 and all(e.pid for e in result.exits)
     # Every queue destroyed, every worker process gone.
-    assert all(_gone(d) for d in manager.descriptors.values())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
     assert multiprocessing.active_children() == []
     assert all(not pid_alive(e.pid) for e in result.exits if e.pid)
 
@@ -166,7 +150,7 @@ def test_process_stage_needs_a_module_level_function() -> None:
     manager = JobManager(job)
     with pytest.raises(ValueError, match="module-level function"):
         manager.run(timeout=30)
-    assert all(_gone(d) for d in manager.descriptors.values())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
 
 
 @pytest.mark.spec("JOB8")
@@ -309,7 +293,7 @@ def test_sigkilled_worker_fails_fast_with_its_cause(tmp_path: Path, monkeypatch:
     dead = [e for e in info.value.exits if not e.ok]
     assert [(e.stage, e.cause) for e in dead] == [("mid", "killed by SIGKILL")]
     assert dead[0].pid == int((tmp_path / "died").read_text())
-    assert all(_gone(d) for d in manager.descriptors.values())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
     assert multiprocessing.active_children() == []
 
 
@@ -441,7 +425,7 @@ def _leave_nothing(pids: list[int], descs: list[QueueDescriptor]) -> None:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     for d in descs:
-        if not _gone(d):
+        if not queue_gone(d):
             resolve_descriptor(d).destroy()
 
 
@@ -470,9 +454,9 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
             time.sleep(0.1)
         assert not any(map(pid_alive, worker_pids))  # for SIGKILL: the worker saw its manager gone
         if signum == signal.SIGKILL:  # nothing ran in the manager: the queues are still there
-            assert not any(_gone(d) for d in descs)
+            assert not any(queue_gone(d) for d in descs)
         else:
-            assert all(_gone(d) for d in descs)
+            assert all(queue_gone(d) for d in descs)
     finally:  # leave nothing behind, whatever failed above
         if proc.poll() is None:
             proc.kill()
@@ -541,7 +525,7 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         assert ends == ["KeyboardInterrupt: SIGTERM"] and "During handling" not in err, err
         pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
         assert not any(map(pid_alive, pids)), "a worker outlived the teardown"
-        assert all(_gone(d) for d in descs)
+        assert all(queue_gone(d) for d in descs)
         assert not [s for s in _segments() for d in descs if d.queue_id in s]
     finally:  # leave nothing behind, whatever failed above
         if proc.poll() is None:
@@ -586,7 +570,7 @@ def test_signal_held_during_teardown_is_delivered_once_it_is_complete(tmp_path: 
         assert signal.getsignal(signal.SIGINT) is previous  # the handler found was put back
         assert all(not w.running for w in manager.workers())
         assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
-        assert all(_gone(d) for d in manager.descriptors.values())
+        assert all(queue_gone(d) for d in manager.descriptors.values())
     finally:
         manager.teardown()
 
@@ -612,7 +596,7 @@ def test_stats_where_declared_none_otherwise() -> None:
         assert isinstance(stats["a"], QueueStats) and stats["a"].puts == N and stats["a"].depth == N
     finally:
         manager.teardown()
-    assert _gone(manager.descriptors["a"])
+    assert queue_gone(manager.descriptors["a"])
 
 
 # -- heterogeneous queues: sage, rpc and shm in one job ---------------------------------------------
@@ -665,7 +649,7 @@ def test_heterogeneous_job_with_rpc_and_forkserver(tmp_path: Path) -> None:
             s = stats[name]
             assert s is not None and s.puts == N + consumers and s.gets == N + consumers, (name, s)
         assert server.status()["queues"] == 0  # the rpc queue was destroyed too
-    assert all(_gone(d) for n, d in manager.descriptors.items() if n != "b")
+    assert all(queue_gone(d) for n, d in manager.descriptors.items() if n != "b")
 
 
 def slow_numbers() -> Iterator[int]:
@@ -964,7 +948,7 @@ def test_stage_args_reach_process_host_and_thread_workers() -> None:
     assert all(tag == ["h", {"k": [1, None, True]}] for _, tag, _ in got)
     mid_pid = next(e.pid for e in result.exits if e.stage == "mid")
     assert {pid for _, _, pid in got} == {mid_pid} and mid_pid != os.getpid()  # ran in the host worker
-    assert all(_gone(d) for d in manager.descriptors.values())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
 
 
 @pytest.mark.spec("JOB17")

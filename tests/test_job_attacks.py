@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import pid_alive
+from _helpers import pid_alive, queue_gone
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.errors import QueueNotFound
@@ -71,16 +71,6 @@ def paced_with_pid_and_sigterm(pid_dir: str) -> Iterator[int]:
         yield 1
 
 
-def _gone(desc: QueueDescriptor) -> bool:
-    meta = dict(desc.metadata, create=False)
-    try:
-        handle = resolve_descriptor(QueueDescriptor(desc.queue_id, desc.queue_type, meta))
-    except QueueNotFound:
-        return True
-    handle.close()
-    return False
-
-
 def _pids(pid_dir: Path) -> list[int]:
     return [int(p.name[4:]) for p in pid_dir.glob("pid-*")]
 
@@ -119,7 +109,7 @@ def test_a_thread_worker_that_cannot_open_its_queue_is_reported_not_waited_for()
         JobFailed, match=r"worker (src|sink)\[\d+\] \(thread\) raised IncompatibleQueue: .*64 participant"
     ):
         manager.run(timeout=60)
-    assert _gone(manager.descriptors["a"])
+    assert queue_gone(manager.descriptors["a"])
     assert all(not w.running for w in manager.workers())
 
 
@@ -147,7 +137,7 @@ def test_a_workers_descriptor_never_makes_the_queue_again() -> None:
             assert QueueDescriptor.from_json(text).metadata["create"] is False
             with pytest.raises(QueueNotFound):
                 resolve_descriptor(text).close()
-        assert _gone(manager.descriptors[queue])
+        assert queue_gone(manager.descriptors[queue])
 
 
 # -- the stage function ---------------------------------------------------------------------------
@@ -204,7 +194,7 @@ def test_a_process_stage_function_that_cannot_be_imported_fails_the_job(policy: 
     expected = "fail_fast" if policy == "fail_fast" else r"restart limit reached \(2 restarts\)"
     with pytest.raises(JobFailed, match=rf"raised ModuleNotFoundError: No module named .*job stopped: {expected}"):
         manager.run(timeout=100)
-    assert all(_gone(d) for d in manager.descriptors.values())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
     assert multiprocessing.active_children() == []
 
 
@@ -225,7 +215,7 @@ def test_a_stage_that_raises_at_once_in_every_replica_uses_up_the_restarts() -> 
     with pytest.raises(JobFailed, match=r"raised RuntimeError: this stage always fails; .*restart limit reached"):
         manager.run(timeout=100)
     assert manager._restarts == 5
-    assert all(_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
+    assert all(queue_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
 
 
 # -- a manager runs once ---------------------------------------------------------------------------
@@ -249,7 +239,7 @@ def test_a_manager_runs_its_job_once() -> None:
     with pytest.raises(RuntimeError, match="already run its job"):
         manager.start()
     assert manager.descriptors == first and manager.workers() == workers
-    assert all(_gone(d) for d in first.values()) and multiprocessing.active_children() == []
+    assert all(queue_gone(d) for d in first.values()) and multiprocessing.active_children() == []
 
 
 @pytest.mark.spec("JOB1")
@@ -325,7 +315,7 @@ def test_an_interrupt_right_after_a_worker_started_leaves_no_worker(tmp_path: Pa
             manager.run(timeout=50)
         assert len(_STARTED) == 1  # interrupted after the first worker
         assert _wait_dead(_STARTED), "a worker started before the interrupt outlived the job"
-        assert all(_gone(d) for d in manager.descriptors.values())
+        assert all(queue_gone(d) for d in manager.descriptors.values())
         assert multiprocessing.active_children() == []
     finally:
         _kill(_STARTED + _pids(tmp_path))
@@ -365,7 +355,7 @@ def test_a_stopped_worker_takes_the_teardowns_sigterm(tmp_path: Path) -> None:
         stopper.join()
         (pid,) = _pids(tmp_path)
         assert (tmp_path / f"sigterm-{pid}").exists(), "the stopped worker never took its SIGTERM"
-        assert _wait_dead([pid]) and all(_gone(d) for d in manager.descriptors.values())
+        assert _wait_dead([pid]) and all(queue_gone(d) for d in manager.descriptors.values())
     finally:
         stopper.join()
         for pid in _pids(tmp_path):
@@ -406,7 +396,7 @@ def test_wait_on_a_manager_not_started_or_torn_down_is_refused() -> None:
     manager.teardown()
     with pytest.raises(RuntimeError, match="torn down"):
         manager.wait(timeout=5)
-    assert all(_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
+    assert all(queue_gone(d) for d in manager.descriptors.values()) and multiprocessing.active_children() == []
 
 
 class _Scaler:
@@ -472,7 +462,7 @@ def test_teardown_from_another_thread_ends_run_with_the_job_torn_down(tmp_path: 
             manager.run(timeout=50)
         # run() returned after the watchdog's teardown was complete: nothing of the job is left.
         assert all(not w.running for w in manager.workers())
-        assert all(_gone(d) for d in manager.descriptors.values())
+        assert all(queue_gone(d) for d in manager.descriptors.values())
         assert multiprocessing.active_children() == [] and manager._restarts == 0
     finally:
         thread.join()

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import pid_alive
+from _helpers import pid_alive, queue_gone
 
 from sage_queue import QueueDescriptor, resolve_descriptor
-from sage_queue.errors import QueueNotFound
 from sage_queue.job import JOB_DIR_OWNER, Job, JobManager, QueueSpec, Stage
 from sage_queue.monitor import _start_time, running_jobs
 from sage_queue.registry import unavailable_reason
@@ -55,16 +54,6 @@ def private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     finally:
         monkeypatch.setattr(tempfile, "tempdir", None)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _gone(desc: QueueDescriptor) -> bool:
-    meta = dict(desc.metadata, create=False)
-    try:
-        handle = resolve_descriptor(QueueDescriptor(desc.queue_id, desc.queue_type, meta))
-    except QueueNotFound:
-        return True
-    handle.close()
-    return False
 
 
 def _gc(args: list[str]) -> str:
@@ -149,16 +138,16 @@ def test_gc_removes_what_a_sigkilled_manager_left(private: Path, tmp_path: Path,
             time.sleep(0.05)
         assert not any(map(pid_alive, worker_pids)), "a worker outlived its manager"
         # What JOB1/JOB14 say is left: the key directory, the registry entry, the sage queue.
-        assert os.path.isdir(rpc_dir) and entry.path.exists() and not _gone(sage)
+        assert os.path.isdir(rpc_dir) and entry.path.exists() and not queue_gone(sage)
         shm_name = sage.metadata["shm_name"]
         out = _gc(["--dry-run", "--min-age", "0"])
         assert f"would remove job dir {rpc_dir} (its manager (pid {proc.pid}) is gone)" in out
         assert f"would remove job entry {entry.path}" in out
         assert f"would remove sage:{shm_name} " in out
-        assert os.path.isdir(rpc_dir) and entry.path.exists() and not _gone(sage)  # a dry run
+        assert os.path.isdir(rpc_dir) and entry.path.exists() and not queue_gone(sage)  # a dry run
         out = _gc(["--min-age", "0"])
         assert f"removed job dir {rpc_dir} " in out and f"removed sage:{shm_name} " in out
-        assert not os.path.lexists(rpc_dir) and not entry.path.exists() and _gone(sage)
+        assert not os.path.lexists(rpc_dir) and not entry.path.exists() and queue_gone(sage)
         # (forkserver: multiprocessing's own pymp-* directory of the killed manager stays; not ours)
         assert not [p for p in private.iterdir() if p.name.startswith("sageq-")]
         out = _gc(["--dry-run", "--min-age", "0"])  # nothing of the job is left to remove
@@ -171,7 +160,7 @@ def test_gc_removes_what_a_sigkilled_manager_left(private: Path, tmp_path: Path,
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         for d in descs:
-            if d.queue_type != "rpc" and not _gone(d):
+            if d.queue_type != "rpc" and not queue_gone(d):
                 resolve_descriptor(d).destroy()
         if rpc_dir is not None:
             subprocess.run(["rm", "-rf", rpc_dir], check=False)
@@ -347,11 +336,11 @@ def test_a_zombie_holds_no_queue(private: Path, capsys: pytest.CaptureFixture[st
         assert gc_main(["--kind", "shm", "--min-age", "0", "-v"]) == 0
         out = capsys.readouterr().out
         assert f"removed shm:{name} (pids [{child.pid}] all dead)" in out
-        assert _gone(desc)
+        assert queue_gone(desc)
     finally:
         child.kill()
         child.wait()
-        if not _gone(desc):
+        if not queue_gone(desc):
             resolve_descriptor(desc).destroy()
 
 
