@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -23,20 +22,9 @@ from typing import Any
 import pytest
 from ray_support import drain, open_handle
 
+from conformance._children import child_command, child_env
 from sage_queue import QueueDescriptor
 
-CONSUMER = r"""
-import json, sys
-from sage_queue import resolve_descriptor
-q = resolve_descriptor(sys.argv[1])
-print("ready", flush=True)
-try:
-    outcome = ["item", q.get(timeout=1.0)]
-except Exception as exc:
-    outcome = [type(exc).__name__, str(exc)[:300]]
-q.close()
-print(json.dumps(outcome), flush=True)
-"""
 CONSUMERS = 2
 
 
@@ -49,7 +37,9 @@ def test_consumers_stopped_past_their_timeout_take_the_answers_that_came(
     desc = QueueDescriptor.create(queue_type, f"t_{uuid.uuid4().hex[:12]}", 0, address=ray_address)
     q = open_handle(made, desc)
     children = [
-        subprocess.Popen([sys.executable, "-c", CONSUMER, desc.to_json()], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            child_command("timed_get", desc.to_json(), "1.0"), stdout=subprocess.PIPE, text=True, env=child_env()
+        )
         for _ in range(CONSUMERS)
     ]
     stopped: list[int] = []

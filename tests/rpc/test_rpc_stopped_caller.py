@@ -13,27 +13,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
+from conformance._children import child_command, child_env
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.backends.rpc.server import ServerProcess
-
-CONSUMER = r"""
-import json, sys
-from sage_queue import resolve_descriptor
-q = resolve_descriptor(sys.argv[1])
-print("ready", flush=True)
-try:
-    outcome = ["item", q.get(timeout=1.0)]
-except Exception as exc:
-    outcome = [type(exc).__name__, str(exc)]
-q.close()
-print(json.dumps(outcome), flush=True)
-"""
 
 
 def _parked(q: object, before: int, timeout: float = 30.0) -> None:
@@ -55,7 +42,9 @@ def test_a_caller_stopped_past_its_timeout_takes_the_answer_waiting_in_its_socke
         "rpc", f"stopped-{uuid.uuid4().hex[:8]}", 0, host=host, port=port, key_file=rpc_key_file
     )
     q = resolve_descriptor(desc)
-    child = subprocess.Popen([sys.executable, "-c", CONSUMER, desc.to_json()], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        child_command("timed_get", desc.to_json(), "1.0"), stdout=subprocess.PIPE, text=True, env=child_env()
+    )
     try:
         waits = q.stats().waits or 0
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
