@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sage_queue import (
@@ -111,3 +113,18 @@ def queue_gone(desc: QueueDescriptor) -> bool:
         return True
     handle.close()
     return False
+
+
+def recorded_pids(pid_dir: Path) -> list[int]:
+    """The pids the job test stages (tests/_job_stages.py) recorded as ``pid-<pid>`` files in ``pid_dir``."""
+    return [int(p.name[4:]) for p in pid_dir.glob("pid-*")]
+
+
+def wait_for_a_worker(proc: subprocess.Popen[str], pid_dir: Path, deadline: float, poll: float = 0.05) -> list[int]:
+    """Until a worker of the manager process ``proc`` recorded its pid in ``pid_dir`` (by ``deadline``, on
+    the monotonic clock, and while the manager runs); the pids recorded by then."""
+    while not (pids := recorded_pids(pid_dir)):
+        assert time.monotonic() < deadline, "the worker never started"
+        assert proc.poll() is None, "the manager ended early"
+        time.sleep(poll)
+    return pids

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import pid_alive, queue_gone
+from _helpers import pid_alive, queue_gone, recorded_pids, wait_for_a_worker
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.errors import UnknownQueueType
@@ -411,14 +411,6 @@ def forever_with_pid() -> Iterator[int]:
     return forever()
 
 
-def _wait_for_a_worker(proc: subprocess.Popen[str], pid_dir: Path, deadline: float, poll: float) -> None:
-    """Until a worker of the manager ``proc`` wrote its ``pid-<pid>`` file in ``pid_dir``."""
-    while not list(pid_dir.glob("pid-*")):
-        assert time.monotonic() < deadline, "the worker never started"
-        assert proc.poll() is None, "the manager ended early"
-        time.sleep(poll)
-
-
 def _leave_nothing(pids: list[int], descs: list[QueueDescriptor]) -> None:
     """SIGKILL each live pid, destroy each queue not gone: after a failed test, nothing left behind."""
     for pid in pids:
@@ -444,8 +436,8 @@ def test_interrupted_manager_tears_down(tmp_path: Path, signum: int) -> None:
         assert proc.stdout is not None
         descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
         deadline = time.monotonic() + 90
-        _wait_for_a_worker(proc, tmp_path, deadline, poll=0.1)
-        worker_pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+        wait_for_a_worker(proc, tmp_path, deadline, poll=0.1)
+        worker_pids = recorded_pids(tmp_path)
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
         assert code != 0  # interrupted, not finished
@@ -512,7 +504,7 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         assert proc.stdout is not None
         descs = [QueueDescriptor.from_json(t) for t in json.loads(proc.stdout.readline())]
         deadline = time.monotonic() + 90
-        _wait_for_a_worker(proc, tmp_path, deadline, poll=0.05)
+        wait_for_a_worker(proc, tmp_path, deadline)
         proc.send_signal(signal.SIGTERM)
         while not list(tmp_path.glob("sigterm-*")):  # the teardown has begun stopping workers
             assert time.monotonic() < deadline, "the worker never got the teardown's SIGTERM"
@@ -523,7 +515,7 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         # The first interrupt is what run() ended on; the second was held, then dropped.
         ends = [line for line in err.splitlines() if line.startswith("KeyboardInterrupt")]
         assert ends == ["KeyboardInterrupt: SIGTERM"] and "During handling" not in err, err
-        pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+        pids = recorded_pids(tmp_path)
         assert not any(map(pid_alive, pids)), "a worker outlived the teardown"
         assert all(queue_gone(d) for d in descs)
         assert not [s for s in _segments() for d in descs if d.queue_id in s]
@@ -531,7 +523,7 @@ def test_second_signal_during_teardown_does_not_interrupt_it(tmp_path: Path, sec
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        _leave_nothing([int(p.name[4:]) for p in tmp_path.glob("pid-*")], descs)
+        _leave_nothing(recorded_pids(tmp_path), descs)
 
 
 @needs_sage
@@ -569,7 +561,7 @@ def test_signal_held_during_teardown_is_delivered_once_it_is_complete(tmp_path: 
         assert list(tmp_path.glob("sigterm-*"))  # the SIGINT came during the teardown
         assert signal.getsignal(signal.SIGINT) is previous  # the handler found was put back
         assert all(not w.running for w in manager.workers())
-        assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+        assert not any(pid_alive(pid) for pid in recorded_pids(tmp_path))
         assert all(queue_gone(d) for d in manager.descriptors.values())
     finally:
         manager.teardown()

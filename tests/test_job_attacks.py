@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import pid_alive, queue_gone
+from _helpers import pid_alive, queue_gone, recorded_pids
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.errors import QueueNotFound
@@ -69,10 +69,6 @@ def paced_with_pid_and_sigterm(pid_dir: str) -> Iterator[int]:
     while True:
         time.sleep(0.01)
         yield 1
-
-
-def _pids(pid_dir: Path) -> list[int]:
-    return [int(p.name[4:]) for p in pid_dir.glob("pid-*")]
 
 
 def _wait_dead(pids: list[int], seconds: float = 15.0) -> bool:
@@ -318,7 +314,7 @@ def test_an_interrupt_right_after_a_worker_started_leaves_no_worker(tmp_path: Pa
         assert all(queue_gone(d) for d in manager.descriptors.values())
         assert multiprocessing.active_children() == []
     finally:
-        _kill(_STARTED + _pids(tmp_path))
+        _kill(_STARTED + recorded_pids(tmp_path))
         for child in multiprocessing.active_children():
             child.kill()
             child.join()
@@ -342,9 +338,9 @@ def test_a_stopped_worker_takes_the_teardowns_sigterm(tmp_path: Path) -> None:
 
     def stop_the_worker() -> None:
         deadline = time.monotonic() + 50
-        while not _pids(tmp_path) and time.monotonic() < deadline:
+        while not recorded_pids(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in _pids(tmp_path):
+        for pid in recorded_pids(tmp_path):
             os.kill(pid, signal.SIGSTOP)
 
     stopper = threading.Thread(target=stop_the_worker)
@@ -353,15 +349,15 @@ def test_a_stopped_worker_takes_the_teardowns_sigterm(tmp_path: Path) -> None:
         with pytest.raises(JobFailed, match="not finished after"):
             manager.run(timeout=5)
         stopper.join()
-        (pid,) = _pids(tmp_path)
+        (pid,) = recorded_pids(tmp_path)
         assert (tmp_path / f"sigterm-{pid}").exists(), "the stopped worker never took its SIGTERM"
         assert _wait_dead([pid]) and all(queue_gone(d) for d in manager.descriptors.values())
     finally:
         stopper.join()
-        for pid in _pids(tmp_path):
+        for pid in recorded_pids(tmp_path):
             if pid_alive(pid):
                 os.kill(pid, signal.SIGCONT)
-        _kill(_pids(tmp_path))
+        _kill(recorded_pids(tmp_path))
 
 
 # -- the manager's timeout, and wait() out of turn -----------------------------------------------------
@@ -451,7 +447,7 @@ def test_teardown_from_another_thread_ends_run_with_the_job_torn_down(tmp_path: 
 
     def watchdog() -> None:
         deadline = time.monotonic() + 50
-        while not _pids(tmp_path) and time.monotonic() < deadline:
+        while not recorded_pids(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.02)
         manager.teardown()
 
@@ -466,4 +462,4 @@ def test_teardown_from_another_thread_ends_run_with_the_job_torn_down(tmp_path: 
         assert multiprocessing.active_children() == [] and manager._restarts == 0
     finally:
         thread.join()
-        _kill([p for p in _pids(tmp_path) if p != os.getpid()])
+        _kill([p for p in recorded_pids(tmp_path) if p != os.getpid()])

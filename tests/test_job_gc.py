@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import pid_alive, queue_gone
+from _helpers import pid_alive, queue_gone, wait_for_a_worker
 
 from sage_queue import QueueDescriptor, resolve_descriptor
 from sage_queue.job import JOB_DIR_OWNER, Job, JobManager, QueueSpec, Stage
@@ -121,12 +121,7 @@ def test_gc_removes_what_a_sigkilled_manager_left(private: Path, tmp_path: Path,
             "pid_ns": os.readlink("/proc/self/ns/pid"),
         }
         assert (Path(rpc_dir) / JOB_DIR_OWNER).stat().st_mode & 0o777 == 0o600
-        deadline = time.monotonic() + 90
-        while not list(pid_dir.glob("pid-*")):
-            assert time.monotonic() < deadline, "the source worker never started"
-            assert proc.poll() is None, "the manager ended early"
-            time.sleep(0.05)
-        worker_pids = [int(p.name[4:]) for p in pid_dir.glob("pid-*")]
+        worker_pids = wait_for_a_worker(proc, pid_dir, time.monotonic() + 90)
         (entry,) = running_jobs("killed-job")
         # Alive: gc keeps everything of the job.
         out = _gc(["--kind", "job", "-v"])

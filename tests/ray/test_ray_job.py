@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import ray
-from _helpers import pid_alive
+from _helpers import pid_alive, recorded_pids, wait_for_a_worker
 from _job_stages import N, collect, fail_on_3, numbers, slow_numbers, square, square_with_pid
 from ray_support import leaked_actors
 
@@ -261,7 +261,7 @@ def test_teardown_of_a_process_that_joined_ray_is_quiet_and_prompt(
     assert "SIGTERM received" not in err and "logging.cc" not in err, err[-3000:]
     # The SIGTERM ended it, no SIGKILL was needed (a host worker may see its stdin end first: 70).
     assert popen.returncode in ((-signal.SIGTERM,) if where == "process" else (-signal.SIGTERM, 70))
-    assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+    assert not any(pid_alive(pid) for pid in recorded_pids(tmp_path))
     names = _actor_names(manager)
     deadline = time.monotonic() + 10
     while names & set(leaked_actors()) and time.monotonic() < deadline:
@@ -298,11 +298,7 @@ def test_manager_that_joined_ray_in_run_takes_sigterm_quietly(ray_address: str, 
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("pid-*")):
-            assert time.monotonic() < deadline, "the worker never started"
-            assert proc.poll() is None, "the manager ended early"
-            time.sleep(0.05)
+        wait_for_a_worker(proc, tmp_path, time.monotonic() + 120)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -311,7 +307,7 @@ def test_manager_that_joined_ray_in_run_takes_sigterm_quietly(ray_address: str, 
             proc.communicate()
     assert "SIGTERM received" not in err and "logging.cc" not in err, err[-3000:]
     assert "KeyboardInterrupt: SIGTERM" in err, err[-3000:]  # run()'s own handler, not Ray's SystemExit
-    assert not any(pid_alive(int(p.name[4:])) for p in tmp_path.glob("pid-*"))
+    assert not any(pid_alive(pid) for pid in recorded_pids(tmp_path))
     descs = [QueueDescriptor.from_json(t) for t in out.strip().splitlines()[-1].split(";")]
     names = {f"{namespace_of(dict(d.metadata))}/{full_name(d.queue_type, dict(d.metadata))}" for d in descs}
     assert len(names) == 1

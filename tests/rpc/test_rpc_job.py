@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import pid_alive
+from _helpers import pid_alive, wait_for_a_worker
 from _job_stages import N, collect, fail_on_3, noisy_square, numbers, slow_numbers, square, square_where
 
 from sage_queue.job import HostSpec, Job, JobFailed, JobManager, QueueSpec, Stage
@@ -298,12 +298,7 @@ def test_manager_sigkilled_takes_its_host_workers_and_rpc_server_along(tmp_path:
     try:
         assert proc.stdout is not None
         (host, port), rpc_dir = json.loads(proc.stdout.readline())
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("pid-*")):
-            assert time.monotonic() < deadline, "the host worker never started"
-            assert proc.poll() is None, "the manager ended early"
-            time.sleep(0.05)
-        worker_pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+        worker_pids = wait_for_a_worker(proc, tmp_path, time.monotonic() + 60)
         proc.kill()
         proc.wait(timeout=30)
         deadline = time.monotonic() + 10
