@@ -157,8 +157,8 @@ def jobs_dir(create: bool = True) -> Optional[Path]:
     return jobs
 
 
-def _proc_stat(pid: int) -> Optional[tuple[bytes, int]]:
-    """(state letter, start time in clock ticks since boot) of a process (Linux); None if unknown."""
+def _start_time(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid; None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read()
@@ -167,15 +167,9 @@ def _proc_stat(pid: int) -> Optional[tuple[bytes, int]]:
     # The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     fields = text[text.rfind(b")") + 2 :].split()
     try:
-        return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime)
+        return int(fields[19])  # field 22, starttime
     except (IndexError, ValueError):
         return None
-
-
-def _start_time(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid; None if unknown."""
-    stat_ = _proc_stat(pid)
-    return None if stat_ is None else stat_[1]
 
 
 def _pid_namespace() -> Optional[str]:
@@ -187,19 +181,14 @@ def _pid_namespace() -> Optional[str]:
 
 
 def _alive(pid: int, pid_start: Optional[int]) -> bool:
-    """Whether process ``pid`` runs and, when ``pid_start`` is known, is the one started then.
-
-    A zombie (dead, not yet reaped: under an init that never reaps, say, one stays forever) is
-    dead: it holds no mapping and runs nothing (the C core's ``sr_pid_alive`` says the same)."""
+    """Whether process ``pid`` runs (a zombie does not: ``_segment.pid_alive``) and, when ``pid_start`` is
+    known, is the one started then."""
     if not pid_alive(pid):
         return False
-    stat_ = _proc_stat(pid)
-    if stat_ is None:
-        return True  # no /proc: kill(pid, 0) is all there is
-    state, now = stat_
-    if state in (b"Z", b"X"):
-        return False
-    return pid_start is None or now == pid_start
+    if pid_start is None:
+        return True
+    now = _start_time(pid)
+    return now is None or now == pid_start
 
 
 def publish_job(

@@ -109,9 +109,7 @@ def _removable(info: SegmentInfo, min_age: float) -> Optional[str]:
         return info.note
     if _INCOMPLETE in info.note:
         return "its pid list is incomplete"
-    # Not info.orphan: _segment.pid_alive counts a zombie (a killed worker its parent never reaped,
-    # e.g. re-parented to an init that does not reap) as alive, which would keep its queue forever.
-    live = [pid for pid in info.attached_pids if monitor._alive(pid, None)]
+    live = [pid for pid in info.attached_pids if _segment.pid_alive(pid)]  # a zombie is dead there
     if live:
         return f"live pids {live}"
     age = _age(info.kind, info.name)
@@ -281,7 +279,7 @@ def collect_job_dirs(tmpdir: Optional[str] = None, *, dry_run: bool = False) -> 
 def _format_table(infos: list[SegmentInfo]) -> str:
     rows = [("KIND", "NAME", "SIZE", "DEPTH", "PIDS (* = alive)", "CREATOR", "VER", "NOTE")]
     for info in infos:
-        pids = ",".join(f"{p}{'*' if monitor._alive(p, None) else ''}" for p in info.attached_pids) or "-"
+        pids = ",".join(f"{p}{'*' if _segment.pid_alive(p) else ''}" for p in info.attached_pids) or "-"
         rows.append(
             (
                 info.kind,
@@ -304,7 +302,7 @@ def _format_table(infos: list[SegmentInfo]) -> str:
 def _info_dict(info: SegmentInfo) -> dict[str, Any]:
     data = asdict(info)
     data["attached_pids"] = list(info.attached_pids)
-    data["orphan"] = not any(monitor._alive(p, None) for p in info.attached_pids)  # gc's rule
+    data["orphan"] = info.orphan
     return data
 
 
