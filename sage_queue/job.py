@@ -28,6 +28,7 @@ generic ``QueueDescriptor.create`` and resolved with ``resolve_descriptor``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -717,6 +718,10 @@ def queue_stats(handle: Any) -> Optional[QueueStats]:
     return None
 
 
+class _TornDown(Exception):
+    """start() found the job torn down by another thread: it makes nothing more."""
+
+
 class _SignalsHeld:
     """Holds SIGTERM and SIGINT while the manager tears down in the main thread (JOB18), and while
     start() makes a queue or starts a worker, until it is recorded (JOB1).
@@ -974,21 +979,34 @@ class JobManager:
                 # Signals held (JOB18's holder) from making the queue to recording it, so that an
                 # interrupt here cannot leave a queue that teardown does not know; the same around
                 # each worker's start (_start_worker) and the registry entry.
-                with _SignalsHeld():
+                with self._recording():
                     desc = self._descriptor(name, spec)
                     self._handles[name] = resolve_descriptor(desc)  # creates it; the manager owns it
                     self.descriptors[name] = desc
                 self._eos_sent[name] = 0
                 log.info("queue %s: %s (%s)", name, desc.queue_type, self.choices[name].reason)
-            with _SignalsHeld():
+            with self._recording():
                 self._publish()
             for stage in self.job.stages:
                 for replica in range(stage.replicas):
                     self._start_worker(stage, replica, 0)
+        except _TornDown:
+            pass  # by another thread, which stopped what was made; the supervision says so (JobFailed)
         except BaseException:
             self.teardown()
             raise
         return self
+
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[None]:
+        """Around making a queue, publishing or starting a worker, until it is recorded: signals held
+        (an interrupt cannot leave something teardown does not know) and the teardown lock taken, so a
+        teardown() from another thread comes wholly before (then _TornDown: nothing more is made) or
+        after (then it stops and destroys this too) (JOB1)."""
+        with _SignalsHeld(), self._teardown_lock:
+            if self._torn_down:
+                raise _TornDown
+            yield
 
     def _worker_json(self, queue: Optional[str], remote: bool) -> Optional[str]:
         """The descriptor a worker gets for ``queue``; a host worker's rpc descriptors on the manager's
@@ -1013,7 +1031,7 @@ class JobManager:
     def _start_worker(self, stage: Stage, replica: int, attempt: int) -> _Worker:
         # Held from the start of the worker to its record in self._workers: an interrupt in between
         # would leave a worker that teardown does not know, running on after the job (JOB1).
-        with _SignalsHeld():
+        with self._recording():
             return self._start_worker_held(stage, replica, attempt)
 
     def _start_worker_held(self, stage: Stage, replica: int, attempt: int) -> _Worker:
@@ -1284,8 +1302,17 @@ class JobManager:
             raise RuntimeError("start() the job before waiting for it")
         if self._torn_down:
             raise RuntimeError("the job was torn down: there is nothing left to wait for")
+        return self._supervise_until_done(timeout)
+
+    def _supervise_until_done(self, timeout: Optional[float]) -> JobResult:
+        """wait()'s loop; also run()'s, for which a teardown() from another thread, however early (even
+        between its start() and this loop), ends the job with JobFailed, never wait()'s RuntimeError."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._deliver_eos()
+        try:
+            self._deliver_eos()
+        except Exception:
+            if not self._torn_down:  # see the loop below
+                raise
         while True:
             try:
                 self._supervise()
@@ -1397,7 +1424,7 @@ class JobManager:
                 if found is not on_sigterm and found is not None:
                     previous = found
                 signal.signal(signal.SIGTERM, on_sigterm)
-            return self.wait(timeout)
+            return self._supervise_until_done(timeout)
         except BaseException:
             interrupted = True
             raise

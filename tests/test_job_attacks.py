@@ -429,6 +429,30 @@ def test_a_process_stage_refuses_what_its_worker_cannot_import_by_name(fn: Any) 
 @needs_sage
 @pytest.mark.spec("JOB1")
 @pytest.mark.timeout(60)
+def test_teardown_from_another_thread_between_start_and_supervision_ends_run_with_job_failed() -> None:
+    # The test below failed once in `make test` with a thread source (whose pid is recorded at once): the
+    # watchdog's teardown() landed after run()'s start() and before its supervision, and run() raised
+    # wait()'s RuntimeError ("nothing left to wait for") instead of JobFailed. Here that order is forced.
+    job = Job(queues={"a": QueueSpec("sage", maxsize=4)}, stages=[Stage("src", numbers, output="a", where="thread")])
+    manager = JobManager(job)
+    start = manager.start
+
+    def start_then_torn_down_by_another_thread() -> None:
+        start()
+        other = threading.Thread(target=manager.teardown)
+        other.start()
+        other.join()
+
+    manager.start = start_then_torn_down_by_another_thread  # type: ignore[method-assign]
+    with pytest.raises(JobFailed, match=r"job torn down \(teardown\(\) called from another thread\)"):
+        manager.run(timeout=30)
+    assert all(not w.running for w in manager.workers())
+    assert all(queue_gone(d) for d in manager.descriptors.values())
+
+
+@needs_sage
+@pytest.mark.spec("JOB1")
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["process", "thread"])
 def test_teardown_from_another_thread_ends_run_with_the_job_torn_down(tmp_path: Path, where: str) -> None:
     # A watchdog thread calls teardown() while run() supervises. Before: with process workers the
