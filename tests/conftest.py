@@ -52,6 +52,22 @@ def _is_controller(config: pytest.Config) -> bool:
 _RUN_TOKEN_VAR = "SAGE_QUEUE_TEST_RUN"
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's hook, which appends "@<group>" to a grouped test's id
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Under --dist loadgroup, a test marked xdist_group must carry its group in its id, or xdist spreads
+    # the group over workers: tests/ray then starts one Ray per worker, and the gc tests remove each
+    # other's orphans. Both happened silently (a mark added after xdist's hook; pytest 9.2 with
+    # pytest-xdist 3.8 ignores the mark entirely, pytest-dev/pytest-xdist#1386): refuse to run instead.
+    if not getattr(config.option, "loadgroup", False):
+        return
+    ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"--dist loadgroup did not group {len(ungrouped)} test(s) marked xdist_group (e.g. {ungrouped[0]}): "
+            "check the pytest / pytest-xdist versions (pyproject.toml pins pytest<9.2 for this)"
+        )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Before xdist starts its workers, so that they and all their descendants inherit it.
     if _is_controller(config):

@@ -36,6 +36,12 @@ needs_sage = pytest.mark.skipif(unavailable_reason("sage") is not None, reason=f
 needs_rpc = pytest.mark.skipif(unavailable_reason("rpc") is not None, reason=f"rpc: {unavailable_reason('rpc')}")
 
 
+# One xdist worker for every test that runs a real gc (see tests/test_tools.py): with --min-age 0 it
+# removes any orphan segment, also the queue another test's killed manager left on purpose (seen: the
+# spawn and forkserver cases of the SIGKILLed-manager test removed each other's sage queue).
+pytestmark = pytest.mark.xdist_group("gc")
+
+
 @pytest.fixture
 def private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private ``$TMPDIR`` (returned) and job registry, for this process and the ones it starts.

@@ -19,7 +19,13 @@ from sage_queue.backends import shm
 from sage_queue.backends.shm import layout
 from sage_queue.tools import gc_main, inspect_main, ls_main
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")]
+# xdist_group "gc": a real gc (--min-age 0) removes every orphan segment of the machine, so the tests
+# that make orphans on purpose and run gc (this file, test_job_gc.py) run in one worker, one at a time.
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm"),
+    pytest.mark.xdist_group("gc"),
+]
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from sage_queue.backends._ray import LOOPBACK_ENV, start_local  # noqa: E402
 _HERE = Path(__file__).resolve().parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the mark into the group (loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
